@@ -1,0 +1,101 @@
+"""The backend interface: every kernel the GPT model calls, each forward beside its backward.
+
+A backend is an object built for one float dtype (and, for torch, one device). Arrays it returns
+live wherever the backend keeps them (numpy arrays, torch tensors); the model never looks inside,
+it only passes them back. Shapes use:
+
+    N  positions in the packed batch      S  sequences (cu_seqlens has S+1 entries)
+    d  model width (emb_dim)              H  heads, hd = d // H
+    V  vocabulary size                    C  context length
+
+All kernels work on the packed layout of `minisft.batch.PackedBatch`: one flat stream of N positions,
+`cu_seqlens` marking sequence boundaries, attention causal and never crossing a boundary.
+
+Backward kernels return fresh gradients (they do not accumulate), except `embedding_backward` and
+the head weight gradient of `head_loss`, which add into the buffers they are given, because the
+embeddings' gradient is a scatter and a tied head shares its weight with the token embedding.
+
+This module documents the contract; `numpy_backend.NumpyBackend` is the reference implementation
+written to be read, and every other backend is tested against it.
+"""
+from typing import Any, Protocol, Sequence
+
+Array = Any  # a backend's array type
+
+
+class Backend(Protocol):
+    name: str    # "numpy", "numba", "torch"
+    dtype: str   # "float32", "float64" (torch also "bfloat16": bf16 compute, fp32 master weights)
+
+    # ---- array handling: the model touches neither numpy nor torch directly -----------------------
+    def from_numpy(self, x) -> Array: ...            # float arrays cast to the compute dtype
+    def index(self, x) -> Array: ...                 # integer arrays (token ids, offsets)
+    def to_numpy(self, x): ...                       # any array -> np.ndarray (float64 stays float64)
+    def zeros_like(self, x) -> Array: ...
+    def rng(self, seed: int): ...                    # a seeded RNG for init and dropout masks
+    def item(self, x) -> float: ...                  # a 0-d array -> Python float (a host sync)
+
+    # ---- token + position embedding --------------------------------------------------------------
+    def embedding_forward(self, tokens, positions, wte, wpe) -> Array:
+        """x[n] = wte[tokens[n]] + wpe[positions[n]]  -> (N, d)"""
+
+    def embedding_backward(self, dwte, dwpe, dx, tokens, positions) -> None:
+        """Scatter-add: dwte[tokens[n]] += dx[n], dwpe[positions[n]] += dx[n] (in place)."""
+
+    # ---- layernorm (eps 1e-5, biased variance) ---------------------------------------------------
+    def layernorm_forward(self, x, w, b) -> tuple[Array, Array, Array]:
+        """(N, d) -> out (N, d), mean (N,), rstd (N,); the last two are kept for the backward."""
+
+    def layernorm_backward(self, dout, x, w, mean, rstd) -> tuple[Array, Array, Array]:
+        """-> dx (N, d), dw (d,), db (d,)"""
+
+    # ---- linear, Hugging Face Conv1D layout: y = x @ W + b, W is (in, out) -----------------------
+    def linear_forward(self, x, w, b) -> Array:
+        """x (N, in), w (in, out), b (out,) or None -> (N, out)"""
+
+    def linear_backward(self, dy, x, w, need_dw: bool = True) -> tuple[Array, Array | None, Array]:
+        """-> dx (N, in), dw (in, out) or None when need_dw is False (frozen weight), db (out,)"""
+
+    # ---- causal multi-head attention over fused qkv, packed sequences ----------------------------
+    def attention_forward(self, qkv, cu_seqlens, n_heads: int, max_seqlen: int) -> tuple[Array, Any]:
+        """qkv (N, 3d) = [q | k | v] -> out (N, d), ctx: whatever this backend's backward needs."""
+
+    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads: int, max_seqlen: int) -> Array:
+        """dout (N, d) -> dqkv (N, 3d)"""
+
+    # ---- GELU, tanh approximation ----------------------------------------------------------------
+    def gelu_forward(self, x) -> Array: ...
+    def gelu_backward(self, dy, x) -> Array: ...
+
+    # ---- residual add ----------------------------------------------------------------------------
+    def residual_forward(self, a, b) -> Array: ...   # a + b
+    def residual_backward(self, dy) -> tuple[Array, Array]: ...  # the gradient flows to both inputs
+
+    # ---- dropout (inverted: kept values scaled by 1/(1-p)) ---------------------------------------
+    def dropout_forward(self, x, p: float, rng) -> tuple[Array, Array]: ...  # -> y, mask (scale or 0)
+    def dropout_backward(self, dy, mask) -> Array: ...
+
+    # ---- output head fused with cross-entropy ----------------------------------------------------
+    def head_loss(self, h, w, targets, dw=None, grad_scale: float = 1.0) -> tuple[Array, int, Array | None]:
+        """h (N, d), w (V, d), targets (N,) with -100 ignored.
+
+        Returns (loss_sum, n_valid, dh): the summed cross-entropy over valid targets (a 0-d array),
+        their count, and dh (N, d) = grad_scale * d(loss_sum)/dh. When dw (V, d) is given, the
+        head weight gradient grad_scale * d(loss_sum)/dw is added into it; when dw is None no
+        gradient is computed at all (evaluation) and dh is None. Logits exist only for rows with a
+        valid target, a chunk of rows at a time: the (N, V) matrix is never held.
+        """
+
+    def head_logits(self, h, w) -> Array:
+        """h (N, d), w (V, d) -> logits (N, V), for inference."""
+
+    # ---- optimizer -------------------------------------------------------------------------------
+    def adamw_step(self, p, g, m, v, lr: float, beta1: float, beta2: float, eps: float,
+                   weight_decay: float, step: int) -> None:
+        """One AdamW update of p in place (m, v updated too); step counts from 1 (bias correction)."""
+
+    def global_norm(self, grads: Sequence[Array]) -> float:
+        """sqrt(sum of squares over every tensor), a Python float."""
+
+    def scale_(self, grads: Sequence[Array], s: float) -> None:
+        """Multiply every tensor by s in place (gradient clipping)."""

@@ -1,0 +1,278 @@
+"""GPT-2 with a hand-written backward pass, running on any backend.
+
+The model owns its parameters under their Hugging Face GPT-2 names and layouts (linear weights are
+Conv1D-style (in, out)). `_forward` keeps, per block, every activation the backward needs;
+`_backward` walks the blocks in reverse through the backward kernels, in the mirror order of the
+forward. All arithmetic goes through the backend; numpy appears here only where arrays enter or
+leave the model (initial values, state dicts, returned logits and gradients).
+
+One block, forward (shapes for a packed batch of N positions, width d):
+
+    x (N, d) ─┬─ ln_1 ─ c_attn (N, 3d) ─ attention (N, d) ─ c_proj ─ dropout ─(+)─ x2 (N, d)
+              └──────────────────────────────────────────────────────────────┘
+    x2 ───────┬─ ln_2 ─ c_fc (N, 4d) ─ gelu ─ c_proj (N, d) ─ dropout ─(+)─ next x (N, d)
+              └──────────────────────────────────────────────────────────┘
+"""
+import math
+
+import numpy as np
+
+from backends import get_backend
+
+from .batch import PackedBatch, pack_padded
+from .config import GPTConfig
+
+
+def param_shapes(cfg: GPTConfig) -> dict:
+    """HF GPT-2 parameter name -> shape, in the order Hugging Face lists them."""
+    V, C, d = cfg.vocab_size, cfg.context_length, cfg.emb_dim
+    shapes = {"wte.weight": (V, d), "wpe.weight": (C, d)}
+    for i in range(cfg.n_layers):
+        h = f"h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (d,), h + "ln_1.bias": (d,),
+            h + "attn.c_attn.weight": (d, 3 * d), h + "attn.c_attn.bias": (3 * d,),
+            h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
+            h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
+            h + "mlp.c_fc.weight": (d, 4 * d), h + "mlp.c_fc.bias": (4 * d,),
+            h + "mlp.c_proj.weight": (4 * d, d), h + "mlp.c_proj.bias": (d,),
+        })
+    if not cfg.qkv_bias:  # the book's from-scratch config: no query/key/value bias
+        for i in range(cfg.n_layers):
+            del shapes[f"h.{i}.attn.c_attn.bias"]
+    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, d)
+    return shapes
+
+
+def init_params(cfg: GPTConfig, rng) -> dict:
+    """GPT-2's initialisation: weights normal(0, 0.02), the two residual projections of each block
+    scaled by 1/sqrt(2 n_layers) (so the residual stream's variance does not grow with depth),
+    biases 0, layernorm gains 1. Returns float64 numpy arrays."""
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            params[name] = np.ones(shape)
+        elif name.endswith(".bias"):
+            params[name] = np.zeros(shape)
+        else:
+            std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
+            params[name] = rng.normal(0.0, std, size=shape)
+    return params
+
+
+class GPT:
+    def __init__(self, cfg: GPTConfig, backend="numpy", dtype="float32", seed=0, device=None):
+        self.cfg = cfg
+        self.B = get_backend(backend, dtype, device) if isinstance(backend, str) else backend
+        self.rng = self.B.rng(seed)  # drives the initial values, then the dropout masks
+        self.params = {n: self.B.from_numpy(a) for n, a in init_params(cfg, self.rng).items()}
+        self.grads = {}              # name -> gradient, accumulated by forward_backward
+        self.frozen = set()          # names that get no gradient (their dW is never computed)
+
+    @property
+    def dtype(self) -> str:
+        return self.B.dtype
+
+    @property
+    def head_name(self) -> str:
+        return "wte.weight" if self.cfg.tie_embeddings else "lm_head.weight"
+
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in param_shapes(self.cfg).values())
+
+    # ---- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """HF name -> numpy array (a copy, in the model's dtype)."""
+        return {n: self.B.to_numpy(p) for n, p in self.params.items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load every parameter by HF name; arrays are cast to the model's dtype."""
+        shapes = param_shapes(self.cfg)
+        missing = [n for n in shapes if n not in sd]
+        unexpected = [n for n in sd if n not in shapes]
+        if missing or unexpected:
+            raise ValueError(f"state dict does not match the model: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+        for n, shape in shapes.items():
+            if tuple(np.shape(sd[n])) != shape:
+                raise ValueError(f"state dict: {n} has shape {tuple(np.shape(sd[n]))}, the model needs {shape}")
+        self.params = {n: self.B.from_numpy(sd[n]) for n in shapes}
+        self.grads = {}
+
+    def zero_grad(self) -> None:
+        self.grads = {}
+
+    def _acc(self, name, g) -> None:
+        """Add a fresh gradient into self.grads (first contribution: just keep the array)."""
+        if name in self.frozen:
+            return
+        if name in self.grads:
+            self.B.add_(self.grads[name], g)
+        else:
+            self.grads[name] = g
+
+    def _grad_buffer(self, name):
+        """The accumulation buffer for kernels that scatter-add into it (embeddings, head)."""
+        if name not in self.grads:
+            self.grads[name] = self.B.zeros_like(self.params[name])
+        return self.grads[name]
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def _check(self, batch: PackedBatch) -> None:
+        if batch.num_tokens == 0:
+            raise ValueError("empty batch: no positions to run")
+        if batch.positions.max() >= self.cfg.context_length:
+            raise ValueError(f"a sequence of {batch.max_seqlen()} tokens exceeds the context length "
+                             f"{self.cfg.context_length}")
+        if batch.tokens.min() < 0 or batch.tokens.max() >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
+
+    def _dropout(self, x, train):
+        if not train or self.cfg.drop_rate == 0.0:
+            return x, None
+        return self.B.dropout_forward(x, self.cfg.drop_rate, self.rng)
+
+    def _forward(self, batch: PackedBatch, train: bool, keep: bool):
+        """-> final hidden lnf (N, d) and, when keep, everything the backward needs."""
+        B, P, cfg = self.B, self.params, self.cfg
+        self._check(batch)
+        tokens, positions = B.index(batch.tokens), B.index(batch.positions)  # (N,)
+        cu, max_len, H = B.index(batch.cu_seqlens), batch.max_seqlen(), cfg.n_heads
+
+        x = B.embedding_forward(tokens, positions, P["wte.weight"], P["wpe.weight"])   # (N, d)
+        x, emb_mask = self._dropout(x, train)
+        acts = []
+        for i in range(cfg.n_layers):
+            h = f"h.{i}."
+            a = {"x": x}                                                                   # (N, d)
+            a["ln1"], a["ln1_mean"], a["ln1_rstd"] = B.layernorm_forward(
+                x, P[h + "ln_1.weight"], P[h + "ln_1.bias"])                               # (N, d)
+            a["qkv"] = B.linear_forward(a["ln1"], P[h + "attn.c_attn.weight"],
+                                        P.get(h + "attn.c_attn.bias"))                     # (N, 3d)
+            a["atty"], a["att_ctx"] = B.attention_forward(a["qkv"], cu, H, max_len)       # (N, d)
+            attproj = B.linear_forward(a["atty"], P[h + "attn.c_proj.weight"],
+                                       P[h + "attn.c_proj.bias"])                          # (N, d)
+            attproj, a["attproj_mask"] = self._dropout(attproj, train)
+            a["x2"] = x2 = B.residual_forward(x, attproj)                                  # (N, d)
+            a["ln2"], a["ln2_mean"], a["ln2_rstd"] = B.layernorm_forward(
+                x2, P[h + "ln_2.weight"], P[h + "ln_2.bias"])                              # (N, d)
+            a["fch"] = B.linear_forward(a["ln2"], P[h + "mlp.c_fc.weight"],
+                                        P[h + "mlp.c_fc.bias"])                            # (N, 4d)
+            a["fch_gelu"] = B.gelu_forward(a["fch"])                                       # (N, 4d)
+            fcproj = B.linear_forward(a["fch_gelu"], P[h + "mlp.c_proj.weight"],
+                                      P[h + "mlp.c_proj.bias"])                            # (N, d)
+            fcproj, a["fcproj_mask"] = self._dropout(fcproj, train)
+            x = B.residual_forward(x2, fcproj)                                             # (N, d)
+            if keep:
+                acts.append(a)
+        lnf, lnf_mean, lnf_rstd = B.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])  # (N, d)
+        cache = dict(tokens=tokens, positions=positions, cu=cu, max_len=max_len, emb_mask=emb_mask,
+                     acts=acts, x=x, lnf_mean=lnf_mean, lnf_rstd=lnf_rstd) if keep else None
+        return lnf, cache
+
+    # ---- backward ----------------------------------------------------------------------------------
+    def _backward(self, dlnf, c) -> None:
+        """dlnf (N, d): gradient at the final layernorm's output. Accumulates into self.grads."""
+        B, P, H = self.B, self.params, self.cfg.n_heads
+        need = lambda name: name not in self.frozen  # noqa: E731
+
+        dx, dw, db = B.layernorm_backward(dlnf, c["x"], P["ln_f.weight"], c["lnf_mean"], c["lnf_rstd"])
+        self._acc("ln_f.weight", dw)
+        self._acc("ln_f.bias", db)
+        for i in reversed(range(self.cfg.n_layers)):
+            h, a = f"h.{i}.", c["acts"][i]
+            # next x = x2 + dropout(mlp(ln_2(x2)))
+            dx2, dfcproj = B.residual_backward(dx)                                         # (N, d)
+            if a["fcproj_mask"] is not None:
+                dfcproj = B.dropout_backward(dfcproj, a["fcproj_mask"])
+            dfch_gelu, dw, db = B.linear_backward(dfcproj, a["fch_gelu"], P[h + "mlp.c_proj.weight"],
+                                                  need(h + "mlp.c_proj.weight"))           # (N, 4d)
+            self._acc(h + "mlp.c_proj.weight", dw)
+            self._acc(h + "mlp.c_proj.bias", db)
+            dfch = B.gelu_backward(dfch_gelu, a["fch"])                                    # (N, 4d)
+            dln2, dw, db = B.linear_backward(dfch, a["ln2"], P[h + "mlp.c_fc.weight"],
+                                             need(h + "mlp.c_fc.weight"))                  # (N, d)
+            self._acc(h + "mlp.c_fc.weight", dw)
+            self._acc(h + "mlp.c_fc.bias", db)
+            dx2_ln, dw, db = B.layernorm_backward(dln2, a["x2"], P[h + "ln_2.weight"],
+                                                  a["ln2_mean"], a["ln2_rstd"])            # (N, d)
+            self._acc(h + "ln_2.weight", dw)
+            self._acc(h + "ln_2.bias", db)
+            dx2 = B.residual_forward(dx2, dx2_ln)  # x2 feeds both the skip path and ln_2: add both
+
+            # x2 = x + dropout(attn(ln_1(x)))
+            dx, dattproj = B.residual_backward(dx2)                                        # (N, d)
+            if a["attproj_mask"] is not None:
+                dattproj = B.dropout_backward(dattproj, a["attproj_mask"])
+            datty, dw, db = B.linear_backward(dattproj, a["atty"], P[h + "attn.c_proj.weight"],
+                                              need(h + "attn.c_proj.weight"))              # (N, d)
+            self._acc(h + "attn.c_proj.weight", dw)
+            self._acc(h + "attn.c_proj.bias", db)
+            dqkv = B.attention_backward(datty, a["qkv"], a["atty"], a["att_ctx"], c["cu"], H,
+                                        c["max_len"])                                      # (N, 3d)
+            dln1, dw, db = B.linear_backward(dqkv, a["ln1"], P[h + "attn.c_attn.weight"],
+                                             need(h + "attn.c_attn.weight"))               # (N, d)
+            self._acc(h + "attn.c_attn.weight", dw)
+            if self.cfg.qkv_bias:
+                self._acc(h + "attn.c_attn.bias", db)
+            dx_ln, dw, db = B.layernorm_backward(dln1, a["x"], P[h + "ln_1.weight"],
+                                                 a["ln1_mean"], a["ln1_rstd"])             # (N, d)
+            self._acc(h + "ln_1.weight", dw)
+            self._acc(h + "ln_1.bias", db)
+            dx = B.residual_forward(dx, dx_ln)
+        if c["emb_mask"] is not None:
+            dx = B.dropout_backward(dx, c["emb_mask"])
+        if need("wte.weight") or need("wpe.weight"):
+            B.embedding_backward(self._grad_buffer("wte.weight"), self._grad_buffer("wpe.weight"),
+                                 dx, c["tokens"], c["positions"])
+            for n in self.frozen & {"wte.weight", "wpe.weight"}:
+                del self.grads[n]
+
+    # ---- the entry points ------------------------------------------------------------------------------
+    def forward_backward(self, batch: PackedBatch, grad_scale: float | None = None):
+        """Training step on a packed batch: returns (loss_sum, n_valid) and adds
+        grad_scale * d(loss_sum)/d(params) into self.grads (call zero_grad() between optimizer steps).
+
+        grad_scale defaults to 1/n_valid: the gradient of this batch's mean loss. Gradient
+        accumulation passes 1/(valid targets in the whole window) instead, so K micro-batches give
+        exactly the gradient of one batch holding them all.
+        """
+        n_valid = batch.num_valid
+        if n_valid == 0:
+            raise ValueError("batch has no valid targets: every target is -100")
+        scale = 1.0 / n_valid if grad_scale is None else grad_scale
+        lnf, cache = self._forward(batch, train=True, keep=True)
+        head = self.head_name
+        # A frozen head still passes gradient to the hidden states; its own dw goes to a scratch buffer.
+        dw = self.B.zeros_like(self.params[head]) if head in self.frozen else self._grad_buffer(head)
+        loss_sum, _, dlnf = self.B.head_loss(lnf, self.params[head], self.B.index(batch.targets),
+                                             dw=dw, grad_scale=scale)
+        self._backward(dlnf, cache)
+        return self.B.item(loss_sum), n_valid
+
+    def loss(self, batch: PackedBatch):
+        """Evaluation: (loss_sum, n_valid) with no gradient and no dropout."""
+        lnf, _ = self._forward(batch, train=False, keep=False)
+        loss_sum, n_valid, _ = self.B.head_loss(lnf, self.params[self.head_name], self.B.index(batch.targets))
+        return self.B.item(loss_sum), n_valid
+
+    def logits_packed(self, batch: PackedBatch):
+        """Logits (N, V) as a backend array."""
+        lnf, _ = self._forward(batch, train=False, keep=False)
+        return self.B.head_logits(lnf, self.params[self.head_name])
+
+    def logits(self, input_ids) -> np.ndarray:
+        """(B, T) token ids -> (B, T, V) logits as a numpy array."""
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"logits: input_ids must be (B, T), got shape {input_ids.shape}")
+        batch = pack_padded(input_ids, np.zeros_like(input_ids), strip=False)
+        return self.B.to_numpy(self.logits_packed(batch)).reshape(*input_ids.shape, -1)
+
+    def loss_and_grad(self, input_ids, targets):
+        """Padded (B, T) batch, -100 = ignored -> (mean loss over valid targets, {HF name: grad})."""
+        self.zero_grad()
+        loss_sum, n_valid = self.forward_backward(pack_padded(input_ids, targets, strip=False))
+        return loss_sum / n_valid, {n: self.B.to_numpy(g) for n, g in self.grads.items()}
