@@ -1,0 +1,164 @@
+"""`minisft finetune` settings: one table of names, defaults and help texts, read from a TOML file
+(`--config`) and overridden by flags, validated before any work starts.
+
+The defaults are the book's chapter-7 recipe: gpt2-medium from OpenAI's weights, Alpaca prompts, batch
+8, AdamW lr 5e-5 and weight decay 0.1 on every tensor, 2 epochs, evaluation every 5 steps on 5
+batches, seed 123, shuffled training batches, no clipping, no warmup, a constant learning rate.
+"""
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MinisftError
+
+BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+                 "01_main-chapter-code/instruction-data.json")
+
+
+def _s(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Settings:
+    model: str = _s("gpt2-medium", "model preset: its shape, and which OpenAI weights --init pretrained loads")
+    init: str = _s("pretrained", "start from OpenAI's weights or from a random GPT-2 init", ("pretrained", "random"))
+    weights: str | None = _s(None, "local weights instead of the download: an HF folder or a .safetensors file")
+    data: str = _s(BOOK_DATA_URL, "instruction data: a local file or a URL (JSON list, JSONL, ShareGPT, messages)")
+    cache_dir: str | None = _s(None, "download cache (default: $MINISFT_CACHE_DIR or ~/.cache/minisft)")
+    prompt_style: str = _s("alpaca", "prompt template")
+    mask_prompt: str = _s("none", "which prompt tokens get no loss: none (book), input (book ex. 7.2: up to the "
+                                  "end of the input), header (through the response header, as TRL)",
+                          ("none", "input", "header"))
+    backend: str = _s("numpy", "engine backend", ("numpy", "numba", "torch"))
+    device: str | None = _s(None, "torch device: cpu, cuda, mps")
+    dtype: str = _s("float32", "compute dtype", ("float32", "float64", "bfloat16"))
+    epochs: int = _s(2, "passes over the training split")
+    batch_size: int = _s(8, "sequences per micro-batch")
+    grad_accum: int = _s(1, "micro-batches per optimizer step; the loss is normalised by the valid target "
+                            "tokens of the whole window")
+    lr: float = _s(5e-5, "peak learning rate")
+    weight_decay: float = _s(0.1, "AdamW decoupled weight decay")
+    decay: str = _s("all", "tensors that decay: all (book) or matrices (no biases, layernorms, embeddings)",
+                    ("all", "matrices"))
+    schedule: str = _s("constant", "learning-rate schedule after warmup", ("constant", "linear", "cosine"))
+    warmup_steps: int = _s(0, "linear warmup steps")
+    min_lr: float = _s(0.0, "learning rate at the end of a linear or cosine decay")
+    grad_clip: float | None = _s(None, "clip the global gradient norm to this value (default: off, as the book)")
+    max_length: int = _s(1024, "truncate sequences to this many tokens (clamped to the context length)")
+    drop_rate: float = _s(0.0, "dropout rate")
+    eval_freq: int = _s(5, "evaluate every this many optimizer steps")
+    eval_iter: int = _s(5, "batches of train and val per evaluation")
+    seed: int = _s(123, "seed for init, shuffling and dropout")
+    shuffle: bool = _s(True, "shuffle the training batches each epoch (book: yes)")
+    max_steps: int | None = _s(None, "stop after this many optimizer steps (smoke runs)")
+    out: str = _s("runs/sft", "run directory: settings, metrics.jsonl, checkpoints, export, responses")
+    resume: bool = _s(False, "continue from the newest checkpoint in --out")
+    ckpt_every: int = _s(50, "checkpoint every this many optimizer steps (and at the end)")
+    keep_last: int = _s(2, "checkpoints kept in --out")
+    responses: int | None = _s(None, "test-split entries to answer at the end (default: all; 0: none)")
+    max_new_tokens: int = _s(256, "longest generated response")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per setting (--batch-size ...), default None so only given flags override."""
+    p.add_argument("--config", help="TOML file with settings (keys as the flag names, - or _)")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kind = _kind(f)
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=f.metadata["help"])
+
+
+def _kind(f):
+    """The value type of a setting: str, int, float or bool (`int | None` -> int)."""
+    args = [a for a in typing.get_args(f.type) if a is not type(None)]
+    return args[0] if args else f.type
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Defaults, then the TOML file, then the flags that were given."""
+    values = {}
+    if getattr(args, "config", None):
+        values.update(read_toml(args.config))
+    values.update({n: getattr(args, n) for n in FIELDS if getattr(args, n, None) is not None})
+    return validate(Settings(**values))
+
+
+def read_toml(path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise MinisftError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MinisftError(f"config file {path} is not valid TOML: {e}") from None
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise MinisftError(f"config file {path}: unknown setting {key!r}")
+        kind = _kind(FIELDS[name])
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise MinisftError(f"config file {path}: setting {key!r} must be {kind.__name__}, got {value!r}")
+        values[name] = value
+    return values
+
+
+def validate(s: Settings) -> Settings:
+    """Refuse bad values before any work starts, naming the setting."""
+    from .config import PRESETS
+    from .prompts import STYLES
+
+    def bad(name, why):
+        raise MinisftError(f"setting {name.replace('_', '-')}: {why}")
+
+    for name, f in FIELDS.items():
+        choices = f.metadata["choices"]
+        if choices and getattr(s, name) not in choices:
+            bad(name, f"{getattr(s, name)!r} is not one of {', '.join(choices)}")
+    if s.model not in PRESETS:
+        bad("model", f"unknown preset {s.model!r}; choose one of {', '.join(PRESETS)}")
+    if s.prompt_style not in STYLES:
+        bad("prompt_style", f"unknown style {s.prompt_style!r}; choose one of {', '.join(STYLES)}")
+    for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_freq", "eval_iter", "ckpt_every",
+                 "keep_last", "max_new_tokens"):
+        if getattr(s, name) < 1:
+            bad(name, f"must be at least 1, got {getattr(s, name)}")
+    for name in ("lr", "weight_decay", "min_lr", "warmup_steps"):
+        if getattr(s, name) < 0:
+            bad(name, f"must not be negative, got {getattr(s, name)}")
+    if s.lr == 0:
+        bad("lr", "must be positive")
+    if s.min_lr > s.lr:
+        bad("min_lr", f"{s.min_lr} is above lr {s.lr}")
+    if s.grad_clip is not None and s.grad_clip <= 0:
+        bad("grad_clip", f"must be positive, got {s.grad_clip}")
+    if s.max_steps is not None and s.max_steps < 1:
+        bad("max_steps", f"must be at least 1, got {s.max_steps}")
+    if s.responses is not None and s.responses < 0:
+        bad("responses", f"must not be negative, got {s.responses}")
+    if not 0.0 <= s.drop_rate < 1.0:
+        bad("drop_rate", f"must be in [0, 1), got {s.drop_rate}")
+    if s.dtype == "bfloat16" and s.backend != "torch":
+        bad("dtype", "bfloat16 needs --backend torch")
+    if s.device not in (None, "cpu") and s.backend != "torch":
+        bad("device", f"{s.device!r} needs --backend torch")
+    if s.weights is not None and not Path(s.weights).exists():
+        bad("weights", f"{s.weights} does not exist")
+    if "://" not in s.data and not Path(s.data).is_file():
+        bad("data", f"{s.data} is not a file")
+    return s

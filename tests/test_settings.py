@@ -1,0 +1,69 @@
+"""finetune settings: defaults are the book's recipe; TOML then flags override; bad values are refused
+before any work starts, naming the setting."""
+import argparse
+
+import pytest
+
+from minisft.errors import MinisftError
+from minisft.settings import BOOK_DATA_URL, Settings, add_arguments, resolve
+
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return resolve(p.parse_args(list(argv)))
+
+
+def test_defaults_are_the_book_recipe():
+    s = parse()
+    assert (s.model, s.init, s.data, s.prompt_style, s.mask_prompt) == ("gpt2-medium", "pretrained", BOOK_DATA_URL,
+                                                                         "alpaca", "none")
+    assert (s.epochs, s.batch_size, s.lr, s.weight_decay, s.decay) == (2, 8, 5e-5, 0.1, "all")
+    assert (s.eval_freq, s.eval_iter, s.seed, s.shuffle, s.grad_clip, s.grad_accum) == (5, 5, 123, True, None, 1)
+    assert (s.schedule, s.warmup_steps, s.max_length) == ("constant", 0, 1024)
+
+
+def test_toml_then_flags(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('model = "gpt2-tiny"\nbatch-size = 4\nlr = 1\nshuffle = false\nschedule = "cosine"\n')
+    s = parse("--config", str(cfg), "--batch-size", "2", "--no-shuffle")
+    assert (s.model, s.batch_size, s.lr, s.shuffle, s.schedule) == ("gpt2-tiny", 2, 1.0, False, "cosine")
+    assert parse("--config", str(cfg), "--shuffle").shuffle is True
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-1e-4"], "setting lr: must not be negative"),
+    (["--batch-size", "0"], "setting batch-size: must be at least 1"),
+    (["--prompt-style", "vicuna"], "setting prompt-style: unknown style 'vicuna'"),
+    (["--model", "gpt3"], "setting model: unknown preset 'gpt3'"),
+    (["--data", "/no/such/file.json"], "setting data: /no/such/file.json is not a file"),
+    (["--weights", "/no/such/dir"], "setting weights: /no/such/dir does not exist"),
+    (["--grad-clip", "0"], "setting grad-clip: must be positive"),
+    (["--dtype", "bfloat16"], "setting dtype: bfloat16 needs --backend torch"),
+    (["--min-lr", "1", "--lr", "0.1"], "setting min-lr: 1.0 is above lr 0.1"),
+])
+def test_bad_settings_are_refused_by_name(argv, message):
+    with pytest.raises(MinisftError, match=message):
+        parse(*argv)
+
+
+def test_bad_toml_is_refused_by_name(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("batch_size = 'eight'\n")
+    with pytest.raises(MinisftError, match=r"bad.toml: setting 'batch_size' must be int, got 'eight'"):
+        parse("--config", str(cfg))
+    cfg.write_text("batchsize = 8\n")
+    with pytest.raises(MinisftError, match="unknown setting 'batchsize'"):
+        parse("--config", str(cfg))
+    cfg.write_text("lr = [\n")
+    with pytest.raises(MinisftError, match="not valid TOML"):
+        parse("--config", str(cfg))
+    with pytest.raises(MinisftError, match="does not exist"):
+        parse("--config", str(tmp_path / "missing.toml"))
+
+
+def test_every_setting_has_a_flag_and_help():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    flags = {a.dest for a in p._actions}
+    assert set(Settings().to_dict()) <= flags
