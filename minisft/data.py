@@ -1,0 +1,338 @@
+"""Instruction data: load and validate records, split them as the book does, tokenize them into
+examples, and batch the examples (the book's padded collate, or padding-free packed batches).
+
+Files: a JSON list of records, or JSON Lines (one record per line; chosen by the .jsonl suffix, or
+when a file holds several top-level objects). Three record formats, detected per record:
+
+    Alpaca    {"instruction": str, "input": str (optional), "output": str}   (extra keys ignored)
+    ShareGPT  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+    OpenAI    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+
+All become one internal form, the OpenAI one: {"messages": [...]} with an optional system message
+first, then user and assistant turns alternating, ending with an assistant turn. An Alpaca record
+becomes [{"role": "user", "content": instruction, "input": input}, {"role": "assistant", "content":
+output}]: the input stays separate because the alpaca style renders it as its own section.
+
+Every record is validated before anything trains: a problem raises MinisftError naming the file,
+the record (and line, for JSON Lines) and the field.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .batch import IGNORE_INDEX, PackedBatch, pack_sequences
+from .errors import MinisftError
+from .prompts import get_style, tokenize_segments
+from .tokenizer import EOT
+
+DEFAULT_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+                    "01_main-chapter-code/instruction-data.json")
+# The book's 1,100 records as the book trained on them: the default download is checked against it.
+DEFAULT_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+
+
+# ---- reading files -------------------------------------------------------------------------------
+
+def _json_type(v) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def read_records(path) -> list:
+    """The raw JSON records of a file as [(where, record)], `where` naming file, record (and line)
+    for error messages. Raises MinisftError for an unreadable, non-UTF-8, non-JSON or empty file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise MinisftError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise MinisftError(f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at byte {e.start}, "
+                           f"line {line})") from e
+    if not text.strip():
+        raise MinisftError(f"{path}: the file is empty: no records")
+    if path.suffix.lower() != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data" or not text.lstrip().startswith("{"):  # else: several objects, JSON Lines
+                raise MinisftError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+        else:
+            if not isinstance(data, list):
+                raise MinisftError(f"{path}: expected a JSON list of records (or JSON Lines), got {_json_type(data)}")
+            if not data:
+                raise MinisftError(f"{path}: the list is empty: no records")
+            return [(f"{path}: record {i}", rec) for i, rec in enumerate(data)]
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno} (record {len(records)})"
+        try:
+            records.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise MinisftError(f"{where}: not valid JSON (column {e.colno}: {e.msg})") from e
+    return records
+
+
+# ---- validating records -----------------------------------------------------------------------------
+
+def _field_error(where, field, problem):
+    return MinisftError(f"{where}: field '{field}': {problem}")
+
+
+def _string(obj, key, where, field=None):
+    """obj[key] as a string, or a MinisftError naming the field."""
+    field = field or key
+    if key not in obj:
+        raise _field_error(where, field, "missing")
+    if not isinstance(obj[key], str):
+        raise _field_error(where, field, f"expected a string, got {_json_type(obj[key])}")
+    return obj[key]
+
+
+def _from_alpaca(rec, where, need_output):
+    instruction = _string(rec, "instruction", where)
+    if not instruction.strip():
+        raise _field_error(where, "instruction", "empty instruction")
+    inp = _string(rec, "input", where) if "input" in rec else ""
+    messages = [{"role": "user", "content": instruction, "input": inp}]
+    if need_output or "output" in rec:
+        output = _string(rec, "output", where)
+        if not output.strip():
+            raise _field_error(where, "output", "empty output")
+        messages.append({"role": "assistant", "content": output})
+    return {"messages": messages}
+
+
+def _from_turns(rec, where, field, role_key, text_key, roles, need_output):
+    """ShareGPT conversations / OpenAI messages -> internal messages, checking the turn order."""
+    turns = rec[field]
+    if not isinstance(turns, list) or not turns:
+        raise _field_error(where, field, f"expected a non-empty list of turns, got {_json_type(turns)}"
+                           + (" (empty)" if turns == [] else ""))
+    messages = []
+    for j, turn in enumerate(turns):
+        f = f"{field}[{j}]"
+        if not isinstance(turn, dict):
+            raise _field_error(where, f, f"expected an object, got {_json_type(turn)}")
+        role = _string(turn, role_key, where, f"{f}.{role_key}")
+        if role not in roles:
+            raise _field_error(where, f"{f}.{role_key}", f"unknown role {role!r}; expected one of "
+                               f"{', '.join(map(repr, roles))}")
+        role = roles[role]
+        content = _string(turn, text_key, where, f"{f}.{text_key}")
+        if role == "system":
+            if j != 0:
+                raise _field_error(where, f"{f}.{role_key}", "a system message may only come first")
+            if content.strip():  # an empty system message is the same as none
+                messages.append({"role": "system", "content": content})
+            continue
+        expected = "user" if not messages or messages[-1]["role"] != "user" else "assistant"
+        if role != expected:
+            raise _field_error(where, f"{f}.{role_key}", f"expected the role {expected!r} here (turns "
+                               f"alternate user, assistant, ... starting with user), got {role!r}")
+        if not content.strip():
+            raise _field_error(where, f"{f}.{text_key}", "empty output" if role == "assistant" else "empty message")
+        msg = {"role": role, "content": content}
+        if role == "user" and "input" in turn:  # the internal form of an Alpaca record
+            msg["input"] = _string(turn, "input", where, f"{f}.input")
+        messages.append(msg)
+    if not messages or messages[-1]["role"] == "system":
+        raise _field_error(where, field, "no user turn")
+    if messages[-1]["role"] != "assistant" and need_output:
+        raise _field_error(where, field, "the conversation must end with an assistant turn (the output to train on)")
+    return {"messages": messages}
+
+
+def normalize_record(rec, where="record", need_output=True) -> dict:
+    """Any supported record form -> {"messages": [...]}, validated. need_output=False accepts a
+    record without its answer (a prompt for generation)."""
+    if not isinstance(rec, dict):
+        raise MinisftError(f"{where}: expected a JSON object, got {_json_type(rec)}")
+    if "messages" in rec:
+        return _from_turns(rec, where, "messages", "role", "content", OPENAI_ROLES, need_output)
+    if "conversations" in rec:
+        return _from_turns(rec, where, "conversations", "from", "value", SHAREGPT_ROLES, need_output)
+    if "instruction" in rec:
+        return _from_alpaca(rec, where, need_output)
+    raise MinisftError(f"{where}: unrecognised record with keys {sorted(rec)}: expected Alpaca "
+                       "(instruction, input, output), ShareGPT (conversations) or OpenAI (messages)")
+
+
+def load_records(source=DEFAULT_DATA_URL, cache_dir=None, sha256=None) -> list:
+    """Load and validate every record of a file, or of a URL downloaded into the cache."""
+    from .download import fetch
+
+    if source == DEFAULT_DATA_URL and sha256 is None:
+        sha256 = DEFAULT_DATA_SHA256
+    return [normalize_record(rec, where) for where, rec in read_records(fetch(source, cache_dir, sha256))]
+
+
+def format_input(entry, style="alpaca") -> str:
+    """The book's format_input: the prompt of a record (any supported form) without the response
+    header. For alpaca: preamble, "### Instruction:", and "### Input:" when the input is non-empty."""
+    return get_style(style).format_input(normalize_record(entry, need_output=False)["messages"])
+
+
+# ---- the book's split --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Split:
+    train: list
+    val: list
+    test: list
+
+
+def split_dataset(data, shuffle_seed=None, train_frac=0.85, test_frac=0.10) -> Split:
+    """The book's split, in file order: the first 85% train, the next 10% test, the rest val
+    (935/110/55 of the book's 1100). With shuffle_seed, the records are shuffled first."""
+    data = list(data)
+    if shuffle_seed is not None:
+        data = [data[i] for i in np.random.default_rng(shuffle_seed).permutation(len(data))]
+    n_train = int(len(data) * train_frac)
+    n_test = int(len(data) * test_frac)
+    return Split(train=data[:n_train], test=data[n_train:n_train + n_test], val=data[n_train + n_test:])
+
+
+# ---- examples --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    tokens: np.ndarray   # (L,) int64: the tokenized training text
+    trained: np.ndarray  # (L,) bool: is the target predicting token i trained on (trained[0] unused)
+
+
+def encode_record(record, style="alpaca", mask="none") -> Example:
+    return Example(*tokenize_segments(get_style(style).segments(record["messages"]), mask))
+
+
+def encode_records(records, style="alpaca", mask="none") -> list:
+    """Tokenize validated records (with a progress bar on a terminal)."""
+    style = get_style(style)
+    return [encode_record(r, style, mask) for r in tqdm(records, desc="tokenizing", unit="rec", disable=None,
+                                                        leave=False)]
+
+
+# ---- batches ----------------------------------------------------------------------------------------
+
+def _book_row(item, length, pad_token_id, ignore_index, trained):
+    """One row of the book's collate: the item, one end-of-text, padding to length+1; inputs are
+    all but the last, targets all but the first; every pad target but the first is ignored (so
+    the model learns to emit one end-of-text). Like the book, it looks for pad_token_id among the
+    targets, so a pad id inside the item itself would count as the first pad."""
+    padded = np.full(length + 1, pad_token_id, dtype=np.int64)  # (T+1,)
+    padded[:len(item)] = item
+    inputs, targets = padded[:-1], padded[1:].copy()            # (T,), (T,)
+    pads = np.flatnonzero(targets == pad_token_id)
+    targets[pads[1:]] = ignore_index
+    if trained is not None:  # prompt masking: targets[j] predicts item[j + 1]
+        trained = np.asarray(trained, dtype=bool)
+        if trained.shape != (len(item),):
+            raise ValueError(f"trained mask of shape {trained.shape} for an item of {len(item)} tokens")
+        targets[:max(len(item) - 1, 0)][~trained[1:]] = ignore_index
+    return inputs, targets
+
+
+def collate_padded(batch, pad_token_id=EOT, ignore_index=IGNORE_INDEX, allowed_max_length=None, trained=None):
+    """The book's custom_collate_fn: a list of token sequences -> (inputs, targets), numpy int64
+    (B, T) with T = the longest item (+1 end-of-text, -1 shift), truncated to allowed_max_length.
+
+    trained: optional per-item bool arrays (Example.trained); targets predicting untrained tokens
+    become ignore_index (with mask="input" this is the book's exercise 7.2 collate).
+    """
+    if not len(batch):
+        raise ValueError("collate_padded: empty batch")
+    length = max(len(item) for item in batch)
+    rows = [_book_row(item, length, pad_token_id, ignore_index, None if trained is None else trained[i])
+            for i, item in enumerate(batch)]
+    inputs = np.stack([x for x, _ in rows])   # (B, T)
+    targets = np.stack([y for _, y in rows])  # (B, T)
+    if allowed_max_length is not None:
+        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    return inputs, targets
+
+
+def collate_packed(batch, pad_token_id=EOT, allowed_max_length=None, trained=None) -> PackedBatch:
+    """The padding-free form of collate_padded: each row keeps exactly the book's (input, target)
+    pairs up to its last trained target, and no padding; rows with nothing to train are dropped.
+    Equal to pack_padded(*collate_padded(...)), so the loss and gradients are the same."""
+    rows_in, rows_tg = [], []
+    for i, item in enumerate(batch):
+        x, y = _book_row(item, len(item), pad_token_id, IGNORE_INDEX, None if trained is None else trained[i])
+        x, y = x[:allowed_max_length], y[:allowed_max_length]  # (T_i,)
+        valid = np.flatnonzero(y != IGNORE_INDEX)
+        if valid.size:
+            rows_in.append(x[:valid[-1] + 1])
+            rows_tg.append(y[:valid[-1] + 1])
+    return pack_sequences(rows_in, rows_tg)
+
+
+def collate_examples(examples, packed=True, allowed_max_length=None):
+    """Examples -> a PackedBatch (packed=True) or the book's padded (inputs, targets)."""
+    tokens, trained = [e.tokens for e in examples], [e.trained for e in examples]
+    if packed:
+        return collate_packed(tokens, allowed_max_length=allowed_max_length, trained=trained)
+    return collate_padded(tokens, allowed_max_length=allowed_max_length, trained=trained)
+
+
+class Loader:
+    """Batches over a dataset with the book's DataLoader rules (train: shuffle=True,
+    drop_last=True; val/test: neither), deterministic for a seed.
+
+    Epoch e's order is a permutation drawn from numpy's Generator seeded with (seed, e), so it
+    depends on nothing but those two numbers (and the numpy version: numpy does not promise the
+    same stream across releases). It is not torch's order. The position (epoch, batches
+    handed out in that epoch) is a small JSON-able state_dict; a loader restored from it yields
+    exactly the batches the saved one had not yet handed out.
+
+    Iterating yields the rest of the current epoch, then moves to the next epoch.
+    """
+
+    def __init__(self, examples, batch_size, shuffle, drop_last, seed=0, collate=collate_examples):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise MinisftError(f"batch size must be a positive integer, got {batch_size!r}")
+        self.examples, self.batch_size, self.shuffle, self.drop_last = examples, batch_size, shuffle, drop_last
+        self.seed, self.collate = int(seed), collate
+        self.epoch, self.batch = 0, 0
+
+    def __len__(self) -> int:
+        n, b = len(self.examples), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def batch_indices(self, epoch) -> list:
+        """The example indices of every batch of an epoch."""
+        n = len(self.examples)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+
+    def __iter__(self):
+        batches = self.batch_indices(self.epoch)
+        while self.batch < len(batches):
+            idx = batches[self.batch]
+            self.batch += 1  # counted as handed out before the caller sees it
+            yield self.collate([self.examples[i] for i in idx])
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "num_examples": len(self.examples),
+                "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("num_examples", "batch_size", "shuffle", "drop_last"):
+            if state.get(key) != mine[key]:
+                raise MinisftError(f"cannot resume the data loader: it was saved with {key}={state.get(key)!r}, "
+                                   f"this run has {key}={mine[key]!r}")
+        self.seed, self.epoch, self.batch = int(state["seed"]), int(state["epoch"]), int(state["batch"])

@@ -1,0 +1,106 @@
+"""`minisft data stats FILE` and `minisft data inspect FILE --index I`: look at a dataset before
+training on it. FILE is a local path or a URL (downloaded into the cache); it defaults to the
+book's instruction-data.json."""
+import numpy as np
+
+from .data import DEFAULT_DATA_URL, encode_record, encode_records, load_records, split_dataset
+from .errors import MinisftError
+from .prompts import MASKS, STYLES, get_style
+from .tokenizer import EOT, token_bytes
+
+
+def _user_text(record) -> str:
+    """All user-side text of a record, normalised (case, whitespace) to compare prompts."""
+    parts = [m["content"] + " " + m.get("input", "") for m in record["messages"] if m["role"] == "user"]
+    return " ".join(" ".join(parts).casefold().split())
+
+
+def histogram(values, bins=10, width=40) -> list:
+    """Text lines of a histogram of integer values, in at most `bins` equal integer ranges."""
+    values = np.asarray(values)
+    lo = int(values.min())
+    step = -(-(int(values.max()) - lo + 1) // bins)  # ceil: every value lands in a bin
+    counts = np.bincount((values - lo) // step)
+    bars = ["#" * round(width * c / counts.max()) for c in counts]
+    return [f"  {lo + i * step:6d} - {lo + (i + 1) * step - 1:6d} | {bar:<{width}} {c}"
+            for i, (bar, c) in enumerate(zip(bars, counts))]
+
+
+def stats(args) -> int:
+    records = load_records(args.file, args.cache_dir, args.sha256)
+    style = get_style(args.style)
+    n = len(records)
+    lengths = np.array([len(e.tokens) for e in encode_records(records, style)])  # (n,)
+    turns = np.array([sum(m["role"] == "assistant" for m in r["messages"]) for r in records])
+    with_system = sum(r["messages"][0]["role"] == "system" for r in records)
+    with_input = sum(bool(m.get("input")) for r in records for m in r["messages"])
+    texts = [style.training_text(r["messages"]) for r in records]
+    split = split_dataset(range(n), shuffle_seed=args.shuffle_seed)
+    train_prompts = {_user_text(records[i]) for i in split.train}
+
+    print(f"{args.file}: {n} records ({np.sum(turns == 1)} single-turn, {np.sum(turns > 1)} multi-turn; "
+          f"{with_system} with a system message; {with_input} Alpaca inputs)")
+    print(f"split ({'file order' if args.shuffle_seed is None else f'shuffled, seed {args.shuffle_seed}'}): "
+          f"train {len(split.train)}, val {len(split.val)}, test {len(split.test)}")
+    print(f"tokens per record ({style.name} style, GPT-2, before the appended end-of-text): min {lengths.min()}, "
+          f"median {int(np.median(lengths))}, mean {lengths.mean():.1f}, max {lengths.max()}")
+    print("\n".join(histogram(lengths)))
+    print(f"longer than {args.max_length} tokens (truncated in training): {np.sum(lengths > args.max_length)}")
+    print(f"exact duplicates (same rendered text as an earlier record): {n - len(set(texts))}")
+    for name in ("val", "test"):
+        overlap = sum(_user_text(records[i]) in train_prompts for i in getattr(split, name))
+        print(f"{name} records whose prompt (case and whitespace normalised) is also in train: {overlap}")
+    print(f"records containing a literal '<|endoftext|>' (tokenized as plain text): "
+          f"{sum('<|endoftext|>' in t for t in texts)}")
+    return 0
+
+
+def inspect(args) -> int:
+    records = load_records(args.file, args.cache_dir, args.sha256)
+    if not 0 <= args.index < len(records):
+        raise MinisftError(f"{args.file}: --index {args.index} is out of range: the file has {len(records)} "
+                           f"records (0 to {len(records) - 1})")
+    style = get_style(args.style)
+    messages = records[args.index]["messages"]
+    ex = encode_record(records[args.index], style, args.mask)
+    print(f"== record {args.index} of {len(records)}: {style.name} style, mask={args.mask} ==")
+    print("-- training text --")
+    print(style.training_text(messages))
+    print("-- inference prompt (ends with the response header) --")
+    print(style.prompt(messages), end="")
+    print("-- tokens: 'train' = the loss is taken on predicting this token, 'mask' = not --")
+    for i, (tok, trained) in enumerate(zip(ex.tokens, ex.trained)):
+        label = "-" if i == 0 else ("train" if trained else "mask")  # nothing predicts the first token
+        text = token_bytes(tok).decode("utf-8", errors="backslashreplace")
+        print(f"{i:6d} {tok:6d}  {label:5s}  {text!r}")
+    print(f"{len(ex.tokens):6d} {EOT:6d}  train  '<|endoftext|>' (appended end-of-text)")
+    print(f"{int(ex.trained[1:].sum()) + 1} of {len(ex.tokens)} targets trained")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="inspect an instruction dataset")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+
+    def common(q):
+        q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar="FILE",
+                       help="a JSON/JSONL file or URL (default: the book's instruction-data.json)")
+        q.add_argument("--style", default="alpaca", choices=list(STYLES), help="prompt style")
+        q.add_argument("--cache-dir", default=None, help="download cache (default $MINISFT_CACHE_DIR or "
+                       "~/.cache/minisft)")
+        q.add_argument("--sha256", default=None, help="expected sha256 of the file")
+
+    q = dsub.add_parser("stats", help="counts, token lengths, duplicates, train/test overlap")
+    common(q)
+    q.add_argument("--max-length", type=int, default=1024, help="report records longer than this")
+    q.add_argument("--shuffle-seed", type=int, default=None, help="shuffle before the split")
+    q.set_defaults(func=stats)
+
+    q = dsub.add_parser("inspect", help="one record rendered, token by token, with its loss mask")
+    common(q)
+    q.add_argument("--index", type=int, required=True, help="record index (0-based)")
+    q.add_argument("--mask", default="none", choices=list(MASKS),
+                   help="none: train every token (the book); input: mask the prompt (exercise 7.2); "
+                        "header: also mask the response header (TRL)")
+    q.set_defaults(func=inspect)

@@ -1,0 +1,76 @@
+"""`minisft data stats` and `minisft data inspect`, run as real processes."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import tiktoken
+
+from tests.test_data import book_training_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def minisft(*args):
+    return subprocess.run([sys.executable, "-m", "minisft", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_stats_on_the_book_data(shared_data):
+    r = minisft("data", "stats", shared_data / "instruction-data.json", "--max-length", "80")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "1100 records (1100 single-turn, 0 multi-turn; 0 with a system message; 325 Alpaca inputs)" in out
+    assert "split (file order): train 935, val 55, test 110" in out
+    assert "min 40, median 55, mean 56.4, max 91" in out
+    entries = json.loads((shared_data / "instruction-data.json").read_text(encoding="utf-8"))
+    over_80 = sum(len(tiktoken.get_encoding("gpt2").encode(book_training_text(e))) > 80 for e in entries)
+    assert 0 < over_80 < 1100
+    assert f"longer than 80 tokens (truncated in training): {over_80}" in out
+    assert "exact duplicates (same rendered text as an earlier record): 0" in out
+    histogram = [line.split() for line in out.splitlines() if re.match(r"\s+\d+ - +\d+ \|", line)]
+    assert [(int(h[0]), int(h[2])) for h in histogram] == [(40 + 6 * i, 45 + 6 * i) for i in range(9)]
+    assert sum(int(h[-1]) for h in histogram) == 1100
+
+
+def test_stats_counts_duplicates_and_overlap(tmp_path):
+    recs = [{"instruction": f"Task {i}", "input": "", "output": f"Answer {i}"} for i in range(20)]
+    recs[19] = {"instruction": "  TASK 0 ", "input": "", "output": "another answer"}  # test item, same prompt
+    recs[5] = dict(recs[4])  # an exact duplicate inside train
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(recs))
+    r = minisft("data", "stats", path)
+    assert r.returncode == 0, r.stderr
+    assert "split (file order): train 17, val 1, test 2" in r.stdout
+    assert "exact duplicates (same rendered text as an earlier record): 1" in r.stdout
+    assert "val records whose prompt (case and whitespace normalised) is also in train: 1" in r.stdout
+    assert "test records whose prompt (case and whitespace normalised) is also in train: 0" in r.stdout
+
+
+def test_inspect_shows_each_token_and_its_mask(shared_data):
+    r = minisft("data", "inspect", shared_data / "instruction-data.json", "--index", 50, "--mask", "header")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "== record 50 of 1100: alpaca style, mask=header ==" in lines
+    assert "### Input:" in lines and "Ocassion" in lines
+    tokens = [line.split() for line in lines if line[:6].strip().isdigit()]
+    assert len(tokens) == 58  # 57 tokens + the appended end-of-text
+    assert tokens[0][:3] == ["0", "21106", "-"]
+    assert [t[2] for t in tokens[1:]] == ["mask"] * 48 + ["train"] * 9
+    assert tokens[49][1] == "464" and tokens[-1][1:3] == ["50256", "train"]
+    assert lines[-1] == "9 of 57 targets trained"
+
+
+def test_errors_exit_2_without_traceback(tmp_path, shared_data):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": ""}]))
+    for args, message in [
+        (("data", "stats", bad), f"minisft: error: {bad}: record 0: field 'output': empty output"),
+        (("data", "inspect", shared_data / "instruction-data.json", "--index", 1100),
+         "--index 1100 is out of range: the file has 1100 records (0 to 1099)"),
+        (("data", "stats", tmp_path / "nope.json"), "no such file"),
+    ]:
+        r = minisft(*args)
+        assert r.returncode == 2
+        assert message in r.stderr and "Traceback" not in r.stderr
