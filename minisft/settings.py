@@ -14,8 +14,7 @@ from pathlib import Path
 
 from .errors import MinisftError
 
-BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
-                 "01_main-chapter-code/instruction-data.json")
+from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
 
 
 def _s(default, help, choices=None):

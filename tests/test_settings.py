@@ -32,7 +32,7 @@ def test_toml_then_flags(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--lr", "-1e-4"], "setting lr: must not be negative"),
+    (["--lr=-1e-4"], "setting lr: must not be negative"),
     (["--batch-size", "0"], "setting batch-size: must be at least 1"),
     (["--prompt-style", "vicuna"], "setting prompt-style: unknown style 'vicuna'"),
     (["--model", "gpt3"], "setting model: unknown preset 'gpt3'"),

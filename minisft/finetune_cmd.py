@@ -1,0 +1,16 @@
+"""`minisft finetune`: the main job (see minisft.train)."""
+from .settings import add_arguments, resolve
+
+
+def run(args) -> int:
+    from .train import finetune
+
+    finetune(resolve(args))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="instruction fine-tuning (the book's chapter 7 recipe by default)",
+                       description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,172 @@
+"""`minisft finetune`: the book's loop step for step against PyTorch, correct accumulation, exact
+resume, NaN handling and the CLI run's outputs. Runs use gpt2-tiny (the real vocabulary and
+tokenizer, a tiny body) with random init on the book's data."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minisft import GPT, GPTConfig
+from minisft.checkpoint import load_checkpoint
+from minisft.data import Loader, collate_examples, encode_records, load_records, split_dataset
+from minisft.errors import MinisftError
+from minisft.settings import Settings, validate
+from minisft.train import checkpoints, finetune
+from tests.conftest import ROOT
+
+
+def settings(tmp_path, shared_data, **kw):
+    base = dict(model="gpt2-tiny", init="random", data=str(shared_data / "instruction-data.json"),
+                out=str(tmp_path / "run"), responses=0, eval_freq=1000, backend="numpy")
+    return validate(Settings(**{**base, **kw}))
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+
+
+def quiet(*_):
+    pass
+
+
+def test_twenty_book_steps_match_a_pytorch_autograd_loop(tmp_path, shared_data):
+    torch = pytest.importorskip("torch", reason="torch is not installed: the autograd peer needs it")
+    from minisft.data import collate_padded
+    from tests.torch_gpt import TorchGPT
+
+    s = settings(tmp_path, shared_data, max_steps=20)
+    finetune(s, log=quiet)
+    ours = [r["loss"] for r in read_metrics(s.out) if r["kind"] == "step"]
+
+    # The book's pipeline: padded batches from the same shuffled order, autograd, torch.optim.AdamW.
+    cfg = GPTConfig.preset("gpt2-tiny")
+    peer = TorchGPT(cfg)
+    peer.load_numpy(GPT(cfg, seed=s.seed).state_dict())  # the same random init as the run
+    opt = torch.optim.AdamW(peer.parameters(), lr=5e-5, weight_decay=0.1)
+    train = encode_records(split_dataset(load_records(s.data)).train)
+    loader = Loader(train, 8, shuffle=True, drop_last=True, seed=s.seed,
+                    collate=lambda ex: collate_padded([e.tokens for e in ex], allowed_max_length=256))
+    theirs = []
+    for inputs, targets in loader:
+        opt.zero_grad()
+        loss = peer.loss(torch.from_numpy(inputs), torch.from_numpy(targets))
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+        if len(theirs) == 20:
+            break
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    assert ours[-1] < ours[0]  # it learns
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, shared_data):
+    """batch 8 vs 4 micro-batches of 2: the same 8 examples per step (one shuffled order), uneven
+    lengths, prompt masking; float64, per-step loss and final weights within 1e-6."""
+    kw = dict(dtype="float64", mask_prompt="header", max_steps=3, lr=1e-3)
+    big = settings(tmp_path / "a", shared_data, batch_size=8, **kw)
+    small = settings(tmp_path / "b", shared_data, batch_size=2, grad_accum=4, **kw)
+    finetune(big, log=quiet)
+    finetune(small, log=quiet)
+    a = [r for r in read_metrics(big.out) if r["kind"] == "step"]
+    b = [r for r in read_metrics(small.out) if r["kind"] == "step"]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+    np.testing.assert_allclose([r["grad_norm"] for r in b], [r["grad_norm"] for r in a], rtol=1e-6)
+    wa = load_checkpoint(checkpoints(tmp_path / "a" / "run")[-1])[0].state_dict()
+    wb = load_checkpoint(checkpoints(tmp_path / "b" / "run")[-1])[0].state_dict()
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], rtol=1e-6, atol=1e-12, err_msg=name)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, shared_data, monkeypatch):
+    kw = dict(max_steps=9, ckpt_every=3, eval_freq=4, schedule="cosine", warmup_steps=2, lr=1e-3, grad_clip=1.0,
+              drop_rate=0.1)
+    whole = settings(tmp_path / "whole", shared_data, **kw)
+    finetune(whole, log=quiet)
+
+    part = settings(tmp_path / "part", shared_data, **kw)
+    from minisft.optim import AdamW
+    real_step, calls = AdamW.step, []
+
+    def step_then_interrupt(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 8:  # Ctrl-C in the middle of step 8: the last checkpoint is step 6
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(AdamW, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(part, log=quiet)
+    monkeypatch.setattr(AdamW, "step", real_step)
+    assert [p.name for p in checkpoints(tmp_path / "part" / "run")] == ["step-000003.h5", "step-000006.h5"]
+    assert len(read_metrics(part.out)) > len([r for r in read_metrics(part.out) if r["step"] <= 6])
+
+    finetune(validate(Settings(**{**part.to_dict(), "resume": True})), log=quiet)
+    assert read_metrics(part.out) == read_metrics(whole.out)  # every step once, the same numbers
+    a = load_checkpoint(checkpoints(tmp_path / "whole" / "run")[-1])
+    b = load_checkpoint(checkpoints(tmp_path / "part" / "run")[-1])
+    for name, w in a[0].state_dict().items():
+        assert w.tobytes() == b[0].state_dict()[name].tobytes(), name
+    for key in ("m", "v"):
+        for name, w in a[1].state_dict()[key].items():
+            assert w.tobytes() == b[1].state_dict()[key][name].tobytes(), name
+
+
+def test_schedule_and_clipping_show_in_the_metrics(tmp_path, shared_data):
+    s = settings(tmp_path, shared_data, max_steps=6, schedule="linear", warmup_steps=2, lr=1e-3, min_lr=1e-4,
+                 grad_clip=0.5)
+    finetune(s, log=quiet)
+    steps = [r for r in read_metrics(s.out) if r["kind"] == "step"]
+    np.testing.assert_allclose([r["lr"] for r in steps], [5e-4, 1e-3, 7.75e-4, 5.5e-4, 3.25e-4, 1e-4], rtol=1e-12)
+    assert all(r["grad_norm"] > 0.5 for r in steps)  # recorded before clipping; each step was clipped
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shared_data, monkeypatch):
+    s = settings(tmp_path, shared_data, max_steps=8, ckpt_every=2)
+    real, calls = GPT.forward_backward, []
+
+    def poisoned(self, batch, grad_scale=None):
+        calls.append(1)
+        loss_sum, n = real(self, batch, grad_scale)
+        return (float("nan") if len(calls) == 5 else loss_sum), n
+    monkeypatch.setattr(GPT, "forward_backward", poisoned)
+    with pytest.raises(MinisftError, match=r"loss became nan at step 5.*step-000004\.h5"):
+        finetune(s, log=quiet)
+    model, _, state = load_checkpoint(checkpoints(tmp_path / "run")[-1])
+    assert state["step"] == 4 and all(np.isfinite(a).all() for a in model.state_dict().values())
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, shared_data):
+    s = settings(tmp_path, shared_data, max_steps=1)
+    finetune(s, log=quiet)
+    with pytest.raises(MinisftError, match="already holds a run; pass --resume"):
+        finetune(s, log=quiet)
+
+
+def test_cli_smoke_run_writes_every_output(tmp_path, shared_data):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "minisft", "finetune", "--model", "gpt2-tiny", "--init", "random",
+           "--data", str(shared_data / "instruction-data.json"), "--max-steps", "4", "--eval-freq", "2",
+           "--eval-iter", "2", "--responses", "2", "--max-new-tokens", "4", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Ep 1 (Step 000000): Train loss" in r.stdout and "Ep 1 (Step 000002)" in r.stdout
+    assert "batch_size = 8" in r.stdout  # every resolved setting printed
+    assert json.loads((out / "settings.json").read_text())["max_steps"] == 4
+    kinds = [m["kind"] for m in read_metrics(out)]
+    assert kinds == ["step", "eval", "step", "step", "eval", "step"]
+    assert set(read_metrics(out)[0]) == {"kind", "step", "epoch", "loss", "lr", "tokens_seen", "grad_norm"}
+    assert [p.name for p in checkpoints(out)] == ["step-000004.h5"]
+    assert (out / "hf" / "model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
+    responses = json.loads((out / "instruction-data-with-response.json").read_text())
+    test0 = json.loads((shared_data / "instruction-data.json").read_text())[935]
+    assert len(responses) == 2 and {**test0, "model_response": responses[0]["model_response"]} == responses[0]
+    assert (out / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_cli_refuses_bad_settings_before_any_work(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "minisft", "finetune", "--batch-size", "0", "--out", str(tmp_path / "x")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "setting batch-size: must be at least 1" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
