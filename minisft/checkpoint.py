@@ -6,8 +6,7 @@ One file holds:
               array_dtype (the stored arrays'), complete (written last)
     config    JSON of the GPTConfig
     model     attrs: rng (JSON of the dropout RNG's bit_generator.state), frozen (JSON list of names)
-    params/   one dataset per parameter, by HF name, in the dtype the model holds them,
-              with a Fletcher-32 checksum per chunk
+    params/   one dataset per parameter, by HF name, in the dtype the model holds them
     adam/     attrs: step, lr, beta1, beta2, eps, weight_decay, decay; groups m/ and v/ like params/
     train_state  JSON: whatever the training loop needs to continue (step, epoch, loader position,
                  its RNG states, metrics so far); a dataset, not an attribute, as it grows with the run
@@ -107,8 +106,7 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_stat
 
 def _write_arrays(group, arrays: dict, model: GPT) -> None:
     for name, a in arrays.items():  # one array at a time on the host, not a second copy of the model
-        # fletcher32: a checksum per chunk, so bytes damaged on disk fail loudly instead of loading
-        group.create_dataset(name, data=model.B.to_numpy(a), fletcher32=True)
+        group.create_dataset(name, data=model.B.to_numpy(a))
 
 
 # ---- load -----------------------------------------------------------------------------------------
@@ -141,6 +139,7 @@ def load_checkpoint(path, model: GPT | None = None, optimizer: AdamW | None = No
 
 
 def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
+    # Everything is checked before anything is loaded, so a bad file leaves a caller's model untouched.
     if f.attrs.get("format") != FORMAT:
         raise MinisftError(f"{path}: not a minisft checkpoint (no format={FORMAT!r} attribute)")
     if f.attrs.get("format_version") != FORMAT_VERSION:
@@ -153,47 +152,57 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
         cfg = GPTConfig.from_dict(_json(f, path, "config"))
     except (TypeError, ValueError) as e:
         raise MinisftError(f"{path}: dataset 'config' is not a valid model config: {e}") from None
-    array_dtype = np.dtype(f.attrs["array_dtype"])
-    shapes = param_shapes(cfg)
-    params = _read_arrays(f, path, "params", shapes, array_dtype)
     try:
         rng = rng_from_state(json.loads(f["model"].attrs["rng"]))
         frozen = set(json.loads(f["model"].attrs["frozen"]))
     except (TypeError, ValueError) as e:
         raise MinisftError(f"{path}: attributes rng/frozen of group 'model' are not valid: {e}") from None
+    shapes = param_shapes(cfg)
     if not frozen <= set(shapes):
         raise MinisftError(f"{path}: model/frozen names parameters the model does not have: "
                            f"{sorted(frozen - set(shapes))}")
-
-    if model is None:
-        model = GPT(cfg, backend=backend, dtype=dtype or str(f.attrs["dtype"]), device=device, params=params)
-    else:
+    train_state = _json(f, path, "train_state")
+    array_dtype = np.dtype(f.attrs["array_dtype"])
+    _check_group(f, path, "params", shapes, array_dtype)
+    if model is not None:
         differ = [f"{k}: file {getattr(cfg, k)!r}, model {getattr(model.cfg, k)!r}"
                   for k in SHAPE_FIELDS if getattr(cfg, k) != getattr(model.cfg, k)]
         if differ:
             raise MinisftError(f"{path}: the checkpoint's model does not match this one ({'; '.join(differ)})")
-        model.load_state_dict(params)
-    del params
-    model.rng, model.frozen = rng, frozen
+    restore_adam = "adam" in f and (optimizer is not None or load_optimizer)
+    if optimizer is not None and not restore_adam:
+        raise MinisftError(f"{path}: the checkpoint holds no optimizer state to restore")
+    trained = [n for n in shapes if n not in frozen]
+    if restore_adam:
+        for key in ("m", "v"):
+            _check_group(f, path, f"adam/{key}", {n: shapes[n] for n in trained}, array_dtype)
+        if optimizer is not None and set(optimizer.m) != set(trained):
+            raise MinisftError(f"{path}: the optimizer state does not fit this optimizer: the file has moments "
+                               f"for {len(trained)} tensors (frozen: {sorted(frozen)}), the optimizer "
+                               f"for {len(optimizer.m)}")
 
-    if "adam" in f and (optimizer is not None or load_optimizer):
+    # Load, one tensor at a time where a model already holds memory for it: the peak stays near the
+    # final size (model + two moments) rather than twice that.
+    if model is None:
+        params = {n: _read(f, path, f"params/{n}") for n in shapes}
+        model = GPT(cfg, backend=backend, dtype=dtype or str(f.attrs["dtype"]), device=device, params=params)
+        del params
+    else:
+        for n in shapes:
+            model.params[n] = model.B.from_numpy(_read(f, path, f"params/{n}"))
+        model.grads = {}
+    model.rng, model.frozen = rng, frozen
+    if restore_adam:
         a = f["adam"].attrs
-        trained = {n: s for n, s in shapes.items() if n not in frozen}
-        state = {"step": int(a["step"]),
-                 "m": _read_arrays(f, path, "adam/m", trained, array_dtype),
-                 "v": _read_arrays(f, path, "adam/v", trained, array_dtype)}
         if optimizer is None:
             optimizer = AdamW(model, lr=float(a["lr"]), betas=(float(a["beta1"]), float(a["beta2"])),
                               eps=float(a["eps"]), weight_decay=float(a["weight_decay"]), decay=str(a["decay"]))
-        try:
-            optimizer.load_state_dict(state)
-        except ValueError as e:
-            raise MinisftError(f"{path}: the optimizer state does not fit this optimizer: {e}") from None
-    elif optimizer is not None:
-        raise MinisftError(f"{path}: the checkpoint holds no optimizer state to restore")
-    else:
-        optimizer = None
-    return model, optimizer, _json(f, path, "train_state")
+        for key in ("m", "v"):
+            moments = getattr(optimizer, key)
+            for n in trained:
+                moments[n] = model.B.from_numpy(_read(f, path, f"adam/{key}/{n}"))
+        optimizer.step_count = int(a["step"])
+    return model, (optimizer if restore_adam else None), train_state
 
 
 def _json(f, path, name):
@@ -203,8 +212,8 @@ def _json(f, path, name):
         raise MinisftError(f"{path}: dataset {name!r} is not valid JSON text: {e}") from None
 
 
-def _read_arrays(f, path, group: str, shapes: dict, dtype: np.dtype) -> dict:
-    """Every dataset of group, checked to be exactly the expected names, shapes and dtype."""
+def _check_group(f, path, group: str, shapes: dict, dtype: np.dtype) -> None:
+    """The datasets of group must be exactly the expected names, shapes and dtype (metadata only)."""
     if group not in f:
         raise MinisftError(f"{path}: group {group!r} is missing")
     g = f[group]
@@ -213,13 +222,14 @@ def _read_arrays(f, path, group: str, shapes: dict, dtype: np.dtype) -> dict:
     if missing or unexpected:
         raise MinisftError(f"{path}: {group}/ does not match the model's parameters: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    out = {}
     for name, shape in shapes.items():
         ds = g[name]
         if ds.shape != shape or ds.dtype != dtype:
             raise MinisftError(f"{path}: dataset {group}/{name} is {ds.dtype} {ds.shape}, expected {dtype} {shape}")
-        try:
-            out[name] = ds[()]
-        except OSError as e:  # a failed checksum, or bytes missing from a cut file
-            raise MinisftError(f"{path}: dataset {group}/{name} is damaged and cannot be read ({e})") from None
-    return out
+
+
+def _read(f, path, name: str) -> np.ndarray:
+    try:
+        return f[name][()]
+    except OSError as e:  # an I/O error under h5py
+        raise MinisftError(f"{path}: dataset {name} cannot be read ({e})") from None
