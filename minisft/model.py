@@ -63,13 +63,30 @@ def init_params(cfg: GPTConfig, rng) -> dict:
 
 
 class GPT:
-    def __init__(self, cfg: GPTConfig, backend="numpy", dtype="float32", seed=0, device=None):
+    def __init__(self, cfg: GPTConfig, backend="numpy", dtype="float32", seed=0, device=None, params=None):
+        """params: {HF name: numpy array} to start from (pretrained weights, a checkpoint) instead
+        of the random initialisation, which then never runs (it would cost a float64 copy of the model)."""
         self.cfg = cfg
         self.B = get_backend(backend, dtype, device) if isinstance(backend, str) else backend
         self.rng = self.B.rng(seed)  # drives the initial values, then the dropout masks
-        self.params = {n: self.B.from_numpy(a) for n, a in init_params(cfg, self.rng).items()}
-        self.grads = {}              # name -> gradient, accumulated by forward_backward
         self.frozen = set()          # names that get no gradient (their dW is never computed)
+        self.load_state_dict(init_params(cfg, self.rng) if params is None else params)
+        # load_state_dict also starts self.grads: name -> gradient, accumulated by forward_backward
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, backend="numpy", dtype="float32", cache_dir=None, device=None,
+                        model=None, seed=0, base_url=None) -> "GPT":
+        """OpenAI GPT-2 weights by preset name (downloaded once), or an HF GPT-2 folder or
+        .safetensors file; see minisft.pretrained.load_pretrained."""
+        from .pretrained import load_pretrained
+        return load_pretrained(name_or_path, backend=backend, dtype=dtype, cache_dir=cache_dir, device=device,
+                               model=model, seed=seed, base_url=base_url)
+
+    def save_pretrained(self, out_dir):
+        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors); see
+        minisft.pretrained.save_pretrained."""
+        from .pretrained import save_pretrained
+        return save_pretrained(self, out_dir)
 
     @property
     def dtype(self) -> str:

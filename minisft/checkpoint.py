@@ -1,0 +1,235 @@
+"""Training checkpoints in HDF5: everything an exact resume needs, nothing pickled.
+
+One file holds:
+
+    attrs     format, format_version, minisft_version, dtype (the model's compute dtype),
+              array_dtype (the stored arrays'), complete (written last)
+    config    JSON of the GPTConfig
+    model     attrs: rng (JSON of the dropout RNG's bit_generator.state), frozen (JSON list of names)
+    params/   one dataset per parameter, by HF name, in the dtype the model holds them
+    adam/     attrs: step, lr, beta1, beta2, eps, weight_decay, decay; groups m/ and v/ like params/
+    train_state  JSON: whatever the training loop needs to continue (step, epoch, loader position,
+                 its RNG states, metrics so far); a dataset, not an attribute, as it grows with the run
+
+Parameters and Adam moments are stored bit-for-bit in the model's dtype, so a resumed run continues
+exactly where the saved one stopped. The file is written beside its destination under a temp name
+and renamed over it only when complete, so a crash mid-save leaves the previous checkpoint intact;
+the `complete` marker, set after everything else is written and flushed, catches a file that was
+cut short some other way (a copy interrupted, a full disk).
+"""
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .config import GPTConfig
+from .errors import MinisftError
+from .model import GPT, param_shapes
+from .optim import AdamW
+
+FORMAT = "minisft-checkpoint"
+FORMAT_VERSION = 1
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")  # numpy's, by state name
+# Config fields that decide the parameters' shapes; the others (dropout) are settings of a run.
+SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_embeddings")
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    """A numpy Generator's state as a JSON-serialisable dict (plain ints, lists for arrays)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"only numpy Generators can be checkpointed, not {type(rng).__name__}")
+    return json.loads(json.dumps(rng.bit_generator.state, default=_plain))
+
+
+def rng_from_state(state: dict) -> np.random.Generator:
+    """The inverse of rng_state: a Generator that continues exactly where the saved one was."""
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if name not in BIT_GENERATORS:
+        raise ValueError(f"not a numpy bit generator state: {str(state)[:80]}")
+    bitgen = getattr(np.random, name)()
+    if name == "MT19937":  # its key is a uint32 array, which JSON turned into a list
+        state = {**state, "state": {**state["state"], "key": np.asarray(state["state"]["key"], np.uint32)}}
+    bitgen.state = state
+    return np.random.Generator(bitgen)
+
+
+def _plain(x):
+    """json.dumps fallback: numpy scalars and arrays as plain numbers and lists."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+# ---- save -----------------------------------------------------------------------------------------
+def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_state: dict | None = None) -> Path:
+    """Write model (+ optimizer state, + train_state: a JSON-serialisable dict) to path, atomically."""
+    path = Path(path)
+    try:
+        state_json = json.dumps(train_state or {}, default=_plain, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_checkpoint: train_state is not JSON-serialisable: {e}") from None
+    if optimizer is not None and optimizer.model is not model:
+        raise ValueError("save_checkpoint: the optimizer belongs to a different model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, minisft_version=__version__,
+                           dtype=model.dtype)
+            f["config"] = json.dumps(model.cfg.to_dict())
+            g = f.create_group("model")
+            g.attrs.update(rng=json.dumps(rng_state(model.rng)), frozen=json.dumps(sorted(model.frozen)))
+            _write_arrays(f.create_group("params"), model.params, model)
+            f.attrs["array_dtype"] = f["params"][next(iter(model.params))].dtype.str
+            if optimizer is not None:
+                g = f.create_group("adam")
+                g.attrs.update(step=optimizer.step_count, lr=optimizer.lr, beta1=optimizer.betas[0],
+                               beta2=optimizer.betas[1], eps=optimizer.eps,
+                               weight_decay=optimizer.weight_decay, decay=optimizer.decay)
+                _write_arrays(g.create_group("m"), optimizer.m, model)
+                _write_arrays(g.create_group("v"), optimizer.v, model)
+            f["train_state"] = state_json
+            f.flush()
+            f.attrs["complete"] = True
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it the checkpoint
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_arrays(group, arrays: dict, model: GPT) -> None:
+    for name, a in arrays.items():  # one array at a time on the host, not a second copy of the model
+        group.create_dataset(name, data=model.B.to_numpy(a))
+
+
+# ---- load -----------------------------------------------------------------------------------------
+def load_checkpoint(path, model: GPT | None = None, optimizer: AdamW | None = None, backend="numpy",
+                    dtype: str | None = None, device=None, load_optimizer: bool = True):
+    """Read a checkpoint -> (model, optimizer, train_state).
+
+    model None: a new GPT of the saved config on backend/device, in dtype (default: the saved one).
+    model given: its shape must match the saved config; the parameters, dropout RNG and frozen set
+    are loaded into it. optimizer given (it must be model's): its moments and step are restored, its
+    hyperparameters stay; otherwise, when the file has optimizer state and load_optimizer is True, a
+    new AdamW with the saved hyperparameters and state is returned, else None. The arrays come back
+    bit-exact when the model's dtype is the saved one (otherwise they are cast).
+    """
+    path = Path(path)
+    if optimizer is not None and (model is None or optimizer.model is not model):
+        raise ValueError("load_checkpoint: pass the optimizer's model as model")
+    if not path.is_file():
+        raise MinisftError(f"{path}: no such checkpoint file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise MinisftError(f"{path}: cannot be read as an HDF5 checkpoint; it is truncated, corrupt or "
+                           f"not a checkpoint ({e})") from None
+    try:
+        with f:
+            return _load(f, path, model, optimizer, backend, dtype, device, load_optimizer)
+    except (OSError, KeyError) as e:  # h5py's errors for damaged data inside an opened file
+        raise MinisftError(f"{path}: damaged checkpoint: {e}") from None
+
+
+def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
+    # Everything is checked before anything is loaded, so a bad file leaves a caller's model untouched.
+    if f.attrs.get("format") != FORMAT:
+        raise MinisftError(f"{path}: not a minisft checkpoint (no format={FORMAT!r} attribute)")
+    if f.attrs.get("format_version") != FORMAT_VERSION:
+        raise MinisftError(f"{path}: checkpoint format version {f.attrs.get('format_version')} is not "
+                           f"supported (this minisft reads version {FORMAT_VERSION})")
+    if not f.attrs.get("complete", False):
+        raise MinisftError(f"{path}: incomplete checkpoint (the completion marker is missing): it was cut "
+                           "short while being written or copied")
+    try:
+        cfg = GPTConfig.from_dict(_json(f, path, "config"))
+    except (TypeError, ValueError) as e:
+        raise MinisftError(f"{path}: dataset 'config' is not a valid model config: {e}") from None
+    try:
+        rng = rng_from_state(json.loads(f["model"].attrs["rng"]))
+        frozen = set(json.loads(f["model"].attrs["frozen"]))
+    except (TypeError, ValueError) as e:
+        raise MinisftError(f"{path}: attributes rng/frozen of group 'model' are not valid: {e}") from None
+    shapes = param_shapes(cfg)
+    if not frozen <= set(shapes):
+        raise MinisftError(f"{path}: model/frozen names parameters the model does not have: "
+                           f"{sorted(frozen - set(shapes))}")
+    train_state = _json(f, path, "train_state")
+    array_dtype = np.dtype(f.attrs["array_dtype"])
+    _check_group(f, path, "params", shapes, array_dtype)
+    if model is not None:
+        differ = [f"{k}: file {getattr(cfg, k)!r}, model {getattr(model.cfg, k)!r}"
+                  for k in SHAPE_FIELDS if getattr(cfg, k) != getattr(model.cfg, k)]
+        if differ:
+            raise MinisftError(f"{path}: the checkpoint's model does not match this one ({'; '.join(differ)})")
+    restore_adam = "adam" in f and (optimizer is not None or load_optimizer)
+    if optimizer is not None and not restore_adam:
+        raise MinisftError(f"{path}: the checkpoint holds no optimizer state to restore")
+    trained = [n for n in shapes if n not in frozen]
+    if restore_adam:
+        for key in ("m", "v"):
+            _check_group(f, path, f"adam/{key}", {n: shapes[n] for n in trained}, array_dtype)
+        if optimizer is not None and set(optimizer.m) != set(trained):
+            raise MinisftError(f"{path}: the optimizer state does not fit this optimizer: the file has moments "
+                               f"for {len(trained)} tensors (frozen: {sorted(frozen)}), the optimizer "
+                               f"for {len(optimizer.m)}")
+
+    # Load, one tensor at a time where a model already holds memory for it: the peak stays near the
+    # final size (model + two moments) rather than twice that.
+    if model is None:
+        params = {n: _read(f, path, f"params/{n}") for n in shapes}
+        model = GPT(cfg, backend=backend, dtype=dtype or str(f.attrs["dtype"]), device=device, params=params)
+        del params
+    else:
+        for n in shapes:
+            model.params[n] = model.B.from_numpy(_read(f, path, f"params/{n}"))
+        model.grads = {}
+    model.rng, model.frozen = rng, frozen
+    if restore_adam:
+        a = f["adam"].attrs
+        if optimizer is None:
+            optimizer = AdamW(model, lr=float(a["lr"]), betas=(float(a["beta1"]), float(a["beta2"])),
+                              eps=float(a["eps"]), weight_decay=float(a["weight_decay"]), decay=str(a["decay"]))
+        for key in ("m", "v"):
+            moments = getattr(optimizer, key)
+            for n in trained:
+                moments[n] = model.B.from_numpy(_read(f, path, f"adam/{key}/{n}"))
+        optimizer.step_count = int(a["step"])
+    return model, (optimizer if restore_adam else None), train_state
+
+
+def _json(f, path, name):
+    try:
+        return json.loads(f[name].asstr()[()])
+    except (TypeError, ValueError) as e:
+        raise MinisftError(f"{path}: dataset {name!r} is not valid JSON text: {e}") from None
+
+
+def _check_group(f, path, group: str, shapes: dict, dtype: np.dtype) -> None:
+    """The datasets of group must be exactly the expected names, shapes and dtype (metadata only)."""
+    if group not in f:
+        raise MinisftError(f"{path}: group {group!r} is missing")
+    g = f[group]
+    missing = [n for n in shapes if n not in g]
+    unexpected = [n for n in g if n not in shapes]
+    if missing or unexpected:
+        raise MinisftError(f"{path}: {group}/ does not match the model's parameters: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    for name, shape in shapes.items():
+        ds = g[name]
+        if ds.shape != shape or ds.dtype != dtype:
+            raise MinisftError(f"{path}: dataset {group}/{name} is {ds.dtype} {ds.shape}, expected {dtype} {shape}")
+
+
+def _read(f, path, name: str) -> np.ndarray:
+    try:
+        return f[name][()]
+    except OSError as e:  # an I/O error under h5py
+        raise MinisftError(f"{path}: dataset {name} cannot be read ({e})") from None

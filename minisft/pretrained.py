@@ -1,0 +1,295 @@
+"""OpenAI's GPT-2 weights in, Hugging Face GPT-2 folders out, with neither torch nor TensorFlow.
+
+In: a preset name downloads `config.json` + `model.safetensors` of openai-community/gpt2 (or
+-medium, -large, -xl) into a cache folder, resumably; a local path is an HF-style folder or a single
+.safetensors file whose shape comes from a preset. The safetensors file is read memory-mapped
+(minisft/safetensors.py) and checked tensor by tensor against the shapes the config implies.
+
+Out: `save_pretrained` writes the folder `transformers.GPT2LMHeadModel.from_pretrained` loads,
+named exactly as GPT2LMHeadModel's own `save_pretrained` names them: `transformer.`-prefixed body
+tensors plus an unprefixed `lm_head.weight` when the head is untied. (Older transformers releases
+refuse a file that mixes unprefixed body names with `lm_head.weight`.)
+"""
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from tqdm import tqdm
+
+from . import safetensors
+from .config import GPTConfig
+from .errors import MinisftError
+from .model import GPT, param_shapes
+
+HF_BASE_URL = "https://huggingface.co"
+HF_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HF_FILES = ("config.json", "model.safetensors")
+# The causal-mask buffers real GPT-2 files carry: constants of the attention, not parameters.
+MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# HF config fields that change what the network computes, and the values our kernels implement
+# (gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation).
+FIXED_FIELDS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+                "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
+SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads")
+
+
+def cache_root(cache_dir=None) -> Path:
+    """The cache folder: the argument, else $MINISFT_CACHE_DIR, else ~/.cache/minisft."""
+    return Path(cache_dir or os.environ.get("MINISFT_CACHE_DIR") or Path.home() / ".cache" / "minisft")
+
+
+# ---- download -----------------------------------------------------------------------------------
+def download_file(url: str, dest, expected_size: int | None = None, retries: int = 3,
+                  timeout: float = 60.0, chunk_size: int = 1 << 20) -> Path:
+    """Fetch url into dest through `dest.part`, renamed to dest only when complete: as many bytes
+    as the server announced (and expected_size, when given). A .part left by an interrupted run, or
+    by a connection that dropped mid-way, is resumed with an HTTP Range request; a server that
+    ignores Range makes us start over. Gives up after `retries` attempts in a row that add no
+    bytes, keeping the .part for the next run."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    stalled = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            total = _fetch_into(url, part, have, timeout, chunk_size)
+            size = part.stat().st_size
+            if total is None or size == total:
+                break
+            if size > total:
+                part.unlink()
+                raise MinisftError(f"{url}: received {size} bytes, more than the {total} announced; discarded")
+            error = f"the connection closed after byte {size} of {total}"
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            error = str(e)
+        except requests.RequestException as e:
+            raise MinisftError(f"{url}: {e}") from None
+        now = part.stat().st_size if part.exists() else 0
+        stalled = 0 if now > have else stalled + 1
+        if stalled > retries:
+            raise MinisftError(f"{url}: download failed ({error}); {now} bytes are kept in {part} and "
+                               "the next run resumes from there")
+        time.sleep(min(stalled, 5))  # back off only while no bytes arrive
+    if expected_size is not None and size != expected_size:
+        part.unlink()
+        raise MinisftError(f"{url}: downloaded {size} bytes, expected {expected_size}; the file was discarded")
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch_into(url, part: Path, have: int, timeout, chunk_size) -> int | None:
+    """One request appending to `part` from byte `have` on. Returns the file's full size, when the
+    server announces it. Asks for the bytes as stored (no gzip) so sizes and ranges mean bytes on disk."""
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if have and r.status_code == 416:  # our .part is not a prefix of this file: start over
+            part.unlink()
+            return _fetch_into(url, part, 0, timeout, chunk_size)
+        if r.status_code not in (200, 206):
+            raise MinisftError(f"{url}: HTTP {r.status_code} {r.reason}")
+        if r.status_code == 206:
+            # Content-Range: bytes START-END/TOTAL; the server must resume exactly where we stopped.
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", r.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != have:
+                raise MinisftError(f"{url}: the server answered bytes={have}- with Content-Range "
+                                   f"{r.headers.get('Content-Range')!r}")
+            total = None if m.group(3) == "*" else int(m.group(3))
+            mode = "ab"
+        else:  # 200: the whole file, whether or not we asked for a range
+            have, mode = 0, "wb"
+            total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+        # A connection that drops early then ends the body instead of raising: urllib3 would
+        # discard the bytes of the chunk in flight, which we keep and count against `total`.
+        r.raw.enforce_content_length = False
+        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                         unit_divisor=1024, desc=part.name[:-len(".part")]) as bar:
+            for chunk in r.iter_content(chunk_size):
+                f.write(chunk)
+                bar.update(len(chunk))
+    return total
+
+
+def fetch_preset(name: str, cache_dir=None, base_url: str | None = None) -> Path:
+    """Download a preset's HF files (once) -> the cache folder holding them."""
+    base = (base_url or os.environ.get("MINISFT_HF_BASE_URL") or HF_BASE_URL).rstrip("/")
+    folder = cache_root(cache_dir) / "models" / name
+    for fname in HF_FILES:
+        dest = folder / fname
+        if not dest.exists():  # files only ever appear there complete (renamed from .part)
+            download_file(f"{base}/{HF_REPOS[name]}/resolve/main/{fname}", dest)
+    return folder
+
+
+# ---- HF config <-> GPTConfig ------------------------------------------------------------------------
+def read_hf_config(path) -> GPTConfig:
+    """config.json of a GPT-2 folder -> GPTConfig. The head is tied only where the file says
+    "tie_word_embeddings": true; OpenAI's configs do not, so they load untied, the book's model
+    (the head starts as a copy of wte). Dropout is not taken from the file: fine-tuning uses 0.0."""
+    path = Path(path)
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MinisftError(f"{path}: cannot read the model config: {e}") from None
+    if not isinstance(hf, dict):
+        raise MinisftError(f"{path}: the model config must be a JSON object")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise MinisftError(f"{path}: model_type is {hf['model_type']!r}, only GPT-2 ('gpt2') is supported")
+    for field, values in FIXED_FIELDS.items():
+        if field in hf and hf[field] not in values:
+            raise MinisftError(f"{path}: {field} is {hf[field]!r}; minisft's GPT-2 computes only "
+                               + " or ".join(map(repr, values)))
+
+    def get(*keys):  # the first of keys present (n_positions has the older alias n_ctx)
+        for k in keys:
+            if k in hf:
+                if type(hf[k]) is not int or hf[k] <= 0:
+                    raise MinisftError(f"{path}: {k} must be a positive integer, got {hf[k]!r}")
+                return hf[k]
+        raise MinisftError(f"{path}: the field {keys[0]} is missing")
+
+    d = get("n_embd")
+    if hf.get("n_inner") not in (None, 4 * d):
+        raise MinisftError(f"{path}: n_inner is {hf['n_inner']!r}; minisft's GPT-2 MLP is 4 * n_embd = {4 * d} wide")
+    try:
+        return GPTConfig(vocab_size=get("vocab_size"), context_length=get("n_positions", "n_ctx"),
+                         emb_dim=d, n_layers=get("n_layer"), n_heads=get("n_head"),
+                         tie_embeddings=hf.get("tie_word_embeddings") is True)
+    except ValueError as e:
+        raise MinisftError(f"{path}: {e}") from None
+
+
+def hf_config(cfg: GPTConfig) -> dict:
+    """GPTConfig -> the config.json of a GPT2LMHeadModel. Dropout goes to the embedding and
+    residual dropouts, the two minisft has; it applies no dropout to attention probabilities."""
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "embd_pdrop": cfg.drop_rate, "resid_pdrop": cfg.drop_rate, "attn_pdrop": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+# ---- weights in ---------------------------------------------------------------------------------------
+def read_gpt2_weights(path, cfg: GPTConfig) -> dict:
+    """A GPT-2 .safetensors file -> {our HF name: array} for a model of shape cfg, every tensor
+    checked: names (with or without `transformer.`; mask buffers skipped), shapes, finite values."""
+    tensors, _ = safetensors.load(path)
+    sd = {}
+    for key, a in tensors.items():
+        name = key.removeprefix("transformer.")
+        if MASK_BUFFER.fullmatch(name):
+            continue
+        if name in sd:
+            raise MinisftError(f"{path}: tensor {name!r} appears both with and without the 'transformer.' prefix")
+        sd[name] = a
+    if cfg.tie_embeddings and "lm_head.weight" in sd:
+        # A tied head is wte itself: a file's separate head is acceptable only as an exact copy.
+        if "wte.weight" in sd and not np.array_equal(sd["lm_head.weight"], sd["wte.weight"]):
+            raise MinisftError(f"{path}: the config ties the head to wte but lm_head.weight differs "
+                               "from wte.weight")
+        del sd["lm_head.weight"]
+    if not cfg.tie_embeddings and "lm_head.weight" not in sd and "wte.weight" in sd:
+        sd["lm_head.weight"] = np.array(sd["wte.weight"])  # the book's untied head starts as a copy of wte
+
+    shapes = param_shapes(cfg)
+    missing = [n for n in shapes if n not in sd]
+    unexpected = [n for n in sd if n not in shapes]
+    if missing or unexpected:
+        raise MinisftError(f"{path}: tensors do not match a GPT-2 with {cfg.n_layers} layers"
+                           f"{'' if cfg.qkv_bias else ' and no qkv bias'}: missing {_few(missing)}, "
+                           f"unexpected {_few(unexpected)}")
+    for name, shape in shapes.items():
+        if sd[name].shape != shape:
+            raise MinisftError(f"{path}: tensor {name!r} has shape {sd[name].shape}, but the config "
+                               f"(d={cfg.emb_dim}, vocab {cfg.vocab_size}, context {cfg.context_length}) "
+                               f"needs {shape}")
+        bad = np.size(sd[name]) - np.count_nonzero(np.isfinite(sd[name]))
+        if bad:
+            raise MinisftError(f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or inf)")
+    return {n: sd[n] for n in shapes}
+
+
+def _few(names) -> str:
+    return "none" if not names else ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def load_pretrained(name_or_path, backend="numpy", dtype="float32", cache_dir=None, device=None,
+                    model=None, seed=0, base_url=None) -> GPT:
+    """GPT-2 weights -> GPT. name_or_path: a preset (gpt2-small|medium|large|xl, downloaded once
+    into the cache), an HF-style folder (config.json + model.safetensors), or a .safetensors file.
+    model: a preset name or GPTConfig giving the shape (required for a bare file); with a folder it
+    must agree with config.json. The model's own settings (untied head, dropout, qkv bias) come
+    from it. seed seeds the model's dropout RNG."""
+    try:
+        want = GPTConfig.preset(model) if isinstance(model, str) else model
+    except ValueError as e:
+        raise MinisftError(str(e)) from None
+    source = str(name_or_path)
+    if source in HF_REPOS:
+        folder = fetch_preset(source, cache_dir, base_url)
+    elif Path(source).is_dir():
+        folder = Path(source)
+    elif Path(source).is_file():
+        folder = None
+    else:
+        raise MinisftError(f"pretrained weights {source!r}: not a preset ({', '.join(HF_REPOS)}) "
+                           "and no such file or folder")
+    if folder is None:
+        weights = Path(source)
+        if want is None:
+            raise MinisftError(f"{weights}: a bare .safetensors file carries no shape; name the model "
+                               f"preset it belongs to (model=/--model, one of {', '.join(HF_REPOS)})")
+        cfg = want
+    else:
+        weights = folder / "model.safetensors"
+        for p in (folder / "config.json", weights):
+            if not p.is_file():
+                raise MinisftError(f"{folder}: not a GPT-2 folder: {p.name} is missing")
+        cfg = read_hf_config(folder / "config.json")
+        if want is not None:
+            differ = [f"{f} {getattr(cfg, f)} vs {getattr(want, f)}" for f in SHAPE_FIELDS
+                      if getattr(cfg, f) != getattr(want, f)]
+            if differ:
+                raise MinisftError(f"{folder / 'config.json'} does not describe the requested model: "
+                                   + ", ".join(differ))
+            cfg = want
+    sd = read_gpt2_weights(weights, cfg)
+    return GPT(cfg, backend=backend, dtype=dtype, seed=seed, device=device, params=sd)
+
+
+# ---- weights out ------------------------------------------------------------------------------------
+def save_pretrained(model: GPT, out_dir) -> Path:
+    """Write model as an HF GPT-2 folder (config.json + model.safetensors, float32) that
+    GPT2LMHeadModel.from_pretrained loads and `load_pretrained` reads back bit-exact (for a float32
+    model). A model without qkv bias is written with zero c_attn biases, which GPT-2 requires and
+    which compute the same."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, d = model.cfg, model.cfg.emb_dim
+    tensors = {}
+    for name, p in model.params.items():
+        tensors[name if name == "lm_head.weight" else "transformer." + name] = model.B.to_numpy(p)
+        if not cfg.qkv_bias and name.endswith("attn.c_attn.weight"):
+            tensors["transformer." + name.replace(".weight", ".bias")] = np.zeros(3 * d, np.float32)  # (3d,)
+    safetensors.save(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    tmp = out / f".config.json.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(hf_config(cfg), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out / "config.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
