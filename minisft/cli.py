@@ -12,7 +12,7 @@ from .errors import MinisftError
 
 
 # Modules under minisft/ that each add one subcommand.
-COMMAND_MODULES = ["bench"]
+COMMAND_MODULES = ["bench", "judge"]
 
 
 def build_parser() -> argparse.ArgumentParser:
