@@ -89,6 +89,28 @@ class Backend(Protocol):
     def head_logits(self, h, w) -> Array:
         """h (N, d), w (V, d) -> logits (N, V), for inference."""
 
+    # ---- inference: rows, and the per-layer KV cache for incremental decoding (forward only) ------
+    # Decoding keeps, per layer, the keys and values of every token seen so far: k_cache and
+    # v_cache, each (S, H, T, hd) for S sequences of at most T cached positions. Cache row s belongs
+    # to sequence s; a prefill writes a packed batch of prompts at their positions 0..L-1 (the
+    # attention itself is `attention_forward`), then each decode step feeds one new token per
+    # sequence, written at position lens[s] - 1 and attending over cache positions [0, lens[s]).
+    def take_rows(self, x, rows) -> Array:
+        """x[rows] along the first axis, any trailing shape: the last position of each packed sequence
+        (N, d) -> (S, d), or the cache rows of the sequences still generating (S, H, T, hd) -> (S', H, T, hd)."""
+
+    def kv_cache_alloc(self, n_seqs: int, n_heads: int, max_len: int, head_dim: int) -> tuple[Array, Array]:
+        """-> k_cache, v_cache, each (S, H, T, hd) zeros in the compute dtype."""
+
+    def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions) -> None:
+        """qkv (N, 3d) = [q | k | v]; seq_ids, positions (N,). In place, for every row n and head h:
+        k_cache[seq_ids[n], h, positions[n]] = k[n, h] (and v alike). Rows never share a slot."""
+
+    def attention_decode(self, qkv, k_cache, v_cache, lens, n_heads: int, max_len: int) -> Array:
+        """One new token per cache row: qkv (S, 3d), its own k/v already written at lens[s] - 1.
+        Query s attends over cache positions [0, lens[s]) of row s -> out (S, d). lens (S,) index array,
+        max_len = max(lens) as a Python int (a bound for the work, so no host sync is needed)."""
+
     # ---- optimizer -------------------------------------------------------------------------------
     def adamw_step(self, p, g, m, v, lr: float, beta1: float, beta2: float, eps: float,
                    weight_decay: float, step: int) -> None:

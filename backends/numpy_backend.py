@@ -190,6 +190,37 @@ class NumpyBackend:
     def head_logits(self, h, w):
         return h @ w.T                                # (N, V)
 
+    # ---- inference: rows and the KV cache -------------------------------------------------------
+    def take_rows(self, x, rows):
+        return x[rows]                                # (R, ...)
+
+    def kv_cache_alloc(self, n_seqs, n_heads, max_len, head_dim):
+        shape = (n_seqs, n_heads, max_len, head_dim)  # (S, H, T, hd)
+        return np.zeros(shape, dtype=self.np_dtype), np.zeros(shape, dtype=self.np_dtype)
+
+    def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions):
+        N, three_d = qkv.shape
+        H, hd = k_cache.shape[1], k_cache.shape[3]
+        _, k, v = qkv.reshape(N, 3, H, hd).transpose(1, 0, 2, 3)          # (N, H, hd) each
+        # Two index arrays around a slice: numpy puts the indexed axis first, so the target is (N, H, hd).
+        k_cache[seq_ids, :, positions] = k
+        v_cache[seq_ids, :, positions] = v
+
+    def attention_decode(self, qkv, k_cache, v_cache, lens, n_heads, max_len):
+        S, three_d = qkv.shape
+        d = three_d // 3
+        hd = d // n_heads
+        q = qkv[:, :d].reshape(S, n_heads, 1, hd)                          # (S, H, 1, hd)
+        k = k_cache[:, :, :max_len]                                        # (S, H, T, hd) views
+        v = v_cache[:, :, :max_len]
+        scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(hd)             # (S, H, 1, T)
+        seen = np.arange(max_len) < lens[:, None]                          # (S, T) cache positions in use
+        scores = np.where(seen[:, None, None, :], scores, -np.inf)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)                                 # (S, H, 1, T)
+        return (p @ v).reshape(S, d)                                       # (S, d) heads side by side
+
     # ---- AdamW ---------------------------------------------------------------------------------
     def adamw_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
         # The same order of operations as torch.optim.AdamW (single-tensor path):

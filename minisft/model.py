@@ -14,12 +14,13 @@ One block, forward (shapes for a packed batch of N positions, width d):
               └──────────────────────────────────────────────────────────┘
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from backends import get_backend
 
-from .batch import PackedBatch, pack_padded
+from .batch import IGNORE_INDEX, PackedBatch, pack_padded
 from .config import GPTConfig
 
 
@@ -151,37 +152,47 @@ class GPT:
             return x, None
         return self.B.dropout_forward(x, self.cfg.drop_rate, self.rng)
 
-    def _forward(self, batch: PackedBatch, train: bool, keep: bool):
-        """-> final hidden lnf (N, d) and, when keep, everything the backward needs."""
+    def _block(self, i, x, attend, train: bool):
+        """Block i on x (N, d) -> (next x (N, d), the activations its backward needs).
+
+        attend(i, qkv) -> (out (N, d), ctx) is the attention: packed causal attention in training and
+        prefill, attention over the KV cache when decoding. Everything else is the same code."""
+        B, P, h = self.B, self.params, f"h.{i}."
+        a = {"x": x}                                                                       # (N, d)
+        a["ln1"], a["ln1_mean"], a["ln1_rstd"] = B.layernorm_forward(
+            x, P[h + "ln_1.weight"], P[h + "ln_1.bias"])                                   # (N, d)
+        a["qkv"] = B.linear_forward(a["ln1"], P[h + "attn.c_attn.weight"],
+                                    P.get(h + "attn.c_attn.bias"))                         # (N, 3d)
+        a["atty"], a["att_ctx"] = attend(i, a["qkv"])                                      # (N, d)
+        attproj = B.linear_forward(a["atty"], P[h + "attn.c_proj.weight"],
+                                   P[h + "attn.c_proj.bias"])                              # (N, d)
+        attproj, a["attproj_mask"] = self._dropout(attproj, train)
+        a["x2"] = x2 = B.residual_forward(x, attproj)                                      # (N, d)
+        a["ln2"], a["ln2_mean"], a["ln2_rstd"] = B.layernorm_forward(
+            x2, P[h + "ln_2.weight"], P[h + "ln_2.bias"])                                  # (N, d)
+        a["fch"] = B.linear_forward(a["ln2"], P[h + "mlp.c_fc.weight"],
+                                    P[h + "mlp.c_fc.bias"])                                # (N, 4d)
+        a["fch_gelu"] = B.gelu_forward(a["fch"])                                           # (N, 4d)
+        fcproj = B.linear_forward(a["fch_gelu"], P[h + "mlp.c_proj.weight"],
+                                  P[h + "mlp.c_proj.bias"])                                # (N, d)
+        fcproj, a["fcproj_mask"] = self._dropout(fcproj, train)
+        return B.residual_forward(x2, fcproj), a                                           # (N, d)
+
+    def _forward(self, batch: PackedBatch, train: bool, keep: bool, attend=None):
+        """-> final hidden lnf (N, d) and, when keep, everything the backward needs.
+        attend: see _block; by default packed causal attention over the batch's sequences."""
         B, P, cfg = self.B, self.params, self.cfg
         self._check(batch)
         tokens, positions = B.index(batch.tokens), B.index(batch.positions)  # (N,)
         cu, max_len, H = B.index(batch.cu_seqlens), batch.max_seqlen(), cfg.n_heads
+        if attend is None:
+            attend = lambda i, qkv: B.attention_forward(qkv, cu, H, max_len)  # noqa: E731
 
         x = B.embedding_forward(tokens, positions, P["wte.weight"], P["wpe.weight"])   # (N, d)
         x, emb_mask = self._dropout(x, train)
         acts = []
         for i in range(cfg.n_layers):
-            h = f"h.{i}."
-            a = {"x": x}                                                                   # (N, d)
-            a["ln1"], a["ln1_mean"], a["ln1_rstd"] = B.layernorm_forward(
-                x, P[h + "ln_1.weight"], P[h + "ln_1.bias"])                               # (N, d)
-            a["qkv"] = B.linear_forward(a["ln1"], P[h + "attn.c_attn.weight"],
-                                        P.get(h + "attn.c_attn.bias"))                     # (N, 3d)
-            a["atty"], a["att_ctx"] = B.attention_forward(a["qkv"], cu, H, max_len)       # (N, d)
-            attproj = B.linear_forward(a["atty"], P[h + "attn.c_proj.weight"],
-                                       P[h + "attn.c_proj.bias"])                          # (N, d)
-            attproj, a["attproj_mask"] = self._dropout(attproj, train)
-            a["x2"] = x2 = B.residual_forward(x, attproj)                                  # (N, d)
-            a["ln2"], a["ln2_mean"], a["ln2_rstd"] = B.layernorm_forward(
-                x2, P[h + "ln_2.weight"], P[h + "ln_2.bias"])                              # (N, d)
-            a["fch"] = B.linear_forward(a["ln2"], P[h + "mlp.c_fc.weight"],
-                                        P[h + "mlp.c_fc.bias"])                            # (N, 4d)
-            a["fch_gelu"] = B.gelu_forward(a["fch"])                                       # (N, 4d)
-            fcproj = B.linear_forward(a["fch_gelu"], P[h + "mlp.c_proj.weight"],
-                                      P[h + "mlp.c_proj.bias"])                            # (N, d)
-            fcproj, a["fcproj_mask"] = self._dropout(fcproj, train)
-            x = B.residual_forward(x2, fcproj)                                             # (N, d)
+            x, a = self._block(i, x, attend, train)                                        # (N, d)
             if keep:
                 acts.append(a)
         lnf, lnf_mean, lnf_rstd = B.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])  # (N, d)
@@ -293,3 +304,82 @@ class GPT:
         self.zero_grad()
         loss_sum, n_valid = self.forward_backward(pack_padded(input_ids, targets, strip=False))
         return loss_sum / n_valid, {n: self.B.to_numpy(g) for n, g in self.grads.items()}
+
+    # ---- inference: last-position logits, and decoding with a KV cache (driven by generate.py) ------
+    def _last_logits(self, lnf, cu_seqlens) -> np.ndarray:
+        """lnf (N, d) -> logits (S, V) of each sequence's last position, as a numpy array."""
+        last = self.B.take_rows(lnf, self.B.index(np.asarray(cu_seqlens)[1:] - 1))          # (S, d)
+        return self.B.to_numpy(self.B.head_logits(last, self.params[self.head_name]))     # (S, V)
+
+    def logits_last(self, batch: PackedBatch) -> np.ndarray:
+        """The next-token logits (S, V) of every packed sequence, recomputing it whole (no cache)."""
+        lnf, _ = self._forward(batch, train=False, keep=False)
+        return self._last_logits(lnf, batch.cu_seqlens)
+
+    def kv_cache(self, n_seqs: int, max_len: int) -> "KVCache":
+        """An empty cache with room for max_len positions of n_seqs sequences in every layer."""
+        cfg = self.cfg
+        if not 0 < max_len <= cfg.context_length:
+            raise ValueError(f"KV cache length {max_len} must lie in [1, context length {cfg.context_length}]")
+        layers = [self.B.kv_cache_alloc(n_seqs, cfg.n_heads, max_len, cfg.head_dim) for _ in range(cfg.n_layers)]
+        return KVCache(layers, np.zeros(n_seqs, dtype=np.int64), max_len)
+
+    def prefill(self, cache: "KVCache", batch: PackedBatch) -> np.ndarray:
+        """Run the packed prompts of an empty cache (sequence s -> cache row s, positions from 0), keep
+        every layer's keys and values -> next-token logits (S, V) as a numpy array."""
+        B, H = self.B, self.cfg.n_heads
+        lengths = np.diff(batch.cu_seqlens)                                                 # (S,)
+        if batch.num_seqs != len(cache.lens) or cache.lens.any():
+            raise ValueError(f"prefill needs an empty cache with one row per sequence: {batch.num_seqs} "
+                             f"sequences, {len(cache.lens)} rows, {int(cache.lens.sum())} positions filled")
+        if lengths.max(initial=0) > cache.max_len:
+            raise ValueError(f"a prompt of {lengths.max()} tokens does not fit the KV cache of {cache.max_len}")
+        seq_ids = B.index(np.repeat(np.arange(batch.num_seqs), lengths))                    # (N,)
+        positions, cu, max_len = B.index(batch.positions), B.index(batch.cu_seqlens), batch.max_seqlen()
+
+        def attend(i, qkv):
+            B.kv_cache_write(*cache.layers[i], qkv, seq_ids, positions)
+            return B.attention_forward(qkv, cu, H, max_len)
+        lnf, _ = self._forward(batch, train=False, keep=False, attend=attend)
+        cache.lens[:] = lengths
+        return self._last_logits(lnf, batch.cu_seqlens)
+
+    def kv_cache_keep(self, cache: "KVCache", rows) -> None:
+        """Keep only the cache rows listed (in that order): the sequences that stopped cost nothing more."""
+        idx = self.B.index(rows)                                                            # (S',)
+        cache.layers = [(self.B.take_rows(k, idx), self.B.take_rows(v, idx)) for k, v in cache.layers]
+        cache.lens = cache.lens[np.asarray(rows, dtype=np.int64)]
+
+    def decode(self, cache: "KVCache", tokens) -> np.ndarray:
+        """One new token per cache row, tokens (S,), at position cache.lens[s]: keep its keys and values,
+        attend over the row's cache -> next-token logits (S, V) as a numpy array."""
+        B, H = self.B, self.cfg.n_heads
+        tokens = np.asarray(tokens, dtype=np.int64)                                         # (S,)
+        S = len(cache.lens)
+        if tokens.shape != (S,):
+            raise ValueError(f"decode: {tokens.shape} tokens for a cache of {S} rows")
+        if S and cache.lens.max() >= cache.max_len:
+            raise ValueError(f"decode: the KV cache of {cache.max_len} positions is full")
+        # Each new token is a one-position row of the packed batch: embeddings and the per-position
+        # layers treat it like any other; only the attention (over the cache) differs.
+        batch = PackedBatch(tokens, np.full(S, IGNORE_INDEX), cache.lens.copy(), np.arange(S + 1))
+        rows, positions = B.index(np.arange(S)), B.index(cache.lens)                          # (S,)
+        lens = B.index(cache.lens + 1)                                                      # (S,) incl. the new token
+        max_len = int(cache.lens.max()) + 1
+
+        def attend(i, qkv):
+            k_cache, v_cache = cache.layers[i]
+            B.kv_cache_write(k_cache, v_cache, qkv, rows, positions)
+            return B.attention_decode(qkv, k_cache, v_cache, lens, H, max_len), None
+        lnf, _ = self._forward(batch, train=False, keep=False, attend=attend)
+        cache.lens += 1
+        return B.to_numpy(B.head_logits(lnf, self.params[self.head_name]))                   # (S, V)
+
+
+@dataclass
+class KVCache:
+    """Every layer's keys and values of S sequences being decoded. Row s is sequence s; lens[s] of
+    its max_len positions are filled."""
+    layers: list        # per layer (k_cache, v_cache), backend arrays (S, H, max_len, hd) each
+    lens: np.ndarray    # (S,) int64
+    max_len: int

@@ -1,0 +1,205 @@
+"""`minisft judge`: score model responses 0-100 with a local Ollama model, as chapter 7 of the book does.
+
+Each entry of a responses file (the book's instruction-data-with-response.json format) is sent to
+the server's /api/chat with the book's scoring prompt and options (seed 123, temperature 0,
+num_ctx 2048); the streamed JSON lines are joined into the reply and a score is read from it.
+Unlike the book, a reply with no clear score is counted and listed rather than dropped silently, and a
+network failure mid-run names the entry it hit while the scores finished before it are kept.
+"""
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+from .errors import MinisftError
+
+DEFAULT_URL = "http://localhost:11434"
+OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the book's: a deterministic judge
+
+
+class ServerError(Exception):
+    """The server failed mid-reply: an error message in the stream, an HTTP error, or a cut-off reply."""
+
+
+# TODO(lead): switch to minisft.data.format_input once the data branch is merged; this private copy is
+# the book's alpaca format_input, character for character.
+def format_input(entry: dict) -> str:
+    text = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+            f"the request.\n\n### Instruction:\n{entry['instruction']}")
+    return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
+
+
+def score_prompt(entry: dict) -> str:
+    """The book's scoring prompt, word for word."""
+    return (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
+            f"score the model response `{entry['model_response']}` on a scale from 0 to 100, where 100 is "
+            "the best score. Respond with the integer number only.")
+
+
+# ---- reading a score out of a reply ------------------------------------------------------------------
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_OUT_OF_100 = re.compile(_NUM + r"\s*(?:/|out of)\s*100(?!\.?\d)", re.I)   # "70/100", "95 out of 100"
+_SCORE_IS = re.compile(r"\bscore\b\s*(?:of|is|:|=)?\s*" + _NUM, re.I)       # "Score: 40", "score of 85"
+_SCALE = re.compile(r"\b0\s*(?:-|to)\s*100\b", re.I)                       # "0-100", "0 to 100": the scale
+_ANY = re.compile(r"(?<![\w.])" + _NUM + r"(?![\w])")
+
+
+def parse_score(reply: str) -> int | None:
+    """The integer score 0-100 in a judge's reply, or None when there is none or it is ambiguous.
+
+    Tried in order, the first that finds numbers decides: "N/100" or "N out of 100"; "score: N" (or
+    "score of/is N"); any number left once the scale ("0 to 100") is removed. The numbers found must
+    all be the same value, a whole number in [0, 100]; "80 or 90", "150", "85.5" give None."""
+    for pattern in (_OUT_OF_100, _SCORE_IS, _ANY):
+        found = pattern.findall(_SCALE.sub(" ", reply) if pattern is _ANY else reply)
+        if found:
+            values = {float(v) for v in found}
+            if len(values) != 1:
+                return None
+            v = values.pop()
+            return int(v) if v.is_integer() and 0 <= v <= 100 else None
+    return None
+
+
+# ---- talking to the server --------------------------------------------------------------------------------
+def check_server(url: str, model: str) -> None:
+    """Raise a MinisftError that says what to do unless the server answers and has the model."""
+    try:
+        r = requests.get(f"{url}/api/tags", timeout=10)
+        r.raise_for_status()
+        tags = r.json()
+    except requests.RequestException as e:
+        raise MinisftError(f"cannot reach an Ollama server at {url} ({type(e).__name__}: {e}); start it with "
+                           "`ollama serve` or point --url at a running one") from None
+    except ValueError:
+        raise MinisftError(f"{url}/api/tags did not answer JSON: is {url} an Ollama server?") from None
+    names = {m.get("name", "") for m in tags.get("models", []) if isinstance(m, dict)}
+    if model not in names and f"{model}:latest" not in names:
+        have = ", ".join(sorted(names)) or "none"
+        raise MinisftError(f"the Ollama server at {url} has no model {model!r} (it has: {have}); "
+                           f"run `ollama pull {model}`")
+
+
+def query_model(prompt: str, model: str, url: str) -> tuple[str, int]:
+    """Send one chat message, read the streamed reply. -> (reply text, lines that were not JSON).
+
+    Every line of the stream is a JSON object whose message.content is the next piece of the
+    reply; the last one says done. Lines that are not JSON objects are skipped and counted."""
+    payload = {"model": model, "messages": [{"role": "user", "content": prompt}], "options": OPTIONS}
+    pieces, junk = [], 0
+    with requests.post(f"{url}/api/chat", json=payload, stream=True, timeout=(10, 600)) as r:
+        if r.status_code != 200:
+            raise ServerError(f"HTTP {r.status_code}: {r.text[:200]}")
+        for line in r.iter_lines():
+            if not line.strip():
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                msg = None
+            if not isinstance(msg, dict):
+                junk += 1
+                continue
+            if "error" in msg:
+                raise ServerError(f"the server reported: {msg['error']}")
+            message = msg.get("message")
+            pieces.append(message.get("content", "") if isinstance(message, dict) else "")
+            if msg.get("done"):
+                return "".join(pieces), junk
+    raise ServerError("the reply ended before the server marked it done")
+
+
+def judge_responses(entries, model, url=DEFAULT_URL, progress=True):
+    """Score every entry in order; stop at the first network or server failure.
+
+    -> (results: [{"index", "score" (int or None), "reply"}] for the entries scored, junk lines
+    skipped, the failure as "entry i: ..." or None)."""
+    results, junk = [], 0
+    for i, entry in enumerate(tqdm(entries, desc="scoring", unit="entry", disable=not progress)):
+        try:
+            reply, j = query_model(score_prompt(entry), model, url)
+        except (requests.RequestException, ServerError) as e:
+            return results, junk, f"entry {i}: {type(e).__name__}: {e}"
+        junk += j
+        results.append({"index": i, "score": parse_score(reply), "reply": reply})
+    return results, junk, None
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
+def load_responses(path) -> list:
+    """The book's responses format: a JSON list of {instruction, input, output, model_response}."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MinisftError(f"{path}: cannot read the responses file ({e.strerror})") from None
+    except ValueError as e:
+        raise MinisftError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise MinisftError(f"{path}: expected a non-empty JSON list of entries")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise MinisftError(f"{path}: record {i} is not a JSON object")
+        for field in ("instruction", "output", "model_response"):
+            if not isinstance(entry.get(field), str):
+                problem = "is missing" if field not in entry else "must be a string"
+                raise MinisftError(f"{path}: record {i}: field {field!r} {problem}")
+        if not isinstance(entry.get("input", ""), str):
+            raise MinisftError(f"{path}: record {i}: field 'input' must be a string")
+    return data
+
+
+def write_json(path, obj) -> None:
+    """Write through a temporary file in the same folder and rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def run(args) -> int:
+    entries = load_responses(args.responses)
+    out = Path(args.out) if args.out else Path(args.responses).with_name(Path(args.responses).stem + "-scores.json")
+    if not out.parent.is_dir():
+        raise MinisftError(f"--out {out}: the folder {out.parent} does not exist")
+    url = args.url.rstrip("/")
+    check_server(url, args.model)
+    results, junk, failure = judge_responses(entries, args.model, url)
+    write_json(out, results)
+
+    scores = [r["score"] for r in results if r["score"] is not None]
+    unparsed = [r for r in results if r["score"] is None]
+    if junk:
+        print(f"skipped {junk} lines of the server's replies that were not JSON")
+    if unparsed:
+        print(f"{len(unparsed)} replies had no score in [0, 100]:")
+        for r in unparsed:
+            print(f"  entry {r['index']}: {r['reply'][:120]!r}")
+    print(f"Number of scores: {len(scores)} of {len(entries)}")
+    print(f"Average score: {sum(scores) / len(scores):.2f}" if scores else "Average score: n/a (no scores)")
+    print(f"per-entry scores written to {out}")
+    if failure:
+        print(f"minisft: error: the server failed at {failure}; the {len(results)} entries before it are "
+              f"scored and saved in {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("judge", help="score model responses 0-100 with a local Ollama model (the book's judge)")
+    p.add_argument("--responses", required=True,
+                   help="JSON list of entries with instruction, input, output and model_response")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"the Ollama server (default {DEFAULT_URL})")
+    p.add_argument("--model", default="llama3", help="the judging model (default llama3)")
+    p.add_argument("--out", default=None, help="per-entry scores (JSON); default RESPONSES-scores.json beside it")
+    p.set_defaults(func=run)
