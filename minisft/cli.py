@@ -12,7 +12,7 @@ from .errors import MinisftError
 
 
 # Modules under minisft/ that each add one subcommand.
-COMMAND_MODULES = ["bench", "data_cmd", "export_cmd", "finetune_cmd", "judge"]
+COMMAND_MODULES = ["bench", "data_cmd", "export_cmd", "finetune_cmd", "infer_cmd", "judge"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -171,13 +171,25 @@ def normalize_record(rec, where="record", need_output=True) -> dict:
                        "(instruction, input, output), ShareGPT (conversations) or OpenAI (messages)")
 
 
-def load_records(source=DEFAULT_DATA_URL, cache_dir=None, sha256=None) -> list:
-    """Load and validate every record of a file, or of a URL downloaded into the cache."""
+def _read_source(source, cache_dir, sha256) -> list:
     from .download import fetch
 
     if source == DEFAULT_DATA_URL and sha256 is None:
         sha256 = DEFAULT_DATA_SHA256
-    return [normalize_record(rec, where) for where, rec in read_records(fetch(source, cache_dir, sha256))]
+    return read_records(fetch(source, cache_dir, sha256))
+
+
+def load_records(source=DEFAULT_DATA_URL, cache_dir=None, sha256=None) -> list:
+    """Load and validate every record of a file, or of a URL downloaded into the cache."""
+    return [normalize_record(rec, where) for where, rec in _read_source(source, cache_dir, sha256)]
+
+
+def load_splits(source=DEFAULT_DATA_URL, cache_dir=None, sha256=None, shuffle_seed=None):
+    """The book's split twice over, entry for entry: (raw records as in the file, validated
+    records). Results such as model responses are written beside the raw ones."""
+    pairs = _read_source(source, cache_dir, sha256)
+    records = [normalize_record(rec, where) for where, rec in pairs]
+    return split_dataset([rec for _, rec in pairs], shuffle_seed), split_dataset(records, shuffle_seed)
 
 
 def format_input(entry, style="alpaca") -> str:

@@ -1,7 +1,6 @@
 """The loss picture, like the book's `plot_losses`: train and validation loss against epochs, with
 tokens seen on a second x axis. matplotlib is an optional extra (`pip install minisft[plot]`)."""
-import os
-import tempfile
+from .files import atomic_path
 
 
 def plot_losses(evals: list, num_epochs: float, path) -> str | None:
@@ -28,9 +27,7 @@ def plot_losses(evals: list, num_epochs: float, path) -> str | None:
     ax2.plot([e["tokens_seen"] for e in evals], train, alpha=0)
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return None

@@ -20,8 +20,6 @@ split, the book's format), loss-plot.png and summary.json.
 """
 import json
 import math
-import os
-import tempfile
 import time
 from functools import partial
 from itertools import islice
@@ -32,9 +30,9 @@ from tqdm import tqdm
 from . import tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
-from .data import Loader, collate_examples, encode_records, normalize_record, read_records, split_dataset
-from .download import fetch
+from .data import Loader, collate_examples, encode_records, load_splits
 from .errors import MinisftError
+from .files import write_json, write_text
 from .generate import generate, generate_responses
 from .model import GPT
 from .optim import AdamW, clip_grad_norm
@@ -46,27 +44,7 @@ from .settings import Settings
 SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file, so path is never half-written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ---- setup -------------------------------------------------------------------------------------------
-def load_data(s: Settings):
-    """-> (raw split, normalised split): the same records, the raw ones for the responses file."""
-    path = fetch(s.data, s.cache_dir)
-    raw = [(where, rec) for where, rec in read_records(path)]
-    norm = [normalize_record(rec, where) for where, rec in raw]
-    return split_dataset([rec for _, rec in raw]), split_dataset(norm)
-
-
 def build_model(s: Settings) -> GPT:
     cfg = GPTConfig.preset(s.model, drop_rate=s.drop_rate)
     if s.init == "random":
@@ -108,9 +86,9 @@ def finetune(s: Settings, log=print) -> dict:
     log("settings:")
     for k, v in s.to_dict().items():
         log(f"  {k} = {v!r}")
-    write_atomic(out / "settings.json", json.dumps(s.to_dict(), indent=2) + "\n")
+    write_json(out / "settings.json", s.to_dict(), indent=2)
 
-    raw_split, split = load_data(s)
+    raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
     model = build_model(s)
     max_len = min(s.max_length, model.cfg.context_length)
@@ -138,7 +116,7 @@ def finetune(s: Settings, log=print) -> dict:
         log(f"resuming from {path} at step {step}")
     # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
     # records written after its checkpoint, so every step appears once).
-    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
 
     def save(step):
@@ -219,7 +197,7 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
         prompts = [style.prompt(r["messages"]) for r in split.test[:n]]
         answers = generate_responses(model, prompts, tokenizer.encode, tokenizer.decode, s.max_new_tokens)
         entries = [dict(rec, model_response=a) for rec, a in zip(raw_split.test[:n], answers)]
-        write_atomic(out / "instruction-data-with-response.json", json.dumps(entries, indent=4) + "\n")
+        write_json(out / "instruction-data-with-response.json", entries)
     evals = [r for r in records if r["kind"] == "eval"]
     steps = [r for r in records if r["kind"] == "step"]
     note = plot_losses(evals, steps[-1]["epoch"] if steps else 0, out / "loss-plot.png") if evals else None
@@ -230,7 +208,7 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
                    final_train_loss=evals[-1]["train_loss"] if evals else None,
                    final_val_loss=evals[-1]["val_loss"] if evals else None,
                    last_step_loss=steps[-1]["loss"] if steps else None, responses=n)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary, indent=2)
     log(f"done: {step} steps in {train_time:.1f} s of training ({summary['tokens_per_second']} tokens/s); "
         f"train loss {summary['final_train_loss']}, val loss {summary['final_val_loss']}; outputs in {out}")
     return summary

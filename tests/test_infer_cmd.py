@@ -1,0 +1,86 @@
+"""`minisft generate`, `chat` and `eval` on a checkpoint: the output formats and the numbers."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minisft import GPT, GPTConfig, tokenizer
+from minisft.checkpoint import save_checkpoint
+from minisft.data import Loader, collate_examples, encode_records, load_records, split_dataset
+from minisft.generate import generate
+from minisft.prompts import get_style
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model = GPT(GPTConfig.preset("gpt2-tiny"), seed=7)
+    path = tmp_path_factory.mktemp("ckpt") / "model.h5"
+    save_checkpoint(path, model)
+    return path, model
+
+
+def minisft(*argv, stdin=None):
+    return subprocess.run([sys.executable, "-m", "minisft", *map(str, argv)], cwd=ROOT, capture_output=True,
+                          text=True, input=stdin)
+
+
+def test_generate_writes_the_books_response_format(ckpt, shared_data, tmp_path):
+    path, model = ckpt
+    data = shared_data / "instruction-data.json"
+    out = tmp_path / "responses.json"
+    r = minisft("generate", "--checkpoint", path, "--data", data, "--split", "test", "--limit", 3,
+                "--max-new-tokens", 4, "--out", out)
+    assert r.returncode == 0, r.stderr
+    entries = json.loads(out.read_text())
+    raw = json.loads(data.read_text())[935:938]
+    assert [{k: e[k] for k in raw[0]} for e in entries] == raw  # each test entry, with model_response added
+    style = get_style("alpaca")
+    records = split_dataset(load_records(data)).test
+    for e, rec in zip(entries, records):  # greedy: what the engine generates for the prompt with header
+        ids = generate(model, [tokenizer.encode(style.prompt(rec["messages"]))], 4)[0]
+        assert e["model_response"] == tokenizer.decode(ids).strip()
+
+
+def test_generate_book_prompt_mode(ckpt, shared_data, tmp_path):
+    path, model = ckpt
+    out = tmp_path / "book.json"
+    r = minisft("generate", "--checkpoint", path, "--data", shared_data / "instruction-data.json", "--limit", 1,
+                "--max-new-tokens", 3, "--book-prompt", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rec = split_dataset(load_records(shared_data / "instruction-data.json")).test[0]
+    prompt = get_style("alpaca").format_input(rec["messages"])  # no response header: the book's prompt
+    ids = tokenizer.encode(prompt)
+    text = tokenizer.decode(ids + generate(model, [ids], 3)[0])
+    assert json.loads(out.read_text())[0]["model_response"] == text[len(prompt):].replace("### Response:", "").strip()
+
+
+def test_eval_reports_the_token_weighted_loss(ckpt, shared_data):
+    path, model = ckpt
+    r = minisft("eval", "--checkpoint", path, "--data", shared_data / "instruction-data.json", "--split", "val")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    val = encode_records(split_dataset(load_records(shared_data / "instruction-data.json")).val)
+    loss_sum, n = 0.0, 0
+    for batch in Loader(val, 8, shuffle=False, drop_last=False, collate=collate_examples):
+        s, k = model.loss(batch)
+        loss_sum, n = loss_sum + s, n + k
+    assert result["records"] == 55 and result["targets"] == n
+    assert result["loss"] == pytest.approx(loss_sum / n, rel=1e-12)
+    assert result["perplexity"] == pytest.approx(np.exp(loss_sum / n), rel=1e-12)
+
+
+def test_chat_streams_a_reply_per_message(ckpt):
+    path, model = ckpt
+    r = minisft("chat", "--checkpoint", path, "--max-new-tokens", 5, stdin="Name a color.\n\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    prompt = get_style("alpaca").prompt([{"role": "user", "content": "Name a color."}])
+    reply = tokenizer.decode(generate(model, [tokenizer.encode(prompt)], 5)[0])
+    assert reply in r.stdout
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    r = minisft("eval", "--checkpoint", tmp_path / "nope.h5")
+    assert r.returncode == 2 and "nope.h5: no such checkpoint file" in r.stderr and "Traceback" not in r.stderr
