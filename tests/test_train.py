@@ -170,3 +170,34 @@ def test_cli_refuses_bad_settings_before_any_work(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "setting batch-size: must be at least 1" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, shared_data):
+    """SIGKILL (no chance to clean up) while training: the checkpoints on disk are whole, and
+    --resume reaches bitwise the result of a run that was never stopped."""
+    import signal
+    import time
+
+    kw = dict(max_steps=12, ckpt_every=2, eval_freq=5)
+    whole = settings(tmp_path / "whole", shared_data, **kw)
+    finetune(whole, log=quiet)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "minisft", "finetune", "--model", "gpt2-tiny", "--init", "random",
+           "--data", str(shared_data / "instruction-data.json"), "--max-steps", "12", "--ckpt-every", "2",
+           "--eval-freq", "5", "--eval-iter", "1", "--responses", "0", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-000002.h5").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = checkpoints(out)
+    assert saved and saved[-1].name != "step-000012.h5", "the run finished before it could be killed"
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {saved[-1]}" in r.stdout
+    assert read_metrics(out) == read_metrics(whole.out)
+    a = load_checkpoint(checkpoints(tmp_path / "whole" / "run")[-1])[0].state_dict()
+    b = load_checkpoint(checkpoints(out)[-1])[0].state_dict()
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)
