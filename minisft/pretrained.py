@@ -13,15 +13,13 @@ refuse a file that mixes unprefixed body names with `lm_head.weight`.)
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
-import requests
-from tqdm import tqdm
 
 from . import safetensors
 from .config import GPTConfig
+from .download import cache_root, download_file
 from .errors import MinisftError
 from .model import GPT, param_shapes
 
@@ -42,93 +40,13 @@ FIXED_FIELDS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer
 SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads")
 
 
-def cache_root(cache_dir=None) -> Path:
-    """The cache folder: the argument, else $MINISFT_CACHE_DIR, else ~/.cache/minisft."""
-    return Path(cache_dir or os.environ.get("MINISFT_CACHE_DIR") or Path.home() / ".cache" / "minisft")
-
-
-# ---- download -----------------------------------------------------------------------------------
-def download_file(url: str, dest, expected_size: int | None = None, retries: int = 3,
-                  timeout: float = 60.0, chunk_size: int = 1 << 20) -> Path:
-    """Fetch url into dest through `dest.part`, renamed to dest only when complete: as many bytes
-    as the server announced (and expected_size, when given). A .part left by an interrupted run, or
-    by a connection that dropped mid-way, is resumed with an HTTP Range request; a server that
-    ignores Range makes us start over. Gives up after `retries` attempts in a row that add no
-    bytes, keeping the .part for the next run."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    stalled = 0
-    while True:
-        have = part.stat().st_size if part.exists() else 0
-        try:
-            total = _fetch_into(url, part, have, timeout, chunk_size)
-            size = part.stat().st_size
-            if total is None or size == total:
-                break
-            if size > total:
-                part.unlink()
-                raise MinisftError(f"{url}: received {size} bytes, more than the {total} announced; discarded")
-            error = f"the connection closed after byte {size} of {total}"
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            error = str(e)
-        except requests.RequestException as e:
-            raise MinisftError(f"{url}: {e}") from None
-        now = part.stat().st_size if part.exists() else 0
-        stalled = 0 if now > have else stalled + 1
-        if stalled > retries:
-            raise MinisftError(f"{url}: download failed ({error}); {now} bytes are kept in {part} and "
-                               "the next run resumes from there")
-        time.sleep(min(stalled, 5))  # back off only while no bytes arrive
-    if expected_size is not None and size != expected_size:
-        part.unlink()
-        raise MinisftError(f"{url}: downloaded {size} bytes, expected {expected_size}; the file was discarded")
-    os.replace(part, dest)
-    return dest
-
-
-def _fetch_into(url, part: Path, have: int, timeout, chunk_size) -> int | None:
-    """One request appending to `part` from byte `have` on. Returns the file's full size, when the
-    server announces it. Asks for the bytes as stored (no gzip) so sizes and ranges mean bytes on disk."""
-    headers = {"Accept-Encoding": "identity"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        if have and r.status_code == 416:  # our .part is not a prefix of this file: start over
-            part.unlink()
-            return _fetch_into(url, part, 0, timeout, chunk_size)
-        if r.status_code not in (200, 206):
-            raise MinisftError(f"{url}: HTTP {r.status_code} {r.reason}")
-        if r.status_code == 206:
-            # Content-Range: bytes START-END/TOTAL; the server must resume exactly where we stopped.
-            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", r.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != have:
-                raise MinisftError(f"{url}: the server answered bytes={have}- with Content-Range "
-                                   f"{r.headers.get('Content-Range')!r}")
-            total = None if m.group(3) == "*" else int(m.group(3))
-            mode = "ab"
-        else:  # 200: the whole file, whether or not we asked for a range
-            have, mode = 0, "wb"
-            total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-        # A connection that drops early then ends the body instead of raising: urllib3 would
-        # discard the bytes of the chunk in flight, which we keep and count against `total`.
-        r.raw.enforce_content_length = False
-        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                         unit_divisor=1024, desc=part.name[:-len(".part")]) as bar:
-            for chunk in r.iter_content(chunk_size):
-                f.write(chunk)
-                bar.update(len(chunk))
-    return total
-
-
+# ---- download ---------------------------------------------------------------------------------------
 def fetch_preset(name: str, cache_dir=None, base_url: str | None = None) -> Path:
     """Download a preset's HF files (once) -> the cache folder holding them."""
     base = (base_url or os.environ.get("MINISFT_HF_BASE_URL") or HF_BASE_URL).rstrip("/")
     folder = cache_root(cache_dir) / "models" / name
-    for fname in HF_FILES:
-        dest = folder / fname
-        if not dest.exists():  # files only ever appear there complete (renamed from .part)
-            download_file(f"{base}/{HF_REPOS[name]}/resolve/main/{fname}", dest)
+    for fname in HF_FILES:  # each is downloaded only when not there yet
+        download_file(f"{base}/{HF_REPOS[name]}/resolve/main/{fname}", folder / fname)
     return folder
 
 

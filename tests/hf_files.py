@@ -1,13 +1,10 @@
-"""Test helpers: GPT-2 files in Hugging Face's format written from scratch, and a loopback HTTP
-server that serves them with Range support (and can misbehave on purpose).
+"""Test helpers: GPT-2 files in Hugging Face's format written from scratch (tests/file_server.py
+serves them over HTTP).
 
 The safetensors writer here is deliberately independent of minisft/safetensors.py, so the reader
 is tested against files it did not write.
 """
-import http.server
 import json
-import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -84,62 +81,3 @@ def write_gpt2_folder(folder, cfg, sd: dict, prefix=True, mask_buffers=True, cod
     (folder / "config.json").write_text(json.dumps(config or hf_config_like_openai(cfg), indent=2))
     return folder
 
-
-class FileServer:
-    """Serves the files under `root` on 127.0.0.1 from a thread, honouring `Range: bytes=N-`.
-
-    requests: (path, Range header or None) of every GET, in order.
-    drop_after: {url path: K}: the next GET of that path sends full headers but only K bytes, then
-    closes the connection (one drop per entry, so a retry succeeds; set `drops` for more).
-    ignore_range: answer every request with the whole file (200), as some servers do.
-    """
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.requests, self.drop_after, self.drops, self.ignore_range = [], {}, {}, False
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                rng = self.headers.get("Range")
-                server.requests.append((self.path, rng))
-                f = server.root / self.path.lstrip("/")
-                if ".." in self.path or not f.is_file():
-                    self.send_error(404)
-                    return
-                data = memoryview(f.read_bytes())
-                start = 0
-                m = re.fullmatch(r"bytes=(\d+)-", rng or "")
-                if m and not server.ignore_range:
-                    start = int(m.group(1))
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if server.drops.get(self.path, 0) > 0:
-                    server.drops[self.path] -= 1
-                    body = body[:server.drop_after[self.path]]
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def drop(self, path: str, after: int, times: int = 1) -> None:
-        self.drop_after[path], self.drops[path] = after, times
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

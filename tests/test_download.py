@@ -1,7 +1,7 @@
 """minisft.download.fetch against a real HTTP server on 127.0.0.1 serving a file from the test."""
 import hashlib
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 
@@ -9,65 +9,7 @@ import minisft.download
 from minisft.data import DEFAULT_DATA_SHA256, DEFAULT_DATA_URL, load_records
 from minisft.download import cache_path, fetch
 from minisft.errors import MinisftError
-
-
-class Server:
-    """Serves `body` at every path. `script` lists how to answer successive requests:
-    "ok" (the file, honouring Range), "truncate" (announce the whole file, send half, hang up),
-    "ignore-range" (the whole file with 200 even when a Range was asked), "corrupt" (one byte
-    flipped), "wrong-range" (206 from byte 0 whatever was asked), or an HTTP status code. Once the script is used up, every request gets "ok"."""
-
-    def __init__(self, body: bytes, script=()):
-        self.body, self.script, self.requests = body, list(script), []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(dict(self.headers))
-                server.answer(self)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files/instruction-data.json"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-
-    def answer(self, h):
-        action = self.script.pop(0) if self.script else "ok"
-        body, start = self.body, 0
-        if isinstance(action, int):
-            h.send_response(action)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        if action == "wrong-range":  # a 206 that does not start where the client asked
-            h.send_response(206)
-            h.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")
-            h.send_header("Content-Length", str(len(body)))
-            h.end_headers()
-            h.wfile.write(body)
-            return
-        if action == "corrupt":
-            body = body[:10] + bytes([body[10] ^ 1]) + body[11:]
-        rng = h.headers.get("Range")
-        if rng and action == "ok":
-            start = int(rng.removeprefix("bytes=").rstrip("-"))
-            h.send_response(206)
-            h.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            h.send_response(200)
-        h.send_header("Content-Length", str(len(body) - start))
-        h.end_headers()
-        if action == "truncate":
-            h.wfile.write(body[:len(body) // 2])
-            h.close_connection = True
-        else:
-            h.wfile.write(body[start:])
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tests.file_server import FileServer
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +18,19 @@ def body(shared_data):
 
 
 @pytest.fixture
-def serve(body, monkeypatch):
+def serve(body, tmp_path_factory, monkeypatch):
+    """start(script) -> a server (tests/file_server.py, answering as `script` says) seen as
+    .url, the URL of the book's file on it, and .requests, every GET it got."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     servers = []
 
     def start(script=()):
-        servers.append(Server(body, script))
-        return servers[-1]
+        root = tmp_path_factory.mktemp("srv")
+        (root / "files").mkdir()
+        (root / "files" / "instruction-data.json").write_bytes(body)
+        servers.append(FileServer(root))
+        servers[-1].script = list(script)
+        return SimpleNamespace(url=f"{servers[-1].url}/files/instruction-data.json", requests=servers[-1].requests)
 
     yield start
     for s in servers:

@@ -9,9 +9,10 @@ import pytest
 
 from minisft import GPT, GPTConfig
 from minisft.errors import MinisftError
-from minisft.pretrained import HF_REPOS, download_file
-from tests.hf_files import (FileServer, gpt2_state, hf_config_like_openai, to_bf16_bits, write_gpt2_folder,
-                            write_safetensors)
+from minisft.download import download_file
+from minisft.pretrained import HF_REPOS
+from tests.file_server import FileServer
+from tests.hf_files import gpt2_state, hf_config_like_openai, to_bf16_bits, write_gpt2_folder, write_safetensors
 
 TINY = GPTConfig(vocab_size=97, context_length=32, emb_dim=16, n_layers=2, n_heads=4)
 TINY_TIED = replace(TINY, tie_embeddings=True)
@@ -125,7 +126,7 @@ def blob(server):
 
 def test_dropped_connection_resumes_with_a_range_request(tmp_path, server, blob):
     data, url = blob
-    server.drop("/files/blob.bin", after=300_000)
+    server.script = [("truncate", 300_000)]
     dest = download_file(url, tmp_path / "d" / "blob.bin")
     assert dest.read_bytes() == data
     assert server.requests == [("/files/blob.bin", None), ("/files/blob.bin", "bytes=300000-")]
@@ -143,7 +144,7 @@ def test_part_left_by_an_earlier_run_is_resumed(tmp_path, server, blob):
 
 def test_every_attempt_that_makes_progress_continues(tmp_path, server, blob):
     data, url = blob
-    server.drop("/files/blob.bin", after=100_000, times=5)
+    server.script = [("truncate", 100_000)] * 5
     download_file(url, tmp_path / "blob.bin", retries=1)  # 5 drops in a row, but each one adds bytes
     assert (tmp_path / "blob.bin").read_bytes() == data
     assert [r for _, r in server.requests] == [None] + [f"bytes={k * 100_000}-" for k in range(1, 6)]
@@ -151,7 +152,7 @@ def test_every_attempt_that_makes_progress_continues(tmp_path, server, blob):
 
 def test_server_ignoring_range_restarts_from_zero(tmp_path, server, blob):
     data, url = blob
-    server.ignore_range = True
+    server.script = ["ignore-range"]
     (tmp_path / "blob.bin.part").write_bytes(b"x" * 5000)  # would corrupt the file if appended to
     download_file(url, tmp_path / "blob.bin")
     assert (tmp_path / "blob.bin").read_bytes() == data
@@ -168,7 +169,7 @@ def test_part_longer_than_the_file_restarts(tmp_path, server, blob):
 def test_stalled_download_gives_up_keeping_the_part(tmp_path, server, blob):
     data, url = blob
     (tmp_path / "blob.bin.part").write_bytes(data[:5000])
-    server.drop("/files/blob.bin", after=0, times=2)  # two attempts in a row that add nothing
+    server.script = [("truncate", 0)] * 2  # two attempts in a row that add nothing
     with pytest.raises(MinisftError, match=r"5000 bytes are kept in .*blob\.bin\.part.*resumes"):
         download_file(url, tmp_path / "blob.bin", retries=1)
     assert not (tmp_path / "blob.bin").exists()
