@@ -28,7 +28,7 @@ def histogram(values, bins=10, width=40) -> list:
 
 def stats(args) -> int:
     records = load_records(args.file, args.cache_dir, args.sha256)
-    style = get_style(args.style)
+    style = get_style(args.prompt_style)
     n = len(records)
     lengths = np.array([len(e.tokens) for e in encode_records(records, style)])  # (n,)
     turns = np.array([sum(m["role"] == "assistant" for m in r["messages"]) for r in records])
@@ -60,10 +60,10 @@ def inspect(args) -> int:
     if not 0 <= args.index < len(records):
         raise MinisftError(f"{args.file}: --index {args.index} is out of range: the file has {len(records)} "
                            f"records (0 to {len(records) - 1})")
-    style = get_style(args.style)
+    style = get_style(args.prompt_style)
     messages = records[args.index]["messages"]
-    ex = encode_record(records[args.index], style, args.mask)
-    print(f"== record {args.index} of {len(records)}: {style.name} style, mask={args.mask} ==")
+    ex = encode_record(records[args.index], style, args.mask_prompt)
+    print(f"== record {args.index} of {len(records)}: {style.name} style, mask={args.mask_prompt} ==")
     print("-- training text --")
     print(style.training_text(messages))
     print("-- inference prompt (ends with the response header) --")
@@ -86,7 +86,7 @@ def register(sub) -> None:
     def common(q):
         q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar="FILE",
                        help="a JSON/JSONL file or URL (default: the book's instruction-data.json)")
-        q.add_argument("--style", default="alpaca", choices=list(STYLES), help="prompt style")
+        q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
         q.add_argument("--cache-dir", default=None, help="download cache (default $MINISFT_CACHE_DIR or "
                        "~/.cache/minisft)")
         q.add_argument("--sha256", default=None, help="expected sha256 of the file")
@@ -100,7 +100,7 @@ def register(sub) -> None:
     q = dsub.add_parser("inspect", help="one record rendered, token by token, with its loss mask")
     common(q)
     q.add_argument("--index", type=int, required=True, help="record index (0-based)")
-    q.add_argument("--mask", default="none", choices=list(MASKS),
+    q.add_argument("--mask-prompt", default="none", choices=list(MASKS),
                    help="none: train every token (the book); input: mask the prompt (exercise 7.2); "
                         "header: also mask the response header (TRL)")
     q.set_defaults(func=inspect)

@@ -49,7 +49,7 @@ def test_stats_counts_duplicates_and_overlap(tmp_path):
 
 
 def test_inspect_shows_each_token_and_its_mask(shared_data):
-    r = minisft("data", "inspect", shared_data / "instruction-data.json", "--index", 50, "--mask", "header")
+    r = minisft("data", "inspect", shared_data / "instruction-data.json", "--index", 50, "--mask-prompt", "header")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "== record 50 of 1100: alpaca style, mask=header ==" in lines
