@@ -7,16 +7,16 @@ Unlike the book, a reply with no clear score is counted and listed rather than d
 network failure mid-run names the entry it hit while the scores finished before it are kept.
 """
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
 
+from .data import format_input
 from .errors import MinisftError
+from .files import write_json
 
 DEFAULT_URL = "http://localhost:11434"
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the book's: a deterministic judge
@@ -24,14 +24,6 @@ OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the book's: a dete
 
 class ServerError(Exception):
     """The server failed mid-reply: an error message in the stream, an HTTP error, or a cut-off reply."""
-
-
-# TODO(lead): switch to minisft.data.format_input once the data branch is merged; this private copy is
-# the book's alpaca format_input, character for character.
-def format_input(entry: dict) -> str:
-    text = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-            f"the request.\n\n### Instruction:\n{entry['instruction']}")
-    return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
 
 
 def score_prompt(entry: dict) -> str:
@@ -151,19 +143,6 @@ def load_responses(path) -> list:
         if not isinstance(entry.get("input", ""), str):
             raise MinisftError(f"{path}: record {i}: field 'input' must be a string")
     return data
-
-
-def write_json(path, obj) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
