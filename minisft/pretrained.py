@@ -21,6 +21,7 @@ from . import safetensors
 from .config import GPTConfig
 from .download import cache_root, download_file
 from .errors import MinisftError
+from .files import write_json
 from .model import GPT, param_shapes
 
 HF_BASE_URL = "https://huggingface.co"
@@ -204,10 +205,5 @@ def save_pretrained(model: GPT, out_dir) -> Path:
         if not cfg.qkv_bias and name.endswith("attn.c_attn.weight"):
             tensors["transformer." + name.replace(".weight", ".bias")] = np.zeros(3 * d, np.float32)  # (3d,)
     safetensors.save(out / "model.safetensors", tensors, metadata={"format": "pt"})
-    tmp = out / f".config.json.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(hf_config(cfg), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "config.json")
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(out / "config.json", hf_config(cfg), indent=2)
     return out
