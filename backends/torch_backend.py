@@ -445,8 +445,8 @@ class TorchBackend:
                 do, q, k, v, o, lse, 0.0, True, scale=scale)
         else:
             grads = math_attention_backward(*(t.to(self.store) for t in (do, q, k, v)), lse, scale)
-        # (3, S, H, L, hd) -> (S, L, 3, H, hd) -> packed (N, 3d)
-        dqkv = torch.stack(grads).permute(1, 3, 0, 2, 4).reshape(S * L, three_d)
+        # dq, dk, dv (S, H, L, hd) -> (S, L, 3, H, hd) in one copy -> packed (N, 3d)
+        dqkv = torch.stack([g.transpose(1, 2) for g in grads], dim=2).view(S * L, three_d)
         return from_padded(dqkv, idx).to(qkv.dtype)
 
     # ---- GELU (tanh approximation), torch's kernels for the numpy backend's formula ---------------

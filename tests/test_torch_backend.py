@@ -20,7 +20,6 @@ from backends.numpy_backend import NumpyBackend  # noqa: E402
 from minisft import GPT, AdamW, GPTConfig, pack_sequences  # noqa: E402
 from tests.backend_util import rel_err  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
-from tests.test_model import book_like_batch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available")
@@ -30,9 +29,9 @@ CASES = [("cpu", "float64"), ("cpu", "float32"),
          pytest.param("cuda", "float64", marks=needs_cuda), pytest.param("cuda", "float32", marks=needs_cuda)]
 
 
-def attention_paths(device, dtype):
-    """Every attention path that can run on this device and dtype (all of them are tested)."""
-    opts = tb.attention_options(device, tb.DTYPES[dtype][1], 8,
+def attention_paths(device, dtype, head_dim):
+    """Every attention path that can run on this device, dtype and head size (all are tested)."""
+    opts = tb.attention_options(device, tb.DTYPES[dtype][1], head_dim,
                                 torch.cuda.get_device_capability() if device == "cuda" else None)
     return [p for p in tb.ATTENTION_PATHS if opts[p] is None]
 
@@ -106,7 +105,7 @@ def test_attention_matches_numpy_on_every_path(device, dtype, lengths):
     R = NumpyBackend(dtype)
     out_ref, ctx_ref = R.attention_forward(qkv, cu, H, L)
     dqkv_ref = R.attention_backward(dout, qkv, out_ref, ctx_ref, cu, H, L)
-    for path in attention_paths(device, dtype):
+    for path in attention_paths(device, dtype, hd):
         T = tb.TorchBackend(dtype, device, attention=path)
         assert T.attention_path(hd)[0] == path
         cu_t = T.index(cu)
@@ -114,6 +113,29 @@ def test_attention_matches_numpy_on_every_path(device, dtype, lengths):
         dqkv = T.attention_backward(T.from_numpy(dout), T.from_numpy(qkv), out, ctx, cu_t, H, L)
         check(T, out, out_ref, TOL[device, dtype], f"{path} out")
         check(T, dqkv, dqkv_ref, TOL[device, dtype], f"{path} dqkv")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_bfloat16_attention_matches_float32_numpy_on_every_path(device):
+    """bf16 inputs (as the bf16 linear layers hand them over): each path's output and gradient
+    within 1e-2 of the float32 reference on the same rounded inputs (bf16 keeps ~3 digits)."""
+    rng = np.random.default_rng(11)
+    H, hd, lengths = 4, 16, [33, 5, 20]
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    N, L = int(cu[-1]), max(lengths)
+    bf16 = lambda a: torch.from_numpy(a).to(torch.bfloat16).float().numpy()  # noqa: E731
+    qkv, dout = bf16(rng.normal(size=(N, 3 * H * hd))), bf16(rng.normal(size=(N, H * hd)))
+    R = NumpyBackend("float32")
+    out_ref, ctx_ref = R.attention_forward(qkv, cu, H, L)
+    dqkv_ref = R.attention_backward(dout, qkv, out_ref, ctx_ref, cu, H, L)
+    for path in attention_paths(device, "bfloat16", hd):
+        T = tb.TorchBackend("bfloat16", device, attention=path)
+        cu_t, qkv_t = T.index(cu), T.from_numpy(qkv).to(torch.bfloat16)
+        out, ctx = T.attention_forward(qkv_t, cu_t, H, L)
+        dqkv = T.attention_backward(T.from_numpy(dout).to(torch.bfloat16), qkv_t, out, ctx, cu_t, H, L)
+        assert out.dtype == dqkv.dtype == torch.bfloat16
+        check(T, out, out_ref, 1e-2, f"{path} bf16 out")
+        check(T, dqkv, dqkv_ref, 1e-2, f"{path} bf16 dqkv")
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
@@ -245,7 +267,8 @@ def test_whole_model_loss_logits_gradients_and_adamw_match_numpy(device, dtype, 
             name = f"h.{i}.attn.c_attn.bias"
             g = ref.grads[name]
             assert np.abs(g[d:2 * d]).max() <= 1e-6 * np.abs(g).max()
-            ours_sd[name], ref_sd[name] = np.delete(ours_sd[name], np.s_[d:2 * d]), np.delete(ref_sd[name], np.s_[d:2 * d])
+            for sd in (ours_sd, ref_sd):
+                sd[name] = np.delete(sd[name], np.s_[d:2 * d])
     for n, p in ours_sd.items():
         assert rel_err(p, ref_sd[n]) <= tol, f"after 3 AdamW steps: {n}"
     assert ours.loss(batch)[0] == pytest.approx(ref.loss(batch)[0], rel=tol)
@@ -404,22 +427,28 @@ def test_training_never_builds_an_autograd_graph():
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_cuda_training_step_syncs_only_to_read_the_loss(dtype):
-    """Forward, fused head, backward and AdamW with torch's sync debugger set to raise: the loss
-    read (model.forward_backward's item) is the one sync, so it runs outside."""
+    """forward_backward and AdamW.step with torch's sync debugger set to raise; it is switched off
+    only where forward_backward reads the loss back (B.item), the step's one sync."""
     cfg = GPTConfig(vocab_size=97, context_length=64, emb_dim=32, n_layers=2, n_heads=4, drop_rate=0.1)
     model = GPT(cfg, backend="torch", dtype=dtype, device="cuda", seed=0)
     opt = AdamW(model)
-    batch = packed_batch(np.random.default_rng(10), model.cfg.vocab_size, [30, 12, 64])
-    model.forward_backward(batch)  # warm-up: caches, generator, first allocations
-    model.zero_grad()
-    torch.cuda.set_sync_debug_mode("error")
+    batch = packed_batch(np.random.default_rng(10), cfg.vocab_size, [30, 12, 64])
+    model.forward_backward(batch)  # warm-up: first allocations, the dropout generator
+    opt.step()
+    read_loss = model.B.item
+
+    def item(x):
+        torch.cuda.set_sync_debug_mode("default")
+        return read_loss(x)
+    model.B.item = item
     try:
-        lnf, cache = model._forward(batch, train=True, keep=True)
-        dw = model._grad_buffer(model.head_name)
-        loss_sum, _, dlnf = model.B.head_loss(lnf, model.params[model.head_name], batch.targets, dw=dw,
-                                              grad_scale=1.0 / batch.num_valid)
-        model._backward(dlnf, cache)
-        opt.step()
+        for _ in range(2):
+            model.zero_grad()
+            torch.cuda.set_sync_debug_mode("error")
+            loss_sum, _ = model.forward_backward(batch)
+            torch.cuda.set_sync_debug_mode("error")
+            opt.step()
+            torch.cuda.set_sync_debug_mode("default")
+            assert np.isfinite(loss_sum)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert np.isfinite(model.B.item(loss_sum))
