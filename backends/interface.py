@@ -77,7 +77,8 @@ class Backend(Protocol):
 
     # ---- output head fused with cross-entropy ----------------------------------------------------
     def head_loss(self, h, w, targets, dw=None, grad_scale: float = 1.0) -> tuple[Array, int, Array | None]:
-        """h (N, d), w (V, d), targets (N,) with -100 ignored.
+        """h (N, d), w (V, d), targets (N,) with -100 ignored: a host (numpy) int array, as the model
+        passes it, so a device backend finds and counts the valid rows without a device sync.
 
         Returns (loss_sum, n_valid, dh): the summed cross-entropy over valid targets (a 0-d array),
         their count, and dh (N, d) = grad_scale * d(loss_sum)/dh. When dw (V, d) is given, the

@@ -10,6 +10,7 @@ import numpy as np
 
 from .batch import pack_padded
 from .config import PRESETS, GPTConfig
+from .errors import MinisftError
 from .model import GPT
 from .optim import AdamW
 
@@ -40,7 +41,10 @@ def peak_rss_mb() -> float:
 
 def run(args) -> int:
     cfg = GPTConfig.preset(args.model)
-    model = GPT(cfg, backend=args.backend, dtype=args.dtype, device=args.device, seed=0)
+    try:
+        model = GPT(cfg, backend=args.backend, dtype=args.dtype, device=args.device, seed=0)
+    except (ValueError, ImportError) as e:  # an unknown backend or dtype, torch or the device missing
+        raise MinisftError(f"bench: {e}") from e
     sec, tok_s = time_train_steps(model, args.batch_size, args.seq_len, args.steps, args.warmup)
     print(f"{args.model} backend={args.backend} dtype={args.dtype} B={args.batch_size} T={args.seq_len}: "
           f"{sec * 1000:.1f} ms/step, {tok_s:,.0f} tokens/s, peak RSS {peak_rss_mb():,.0f} MB "

@@ -275,15 +275,15 @@ class GPT:
         head = self.head_name
         # A frozen head still passes gradient to the hidden states; its own dw goes to a scratch buffer.
         dw = self.B.zeros_like(self.params[head]) if head in self.frozen else self._grad_buffer(head)
-        loss_sum, _, dlnf = self.B.head_loss(lnf, self.params[head], self.B.index(batch.targets),
-                                             dw=dw, grad_scale=scale)
+        # The targets stay on the host: the backend picks the valid rows there, without a device sync.
+        loss_sum, _, dlnf = self.B.head_loss(lnf, self.params[head], batch.targets, dw=dw, grad_scale=scale)
         self._backward(dlnf, cache)
         return self.B.item(loss_sum), n_valid
 
     def loss(self, batch: PackedBatch):
         """Evaluation: (loss_sum, n_valid) with no gradient and no dropout."""
         lnf, _ = self._forward(batch, train=False, keep=False)
-        loss_sum, n_valid, _ = self.B.head_loss(lnf, self.params[self.head_name], self.B.index(batch.targets))
+        loss_sum, n_valid, _ = self.B.head_loss(lnf, self.params[self.head_name], batch.targets)
         return self.B.item(loss_sum), n_valid
 
     def logits_packed(self, batch: PackedBatch):

@@ -1,0 +1,551 @@
+"""The torch backend: the numpy reference's kernels on torch tensors, on the CPU, CUDA or Apple MPS.
+
+The math is the hand-written forward and backward of backends/numpy_backend.py; torch supplies the
+arithmetic, never autograd (no tensor here requires grad and every kernel runs under no_grad).
+Where torch has a fused kernel for one step of that math, it is used behind a check:
+
+    attention   CUDA: torch's varlen flash (bfloat16) or memory-efficient (float32) kernels, which
+                take the packed layout as it is (cu_seqlens), forward and backward.
+                CPU: torch's CPU flash kernel on the batch padded to (S, H, max_seqlen, hd).
+                Anything else (float64 on CUDA, MPS, an op missing or changed): "padded-math",
+                our own softmax attention on the padded batch, always correct.
+                Every op's schema is checked at import; `attention_options` says which path can
+                run here and why the others cannot, `TorchBackend.attention_path` which one runs.
+    layernorm   torch.native_layer_norm and its backward (the mean/rstd the interface keeps).
+    GELU        F.gelu(approximate="tanh") and aten.gelu_backward: the same formula, one kernel each.
+    AdamW       torch._fused_adamw_ (one kernel per tensor) where this torch has it for the device,
+                else the numpy backend's sequence of in-place ops.
+
+dtype "bfloat16" is mixed precision: parameters, gradients, AdamW moments and the residual stream
+stay float32 (the "store" dtype); matmuls and attention run in bfloat16 (the "compute" dtype);
+layernorm statistics, softmax/cross-entropy and every reduction run in float32.
+
+Host syncs: a step moves its batch to the device once (`index` copies from pinned memory without
+waiting for the device) and reads back only the loss (`item`). `head_loss` takes the targets as a
+host array, so the valid rows are found and counted without asking the device. Dropout masks come
+from the model's numpy RNG: on the CPU drawn in numpy (the numpy backend's masks bit for bit); on a
+GPU the numpy RNG seeds a device generator, because drawing N x d numbers on the host and copying
+them over would cost more than the step's matmuls. Either way a saved RNG state replays the masks.
+"""
+import math
+
+import numpy as np
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as e:
+    raise ImportError("the torch backend needs PyTorch, which is not installed: "
+                      "pip install 'minisft[torch]' (or a torch build for your GPU from pytorch.org)") from e
+
+LN_EPS = 1e-5
+# dtype name -> (store dtype: parameters, gradients, optimizer state, residual stream;
+#                compute dtype: matmul and attention inputs and outputs)
+DTYPES = {"float32": (torch.float32, torch.float32),
+          "float64": (torch.float64, torch.float64),
+          "bfloat16": (torch.float32, torch.bfloat16)}
+# Rows of logits materialised at once in the fused head: 256 x 50257 x 4 B = 51 MB on the CPU (as
+# numpy); a GPU needs bigger matmuls to be busy: 2048 rows = 412 MB.
+HEAD_CHUNK_ROWS = {"cpu": 256, "cuda": 2048, "mps": 1024}
+# In order of preference; the first that can run is used.
+ATTENTION_PATHS = ("flash-varlen", "efficient-varlen", "cpu-flash-padded", "padded-math")
+
+
+# ---- which fused ops this torch has, checked once at import ----------------------------------------
+def _op_problem(name, positional, keywords, n_returns):
+    """None when torch.ops.aten.<name> takes these leading positional arguments and these keyword
+    arguments (every other one defaulted) and returns n_returns values, else what is wrong."""
+    packet = getattr(torch.ops.aten, name, None)
+    if packet is None or "default" not in packet.overloads():
+        return f"torch {torch.__version__} has no aten.{name}"
+    schema = packet.default._schema
+    names = [a.name for a in schema.arguments]
+    if names[:len(positional)] != list(positional):
+        return f"aten.{name} has another signature in torch {torch.__version__}: {schema}"
+    rest = schema.arguments[len(positional):]
+    unknown = [k for k in keywords if k not in names[len(positional):]]
+    required = [a.name for a in rest if a.name not in keywords and not a.has_default_value()]
+    if unknown or required or len(schema.returns) != n_returns:
+        return f"aten.{name} has another signature in torch {torch.__version__}: {schema}"
+    return None
+
+
+def _first_problem(*problems):
+    return next((p for p in problems if p), None)
+
+
+FLASH_FWD_ARGS = ("query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+                  "is_causal", "return_debug_mask")
+FLASH_BWD_ARGS = ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k",
+                  "max_q", "max_k", "dropout_p", "is_causal", "rng_state", "unused")
+EFF_FWD_ARGS = ("query", "key", "value", "bias", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                "max_seqlen_k", "dropout_p", "custom_mask_type", "compute_log_sumexp")
+EFF_BWD_ARGS = ("grad_out_", "query", "key", "value", "bias", "out", "cu_seqlens_q", "cu_seqlens_k",
+                "max_seqlen_q", "max_seqlen_k", "logsumexp", "dropout_p", "philox_seed", "philox_offset",
+                "custom_mask_type", "bias_requires_grad")
+CPU_FWD_ARGS = ("query", "key", "value", "dropout_p", "is_causal")
+CPU_BWD_ARGS = ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal")
+ADAMW_ARGS = ("self", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+ADAMW_KW = ("lr", "beta1", "beta2", "weight_decay", "eps", "amsgrad", "maximize")
+
+_flash_built = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+OP_PROBLEMS = {
+    "flash-varlen": _first_problem(
+        None if _flash_built else f"torch {torch.__version__} was built without flash attention",
+        _op_problem("_flash_attention_forward", FLASH_FWD_ARGS, ("scale",), 5),
+        _op_problem("_flash_attention_backward", FLASH_BWD_ARGS, ("scale",), 3)),
+    "efficient-varlen": _first_problem(
+        _op_problem("_efficient_attention_forward", EFF_FWD_ARGS, ("scale",), 6),
+        _op_problem("_efficient_attention_backward", EFF_BWD_ARGS, ("scale",), 4)),
+    "cpu-flash-padded": _first_problem(
+        _op_problem("_scaled_dot_product_flash_attention_for_cpu", CPU_FWD_ARGS, ("scale",), 2),
+        _op_problem("_scaled_dot_product_flash_attention_for_cpu_backward", CPU_BWD_ARGS, ("scale",), 3)),
+    "fused-adamw": _op_problem("_fused_adamw_", ADAMW_ARGS, ADAMW_KW, 0),
+}
+
+
+def attention_options(device_type, dtype, head_dim, capability=None, problems=OP_PROBLEMS) -> dict:
+    """Attention path -> None when it can run for this device type ("cpu", "cuda", "mps"), compute
+    dtype and head size (capability: the CUDA compute capability), else why it cannot."""
+    why = {}
+    if device_type != "cuda":
+        why["flash-varlen"] = "CUDA only"
+    elif problems["flash-varlen"]:
+        why["flash-varlen"] = problems["flash-varlen"]
+    elif dtype != torch.bfloat16:
+        why["flash-varlen"] = f"needs bfloat16 (dtype='bfloat16'), not {dtype}"
+    elif capability is None or capability < (8, 0):
+        why["flash-varlen"] = f"needs compute capability 8.0 or newer, this GPU has {capability}"
+    elif head_dim % 8 or head_dim > 256:
+        why["flash-varlen"] = f"needs a head size that is a multiple of 8 up to 256, not {head_dim}"
+    else:
+        why["flash-varlen"] = None
+
+    align = 4 if dtype == torch.float32 else 8  # the kernels load 16 bytes at a time
+    if device_type != "cuda":
+        why["efficient-varlen"] = "CUDA only"
+    elif problems["efficient-varlen"]:
+        why["efficient-varlen"] = problems["efficient-varlen"]
+    elif dtype not in (torch.float32, torch.bfloat16):
+        why["efficient-varlen"] = f"needs float32 or bfloat16, not {dtype}"
+    elif head_dim % align:
+        why["efficient-varlen"] = f"needs a head size that is a multiple of {align}, not {head_dim}"
+    else:
+        why["efficient-varlen"] = None
+
+    if device_type != "cpu":
+        why["cpu-flash-padded"] = "CPU only"
+    else:
+        why["cpu-flash-padded"] = problems["cpu-flash-padded"]
+
+    why["padded-math"] = None
+    return why
+
+
+# ---- attention on the packed layout, CUDA: torch's varlen kernels ---------------------------------
+def _split_qkv(qkv, n_heads):
+    """qkv (N, 3d) -> q, k, v each (N, H, hd), contiguous as the fused kernels want."""
+    N = qkv.shape[0]
+    return [t.contiguous() for t in qkv.view(N, 3, n_heads, -1).unbind(1)]
+
+
+def flash_varlen_forward(qkv, cu32, n_heads, max_seqlen, scale):
+    """qkv (N, 3d), cu32 (S+1,) int32 -> out (N, d), what the backward needs."""
+    q, k, v = _split_qkv(qkv, n_heads)
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu32, cu32, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+    return out.reshape(qkv.shape[0], -1), (lse, rng_state, unused)
+
+
+def flash_varlen_backward(dout, qkv, out, saved, cu32, n_heads, max_seqlen, scale):
+    """-> dqkv (N, 3d)"""
+    lse, rng_state, unused = saved
+    N = qkv.shape[0]
+    q, k, v = _split_qkv(qkv, n_heads)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        dout.reshape(N, n_heads, -1).contiguous(), q, k, v, out.reshape(N, n_heads, -1).contiguous(),
+        lse, cu32, cu32, max_seqlen, max_seqlen, 0.0, True, rng_state, unused, scale=scale)
+    return torch.stack((dq, dk, dv), 1).reshape(N, -1)        # (N, 3, H, hd) -> (N, 3d)
+
+
+CAUSAL_FROM_TOP_LEFT = 1  # the memory-efficient kernel's custom_mask_type for ordinary causal attention
+
+
+def efficient_varlen_forward(qkv, cu32, n_heads, max_seqlen, scale):
+    """As flash_varlen_forward; the kernel wants a batch of one (1, N, H, hd) when given cu_seqlens."""
+    q, k, v = (t[None] for t in _split_qkv(qkv, n_heads))
+    out, lse, seed, offset, max_q, max_k = torch.ops.aten._efficient_attention_forward(
+        q, k, v, None, cu32, cu32, max_seqlen, max_seqlen, 0.0, CAUSAL_FROM_TOP_LEFT, True, scale=scale)
+    return out.reshape(qkv.shape[0], -1), (lse, seed, offset, max_q, max_k)
+
+
+def efficient_varlen_backward(dout, qkv, out, saved, cu32, n_heads, max_seqlen, scale):
+    lse, seed, offset, max_q, max_k = saved
+    N = qkv.shape[0]
+    q, k, v = (t[None] for t in _split_qkv(qkv, n_heads))
+    dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
+        dout.reshape(1, N, n_heads, -1).contiguous(), q, k, v, None,
+        out.reshape(1, N, n_heads, -1).contiguous(), cu32, cu32, max_q, max_k, lse, 0.0, seed, offset,
+        CAUSAL_FROM_TOP_LEFT, False, scale=scale)
+    return torch.stack((dq[0], dk[0], dv[0]), 1).reshape(N, -1)
+
+
+# ---- attention on the batch padded to (S, max_seqlen): the CPU kernel and the always-correct math --
+def pad_index(cu, n, max_seqlen):
+    """Row of each packed position in the padded (S * max_seqlen) layout, or None when every sequence
+    is max_seqlen long (then the packed rows already are that layout). Computed on the device from
+    cu_seqlens, so no host sync."""
+    S = cu.shape[0] - 1
+    if n == S * max_seqlen:
+        return None
+    pos = torch.arange(n, device=cu.device)                   # (N,)
+    seq = torch.searchsorted(cu[1:], pos, right=True)         # (N,) sequence of each position
+    return seq * max_seqlen + pos - cu[seq]                   # (N,) seq * L + position in seq
+
+
+def to_padded(x, idx, S, L):
+    """(N, w) packed rows -> (S, L, w); padding rows are 0. Right padding is harmless to causal
+    attention: a real query never looks at a later (padded) key."""
+    if idx is None:
+        return x.view(S, L, -1)
+    out = x.new_zeros(S * L, x.shape[1])
+    out.index_copy_(0, idx, x)
+    return out.view(S, L, -1)
+
+
+def from_padded(x, idx):
+    """(S * L, w) -> (N, w), dropping the padding rows."""
+    return x if idx is None else x.index_select(0, idx)
+
+
+def padded_heads(x, idx, S, L, k, n_heads):
+    """(N, k*d) packed -> (k, S, H, L, hd) padded: k = 3 for qkv, 1 for an output or its gradient."""
+    return to_padded(x, idx, S, L).view(S, L, k, n_heads, -1).permute(2, 0, 3, 1, 4)
+
+
+def merge_heads(o, idx):
+    """(S, H, L, hd) -> (N, d): heads side by side, padding rows dropped."""
+    S, H, L, hd = o.shape
+    return from_padded(o.transpose(1, 2).reshape(S * L, H * hd), idx)
+
+
+def math_attention_forward(q, k, v, scale):
+    """q, k, v (S, H, L, hd) -> o (S, H, L, hd), lse (S, H, L): the numpy backend's softmax
+    attention, keeping the log-sum-exp instead of the probabilities (L x L per head)."""
+    L = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * scale                                   # (S, H, L, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()          # key j <= query i
+    scores.masked_fill_(~causal, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                         # (S, H, L)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+def math_attention_backward(do, q, k, v, lse, scale):
+    """do (S, H, L, hd) -> dq, dk, dv; the probabilities are recomputed from q, k and lse."""
+    L = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * scale                                   # (S, H, L, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    p = torch.exp(scores.masked_fill_(~causal, float("-inf")) - lse[..., None])  # (S, H, L, L)
+    dv = p.transpose(-1, -2) @ do                                                 # (S, H, L, hd)
+    dp = do @ v.transpose(-1, -2)                                                 # (S, H, L, L)
+    # softmax backward, row by row: dscores = p * (dp - sum_j(dp * p))
+    dscores = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale                  # (S, H, L, L)
+    return dscores @ k, dscores.transpose(-1, -2) @ q, dv
+
+
+# ---- the backend --------------------------------------------------------------------------------------
+def resolve_device(name) -> "torch.device":
+    """A torch.device for "cpu", "cuda", "cuda:N" or "mps", or a ValueError saying why it cannot be used."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown torch device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support (install a CUDA build from pytorch.org)"
+                   if torch.version.cuda is None else "no usable NVIDIA GPU or driver was found")
+            raise ValueError(f"device {name!r}: CUDA is not available: {why} (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r}: MPS is not available (it needs Apple silicon, macOS 12.3+ "
+                             f"and a torch build with MPS; torch {torch.__version__})")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {name!r}: the torch backend runs on cpu, cuda or mps")
+    return dev
+
+
+def _fused_adamw_problem(device, dtype):
+    """None when torch._fused_adamw_ runs for this device and dtype, else why not. The op exists in
+    more torch versions than its CPU/MPS kernels, so one tiny update is tried."""
+    if OP_PROBLEMS["fused-adamw"]:
+        return OP_PROBLEMS["fused-adamw"]
+    p, g, m, v = (torch.ones(1, dtype=dtype, device=device) for _ in range(4))
+    try:
+        torch._fused_adamw_([p], [g], [m], [v], [], [torch.ones((), device=device)], lr=1e-3, beta1=0.9,
+                            beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    except (RuntimeError, NotImplementedError) as e:
+        return f"torch._fused_adamw_ cannot run on {device.type} {dtype}: {str(e).splitlines()[0]}"
+    return None
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, dtype="float32", device="cpu", attention=None):
+        """attention: None picks the fastest attention path that can run here; a name from
+        ATTENTION_PATHS forces that one (tests; a way around a misbehaving fused kernel)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"torch backend supports {', '.join(DTYPES)}, not {dtype!r}")
+        self.device = resolve_device(device)
+        if self.device.type == "mps" and dtype == "float64":
+            raise ValueError("MPS has no float64: use dtype float32 or bfloat16 on mps")
+        if attention is not None and attention not in ATTENTION_PATHS:
+            raise ValueError(f"unknown attention path {attention!r}; choose one of {', '.join(ATTENTION_PATHS)}")
+        self.dtype = dtype
+        self.store, self.compute = DTYPES[dtype]
+        self.attention = attention
+        self.head_chunk_rows = HEAD_CHUNK_ROWS[self.device.type]
+        self.host_masks = self.device.type == "cpu"  # dropout masks drawn in numpy (see the module doc)
+        self.adamw_problem = _fused_adamw_problem(self.device, self.store)
+        self._paths = {}            # head size -> (attention path, why)
+        self._generator = None      # device generator for dropout masks, seeded from the numpy RNG
+        self._step = (None, None)   # (step, float32 tensor on the device) the fused AdamW reads
+
+    def attention_path(self, head_dim: int) -> tuple[str, str]:
+        """(path, why) for this backend's device, dtype and a head size."""
+        if head_dim not in self._paths:
+            cap = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+            why = attention_options(self.device.type, self.compute, head_dim, cap)
+            if self.attention is not None:
+                if why[self.attention]:
+                    raise ValueError(f"attention path {self.attention!r} cannot run on {self.device} "
+                                     f"{self.dtype}: {why[self.attention]}")
+                path, reason = self.attention, "forced by TorchBackend(attention=...)"
+            else:
+                path = next(p for p in ATTENTION_PATHS if why[p] is None)
+                skipped = [f"{p}: {why[p]}" for p in ATTENTION_PATHS[:ATTENTION_PATHS.index(path)]]
+                reason = "fastest that can run here" + (" (skipped " + "; ".join(skipped) + ")" if skipped else "")
+            self._paths[head_dim] = (path, reason)
+        return self._paths[head_dim]
+
+    # ---- array handling ------------------------------------------------------------------------
+    def from_numpy(self, x):
+        return torch.tensor(np.asarray(x), dtype=self.store, device=self.device)  # always a copy
+
+    def index(self, x):
+        x = np.ascontiguousarray(x, dtype=np.int64)
+        if self.device.type == "cpu":
+            return torch.from_numpy(x if x.flags.writeable else x.copy())  # shares the host memory
+        t = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            # From pinned memory the copy is queued on the stream without waiting for the device.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def to_numpy(self, x):
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.to("cpu", copy=True).numpy()
+
+    def zeros_like(self, x):
+        return torch.zeros_like(x)
+
+    def rng(self, seed):
+        return np.random.default_rng(seed)
+
+    def item(self, x):
+        return float(x.item())
+
+    @torch.no_grad()
+    def add_(self, dst, src):
+        dst.add_(src)
+
+    # ---- token + position embedding ------------------------------------------------------------
+    @torch.no_grad()
+    def embedding_forward(self, tokens, positions, wte, wpe):
+        return wte.index_select(0, tokens) + wpe.index_select(0, positions)  # (N, d) store dtype
+
+    @torch.no_grad()
+    def embedding_backward(self, dwte, dwpe, dx, tokens, positions):
+        dx = dx.to(dwte.dtype)
+        dwte.index_add_(0, tokens, dx)    # scatter-ADD: repeated tokens accumulate
+        dwpe.index_add_(0, positions, dx)
+
+    # ---- layernorm: statistics in the store dtype (float32 under bfloat16) -----------------------
+    @torch.no_grad()
+    def layernorm_forward(self, x, w, b):
+        N, d = x.shape
+        out, mean, rstd = torch.native_layer_norm(x.to(self.store), (d,), w, b, LN_EPS)  # mean (N, 1)
+        return out.to(self.compute), mean.view(N), rstd.view(N)
+
+    @torch.no_grad()
+    def layernorm_backward(self, dout, x, w, mean, rstd):
+        N, d = x.shape
+        dout = dout.to(self.store)
+        dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+            dout, x.to(self.store), (d,), mean.view(N, 1), rstd.view(N, 1), w, None, [True, True, False])
+        return dx, dw, dout.sum(0)
+
+    # ---- linear (Conv1D layout: w is (in, out)); matmuls in the compute dtype ---------------------
+    @torch.no_grad()
+    def linear_forward(self, x, w, b):
+        x, w = x.to(self.compute), w.to(self.compute)
+        if b is None:
+            return x @ w                                          # (N, out)
+        return torch.addmm(b.to(self.compute), x, w)
+
+    @torch.no_grad()
+    def linear_backward(self, dy, x, w, need_dw=True):
+        dyc = dy.to(self.compute)
+        dx = dyc @ w.to(self.compute).T                           # (N, in)
+        dw = (x.to(self.compute).T @ dyc).to(self.store) if need_dw else None  # (in, out)
+        db = dy.sum(0, dtype=self.store)                          # (out,)
+        return dx, dw, db
+
+    # ---- causal self-attention over packed sequences ---------------------------------------------
+    @torch.no_grad()
+    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
+        N, three_d = qkv.shape
+        hd = three_d // 3 // n_heads
+        scale = 1.0 / math.sqrt(hd)
+        path = self.attention_path(hd)[0]
+        if path == "flash-varlen" or path == "efficient-varlen":
+            cu32 = cu_seqlens.to(torch.int32)
+            forward = flash_varlen_forward if path == "flash-varlen" else efficient_varlen_forward
+            out, saved = forward(qkv, cu32, n_heads, max_seqlen, scale)
+            return out, (path, cu32, saved)
+        S, L = cu_seqlens.shape[0] - 1, max_seqlen
+        idx = pad_index(cu_seqlens, N, L)
+        q, k, v = padded_heads(qkv, idx, S, L, 3, n_heads)       # (S, H, L, hd) each
+        if path == "cpu-flash-padded":
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        else:  # padded-math, in the store dtype (float32 under bfloat16)
+            o, lse = math_attention_forward(q.to(self.store), k.to(self.store), v.to(self.store), scale)
+        return merge_heads(o, idx).to(qkv.dtype), (path, idx, lse)
+
+    @torch.no_grad()
+    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen):
+        path, a, saved = ctx
+        N, three_d = qkv.shape
+        scale = 1.0 / math.sqrt(three_d // 3 // n_heads)
+        dout = dout.to(qkv.dtype)
+        if path == "flash-varlen":
+            return flash_varlen_backward(dout, qkv, out, saved, a, n_heads, max_seqlen, scale)
+        if path == "efficient-varlen":
+            return efficient_varlen_backward(dout, qkv, out, saved, a, n_heads, max_seqlen, scale)
+        idx, lse, S, L = a, saved, cu_seqlens.shape[0] - 1, max_seqlen
+        q, k, v = padded_heads(qkv, idx, S, L, 3, n_heads)       # (S, H, L, hd) each
+        do = padded_heads(dout, idx, S, L, 1, n_heads)[0]         # (S, H, L, hd), 0 on padding rows
+        if path == "cpu-flash-padded":
+            o = padded_heads(out, idx, S, L, 1, n_heads)[0]
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do, q, k, v, o, lse, 0.0, True, scale=scale)
+        else:
+            grads = math_attention_backward(*(t.to(self.store) for t in (do, q, k, v)), lse, scale)
+        # dq, dk, dv (S, H, L, hd) -> (S, L, 3, H, hd) in one copy -> packed (N, 3d)
+        dqkv = torch.stack([g.transpose(1, 2) for g in grads], dim=2).view(S * L, three_d)
+        return from_padded(dqkv, idx).to(qkv.dtype)
+
+    # ---- GELU (tanh approximation), torch's kernels for the numpy backend's formula ---------------
+    @torch.no_grad()
+    def gelu_forward(self, x):
+        return F.gelu(x, approximate="tanh")
+
+    @torch.no_grad()
+    def gelu_backward(self, dy, x):
+        return torch.ops.aten.gelu_backward(dy.to(x.dtype), x, approximate="tanh")
+
+    # ---- residual (float32 under bfloat16: a bfloat16 branch output is promoted) -----------------
+    @torch.no_grad()
+    def residual_forward(self, a, b):
+        return a + b
+
+    def residual_backward(self, dy):
+        return dy, dy
+
+    # ---- dropout ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def dropout_forward(self, x, p, rng):
+        if self.host_masks:
+            keep = torch.from_numpy(rng.random(tuple(x.shape)) >= p).to(self.device)
+        else:
+            if self._generator is None:
+                self._generator = torch.Generator(self.device)
+            self._generator.manual_seed(int(rng.integers(2 ** 63)))
+            keep = torch.rand(x.shape, generator=self._generator, device=self.device) >= p
+        mask = keep.to(self.store).mul_(1.0 / (1.0 - p))  # (N, d): 1/(1-p) where kept, 0 where dropped
+        return x * mask, mask
+
+    @torch.no_grad()
+    def dropout_backward(self, dy, mask):
+        return dy * mask
+
+    # ---- fused output head + cross-entropy --------------------------------------------------------
+    @torch.no_grad()
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0):
+        if torch.is_tensor(targets):  # a device array costs a copy back (a sync): pass the host one
+            targets = targets.cpu().numpy()
+        targets = np.asarray(targets)
+        rows = np.flatnonzero(targets != -100)                    # (M,) found on the host: no sync
+        t_host = targets[rows]
+        V = w.shape[0]
+        if t_host.size and (t_host.min() < 0 or t_host.max() >= V):
+            raise ValueError(f"head_loss: targets must lie in [0, {V}) or be -100")
+        rows_d, t_d = self.index(rows), self.index(t_host)        # (M,) each, on the device
+        wc = w.to(self.compute)                                   # (V, d)
+        loss_sum = torch.zeros((), dtype=self.store, device=self.device)
+        dh = torch.zeros_like(h) if dw is not None else None      # (N, d)
+        R = self.head_chunk_rows
+        for c in range(0, len(rows), R):
+            r, t = rows_d[c:c + R], t_d[c:c + R, None]            # (R,), (R, 1)
+            hr = h.index_select(0, r).to(self.compute)            # (R, d)
+            logits = (hr @ wc.T).to(self.store)                   # (R, V) softmax in float32/64
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)    # (R, 1)
+            # loss_i = logsumexp(logits_i) - logits_i[t_i]
+            loss_sum += (lse - logits.gather(1, t)).sum()
+            if dw is None:
+                continue
+            # d loss_i / d logits_i = softmax(logits_i) - onehot(t_i), in the chunk's logits memory
+            dlogits = logits.sub_(lse).exp_()
+            dlogits.scatter_(1, t, dlogits.gather(1, t) - 1.0)
+            dlogits = dlogits.mul_(grad_scale).to(self.compute)   # (R, V)
+            dh.index_copy_(0, r, dlogits @ wc)                    # (R, d)
+            if dw.dtype == dlogits.dtype:
+                dw.addmm_(dlogits.T, hr)                          # (V, d)
+            else:
+                dw.add_(dlogits.T @ hr)                           # bfloat16 product into float32
+        return loss_sum, len(rows), dh
+
+    @torch.no_grad()
+    def head_logits(self, h, w):
+        return (h.to(self.compute) @ w.to(self.compute).T).to(self.store)  # (N, V)
+
+    # ---- AdamW (float32 moments and master weights under bfloat16) --------------------------------
+    @torch.no_grad()
+    def adamw_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        if self.adamw_problem is None:
+            if self._step[0] != step:  # the fused kernel reads the step count from a device tensor
+                self._step = (step, torch.full((), float(step), dtype=torch.float32, device=self.device))
+            torch._fused_adamw_([p], [g], [m], [v], [], [self._step[1]], lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+            return
+        # The numpy backend's sequence (torch.optim.AdamW's single-tensor order of operations).
+        p.mul_(1.0 - lr * weight_decay)
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = v.sqrt().div_(math.sqrt(1.0 - beta2 ** step)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
+
+    @torch.no_grad()
+    def global_norm(self, grads):
+        grads = list(grads)
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item())
+
+    @torch.no_grad()
+    def scale_(self, grads, s):
+        torch._foreach_mul_(list(grads), s)
