@@ -12,6 +12,9 @@ One block, forward (shapes for a packed batch of N positions, width d):
               └──────────────────────────────────────────────────────────────┘
     x2 ───────┬─ ln_2 ─ c_fc (N, 4d) ─ gelu ─ c_proj (N, d) ─ dropout ─(+)─ next x (N, d)
               └──────────────────────────────────────────────────────────┘
+
+Decoding (`prefill`, `decode`) runs the same `_block` code; only the attention differs: it also keeps
+every layer's keys and values in a KV cache, and a new token attends over its sequence's cache.
 """
 import math
 from dataclasses import dataclass

@@ -15,6 +15,7 @@ import tiktoken
 from minisft import GPT, GPTConfig, pack_sequences
 from minisft.generate import (_TextStream, chat_loop, extract_book_response, generate, generate_responses,
                               generate_uncached, sample_next)
+from minisft.judge import format_input  # the book's alpaca format_input
 from tests.backend_util import ALL_BACKENDS, backend_or_skip, rel_err
 
 TINY = dict(vocab_size=37, context_length=12, emb_dim=16, n_layers=2, n_heads=4)
@@ -234,19 +235,13 @@ def test_top_p_keeps_the_nucleus():
 
 
 # ---- text ----------------------------------------------------------------------------------------------------
-def book_format_input(entry):
-    text = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-            f"the request.\n\n### Instruction:\n{entry['instruction']}")
-    return text + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
-
-
 def test_book_extraction_recovers_the_responses(shared_data):
     """The book's fine-tuned model wrote "prompt + \\n\\n### Response:\\n + answer"; extraction must give
     back exactly the answers stored in instruction-data-with-response.json."""
     entries = json.loads((shared_data / "instruction-data-with-response.json").read_text())
     assert len(entries) == 110
     for e in entries:
-        prompt = book_format_input(e)
+        prompt = format_input(e)
         generated = prompt + "\n\n### Response:\n" + e["model_response"] + "\n"
         assert extract_book_response(generated, prompt) == e["model_response"]
     assert extract_book_response("Q\n\n### Response:\n  ", "Q") == ""
@@ -284,8 +279,8 @@ def test_stream_holds_back_split_characters(gpt2_tok):
 def test_chat_loop_streams_each_reply(gpt2_tok):
     model = random_model("numpy", vocab_size=50257, context_length=64, seed=5)
     render = lambda m: f"### Instruction:\n{m}\n\n### Response:\n"  # noqa: E731
-    replies = [gpt2_tok.decode(generate(model, [gpt2_tok.encode(render(m))], 5, eos_id=None, rng=np.random.default_rng(0))[0])
-               for m in ["hello", "again"]]
+    replies = [gpt2_tok.decode(generate(model, [gpt2_tok.encode(render(m))], 5, eos_id=None)[0])
+               for m in ["hello", "again"]]  # greedy: what chat_loop must print
     inputs = iter(["hello", "  ", "again", "/quit", "never read"])
     asked, out = [], io.StringIO()
 

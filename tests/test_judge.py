@@ -130,7 +130,8 @@ def test_judge_scores_streamed_replies(server, tmp_path, capsys):
     assert "skipped 2 lines" in printed                        # the two junk lines of reply r1
     assert json.loads(out.read_text()) == [
         {"index": 0, "score": 85, "reply": "85"}, {"index": 1, "score": 40, "reply": "Score: 40"},
-        {"index": 2, "score": 95, "reply": "I'd rate it 95 out of 100."}, {"index": 3, "score": None, "reply": "banana"},
+        {"index": 2, "score": 95, "reply": "I'd rate it 95 out of 100."},
+        {"index": 3, "score": None, "reply": "banana"},
         {"index": 4, "score": 70, "reply": "70/100"}, {"index": 5, "score": None, "reply": "150"}]
     # The book's request, exactly.
     assert [p for p, _ in srv.requests] == ["/api/chat"] * 6
@@ -187,4 +188,5 @@ def test_the_books_responses_file_loads(shared_data):
     entries = load_responses(shared_data / "instruction-data-with-response.json")
     assert len(entries) == 110
     assert score_prompt(entries[0]).startswith("Given the input `Below is an instruction that describes a task.")
-    assert "score the model response `The car is as fast as a bullet.` on a scale from 0 to 100" in score_prompt(entries[0])
+    assert ("score the model response `The car is as fast as a bullet.` on a scale from 0 to 100"
+            in score_prompt(entries[0]))
