@@ -523,6 +523,35 @@ class TorchBackend:
     def head_logits(self, h, w):
         return (h.to(self.compute) @ w.to(self.compute).T).to(self.store)  # (N, V)
 
+    # ---- KV-cache decoding (forward only; the numpy reference explains each step) ---------------
+    @torch.no_grad()
+    def take_rows(self, x, rows):
+        return x.index_select(0, rows)                            # (R, ...)
+
+    def kv_cache_alloc(self, n_seqs, n_heads, max_len, head_dim):
+        shape = (n_seqs, n_heads, max_len, head_dim)              # (S, H, T, hd), in the compute dtype
+        return (torch.zeros(shape, dtype=self.compute, device=self.device),
+                torch.zeros(shape, dtype=self.compute, device=self.device))
+
+    @torch.no_grad()
+    def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions):
+        N = qkv.shape[0]
+        H, hd = k_cache.shape[1], k_cache.shape[3]
+        _, k, v = qkv.view(N, 3, H, hd).unbind(1)                 # (N, H, hd) each
+        k_cache[seq_ids, :, positions] = k.to(k_cache.dtype)
+        v_cache[seq_ids, :, positions] = v.to(v_cache.dtype)
+
+    @torch.no_grad()
+    def attention_decode(self, qkv, k_cache, v_cache, lens, n_heads, max_len):
+        S, d = qkv.shape[0], qkv.shape[1] // 3
+        hd = d // n_heads
+        q = qkv[:, :d].reshape(S, n_heads, 1, hd).to(k_cache.dtype)   # (S, H, 1, hd)
+        k, v = k_cache[:, :, :max_len], v_cache[:, :, :max_len]       # (S, H, T, hd) views
+        scores = (q @ k.transpose(2, 3)).to(self.store) / math.sqrt(hd)  # (S, H, 1, T), softmax in fp32+
+        seen = torch.arange(max_len, device=self.device) < lens[:, None]  # (S, T) cache positions in use
+        p = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1)
+        return (p.to(v.dtype) @ v).reshape(S, d).to(self.store)       # (S, d) heads side by side
+
     # ---- AdamW (float32 moments and master weights under bfloat16) --------------------------------
     @torch.no_grad()
     def adamw_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
