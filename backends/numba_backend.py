@@ -1,0 +1,451 @@
+"""The fast CPU backend: numba kernels, parallel over rows (prange), with matmuls left to BLAS.
+
+Same interface and the same math as `numpy_backend.NumpyBackend` (tested kernel by kernel against
+it); array handling and the rarely hot kernels (dropout, head_logits) are inherited from it. What
+changes is how the work is done:
+
+- Elementwise and row-wise work is one fused parallel pass (layernorm, GELU, softmax +
+  cross-entropy, AdamW) instead of numpy's chain of temporaries.
+- Sums that many threads would add into the same element (layernorm and bias gradients, the
+  embedding scatter) are split so that no two threads ever write one element: fixed row chunks with
+  their own partial sums reduced afterwards, or a partition of the columns. Fixed chunks, not one
+  per thread, so results do not depend on the thread count.
+- Attention runs one (sequence, head) pair per parallel task, one query row at a time, with O(L)
+  scratch; the forward keeps only each row's log-sum-exp and the backward recomputes the
+  probabilities from it (flash-attention style), so no (L, L) matrix is ever held.
+- Constants are made in the array's own dtype (`x.dtype.type(c)`): a bare float literal would
+  silently promote float32 arithmetic to float64 in numba.
+
+Kernels compile on first use for each dtype and are cached on disk (`cache=True`), so later
+processes start warm.
+"""
+import math
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .numpy_backend import GELU_C, LN_EPS, NumpyBackend
+
+# Fast-math without 'nnan'/'ninf': reassociation lets reductions vectorise, but no kernel may
+# assume away infinities.
+FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+ROW_CHUNK = 32          # rows per partial sum in the column reductions (layernorm dw/db, bias grads)
+COL_BLOCK = 32          # columns per task in the embedding scatter
+HEAD_CHUNK_BYTES = 128 * 2**20  # logits held at once by the fused head: 128 MiB (652 rows x 50257 f32)
+IGNORE = -100
+
+jit = dict(cache=True, nogil=True)
+
+# numba's workqueue thread pool sleeps between parallel regions. The OpenMP layer's threads spin
+# after each region instead, and on a small machine they steal the cores BLAS needs for the matmul
+# that comes next (measured: BLAS 1.5-3x slower). An explicit NUMBA_THREADING_LAYER still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+def _flat(a):
+    """A 1-D view of a C-contiguous array, never a copy: in-place kernels write through it."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"numba backend: an in-place kernel needs a C-contiguous array, got strides {a.strides}")
+    return a.reshape(-1)
+
+
+# ---- token + position embedding ------------------------------------------------------------------
+@njit(parallel=True, **jit)
+def _embedding_fwd(tokens, positions, wte, wpe, out):
+    for n in prange(out.shape[0]):
+        t, p = tokens[n], positions[n]
+        for j in range(out.shape[1]):
+            out[n, j] = wte[t, j] + wpe[p, j]
+
+
+@njit(parallel=True, **jit)
+def _embedding_bwd(dwte, dwpe, dx, tokens, positions):
+    # Each task owns a block of columns for every row, so repeated tokens never race, and each
+    # element is summed in row order, exactly as np.add.at does.
+    N, d = dx.shape
+    for blk in prange((d + COL_BLOCK - 1) // COL_BLOCK):
+        j0, j1 = blk * COL_BLOCK, min(d, (blk + 1) * COL_BLOCK)
+        for n in range(N):
+            t, p = tokens[n], positions[n]
+            for j in range(j0, j1):
+                dwte[t, j] += dx[n, j]
+                dwpe[p, j] += dx[n, j]
+
+
+# ---- layernorm -----------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=FAST, **jit)
+def _layernorm_fwd(x, w, b, out, mean, rstd):
+    N, d = x.shape
+    eps = x.dtype.type(LN_EPS)
+    one = x.dtype.type(1.0)
+    for n in prange(N):
+        s = 0.0  # float64 accumulators: one row's statistics, then rounded to x's dtype
+        for j in range(d):
+            s += x[n, j]
+        m = x.dtype.type(s / d)
+        s2 = 0.0
+        for j in range(d):
+            c = x[n, j] - m
+            s2 += c * c
+        r = one / math.sqrt(x.dtype.type(s2 / d) + eps)
+        mean[n], rstd[n] = m, r
+        for j in range(d):
+            out[n, j] = (x[n, j] - m) * r * w[j] + b[j]
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _layernorm_bwd(dout, x, w, mean, rstd, dx, dw_part, db_part):
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * w;
+    # dw, db: each chunk of ROW_CHUNK rows sums into its own row of dw_part, db_part (float64).
+    N, d = x.shape
+    for c in prange(dw_part.shape[0]):
+        for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
+            m, r = mean[n], rstd[n]
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(d):
+                xhat = (x[n, j] - m) * r
+                dxhat = dout[n, j] * w[j]
+                s1 += dxhat
+                s2 += dxhat * xhat
+                dw_part[c, j] += dout[n, j] * xhat
+                db_part[c, j] += dout[n, j]
+            a1 = x.dtype.type(s1 / d)
+            a2 = x.dtype.type(s2 / d)
+            for j in range(d):
+                xhat = (x[n, j] - m) * r
+                dx[n, j] = r * (dout[n, j] * w[j] - a1 - xhat * a2)
+
+
+# ---- bias add / bias gradient / residual ---------------------------------------------------------
+@njit(parallel=True, **jit)
+def _add_bias_(y, b):
+    for n in prange(y.shape[0]):
+        for j in range(y.shape[1]):
+            y[n, j] += b[j]
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _colsum_part(dy, part):
+    # part[c] = sum of rows c*ROW_CHUNK ... of dy, in float64
+    N, d = dy.shape
+    for c in prange(part.shape[0]):
+        for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
+            for j in range(d):
+                part[c, j] += dy[n, j]
+
+
+@njit(parallel=True, **jit)
+def _add(a, b, out):
+    for i in prange(out.shape[0]):
+        out[i] = a[i] + b[i]
+
+
+@njit(parallel=True, **jit)
+def _add_(dst, src):
+    for i in prange(dst.shape[0]):
+        dst[i] += src[i]
+
+
+@njit(parallel=True, **jit)
+def _mul(a, b, out):
+    for i in prange(out.shape[0]):
+        out[i] = a[i] * b[i]
+
+
+@njit(parallel=True, **jit)
+def _scale_(a, s):
+    for i in prange(a.shape[0]):
+        a[i] *= s
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _sumsq(a):
+    s = 0.0
+    for i in prange(a.shape[0]):
+        s += np.float64(a[i]) * np.float64(a[i])
+    return s
+
+
+# ---- GELU (tanh approximation) -------------------------------------------------------------------
+# tanh(u) from e = exp(-2|u|) <= 1: tanh|u| = (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2.
+# Nothing overflows and neither loses digits to cancellation; exp vectorises where tanh does not.
+@njit(parallel=True, fastmath=FAST, **jit)
+def _gelu_fwd(x, out):
+    one, two, half = x.dtype.type(1.0), x.dtype.type(2.0), x.dtype.type(0.5)
+    c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
+    for i in prange(x.shape[0]):
+        v = x[i]
+        u = c * (v + a * v * v * v)
+        e = math.exp(-two * abs(u))
+        t = (one - e) / (one + e)
+        t = t if u >= 0 else -t
+        out[i] = half * v * (one + t)
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _gelu_bwd(dy, x, dx):
+    one, two, half, four = x.dtype.type(1.0), x.dtype.type(2.0), x.dtype.type(0.5), x.dtype.type(4.0)
+    c, a, a3 = x.dtype.type(GELU_C), x.dtype.type(0.044715), x.dtype.type(3 * 0.044715)
+    for i in prange(x.shape[0]):
+        v = x[i]
+        u = c * (v + a * v * v * v)
+        e = math.exp(-two * abs(u))
+        t = (one - e) / (one + e)
+        t = t if u >= 0 else -t
+        sech2 = four * e / ((one + e) * (one + e))   # 1 - t^2
+        dx[i] = dy[i] * (half * (one + t) + half * v * sech2 * c * (one + a3 * v * v))
+
+
+# ---- causal attention over packed sequences ------------------------------------------------------
+@njit(parallel=True, fastmath=FAST, **jit)
+def _attention_fwd(qkv, cu, H, out, lse):
+    # One task per (sequence, head); query row i attends keys 0..i of its own sequence.
+    # out (N, d), lse (N, H): the row's log-sum-exp of the scaled scores, all the backward needs.
+    d = out.shape[1]
+    hd = d // H
+    scale = qkv.dtype.type(1.0 / math.sqrt(hd))
+    zero = qkv.dtype.type(0.0)
+    S = cu.shape[0] - 1
+    for task in prange(S * H):
+        s, h = task // H, task % H
+        a, L = cu[s], cu[s + 1] - cu[s]
+        qo, ko, vo = h * hd, d + h * hd, 2 * d + h * hd
+        p = np.empty(L, dtype=qkv.dtype)                       # (L,) one row's scores, then exps
+        for i in range(L):
+            qi = a + i
+            mx = qkv.dtype.type(-np.inf)
+            for j in range(i + 1):
+                acc = zero
+                for t in range(hd):
+                    acc += qkv[qi, qo + t] * qkv[a + j, ko + t]
+                p[j] = acc * scale
+                mx = max(mx, p[j])
+            tot = zero
+            for j in range(i + 1):
+                p[j] = math.exp(p[j] - mx)
+                tot += p[j]
+            for t in range(hd):
+                out[qi, qo + t] = zero
+            for j in range(i + 1):
+                for t in range(hd):
+                    out[qi, qo + t] += p[j] * qkv[a + j, vo + t]
+            inv = qkv.dtype.type(1.0) / tot
+            for t in range(hd):
+                out[qi, qo + t] *= inv
+            lse[qi, h] = mx + math.log(tot)
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _attention_bwd(dout, qkv, out, lse, cu, H, dqkv):
+    # p_ij = exp(s_ij - lse_i) recomputed; D_i = dout_i . out_i = sum_j p_ij dp_ij;
+    # ds_ij = p_ij (dp_ij - D_i) with dp_ij = dout_i . v_j, then dq_i += ds k_j, dk_j += ds q_i
+    # (both times the score scale), dv_j += p_ij dout_i. A task writes only its own head's columns
+    # of its own sequence's rows: no two tasks touch one element.
+    d = dout.shape[1]
+    hd = d // H
+    scale = qkv.dtype.type(1.0 / math.sqrt(hd))
+    zero = qkv.dtype.type(0.0)
+    S = cu.shape[0] - 1
+    for task in prange(S * H):
+        s, h = task // H, task % H
+        a, L = cu[s], cu[s + 1] - cu[s]
+        qo, ko, vo = h * hd, d + h * hd, 2 * d + h * hd
+        for i in range(L):
+            for t in range(hd):
+                dqkv[a + i, qo + t] = zero
+                dqkv[a + i, ko + t] = zero
+                dqkv[a + i, vo + t] = zero
+        for i in range(L):
+            qi = a + i
+            D = zero
+            for t in range(hd):
+                D += dout[qi, qo + t] * out[qi, qo + t]
+            for j in range(i + 1):
+                kj = a + j
+                sc = zero
+                dp = zero
+                for t in range(hd):
+                    sc += qkv[qi, qo + t] * qkv[kj, ko + t]
+                    dp += dout[qi, qo + t] * qkv[kj, vo + t]
+                pij = math.exp(sc * scale - lse[qi, h])
+                ds = pij * (dp - D) * scale
+                for t in range(hd):
+                    dqkv[qi, qo + t] += ds * qkv[kj, ko + t]
+                    dqkv[kj, ko + t] += ds * qkv[qi, qo + t]
+                    dqkv[kj, vo + t] += pij * dout[qi, qo + t]
+
+
+# ---- fused softmax + cross-entropy over a chunk of logits rows -----------------------------------
+@njit(parallel=True, fastmath=FAST, **jit)
+def _xent(logits, targets, losses, grad, scale):
+    # losses[r] = logsumexp(logits_r) - logits_r[t_r] (float64). With grad, logits_r is overwritten
+    # in place by scale * (softmax(logits_r) - onehot(t_r)).
+    R, V = logits.shape
+    for r in prange(R):
+        t = targets[r]
+        lt = logits[r, t]
+        mx = logits[r, 0]
+        for j in range(1, V):
+            mx = max(mx, logits[r, j])
+        tot = 0.0
+        if grad:
+            for j in range(V):
+                e = math.exp(logits[r, j] - mx)
+                logits[r, j] = e
+                tot += e
+        else:
+            for j in range(V):
+                tot += math.exp(logits[r, j] - mx)
+        losses[r] = math.log(tot) - (lt - mx)
+        if grad:
+            f = logits.dtype.type(scale / tot)
+            for j in range(V):
+                logits[r, j] *= f
+            logits[r, t] -= logits.dtype.type(scale)
+
+
+# ---- AdamW ---------------------------------------------------------------------------------------
+@njit(parallel=True, **jit)
+def _adamw(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
+    # torch.optim.AdamW's order of operations, every scalar already in the arrays' dtype; no
+    # fast-math here, so each element rounds exactly as the reference does.
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = b1 * m[i] + omb1 * gi
+        vi = b2 * v[i] + omb2 * gi * gi
+        m[i], v[i] = mi, vi
+        p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vi) / bc2_sqrt + eps))
+
+
+class NumbaBackend(NumpyBackend):
+    name = "numba"
+
+    def __init__(self, dtype="float32"):
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"numba backend supports float32 and float64, not {dtype!r}")
+        super().__init__(dtype)
+
+    def _empty(self, shape):
+        return np.empty(shape, dtype=self.np_dtype)
+
+    def add_(self, dst, src):
+        _add_(_flat(dst), src.ravel())
+
+    # ---- embedding ---------------------------------------------------------------------------
+    def embedding_forward(self, tokens, positions, wte, wpe):
+        out = self._empty((tokens.shape[0], wte.shape[1]))    # (N, d)
+        _embedding_fwd(tokens, positions, wte, wpe, out)
+        return out
+
+    def embedding_backward(self, dwte, dwpe, dx, tokens, positions):
+        _embedding_bwd(dwte, dwpe, dx, tokens, positions)
+
+    # ---- layernorm ---------------------------------------------------------------------------
+    def layernorm_forward(self, x, w, b):
+        N = x.shape[0]
+        out, mean, rstd = self._empty(x.shape), self._empty(N), self._empty(N)
+        _layernorm_fwd(x, w, b, out, mean, rstd)
+        return out, mean, rstd
+
+    def layernorm_backward(self, dout, x, w, mean, rstd):
+        N, d = x.shape
+        dx = self._empty(x.shape)                             # (N, d)
+        n_chunks = (N + ROW_CHUNK - 1) // ROW_CHUNK
+        dw_part, db_part = np.zeros((n_chunks, d)), np.zeros((n_chunks, d))  # float64 partials
+        _layernorm_bwd(dout, x, w, mean, rstd, dx, dw_part, db_part)
+        return dx, dw_part.sum(axis=0).astype(self.np_dtype), db_part.sum(axis=0).astype(self.np_dtype)
+
+    # ---- linear ------------------------------------------------------------------------------
+    def linear_forward(self, x, w, b):
+        y = self._empty((x.shape[0], w.shape[1]))             # (N, out)
+        np.matmul(x, w, out=y)
+        if b is not None:
+            _add_bias_(y, b)
+        return y
+
+    def _colsum(self, dy):
+        part = np.zeros(((dy.shape[0] + ROW_CHUNK - 1) // ROW_CHUNK, dy.shape[1]))  # float64
+        _colsum_part(dy, part)
+        return part.sum(axis=0).astype(self.np_dtype)
+
+    def linear_backward(self, dy, x, w, need_dw=True):
+        dx = dy @ w.T                                         # (N, in)
+        dw = x.T @ dy if need_dw else None                    # (in, out)
+        return dx, dw, self._colsum(dy)
+
+    # ---- attention ---------------------------------------------------------------------------
+    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
+        N = qkv.shape[0]
+        out = self._empty((N, qkv.shape[1] // 3))             # (N, d)
+        lse = self._empty((N, n_heads))                       # (N, H)
+        _attention_fwd(qkv, cu_seqlens, n_heads, out, lse)
+        return out, lse
+
+    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen):
+        dqkv = self._empty(qkv.shape)                         # (N, 3d)
+        _attention_bwd(dout, qkv, out, ctx, cu_seqlens, n_heads, dqkv)
+        return dqkv
+
+    # ---- GELU, residual, dropout -------------------------------------------------------------
+    def gelu_forward(self, x):
+        out = self._empty(x.shape)
+        _gelu_fwd(x.ravel(), _flat(out))
+        return out
+
+    def gelu_backward(self, dy, x):
+        dx = self._empty(x.shape)
+        _gelu_bwd(dy.ravel(), x.ravel(), _flat(dx))
+        return dx
+
+    def residual_forward(self, a, b):
+        out = self._empty(a.shape)
+        _add(a.ravel(), b.ravel(), _flat(out))
+        return out
+
+    def dropout_backward(self, dy, mask):
+        dx = self._empty(dy.shape)
+        _mul(dy.ravel(), mask.ravel(), _flat(dx))
+        return dx
+
+    # ---- fused head + cross-entropy ----------------------------------------------------------
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0):
+        rows = np.flatnonzero(targets != IGNORE)              # (M,) only these rows need logits
+        V = w.shape[0]
+        chunk = max(1, HEAD_CHUNK_BYTES // (V * self.np_dtype.itemsize))
+        dh = np.zeros_like(h) if dw is not None else None     # (N, d)
+        logits_buf = self._empty((min(chunk, len(rows)), V))  # (R, V), reused by every chunk
+        dw_part = self._empty(dw.shape) if dw is not None else None  # (V, d) one chunk's dW
+        loss_sum = 0.0
+        for c in range(0, len(rows), chunk):
+            r = rows[c:c + chunk]                             # (R,)
+            hr = h[r]                                         # (R, d)
+            logits = logits_buf[:len(r)]
+            np.matmul(hr, w.T, out=logits)
+            losses = np.empty(len(r))                         # (R,) float64
+            _xent(logits, targets[r], losses, dw is not None, grad_scale)
+            loss_sum += float(losses.sum())
+            if dw is None:
+                continue
+            dh[r] = logits @ w                                # (R, d)
+            np.matmul(logits.T, hr, out=dw_part)              # (V, d)
+            _add_(_flat(dw), dw_part.ravel())
+        return np.float64(loss_sum), len(rows), dh
+
+    # ---- optimizer ---------------------------------------------------------------------------
+    def adamw_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        f = self.np_dtype.type
+        _adamw(_flat(p), g.ravel(), _flat(m), _flat(v),
+               f(1.0 - lr * weight_decay), f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
+               f(lr / (1.0 - beta1 ** step)), f(math.sqrt(1.0 - beta2 ** step)), f(eps))
+
+    def global_norm(self, grads):
+        return math.sqrt(sum(_sumsq(g.ravel()) for g in grads))
+
+    def scale_(self, grads, s):
+        for g in grads:
+            _scale_(_flat(g), self.np_dtype.type(s))
+
