@@ -8,8 +8,8 @@ changes is how the work is done:
   cross-entropy, AdamW) instead of numpy's chain of temporaries.
 - Sums that many threads would add into the same element (layernorm and bias gradients, the
   embedding scatter) are split so that no two threads ever write one element: fixed row chunks with
-  their own partial sums reduced afterwards, or a partition of the columns. Fixed chunks, not one
-  per thread, so results do not depend on the thread count.
+  their own partial sums reduced afterwards, or a partition of the gradient's rows. Fixed chunks,
+  not one per thread, so results do not depend on the thread count.
 - Attention runs one (sequence, head) pair per parallel task, one query row at a time, with O(L)
   scratch; the forward keeps only each row's log-sum-exp and the backward recomputes the
   probabilities from it (flash-attention style), so no (L, L) matrix is ever held.
@@ -19,8 +19,10 @@ changes is how the work is done:
 Kernels compile on first use for each dtype and are cached on disk (`cache=True`), so later
 processes start warm.
 """
+import ctypes
 import math
 import os
+import platform
 
 import numba
 import numpy as np
@@ -32,7 +34,7 @@ from .numpy_backend import GELU_C, LN_EPS, NumpyBackend
 # assume away infinities.
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 ROW_CHUNK = 32          # rows per partial sum in the column reductions (layernorm dw/db, bias grads)
-COL_BLOCK = 32          # columns per task in the embedding scatter
+EMB_TASKS = 64          # tasks in the embedding scatter (each owns the rows with index = task mod 64)
 HEAD_CHUNK_BYTES = 128 * 2**20  # logits held at once by the fused head: 128 MiB (652 rows x 50257 f32)
 IGNORE = -100
 
@@ -43,6 +45,25 @@ jit = dict(cache=True, nogil=True, error_model="numpy")  # numpy: no zero-divisi
 # that comes next (measured: BLAS 1.5-3x slower). An explicit NUMBA_THREADING_LAYER still wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+
+
+def _keep_freed_memory():
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step allocates and frees the same ~1-2 GB of activations and gradients every step
+    (on gpt2-small). By default glibc serves every block above 32 MB, and many smaller ones, with a
+    fresh mmap and unmaps it on free, so each step pays again for page faults, the kernel zeroing
+    every page and assembling transparent huge pages: measured 20k faults and 1.5-3 s of system
+    time per gpt2-small step on 2 cores. With mmap off and heap trimming off, freed blocks go back
+    to malloc's free lists and the next step reuses them: no faults, no system time after the first
+    step. The cost is that the process keeps its peak heap. Process-wide and glibc-only (elsewhere
+    a no-op); set once, when the first numba backend is made."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                  # <malloc.h>
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_TRIM_THRESHOLD, -1)                     # never trim the heap (-1 = SIZE_MAX)
+    libc.mallopt(M_MMAP_MAX, 0)                            # serve big blocks from the heap too
 
 
 def _flat(a):
@@ -63,16 +84,20 @@ def _embedding_fwd(tokens, positions, wte, wpe, out):
 
 @njit(parallel=True, **jit)
 def _embedding_bwd(dwte, dwpe, dx, tokens, positions):
-    # Each task owns a block of columns for every row, so repeated tokens never race, and each
-    # element is summed in row order, exactly as np.add.at does.
+    # Row-partitioned scatter: task k owns the gradient rows whose index is k mod EMB_TASKS and adds
+    # into them in position order, so repeated tokens never race and every element is summed in
+    # the same order as np.add.at sums it. Each addition is a whole contiguous row.
     N, d = dx.shape
-    for blk in prange((d + COL_BLOCK - 1) // COL_BLOCK):
-        j0, j1 = blk * COL_BLOCK, min(d, (blk + 1) * COL_BLOCK)
+    for k in prange(EMB_TASKS):
         for n in range(N):
-            t, p = tokens[n], positions[n]
-            for j in range(j0, j1):
-                dwte[t, j] += dx[n, j]
-                dwpe[p, j] += dx[n, j]
+            if tokens[n] % EMB_TASKS == k:
+                t = tokens[n]
+                for j in range(d):
+                    dwte[t, j] += dx[n, j]
+            if positions[n] % EMB_TASKS == k:
+                p = positions[n]
+                for j in range(d):
+                    dwpe[p, j] += dx[n, j]
 
 
 # ---- layernorm -----------------------------------------------------------------------------------
@@ -148,6 +173,12 @@ def _add(a, b, out):
 def _add_(dst, src):
     for i in prange(dst.shape[0]):
         dst[i] += src[i]
+
+
+@njit(parallel=True, **jit)
+def _fill(a, value):
+    for i in prange(a.shape[0]):
+        a[i] = value
 
 
 @njit(parallel=True, **jit)
@@ -364,23 +395,15 @@ class NumbaBackend(NumpyBackend):
         if dtype not in ("float32", "float64"):
             raise ValueError(f"numba backend supports float32 and float64, not {dtype!r}")
         super().__init__(dtype)
-        self._scratch = {}  # purpose -> 2-D buffer private to one kernel call, reused by the next
+        _keep_freed_memory()
 
     def _empty(self, shape):
         return np.empty(shape, dtype=self.np_dtype)
 
-    def _scratch_rows(self, what, rows, cols):
-        """The first `rows` rows of a (>= rows, cols) buffer kept for `what` across calls, grown when
-        too small. Only temporaries that never leave the kernel call live here (the head's logits
-        and weight gradient, 100-150 MB each on GPT-2): reusing them saves the page faults of
-        fresh memory on every step. Not for concurrent use from several threads."""
-        buf = self._scratch.get(what)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
-            buf = self._scratch[what] = np.empty((rows, cols), dtype=self.np_dtype)
-        return buf[:rows]
-
     def zeros_like(self, x):
-        return np.zeros(x.shape, dtype=x.dtype)  # calloc: pages are zeroed when first touched
+        out = np.empty(x.shape, dtype=x.dtype)
+        _fill(_flat(out), out.dtype.type(0.0))  # parallel: the heap memory is reused, not fresh zeros
+        return out
 
     def add_(self, dst, src):
         _add_(_flat(dst), src.ravel())
@@ -467,8 +490,8 @@ class NumbaBackend(NumpyBackend):
         V = w.shape[0]
         chunk = max(1, HEAD_CHUNK_BYTES // (V * self.np_dtype.itemsize))
         dh = np.zeros(h.shape, dtype=h.dtype) if dw is not None else None  # (N, d)
-        logits_buf = self._scratch_rows("head logits", min(chunk, len(rows)), V)  # (R, V)
-        dw_part = self._scratch_rows("head dw", *dw.shape) if dw is not None else None  # (V, d) one chunk's dW
+        logits_buf = self._empty((min(chunk, len(rows)), V))  # (R, V) each chunk's logits, then their grads
+        dw_part = self._empty(dw.shape) if dw is not None else None  # (V, d) one chunk's dW
         loss_sum = 0.0
         for c in range(0, len(rows), chunk):
             r = rows[c:c + chunk]                             # (R,)
