@@ -1,0 +1,524 @@
+"""The fast CPU backend: numba kernels, parallel over rows (prange), with matmuls left to BLAS.
+
+Same interface and the same math as `numpy_backend.NumpyBackend` (tested kernel by kernel against
+it); array handling and the rarely hot kernels (dropout, head_logits) are inherited from it. What
+changes is how the work is done:
+
+- Elementwise and row-wise work is one fused parallel pass (layernorm, GELU, softmax +
+  cross-entropy, AdamW) instead of numpy's chain of temporaries.
+- Sums that many threads would add into the same element (layernorm and bias gradients, the
+  embedding scatter) are split so that no two threads ever write one element: fixed row chunks with
+  their own partial sums reduced afterwards, or a partition of the gradient's rows. Fixed chunks,
+  not one per thread, so results do not depend on the thread count.
+- Attention runs one (sequence, head) pair per parallel task, one query row at a time, with O(L)
+  scratch; the forward keeps only each row's log-sum-exp and the backward recomputes the
+  probabilities from it (flash-attention style), so no (L, L) matrix is ever held.
+- Constants are made in the array's own dtype (`x.dtype.type(c)`): a bare float literal would
+  silently promote float32 arithmetic to float64 in numba.
+
+Kernels compile on first use for each dtype and are cached on disk (`cache=True`), so later
+processes start warm.
+"""
+import ctypes
+import math
+import os
+import platform
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .numpy_backend import GELU_C, LN_EPS, NumpyBackend
+
+# Fast-math without 'nnan'/'ninf': reassociation lets reductions vectorise, but no kernel may
+# assume away infinities.
+FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+ROW_CHUNK = 32          # rows per partial sum in the column reductions (layernorm dw/db, bias grads)
+EMB_TASKS = 64          # tasks in the embedding scatter (each owns the rows with index = task mod 64)
+HEAD_CHUNK_BYTES = 128 * 2**20  # logits held at once by the fused head: 128 MiB (652 rows x 50257 f32)
+IGNORE = -100
+
+jit = dict(cache=True, nogil=True, error_model="numpy")  # numpy: no zero-division check per division
+
+# numba's workqueue thread pool sleeps between parallel regions. The OpenMP layer's threads spin
+# after each region instead, and on a small machine they steal the cores BLAS needs for the matmul
+# that comes next (measured: BLAS 1.5-3x slower). An explicit NUMBA_THREADING_LAYER still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+def _keep_freed_memory():
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step allocates and frees the same ~1-2 GB of activations and gradients every step
+    (on gpt2-small). By default glibc serves every block above 32 MB, and many smaller ones, with a
+    fresh mmap and unmaps it on free, so each step pays again for page faults, the kernel zeroing
+    every page and assembling transparent huge pages: measured 20k faults and 1.5-3 s of system
+    time per gpt2-small step on 2 cores. With mmap off and heap trimming off, freed blocks go back
+    to malloc's free lists and the next step reuses them: no faults, no system time after the first
+    step. The cost is that the process keeps its peak heap. Process-wide and glibc-only (elsewhere
+    a no-op); set once, when the first numba backend is made."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                  # <malloc.h>
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_TRIM_THRESHOLD, -1)                     # never trim the heap (-1 = SIZE_MAX)
+    libc.mallopt(M_MMAP_MAX, 0)                            # serve big blocks from the heap too
+
+
+def _flat(a):
+    """A 1-D view of a C-contiguous array, never a copy: in-place kernels write through it."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"numba backend: an in-place kernel needs a C-contiguous array, got strides {a.strides}")
+    return a.reshape(-1)
+
+
+# ---- token + position embedding ------------------------------------------------------------------
+@njit(parallel=True, **jit)
+def _embedding_fwd(tokens, positions, wte, wpe, out):
+    for n in prange(out.shape[0]):
+        t, p = tokens[n], positions[n]
+        for j in range(out.shape[1]):
+            out[n, j] = wte[t, j] + wpe[p, j]
+
+
+@njit(parallel=True, **jit)
+def _embedding_bwd(dwte, dwpe, dx, tokens, positions):
+    # Row-partitioned scatter: task k owns the gradient rows whose index is k mod EMB_TASKS and adds
+    # into them in position order, so repeated tokens never race and every element is summed in
+    # the same order as np.add.at sums it. Each addition is a whole contiguous row.
+    N, d = dx.shape
+    for k in prange(EMB_TASKS):
+        for n in range(N):
+            if tokens[n] % EMB_TASKS == k:
+                t = tokens[n]
+                for j in range(d):
+                    dwte[t, j] += dx[n, j]
+            if positions[n] % EMB_TASKS == k:
+                p = positions[n]
+                for j in range(d):
+                    dwpe[p, j] += dx[n, j]
+
+
+# ---- layernorm -----------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=FAST, **jit)
+def _layernorm_fwd(x, w, b, out, mean, rstd):
+    N, d = x.shape
+    eps = x.dtype.type(LN_EPS)
+    one = x.dtype.type(1.0)
+    for n in prange(N):
+        s = 0.0  # float64 accumulators: one row's statistics, then rounded to x's dtype
+        for j in range(d):
+            s += x[n, j]
+        m = x.dtype.type(s / d)
+        s2 = 0.0
+        for j in range(d):
+            c = x[n, j] - m
+            s2 += c * c
+        r = one / math.sqrt(x.dtype.type(s2 / d) + eps)
+        mean[n], rstd[n] = m, r
+        for j in range(d):
+            out[n, j] = (x[n, j] - m) * r * w[j] + b[j]
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _layernorm_bwd(dout, x, w, mean, rstd, dx, dw_part, db_part):
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * w;
+    # dw, db: each chunk of ROW_CHUNK rows sums into its own row of dw_part, db_part (float64).
+    N, d = x.shape
+    for c in prange(dw_part.shape[0]):
+        for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
+            m, r = mean[n], rstd[n]
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(d):
+                xhat = (x[n, j] - m) * r
+                dxhat = dout[n, j] * w[j]
+                s1 += dxhat
+                s2 += dxhat * xhat
+                dw_part[c, j] += dout[n, j] * xhat
+                db_part[c, j] += dout[n, j]
+            a1 = x.dtype.type(s1 / d)
+            a2 = x.dtype.type(s2 / d)
+            for j in range(d):
+                xhat = (x[n, j] - m) * r
+                dx[n, j] = r * (dout[n, j] * w[j] - a1 - xhat * a2)
+
+
+# ---- bias add / bias gradient / residual ---------------------------------------------------------
+@njit(parallel=True, **jit)
+def _add_bias_(y, b):
+    for n in prange(y.shape[0]):
+        for j in range(y.shape[1]):
+            y[n, j] += b[j]
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _colsum_part(dy, part):
+    # part[c] = sum of rows c*ROW_CHUNK ... of dy, in float64
+    N, d = dy.shape
+    for c in prange(part.shape[0]):
+        for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
+            for j in range(d):
+                part[c, j] += dy[n, j]
+
+
+@njit(parallel=True, **jit)
+def _add(a, b, out):
+    for i in prange(out.shape[0]):
+        out[i] = a[i] + b[i]
+
+
+@njit(parallel=True, **jit)
+def _add_(dst, src):
+    for i in prange(dst.shape[0]):
+        dst[i] += src[i]
+
+
+@njit(parallel=True, **jit)
+def _fill(a, value):
+    for i in prange(a.shape[0]):
+        a[i] = value
+
+
+@njit(parallel=True, **jit)
+def _mul(a, b, out):
+    for i in prange(out.shape[0]):
+        out[i] = a[i] * b[i]
+
+
+@njit(parallel=True, **jit)
+def _scale_(a, s):
+    for i in prange(a.shape[0]):
+        a[i] *= s
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _sumsq(a):
+    s = 0.0
+    for i in prange(a.shape[0]):
+        s += np.float64(a[i]) * np.float64(a[i])
+    return s
+
+
+# ---- GELU (tanh approximation) -------------------------------------------------------------------
+# tanh(u) from e = exp(-2|u|) <= 1: tanh|u| = (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2.
+# Nothing overflows and neither loses digits to cancellation; exp vectorises where tanh does not.
+@njit(parallel=True, fastmath=FAST, **jit)
+def _gelu_fwd(x, out):
+    one, two, half = x.dtype.type(1.0), x.dtype.type(2.0), x.dtype.type(0.5)
+    c, a = x.dtype.type(GELU_C), x.dtype.type(0.044715)
+    for i in prange(x.shape[0]):
+        v = x[i]
+        u = c * (v + a * v * v * v)
+        e = math.exp(-two * abs(u))
+        t = (one - e) / (one + e)
+        t = t if u >= 0 else -t
+        out[i] = half * v * (one + t)
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _gelu_bwd(dy, x, dx):
+    one, two, half, four = x.dtype.type(1.0), x.dtype.type(2.0), x.dtype.type(0.5), x.dtype.type(4.0)
+    c, a, a3 = x.dtype.type(GELU_C), x.dtype.type(0.044715), x.dtype.type(3 * 0.044715)
+    for i in prange(x.shape[0]):
+        v = x[i]
+        u = c * (v + a * v * v * v)
+        e = math.exp(-two * abs(u))
+        t = (one - e) / (one + e)
+        t = t if u >= 0 else -t
+        sech2 = four * e / ((one + e) * (one + e))   # 1 - t^2
+        dx[i] = dy[i] * (half * (one + t) + half * v * sech2 * c * (one + a3 * v * v))
+
+
+# ---- causal attention over packed sequences ------------------------------------------------------
+# One task per (sequence, head). A task first copies its head's q, k, v (and dout) into small
+# contiguous (L, hd) arrays: every inner loop then runs over hd contiguous elements and vectorises,
+# where indexing the wide (N, 3d) rows directly measured 3-5x slower. Query row i works with O(L)
+# scratch: its scores against keys 0..i, then their exps.
+@njit(inline="always", **jit)
+def _head(x, a, L, off, hd):
+    """The (L, hd) block x[a:a+L, off:off+hd], copied contiguous."""
+    out = np.empty((L, hd), dtype=x.dtype)
+    for i in range(L):
+        for t in range(hd):
+            out[i, t] = x[a + i, off + t]
+    return out
+
+
+@njit(fastmath=FAST, inline="always", **jit)
+def _dot(x, y):
+    acc = x.dtype.type(0.0)
+    for t in range(x.shape[0]):
+        acc += x[t] * y[t]
+    return acc
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _attention_fwd(qkv, cu, H, out, lse):
+    # out (N, d), lse (N, H): each row's log-sum-exp of its scaled scores, all the backward needs.
+    d = out.shape[1]
+    hd = d // H
+    scale = qkv.dtype.type(1.0 / math.sqrt(hd))
+    zero, one = qkv.dtype.type(0.0), qkv.dtype.type(1.0)
+    S = cu.shape[0] - 1
+    for task in prange(S * H):
+        s, h = task // H, task % H
+        a, L = cu[s], cu[s + 1] - cu[s]
+        q = _head(qkv, a, L, h * hd, hd)                     # (L, hd)
+        k = _head(qkv, a, L, d + h * hd, hd)                 # (L, hd)
+        v = _head(qkv, a, L, 2 * d + h * hd, hd)             # (L, hd)
+        p = np.empty(L, dtype=qkv.dtype)                     # (L,) row i's scores, then exps
+        o = np.empty(hd, dtype=qkv.dtype)                    # (hd,) row i's output
+        for i in range(L):
+            n = i + 1                                         # causal: keys 0..i
+            mx = qkv.dtype.type(-np.inf)
+            for j in range(n):
+                p[j] = scale * _dot(q[i], k[j])
+                mx = max(mx, p[j])
+            tot = zero
+            for j in range(n):
+                p[j] = math.exp(p[j] - mx)
+                tot += p[j]
+            o[:] = zero
+            for j in range(n):
+                pj = p[j]
+                for t in range(hd):
+                    o[t] += pj * v[j, t]
+            inv = one / tot
+            for t in range(hd):
+                out[a + i, h * hd + t] = o[t] * inv
+            lse[a + i, h] = mx + math.log(tot)
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _attention_bwd(dout, qkv, out, lse, cu, H, dqkv):
+    # p_ij = exp(s_ij - lse_i) recomputed; D_i = dout_i . out_i = sum_j p_ij dp_ij;
+    # ds_ij = scale * p_ij (dp_ij - D_i) with dp_ij = dout_i . v_j; then dq_i = sum_j ds_ij k_j,
+    # dk_j += ds_ij q_i, dv_j += p_ij dout_i. A task writes only its own head's columns of its own
+    # sequence's rows: no two tasks touch one element.
+    d = dout.shape[1]
+    hd = d // H
+    scale = qkv.dtype.type(1.0 / math.sqrt(hd))
+    zero = qkv.dtype.type(0.0)
+    S = cu.shape[0] - 1
+    for task in prange(S * H):
+        s, h = task // H, task % H
+        a, L = cu[s], cu[s + 1] - cu[s]
+        q = _head(qkv, a, L, h * hd, hd)                     # (L, hd)
+        k = _head(qkv, a, L, d + h * hd, hd)                 # (L, hd)
+        v = _head(qkv, a, L, 2 * d + h * hd, hd)             # (L, hd)
+        do = _head(dout, a, L, h * hd, hd)                   # (L, hd)
+        o = _head(out, a, L, h * hd, hd)                     # (L, hd)
+        dq = np.zeros((L, hd), dtype=qkv.dtype)
+        dk = np.zeros((L, hd), dtype=qkv.dtype)
+        dv = np.zeros((L, hd), dtype=qkv.dtype)
+        p = np.empty(L, dtype=qkv.dtype)                     # (L,) row i's probabilities
+        ds = np.empty(L, dtype=qkv.dtype)                    # (L,) row i's score gradients
+        for i in range(L):
+            n = i + 1
+            for j in range(n):
+                p[j] = scale * _dot(q[i], k[j])
+                ds[j] = _dot(do[i], v[j])                    # dp_ij
+            D = _dot(do[i], o[i])
+            m = lse[a + i, h]
+            for j in range(n):
+                p[j] = math.exp(p[j] - m)
+                ds[j] = scale * p[j] * (ds[j] - D)
+            # one destination array per loop: with several, numba cannot rule out aliasing and
+            # the loops stop vectorising
+            for j in range(n):
+                dsj = ds[j]
+                for t in range(hd):
+                    dq[i, t] += dsj * k[j, t]
+            for j in range(n):
+                dsj = ds[j]
+                for t in range(hd):
+                    dk[j, t] += dsj * q[i, t]
+            for j in range(n):
+                pj = p[j]
+                for t in range(hd):
+                    dv[j, t] += pj * do[i, t]
+        for i in range(L):
+            for t in range(hd):
+                dqkv[a + i, h * hd + t] = dq[i, t]
+                dqkv[a + i, d + h * hd + t] = dk[i, t]
+                dqkv[a + i, 2 * d + h * hd + t] = dv[i, t]
+
+
+# ---- fused softmax + cross-entropy over a chunk of logits rows -----------------------------------
+@njit(parallel=True, fastmath=FAST, **jit)
+def _xent(logits, targets, losses, grad, scale):
+    # losses[r] = logsumexp(logits_r) - logits_r[t_r] (float64). With grad, logits_r is overwritten
+    # in place by scale * (softmax(logits_r) - onehot(t_r)).
+    R, V = logits.shape
+    for r in prange(R):
+        t = targets[r]
+        lt = logits[r, t]
+        mx = logits[r, 0]
+        for j in range(1, V):
+            mx = max(mx, logits[r, j])
+        tot = 0.0
+        if grad:
+            for j in range(V):
+                e = math.exp(logits[r, j] - mx)
+                logits[r, j] = e
+                tot += e
+        else:
+            for j in range(V):
+                tot += math.exp(logits[r, j] - mx)
+        losses[r] = math.log(tot) - (lt - mx)
+        if grad:
+            f = logits.dtype.type(scale / tot)
+            for j in range(V):
+                logits[r, j] *= f
+            logits[r, t] -= logits.dtype.type(scale)
+
+
+# ---- AdamW ---------------------------------------------------------------------------------------
+@njit(parallel=True, **jit)
+def _adamw(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
+    # torch.optim.AdamW's order of operations, every scalar already in the arrays' dtype; no
+    # fast-math here, so each element rounds exactly as the reference does.
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = b1 * m[i] + omb1 * gi
+        vi = b2 * v[i] + omb2 * gi * gi
+        m[i], v[i] = mi, vi
+        p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vi) / bc2_sqrt + eps))
+
+
+class NumbaBackend(NumpyBackend):
+    name = "numba"
+
+    def __init__(self, dtype="float32"):
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"numba backend supports float32 and float64, not {dtype!r}")
+        super().__init__(dtype)
+        _keep_freed_memory()
+
+    def _empty(self, shape):
+        return np.empty(shape, dtype=self.np_dtype)
+
+    def zeros_like(self, x):
+        out = np.empty(x.shape, dtype=x.dtype)
+        _fill(_flat(out), out.dtype.type(0.0))  # parallel: the heap memory is reused, not fresh zeros
+        return out
+
+    def add_(self, dst, src):
+        _add_(_flat(dst), src.ravel())
+
+    # ---- embedding ---------------------------------------------------------------------------
+    def embedding_forward(self, tokens, positions, wte, wpe):
+        out = self._empty((tokens.shape[0], wte.shape[1]))    # (N, d)
+        _embedding_fwd(tokens, positions, wte, wpe, out)
+        return out
+
+    def embedding_backward(self, dwte, dwpe, dx, tokens, positions):
+        _embedding_bwd(dwte, dwpe, dx, tokens, positions)
+
+    # ---- layernorm ---------------------------------------------------------------------------
+    def layernorm_forward(self, x, w, b):
+        N = x.shape[0]
+        out, mean, rstd = self._empty(x.shape), self._empty(N), self._empty(N)
+        _layernorm_fwd(x, w, b, out, mean, rstd)
+        return out, mean, rstd
+
+    def layernorm_backward(self, dout, x, w, mean, rstd):
+        N, d = x.shape
+        dx = self._empty(x.shape)                             # (N, d)
+        n_chunks = (N + ROW_CHUNK - 1) // ROW_CHUNK
+        dw_part, db_part = np.zeros((n_chunks, d)), np.zeros((n_chunks, d))  # float64 partials
+        _layernorm_bwd(dout, x, w, mean, rstd, dx, dw_part, db_part)
+        return dx, dw_part.sum(axis=0).astype(self.np_dtype), db_part.sum(axis=0).astype(self.np_dtype)
+
+    # ---- linear ------------------------------------------------------------------------------
+    def linear_forward(self, x, w, b):
+        y = self._empty((x.shape[0], w.shape[1]))             # (N, out)
+        np.matmul(x, w, out=y)
+        if b is not None:
+            _add_bias_(y, b)
+        return y
+
+    def _colsum(self, dy):
+        part = np.zeros(((dy.shape[0] + ROW_CHUNK - 1) // ROW_CHUNK, dy.shape[1]))  # float64
+        _colsum_part(dy, part)
+        return part.sum(axis=0).astype(self.np_dtype)
+
+    def linear_backward(self, dy, x, w, need_dw=True):
+        dx = dy @ w.T                                         # (N, in)
+        dw = x.T @ dy if need_dw else None                    # (in, out)
+        return dx, dw, self._colsum(dy)
+
+    # ---- attention ---------------------------------------------------------------------------
+    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
+        N = qkv.shape[0]
+        out = self._empty((N, qkv.shape[1] // 3))             # (N, d)
+        lse = self._empty((N, n_heads))                       # (N, H)
+        _attention_fwd(qkv, cu_seqlens, n_heads, out, lse)
+        return out, lse
+
+    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen):
+        dqkv = self._empty(qkv.shape)                         # (N, 3d)
+        _attention_bwd(dout, qkv, out, ctx, cu_seqlens, n_heads, dqkv)
+        return dqkv
+
+    # ---- GELU, residual, dropout -------------------------------------------------------------
+    def gelu_forward(self, x):
+        out = self._empty(x.shape)
+        _gelu_fwd(x.ravel(), _flat(out))
+        return out
+
+    def gelu_backward(self, dy, x):
+        dx = self._empty(x.shape)
+        _gelu_bwd(dy.ravel(), x.ravel(), _flat(dx))
+        return dx
+
+    def residual_forward(self, a, b):
+        out = self._empty(a.shape)
+        _add(a.ravel(), b.ravel(), _flat(out))
+        return out
+
+    def dropout_backward(self, dy, mask):
+        dx = self._empty(dy.shape)
+        _mul(dy.ravel(), mask.ravel(), _flat(dx))
+        return dx
+
+    # ---- fused head + cross-entropy ----------------------------------------------------------
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0):
+        rows = np.flatnonzero(targets != IGNORE)              # (M,) only these rows need logits
+        V = w.shape[0]
+        chunk = max(1, HEAD_CHUNK_BYTES // (V * self.np_dtype.itemsize))
+        dh = np.zeros(h.shape, dtype=h.dtype) if dw is not None else None  # (N, d)
+        logits_buf = self._empty((min(chunk, len(rows)), V))  # (R, V) each chunk's logits, then their grads
+        dw_part = self._empty(dw.shape) if dw is not None else None  # (V, d) one chunk's dW
+        loss_sum = 0.0
+        for c in range(0, len(rows), chunk):
+            r = rows[c:c + chunk]                             # (R,)
+            hr = h[r]                                         # (R, d)
+            logits = logits_buf[:len(r)]
+            np.matmul(hr, w.T, out=logits)
+            losses = np.empty(len(r))                         # (R,) float64
+            _xent(logits, targets[r], losses, dw is not None, grad_scale)
+            loss_sum += float(losses.sum())
+            if dw is None:
+                continue
+            dh[r] = logits @ w                                # (R, d)
+            np.matmul(logits.T, hr, out=dw_part)              # (V, d)
+            _add_(_flat(dw), dw_part.ravel())
+        return np.float64(loss_sum), len(rows), dh
+
+    # ---- optimizer ---------------------------------------------------------------------------
+    def adamw_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        f = self.np_dtype.type
+        _adamw(_flat(p), g.ravel(), _flat(m), _flat(v),
+               f(1.0 - lr * weight_decay), f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
+               f(lr / (1.0 - beta1 ** step)), f(math.sqrt(1.0 - beta2 ** step)), f(eps))
+
+    def global_norm(self, grads):
+        return math.sqrt(sum(_sumsq(g.ravel()) for g in grads))
+
+    def scale_(self, grads, s):
+        for g in grads:
+            _scale_(_flat(g), self.np_dtype.type(s))
+

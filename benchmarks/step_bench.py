@@ -1,0 +1,183 @@
+"""Train-step measurements shared by the end-to-end benchmark and tools/bench_table.py.
+
+One step = clear gradients, forward, backward, AdamW update (lr 5e-5, weight decay 0.1, the book's
+recipe), on B sequences of T random tokens with every target valid. The contenders:
+
+    numpy   minisft on the numpy reference backend
+    numba   minisft on the numba backend
+    torch   minisft on the torch backend (CPU), when backends/torch_backend.py exists
+    peer    tests/torch_gpt.py TorchGPT (PyTorch autograd, written the ordinary way) +
+            torch.optim.AdamW at its defaults: the "PyTorch on the same CPU" baseline
+
+FLOPs of one step (stated once, used for every MFU figure):
+
+    6 * P * tokens + 12 * n_layers * d * sum_s(L_s^2)
+
+P = the weights that multiply activations: 12 d^2 per block plus the V x d output head (biases,
+layernorms and the embedding lookups are not matmuls). The second term is attention's QK^T and PV
+(4 d L^2 per layer and sequence forward, counted square as PaLM's accounting does, times 3 for
+forward + backward). gpt2-small, B=8, T=64: 383 GFLOP per step.
+
+MFU = (step FLOPs / step time) / the machine's sgemm peak, measured here as numpy float32 matmuls of
+the shapes the step itself runs (best of the shapes).
+
+Run one contender in a fresh process (clean peak RSS, no thread pools of another library):
+    python -m benchmarks.step_bench numba --steps 5
+"""
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+from minisft import GPT, AdamW, GPTConfig, pack_padded
+
+KINDS = ("numpy", "numba", "torch", "peer")
+LR, WEIGHT_DECAY = 5e-5, 0.1
+
+
+def available(kind: str) -> str | None:
+    """None when the contender can run here, else why not."""
+    if kind in ("torch", "peer") and importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    if kind == "torch" and importlib.util.find_spec("backends.torch_backend") is None:
+        return "backends/torch_backend.py is not part of this build"
+    return None
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    return cfg.n_layers * 12 * cfg.emb_dim ** 2 + cfg.vocab_size * cfg.emb_dim
+
+
+def step_flops(cfg: GPTConfig, seqlens) -> float:
+    tokens = int(np.sum(seqlens))
+    attn = 12 * cfg.n_layers * cfg.emb_dim * float(np.sum(np.square(seqlens, dtype=np.float64)))
+    return 6.0 * matmul_params(cfg) * tokens + attn
+
+
+def gemm_shapes(cfg: GPTConfig, n: int):
+    """The matmuls of one train step on n positions: (what, M, K, N, a transposed, b transposed).
+    Linear y = x @ W (n, in) @ (in, out); its backward dx = dy @ W^T and dW = x^T @ dy. The head
+    logits = h @ Wh^T, dh = dlogits @ Wh, dWh = dlogits^T @ h."""
+    d, V = cfg.emb_dim, cfg.vocab_size
+    shapes = []
+    for what, k_in, k_out in (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, 4 * d), ("mlp.c_proj", 4 * d, d)):
+        shapes += [(f"{what} fwd", n, k_in, k_out, False, False),
+                   (f"{what} dx", n, k_out, k_in, False, True),
+                   (f"{what} dW", k_in, n, k_out, True, False)]
+    shapes += [("head fwd", n, d, V, False, True), ("head dh", n, V, d, False, False),
+               ("head dW", V, n, d, True, False)]
+    return shapes
+
+
+def sgemm_rates(cfg: GPTConfig, n: int, reps: int = 3, seed: int = 0) -> dict:
+    """GFLOP/s of numpy float32 matmul for each shape of gemm_shapes (best of reps)."""
+    rng = np.random.default_rng(seed)
+    rates = {}
+    for what, M, K, N, ta, tb in gemm_shapes(cfg, n):
+        a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
+        a, b = (a.T if ta else a), (b.T if tb else b)
+        out = np.empty((M, N), dtype=np.float32)
+        np.matmul(a, b, out=out)
+        best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(reps))
+        rates[what] = 2.0 * M * K * N / best / 1e9
+    return rates
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def random_batch(cfg: GPTConfig, batch_size: int, seq_len: int, rng):
+    x = rng.integers(0, cfg.vocab_size, size=(batch_size, seq_len))  # (B, T)
+    y = rng.integers(0, cfg.vocab_size, size=(batch_size, seq_len))  # (B, T)
+    return x, y
+
+
+def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: int = 0):
+    """A callable running one train step of `kind` on a fresh random batch each call."""
+    rng = np.random.default_rng(seed)
+    if kind == "peer":
+        import torch
+
+        from minisft.model import init_params
+        from tests.torch_gpt import TorchGPT
+        model = TorchGPT(cfg)
+        model.load_numpy({n: a.astype(np.float32) for n, a in init_params(cfg, rng).items()})
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+        def step():
+            x, y = (torch.from_numpy(a) for a in random_batch(cfg, batch_size, seq_len, rng))
+            opt.zero_grad()
+            loss = model.loss(x, y)
+            loss.backward()
+            opt.step()
+            return loss.item()
+        return step
+
+    model = GPT(cfg, backend=kind, dtype="float32", seed=seed)
+    opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def step():
+        batch = pack_padded(*random_batch(cfg, batch_size, seq_len, rng), strip=False)
+        model.zero_grad()
+        loss_sum, n = model.forward_backward(batch)
+        opt.step()
+        return loss_sum / n
+    return step
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def measure(kind: str, model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64,
+            steps: int = 5, warmup: int = 1) -> dict:
+    """Median step time of `steps` timed steps after `warmup`; tokens/s and MFU use it."""
+    cfg = GPTConfig.preset(model)
+    t0 = time.perf_counter()
+    step = make_step(kind, cfg, batch_size, seq_len)
+    build = time.perf_counter() - t0
+    first = [_timed(step) for _ in range(warmup)]  # the first includes numba's compile or cache load
+    times = [_timed(step) for _ in range(steps)]
+    sec = float(np.median(times))
+    flops = step_flops(cfg, [seq_len] * batch_size)
+    return dict(kind=kind, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                sec_per_step=sec, step_times=times, tokens_per_s=batch_size * seq_len / sec,
+                gflops_per_s=flops / sec / 1e9, step_gflop=flops / 1e9, build_s=build,
+                first_step_s=first[0] if first else None,
+                peak_rss_mb=peak_rss_mb(), threads=os.cpu_count())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="time train steps of one contender; prints JSON")
+    ap.add_argument("kind", choices=KINDS + ("sgemm",))
+    ap.add_argument("--model", default="gpt2-small")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.kind == "sgemm":
+        cfg = GPTConfig.preset(args.model)
+        rates = sgemm_rates(cfg, args.batch_size * args.seq_len)
+        out = dict(kind="sgemm", rates=rates, peak=max(rates.values()))
+    else:
+        why = available(args.kind)
+        if why:
+            out = dict(kind=args.kind, skipped=why)
+        else:
+            out = measure(args.kind, args.model, args.batch_size, args.seq_len, args.steps, args.warmup)
+    json.dump(out, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Whole-run comparison: 2 epochs of the book's chapter-7 recipe on gpt2-small shapes, minisft numba
+padding-free against the book-style PyTorch pipeline (padded batches), wall time of each.
+
+    python tools/whole_run.py                 # time an evenly spaced sample of steps, extrapolate
+    python tools/whole_run.py --sample all    # time every step of both runs
+
+The recipe: the 935 training entries of the book's instruction-data.json (its first 85%, unshuffled,
+as the book splits), each formatted with the Alpaca prompt and its response, tokenized with the GPT-2
+tokenizer; batches of 8 in a fresh random order each epoch, the last partial batch dropped
+(116 steps per epoch); the book's collate (end-of-text appended, padded with it to the longest in
+the batch, targets shifted by one, -100 on every pad but the first); AdamW lr 5e-5, weight decay 0.1;
+dropout 0; random initial weights (timing does not depend on them). Both sides get the same batches.
+
+    book   tests/torch_gpt.py TorchGPT + torch.optim.AdamW on the padded (8, T) batch, as the book
+    numba  minisft GPT on the numba backend, the same batch packed without its trailing padding
+
+Only the training steps are timed, on both sides: the book's periodic evaluation and sample
+generation are left out of both. Each side runs in its own process, alternating chunk by chunk so
+that machine load that drifts hits both; a process builds its model and takes one untimed warm-up
+step first (numba's cache load, first-touch of memory), reported separately as the fixed cost.
+
+The tokenization below is this benchmark's own, minimal on purpose (it is not minisft's data
+pipeline): the book's format_input and collate, written out.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minisft import GPT, AdamW, GPTConfig, pack_padded  # noqa: E402
+
+DATA = Path(os.environ.get("MINISFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+EOT, BATCH, EPOCHS, SEED, LR, WEIGHT_DECAY = 50256, 8, 2, 123, 5e-5, 0.1
+
+
+# ---- the benchmark's own minimal data pipeline (the book's format and collate) -------------------
+def format_input(entry: dict) -> str:
+    text = ("Below is an instruction that describes a task. Write a response that appropriately "
+            f"completes the request.\n\n### Instruction:\n{entry['instruction']}")
+    return text + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
+
+
+def train_token_ids() -> list:
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(DATA / "tiktoken_cache"))
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    data = json.loads((DATA / "instruction-data.json").read_text())
+    train = data[:int(len(data) * 0.85)]  # the book's split: first 85% train, unshuffled
+    return [enc.encode(format_input(e) + f"\n\n### Response:\n{e['output']}") for e in train]
+
+
+def collate(seqs):
+    """The book's collate: (B, T) inputs and targets, T = longest sequence in the batch."""
+    T = max(len(s) for s in seqs) + 1
+    inputs = np.full((len(seqs), T - 1), EOT, dtype=np.int64)   # (B, T-1)
+    targets = np.full((len(seqs), T - 1), -100, dtype=np.int64)  # (B, T-1)
+    for r, s in enumerate(seqs):
+        padded = np.array(list(s) + [EOT] * (T - len(s)))       # (T,)
+        inputs[r] = padded[:-1]
+        targets[r, :len(s)] = padded[1:len(s) + 1]               # the text's next tokens + one end-of-text
+    return inputs, targets
+
+
+def schedule(n_entries: int):
+    """Entry indices of every step of the run: a fresh permutation per epoch, partial batch dropped."""
+    rng = np.random.default_rng(SEED)
+    steps = []
+    for _ in range(EPOCHS):
+        perm = rng.permutation(n_entries)
+        steps += [perm[i:i + BATCH] for i in range(0, n_entries - BATCH + 1, BATCH)]
+    return steps
+
+
+# ---- one side, in its own process ------------------------------------------------------------------
+def make_side(side: str, cfg: GPTConfig):
+    if side == "book":
+        import torch
+
+        from minisft.model import init_params
+        from tests.torch_gpt import TorchGPT
+        model = TorchGPT(cfg)
+        model.load_numpy({n: a.astype(np.float32) for n, a in init_params(cfg, np.random.default_rng(0)).items()})
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+        def step(inputs, targets):
+            loss = model.loss(torch.from_numpy(inputs), torch.from_numpy(targets))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss.item(), inputs.size
+        return step
+
+    model = GPT(cfg, backend="numba", dtype="float32", seed=0)
+    opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def step(inputs, targets):
+        batch = pack_padded(inputs, targets)  # drops each row's trailing padding
+        model.zero_grad()
+        loss_sum, n_valid = model.forward_backward(batch)
+        opt.step()
+        return loss_sum / n_valid, batch.num_tokens
+    return step
+
+
+def worker(side: str, step_ids: list, model: str) -> dict:
+    t0 = time.perf_counter()
+    seqs = train_token_ids()
+    steps = schedule(len(seqs))
+    step = make_side(side, GPTConfig.preset(model))
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step(*collate([seqs[i] for i in steps[step_ids[0]]]))  # untimed warm-up
+    warm = time.perf_counter() - t0
+    times, tokens = [], []
+    for s in step_ids:
+        inputs, targets = collate([seqs[i] for i in steps[s]])
+        t0 = time.perf_counter()
+        _, n = step(inputs, targets)
+        times.append(time.perf_counter() - t0)
+        tokens.append(n)
+    return dict(side=side, build_s=build, warmup_s=warm, times=times, tokens=tokens)
+
+
+def run_worker(side, ids, model) -> dict:
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", side, "--model", model,
+                          "--ids", ",".join(map(str, ids))], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{side} worker failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gpt2-small")
+    ap.add_argument("--sample", default="24", help="steps timed per side, evenly spaced over the run, or 'all'")
+    ap.add_argument("--chunks", type=int, default=4, help="alternations between the two sides")
+    ap.add_argument("--worker", choices=["book", "numba"], help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, [int(i) for i in args.ids.split(",")], args.model)))
+        return
+
+    seqs = train_token_ids()
+    steps = schedule(len(seqs))
+    n_steps = len(steps)
+    ids = list(range(n_steps)) if args.sample == "all" else \
+        sorted(set(np.linspace(0, n_steps - 1, int(args.sample)).round().astype(int).tolist()))
+    padded = sum(collate([seqs[i] for i in s])[0].size for s in steps)
+    packed = sum(sum(len(seqs[i]) for i in s) for s in steps)
+    print(f"{len(seqs)} entries, {n_steps} steps ({EPOCHS} epochs of {n_steps // EPOCHS}), batch {BATCH}: "
+          f"{padded:,} padded positions, {packed:,} after packing ({packed / padded:.0%}); "
+          f"timing {len(ids)} steps per side", file=sys.stderr)
+
+    res = {"book": [], "numba": []}
+    for c in range(args.chunks):
+        part = ids[c::args.chunks]
+        if not part:
+            continue
+        for side in (("numba", "book") if c % 2 == 0 else ("book", "numba")):
+            r = run_worker(side, part, args.model)
+            res[side].append(r)
+            print(f"chunk {c + 1}/{args.chunks} {side}: {np.mean(r['times']):.2f} s/step over {len(part)} steps",
+                  file=sys.stderr, flush=True)
+
+    print(f"### Whole run: {EPOCHS} epochs of the book recipe, {args.model} shapes, batch {BATCH}, "
+          f"{n_steps} steps\n")
+    how = "every step timed" if len(ids) == n_steps else \
+        f"{len(ids)} evenly spaced steps timed per side, the total extrapolated as mean step time x {n_steps}"
+    print(f"{how}; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.\n")
+    print("| pipeline | positions/step | s/step | training steps total | fixed (build + first step) | whole run |")
+    print("|---|---:|---:|---:|---:|---:|")
+    total = {}
+    for side, label in (("book", "book-style PyTorch, padded"), ("numba", "minisft numba, padding-free")):
+        times = [t for r in res[side] for t in r["times"]]
+        toks = [t for r in res[side] for t in r["tokens"]]
+        fixed = float(np.median([r["build_s"] + r["warmup_s"] for r in res[side]]))
+        total[side] = np.mean(times) * n_steps + fixed
+        print(f"| {label} | {np.mean(toks):.0f} | {np.mean(times):.2f} | {np.mean(times) * n_steps / 60:.1f} min | "
+              f"{fixed:.0f} s | {total[side] / 60:.1f} min |")
+    print(f"\nminisft numba is {total['book'] / total['numba']:.2f}x faster over the whole run.")
+
+
+if __name__ == "__main__":
+    main()
