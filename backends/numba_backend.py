@@ -26,7 +26,9 @@ import platform
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from .numpy_backend import GELU_C, LN_EPS, NumpyBackend
 
@@ -71,6 +73,51 @@ def _flat(a):
     if not a.flags.c_contiguous:
         raise ValueError(f"numba backend: an in-place kernel needs a C-contiguous array, got strides {a.strides}")
     return a.reshape(-1)
+
+
+# ---- exp that vectorises -------------------------------------------------------------------------
+# numba calls the C library's scalar expf one element at a time, and the softmaxes and GELUs of a
+# gpt2-small step take ~70M exponentials. This float32 exp is plain arithmetic that LLVM vectorises:
+# 3x faster, and as accurate (max 1 ulp, the same as glibc's expf). Cephes' expf: n = round(x log2 e),
+# r = x - n ln 2 in two parts (Cody-Waite), exp(r) by a degree-7 polynomial, times 2^n built in the
+# exponent bits. Inputs are clamped to [-87, 88] (the normal float32 range): below -87 it returns
+# exp(-87) = 1.6e-38 rather than a denormal or 0; NaN stays NaN. float64 keeps libm's exp.
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of an integer."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(v, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+def _exp(x):
+    """exp(x), for use inside numba kernels only."""
+    return math.exp(x)
+
+
+@overload(_exp)
+def _exp_impl(x):
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def exp32(x):
+        x = np.float32(-87.0) if x < np.float32(-87.0) else x
+        x = np.float32(88.0) if x > np.float32(88.0) else x
+        n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        p = p * (r * r) + r + np.float32(1.0)
+        return p * _f32_from_bits((np.int64(n) + 127) << 23)
+    return exp32
 
 
 # ---- token + position embedding ------------------------------------------------------------------
@@ -203,7 +250,7 @@ def _sumsq(a):
 
 # ---- GELU (tanh approximation) -------------------------------------------------------------------
 # tanh(u) from e = exp(-2|u|) <= 1: tanh|u| = (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2.
-# Nothing overflows and neither loses digits to cancellation; exp vectorises where tanh does not.
+# Nothing overflows and neither loses digits to cancellation, and _exp vectorises where tanh does not.
 @njit(parallel=True, fastmath=FAST, **jit)
 def _gelu_fwd(x, out):
     one, two, half = x.dtype.type(1.0), x.dtype.type(2.0), x.dtype.type(0.5)
@@ -211,7 +258,7 @@ def _gelu_fwd(x, out):
     for i in prange(x.shape[0]):
         v = x[i]
         u = c * (v + a * v * v * v)
-        e = math.exp(-two * abs(u))
+        e = _exp(-two * abs(u))
         t = (one - e) / (one + e)
         t = t if u >= 0 else -t
         out[i] = half * v * (one + t)
@@ -224,7 +271,7 @@ def _gelu_bwd(dy, x, dx):
     for i in prange(x.shape[0]):
         v = x[i]
         u = c * (v + a * v * v * v)
-        e = math.exp(-two * abs(u))
+        e = _exp(-two * abs(u))
         t = (one - e) / (one + e)
         t = t if u >= 0 else -t
         sech2 = four * e / ((one + e) * (one + e))   # 1 - t^2
@@ -278,7 +325,7 @@ def _attention_fwd(qkv, cu, H, out, lse):
                 mx = max(mx, p[j])
             tot = zero
             for j in range(n):
-                p[j] = math.exp(p[j] - mx)
+                p[j] = _exp(p[j] - mx)
                 tot += p[j]
             o[:] = zero
             for j in range(n):
@@ -323,7 +370,7 @@ def _attention_bwd(dout, qkv, out, lse, cu, H, dqkv):
             D = _dot(do[i], o[i])
             m = lse[a + i, h]
             for j in range(n):
-                p[j] = math.exp(p[j] - m)
+                p[j] = _exp(p[j] - m)
                 ds[j] = scale * p[j] * (ds[j] - D)
             # one destination array per loop: with several, numba cannot rule out aliasing and
             # the loops stop vectorising
@@ -361,12 +408,12 @@ def _xent(logits, targets, losses, grad, scale):
         tot = 0.0
         if grad:
             for j in range(V):
-                e = math.exp(logits[r, j] - mx)
+                e = _exp(logits[r, j] - mx)
                 logits[r, j] = e
                 tot += e
         else:
             for j in range(V):
-                tot += math.exp(logits[r, j] - mx)
+                tot += _exp(logits[r, j] - mx)
         losses[r] = math.log(tot) - (lt - mx)
         if grad:
             f = logits.dtype.type(scale / tot)
