@@ -294,11 +294,41 @@ def _head(x, a, L, off, hd):
 
 
 @njit(fastmath=FAST, inline="always", **jit)
-def _dot(x, y):
-    acc = x.dtype.type(0.0)
-    for t in range(x.shape[0]):
-        acc += x[t] * y[t]
+def _rowdot(a, i, b, j):
+    """a[i] . b[j], indexing the 2-D arrays directly: a row view per call would cost a reference
+    count update each, which in these inner loops measured slower than the dot itself."""
+    acc = a.dtype.type(0.0)
+    for t in range(a.shape[1]):
+        acc += a[i, t] * b[j, t]
     return acc
+
+
+@njit(fastmath=FAST, inline="always", **jit)
+def _rowdot2(a, b, i, c, d, j):
+    """(a[i] . c[j], b[i] . d[j]) in one pass."""
+    acc1 = a.dtype.type(0.0)
+    acc2 = a.dtype.type(0.0)
+    for t in range(a.shape[1]):
+        acc1 += a[i, t] * c[j, t]
+        acc2 += b[i, t] * d[j, t]
+    return acc1, acc2
+
+
+@njit(fastmath=FAST, inline="always", **jit)
+def _accumulate_rows(dst, i, coef, src, n):
+    """dst[i] += sum_{j < n} coef[j] * src[j], four source rows per pass: one row at a time, each
+    pass would wait on the previous pass's store to dst[i]."""
+    j = 0
+    while j + 4 <= n:
+        c0, c1, c2, c3 = coef[j], coef[j + 1], coef[j + 2], coef[j + 3]
+        for t in range(dst.shape[1]):
+            dst[i, t] += c0 * src[j, t] + c1 * src[j + 1, t] + c2 * src[j + 2, t] + c3 * src[j + 3, t]
+        j += 4
+    while j < n:
+        c0 = coef[j]
+        for t in range(dst.shape[1]):
+            dst[i, t] += c0 * src[j, t]
+        j += 1
 
 
 @njit(parallel=True, fastmath=FAST, **jit)
@@ -315,26 +345,22 @@ def _attention_fwd(qkv, cu, H, out, lse):
         q = _head(qkv, a, L, h * hd, hd)                     # (L, hd)
         k = _head(qkv, a, L, d + h * hd, hd)                 # (L, hd)
         v = _head(qkv, a, L, 2 * d + h * hd, hd)             # (L, hd)
+        y = np.zeros((L, hd), dtype=qkv.dtype)               # (L, hd) unnormalised outputs
         p = np.empty(L, dtype=qkv.dtype)                     # (L,) row i's scores, then exps
-        o = np.empty(hd, dtype=qkv.dtype)                    # (hd,) row i's output
         for i in range(L):
             n = i + 1                                         # causal: keys 0..i
             mx = qkv.dtype.type(-np.inf)
             for j in range(n):
-                p[j] = scale * _dot(q[i], k[j])
+                p[j] = scale * _rowdot(q, i, k, j)
                 mx = max(mx, p[j])
             tot = zero
             for j in range(n):
                 p[j] = _exp(p[j] - mx)
                 tot += p[j]
-            o[:] = zero
-            for j in range(n):
-                pj = p[j]
-                for t in range(hd):
-                    o[t] += pj * v[j, t]
+            _accumulate_rows(y, i, p, v, n)
             inv = one / tot
             for t in range(hd):
-                out[a + i, h * hd + t] = o[t] * inv
+                out[a + i, h * hd + t] = y[i, t] * inv
             lse[a + i, h] = mx + math.log(tot)
 
 
@@ -347,7 +373,6 @@ def _attention_bwd(dout, qkv, out, lse, cu, H, dqkv):
     d = dout.shape[1]
     hd = d // H
     scale = qkv.dtype.type(1.0 / math.sqrt(hd))
-    zero = qkv.dtype.type(0.0)
     S = cu.shape[0] - 1
     for task in prange(S * H):
         s, h = task // H, task % H
@@ -365,19 +390,17 @@ def _attention_bwd(dout, qkv, out, lse, cu, H, dqkv):
         for i in range(L):
             n = i + 1
             for j in range(n):
-                p[j] = scale * _dot(q[i], k[j])
-                ds[j] = _dot(do[i], v[j])                    # dp_ij
-            D = _dot(do[i], o[i])
+                sij, dpij = _rowdot2(q, do, i, k, v, j)      # q_i . k_j, dout_i . v_j
+                p[j] = scale * sij
+                ds[j] = dpij
+            D = _rowdot(do, i, o, i)
             m = lse[a + i, h]
             for j in range(n):
                 p[j] = _exp(p[j] - m)
                 ds[j] = scale * p[j] * (ds[j] - D)
+            _accumulate_rows(dq, i, ds, k, n)
             # one destination array per loop: with several, numba cannot rule out aliasing and
             # the loops stop vectorising
-            for j in range(n):
-                dsj = ds[j]
-                for t in range(hd):
-                    dq[i, t] += dsj * k[j, t]
             for j in range(n):
                 dsj = ds[j]
                 for t in range(hd):
