@@ -59,7 +59,7 @@ def _keep_freed_memory():
     time per gpt2-small step on 2 cores. With mmap off and heap trimming off, freed blocks go back
     to malloc's free lists and the next step reuses them: no faults, no system time after the first
     step. The cost is that the process keeps its peak heap. Process-wide and glibc-only (elsewhere
-    a no-op); set once, when the first numba backend is made."""
+    a no-op); set by every NumbaBackend() (idempotent)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                  # <malloc.h>

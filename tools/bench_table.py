@@ -32,9 +32,12 @@ from minisft import GPTConfig  # noqa: E402
 
 LABELS = {"numpy": "minisft numpy", "numba": "minisft numba", "torch": "minisft torch (cpu)",
           "peer": "PyTorch autograd (TorchGPT + torch.optim.AdamW)",
-          "matmuls": "the step's matmuls alone (numpy sgemm)"}
+          "matmuls": "the step's matmuls alone (numpy sgemm)",
+          "peer-malloc": "PyTorch autograd, glibc keeping freed memory (MALLOC_MMAP_MAX_=0, no trim)"}
 
 
+# glibc's tunables for what backends/numba_backend.py sets with mallopt: no mmap, never trim.
+PEER_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**63)}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
@@ -68,6 +71,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="also time numba's cold and warm first step")
+    ap.add_argument("--peer-malloc", action="store_true",
+                    help="add a row: the peer with glibc told to keep freed memory, as the numba backend does")
     ap.add_argument("--threads", type=int, help="threads for every library in every contender (default: "
                     "each library's own default, one per core)")
     args = ap.parse_args()
@@ -76,6 +81,8 @@ def main():
 
     common = ["--model", args.model, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     kinds = [k for k in args.kinds if not available(k)]
+    if args.peer_malloc and "peer" in kinds:
+        kinds.append("peer-malloc")
     skipped = {k: available(k) for k in args.kinds if available(k)}
     load_before = os.getloadavg()
     times = {k: [] for k in kinds}
@@ -88,7 +95,8 @@ def main():
         peaks.append(sg["peak"])
         rates.append(sg["rates"])
         for k in order:
-            res, _ = run_json([k, "--steps", str(args.steps), "--warmup", str(args.warmup), *common])
+            kind, env = (k, None) if k != "peer-malloc" else ("peer", dict(os.environ, **PEER_MALLOC))
+            res, _ = run_json([kind, "--steps", str(args.steps), "--warmup", str(args.warmup), *common], env)
             times[k] += res["step_times"]
             rss[k] = max(rss[k], res["peak_rss_mb"])
             gflop = res["step_gflop"]
