@@ -8,6 +8,8 @@ recipe), on B sequences of T random tokens with every target valid. The contende
     torch   minisft on the torch backend (CPU), when backends/torch_backend.py exists
     peer    tests/torch_gpt.py TorchGPT (PyTorch autograd, written the ordinary way) +
             torch.optim.AdamW at its defaults: the "PyTorch on the same CPU" baseline
+    matmuls only the step's matmuls, numpy float32 on preallocated operands: the floor no
+            contender that leaves its matmuls to BLAS can go below
 
 FLOPs of one step (stated once, used for every MFU figure):
 
@@ -36,7 +38,7 @@ import numpy as np
 
 from minisft import GPT, AdamW, GPTConfig, pack_padded
 
-KINDS = ("numpy", "numba", "torch", "peer")
+KINDS = ("numpy", "numba", "torch", "peer", "matmuls")
 LR, WEIGHT_DECAY = 5e-5, 0.1
 
 
@@ -89,6 +91,23 @@ def sgemm_rates(cfg: GPTConfig, n: int, reps: int = 3, seed: int = 0) -> dict:
     return rates
 
 
+def matmuls_step(cfg: GPTConfig, n: int, rng):
+    """Only the matmuls of one train step (every layer's and the head's, numpy float32, operands
+    preallocated): the time a step could take if everything else were free."""
+    gemms = []
+    for what, M, K, N, ta, tb in gemm_shapes(cfg, n):
+        a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
+        gemms.append(((a.T if ta else a), (b.T if tb else b), np.empty((M, N), dtype=np.float32),
+                      1 if what.startswith("head") else cfg.n_layers))
+
+    def step():
+        for a, b, out, count in gemms:
+            for _ in range(count):
+                np.matmul(a, b, out=out)
+    return step
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -104,6 +123,8 @@ def random_batch(cfg: GPTConfig, batch_size: int, seq_len: int, rng):
 def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: int = 0):
     """A callable running one train step of `kind` on a fresh random batch each call."""
     rng = np.random.default_rng(seed)
+    if kind == "matmuls":
+        return matmuls_step(cfg, batch_size * seq_len, rng)
     if kind == "peer":
         import torch
 

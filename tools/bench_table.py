@@ -6,7 +6,10 @@ Every round runs each contender once, each in a fresh process (python -m benchma
 in an order rotated from round to round, plus one sgemm measurement; a contender's figure is the
 median over all its timed steps, so load that drifts during the run hits every contender alike.
 Ratios are against the PyTorch-autograd peer measured in the same run. With --compile it also
-times numba's first step with an empty kernel cache and with a warm one.
+times numba's first step with an empty kernel cache and with a warm one. --threads N pins every
+library (OpenMP/torch, OpenBLAS, MKL, numba) to N threads: on a machine shared with other work,
+--threads 1 compares per-core efficiency without the thread-barrier stalls that oversubscription
+inflicts, unevenly, on multi-threaded runs.
 """
 import argparse
 import datetime
@@ -28,7 +31,14 @@ from benchmarks.step_bench import KINDS, available, matmul_params  # noqa: E402
 from minisft import GPTConfig  # noqa: E402
 
 LABELS = {"numpy": "minisft numpy", "numba": "minisft numba", "torch": "minisft torch (cpu)",
-          "peer": "PyTorch autograd (TorchGPT + torch.optim.AdamW)"}
+          "peer": "PyTorch autograd (TorchGPT + torch.optim.AdamW)",
+          "matmuls": "the step's matmuls alone (numpy sgemm)",
+          "peer-malloc": "PyTorch autograd, glibc keeping freed memory (MALLOC_MMAP_MAX_=0, no trim)"}
+
+
+# glibc's tunables for what backends/numba_backend.py sets with mallopt: no mmap, never trim.
+PEER_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**63)}
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def run_json(args, env=None) -> tuple[dict, float]:
@@ -61,10 +71,18 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="also time numba's cold and warm first step")
+    ap.add_argument("--peer-malloc", action="store_true",
+                    help="add a row: the peer with glibc told to keep freed memory, as the numba backend does")
+    ap.add_argument("--threads", type=int, help="threads for every library in every contender (default: "
+                    "each library's own default, one per core)")
     args = ap.parse_args()
+    if args.threads:
+        os.environ.update({v: str(args.threads) for v in THREAD_VARS})
 
     common = ["--model", args.model, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     kinds = [k for k in args.kinds if not available(k)]
+    if args.peer_malloc and "peer" in kinds:
+        kinds.append("peer-malloc")
     skipped = {k: available(k) for k in args.kinds if available(k)}
     load_before = os.getloadavg()
     times = {k: [] for k in kinds}
@@ -77,7 +95,8 @@ def main():
         peaks.append(sg["peak"])
         rates.append(sg["rates"])
         for k in order:
-            res, _ = run_json([k, "--steps", str(args.steps), "--warmup", str(args.warmup), *common])
+            kind, env = (k, None) if k != "peer-malloc" else ("peer", dict(os.environ, **PEER_MALLOC))
+            res, _ = run_json([kind, "--steps", str(args.steps), "--warmup", str(args.warmup), *common], env)
             times[k] += res["step_times"]
             rss[k] = max(rss[k], res["peak_rss_mb"])
             gflop = res["step_gflop"]
@@ -95,7 +114,8 @@ def main():
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
           f"({'LOADED: other work was running' if max(load_before[0], load_after[0]) > 0.5 * os.cpu_count() else 'quiet'}).")
-    print(f"Median over {args.rounds} rounds x {args.steps} steps per contender, each round in fresh processes.\n")
+    print(f"Median over {args.rounds} rounds x {args.steps} steps per contender, each round in fresh processes; "
+          f"threads: {args.threads or 'library defaults'}.\n")
     print("| contender | ms/step | tokens/s | vs peer | GFLOP/s | MFU | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for k in kinds:
