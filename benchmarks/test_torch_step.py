@@ -1,5 +1,5 @@
 """Train-step throughput: the torch backend against a PyTorch-autograd GPT-2 on the same device, in
-the same run. The peer is tests/torch_gpt.py (the model written the ordinary way) with
+the same run. The peer is minisft/peer.py (the model written the ordinary way) with
 torch.optim.AdamW at its defaults; under bfloat16 it runs in torch.autocast with float32 weights,
 as ours keeps float32 master weights.
 
@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'minisft[torch]')")
 
 from minisft import GPT, AdamW, GPTConfig, pack_padded  # noqa: E402
-from tests.torch_gpt import TorchGPT  # noqa: E402
+from minisft.peer import TorchGPT  # noqa: E402
 
 DEVICE = os.environ.get("MINISFT_BENCH_DEVICE", "cpu")
 DTYPE = os.environ.get("MINISFT_BENCH_DTYPE", "float32")

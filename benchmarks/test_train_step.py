@@ -1,11 +1,11 @@
 """End-to-end train step on gpt2-small (B=8, T=64, AdamW), every contender in the same run:
 minisft on numpy, numba and (when present) torch-cpu, and the PyTorch-autograd peer. Each result's
 extra_info holds tokens/s, achieved GFLOP/s, MFU against this machine's sgemm peak (measured first,
-in the same run) and the peak RSS of the process that ran it. FLOPs: see benchmarks/step_bench.py.
+in the same run) and the peak RSS of the process that ran it. FLOPs: see minisft/bench.py.
 
     python -m pytest benchmarks/test_train_step.py --benchmark-columns=min,median,rounds
 
-Each contender runs in its own subprocess (python -m benchmarks.step_bench KIND): a clean peak RSS,
+Each contender runs in its own subprocess (python -m minisft bench --backend KIND --json): a clean peak RSS,
 and no thread pool of one library left spinning while another works. pytest-benchmark times the
 whole subprocess; the step figures come from the steps it times inside. For the markdown table with
 ratios, interleaved rounds and medians: python tools/bench_table.py.
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.step_bench import KINDS, available
+from minisft.bench import KINDS, available
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = int(os.environ.get("MINISFT_BENCH_STEPS", "5"))
 
 
 def run_json(*args) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.step_bench", *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "minisft", "bench", "--json", "--backend", *args], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

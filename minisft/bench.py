@@ -1,65 +1,180 @@
-"""`minisft bench`: time full training steps (forward + backward + AdamW) on random data.
+"""Train-step measurements: the one timing harness behind `minisft bench`, benchmarks/ and tools/.
 
-Reports tokens/s and the process's peak resident memory. It measures one backend at a time; the
-cross-backend comparisons with ratios live in benchmarks/ (pytest-benchmark).
+One step = clear gradients, forward, backward, AdamW update (lr 5e-5, weight decay 0.1, the book's
+recipe), on B sequences of T random tokens with every target valid. The contenders:
+
+    numpy   minisft on the numpy reference backend
+    numba   minisft on the numba backend
+    torch   minisft on the torch backend (CPU)
+    peer    minisft.peer.TorchGPT (PyTorch autograd, written the ordinary way) +
+            torch.optim.AdamW at its defaults: the "PyTorch on the same CPU" baseline
+    matmuls only the step's matmuls, numpy float32 on preallocated operands: the floor no
+            contender that leaves its matmuls to BLAS can go below
+
+FLOPs of one step (stated once, used for every MFU figure):
+
+    6 * P * tokens + 12 * n_layers * d * sum_s(L_s^2)
+
+P = the weights that multiply activations: 12 d^2 per block plus the V x d output head (biases,
+layernorms and the embedding lookups are not matmuls). The second term is attention's QK^T and PV
+(4 d L^2 per layer and sequence forward, counted square as PaLM's accounting does, times 3 for
+forward + backward). gpt2-small, B=8, T=64: 383 GFLOP per step.
+
+MFU = (step FLOPs / step time) / the machine's sgemm peak, measured here as numpy float32 matmuls of
+the shapes the step itself runs (best of the shapes).
+
+Run one contender in a fresh process (clean peak RSS, no thread pools of another library):
+    python -m minisft.bench numba --steps 5
 """
+import importlib.util
+import os
 import resource
 import time
 
 import numpy as np
 
 from .batch import pack_padded
-from .config import PRESETS, GPTConfig
-from .errors import MinisftError
-from .model import GPT
+from .config import GPTConfig
+from .model import GPT, init_params
 from .optim import AdamW
 
+KINDS = ("numpy", "numba", "torch", "peer", "matmuls")
+LR, WEIGHT_DECAY = 5e-5, 0.1
 
-def time_train_steps(model: GPT, batch_size: int, seq_len: int, steps: int, warmup: int = 1, seed: int = 0):
-    """Run warmup + steps AdamW steps on random (batch_size, seq_len) batches; returns
-    (seconds per step, tokens per second) over the timed steps."""
+
+def available(kind: str) -> str | None:
+    """None when the contender can run here, else why not."""
+    if kind in ("torch", "peer") and importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    return None
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    return cfg.n_layers * 12 * cfg.emb_dim ** 2 + cfg.vocab_size * cfg.emb_dim
+
+
+def step_flops(cfg: GPTConfig, seqlens) -> float:
+    tokens = int(np.sum(seqlens))
+    attn = 12 * cfg.n_layers * cfg.emb_dim * float(np.sum(np.square(seqlens, dtype=np.float64)))
+    return 6.0 * matmul_params(cfg) * tokens + attn
+
+
+def gemm_shapes(cfg: GPTConfig, n: int):
+    """The matmuls of one train step on n positions: (what, M, K, N, a transposed, b transposed).
+    Linear y = x @ W (n, in) @ (in, out); its backward dx = dy @ W^T and dW = x^T @ dy. The head
+    logits = h @ Wh^T, dh = dlogits @ Wh, dWh = dlogits^T @ h."""
+    d, V = cfg.emb_dim, cfg.vocab_size
+    shapes = []
+    for what, k_in, k_out in (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, 4 * d), ("mlp.c_proj", 4 * d, d)):
+        shapes += [(f"{what} fwd", n, k_in, k_out, False, False),
+                   (f"{what} dx", n, k_out, k_in, False, True),
+                   (f"{what} dW", k_in, n, k_out, True, False)]
+    shapes += [("head fwd", n, d, V, False, True), ("head dh", n, V, d, False, False),
+               ("head dW", V, n, d, True, False)]
+    return shapes
+
+
+def sgemm_rates(cfg: GPTConfig, n: int, reps: int = 3, seed: int = 0) -> dict:
+    """GFLOP/s of numpy float32 matmul for each shape of gemm_shapes (best of reps)."""
     rng = np.random.default_rng(seed)
-    opt = AdamW(model)
-    times = []
-    for i in range(warmup + steps):
-        x = rng.integers(0, model.cfg.vocab_size, size=(batch_size, seq_len))  # (B, T)
-        y = rng.integers(0, model.cfg.vocab_size, size=(batch_size, seq_len))  # (B, T)
-        batch = pack_padded(x, y, strip=False)
-        t0 = time.perf_counter()
+    rates = {}
+    for what, M, K, N, ta, tb in gemm_shapes(cfg, n):
+        a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
+        a, b = (a.T if ta else a), (b.T if tb else b)
+        out = np.empty((M, N), dtype=np.float32)
+        np.matmul(a, b, out=out)
+        best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(reps))
+        rates[what] = 2.0 * M * K * N / best / 1e9
+    return rates
+
+
+def matmuls_step(cfg: GPTConfig, n: int, rng):
+    """Only the matmuls of one train step (every layer's and the head's, numpy float32, operands
+    preallocated): the time a step could take if everything else were free."""
+    gemms = []
+    for what, M, K, N, ta, tb in gemm_shapes(cfg, n):
+        a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
+        gemms.append(((a.T if ta else a), (b.T if tb else b), np.empty((M, N), dtype=np.float32),
+                      1 if what.startswith("head") else cfg.n_layers))
+
+    def step():
+        for a, b, out, count in gemms:
+            for _ in range(count):
+                np.matmul(a, b, out=out)
+    return step
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def random_batch(cfg: GPTConfig, batch_size: int, seq_len: int, rng):
+    x = rng.integers(0, cfg.vocab_size, size=(batch_size, seq_len))  # (B, T)
+    y = rng.integers(0, cfg.vocab_size, size=(batch_size, seq_len))  # (B, T)
+    return x, y
+
+
+def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: int = 0):
+    """A callable running one train step of `kind` on a fresh random batch each call."""
+    rng = np.random.default_rng(seed)
+    if kind == "matmuls":
+        return matmuls_step(cfg, batch_size * seq_len, rng)
+    if kind == "peer":
+        import torch  # the peer only: minisft itself never needs torch
+
+        from .peer import TorchGPT
+        model = TorchGPT(cfg)
+        model.load_numpy({n: a.astype(np.float32) for n, a in init_params(cfg, rng).items()})
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+        def step():
+            x, y = (torch.from_numpy(a) for a in random_batch(cfg, batch_size, seq_len, rng))
+            opt.zero_grad()
+            loss = model.loss(x, y)
+            loss.backward()
+            opt.step()
+            return loss.item()
+        return step
+
+    model = GPT(cfg, backend=kind, dtype="float32", seed=seed)
+    opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def step():
+        batch = pack_padded(*random_batch(cfg, batch_size, seq_len, rng), strip=False)
         model.zero_grad()
-        model.forward_backward(batch)
+        loss_sum, n = model.forward_backward(batch)
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    sec = float(np.median(times))
-    return sec, batch_size * seq_len / sec
+        return loss_sum / n
+    return step
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def run(args) -> int:
-    cfg = GPTConfig.preset(args.model)
-    try:
-        model = GPT(cfg, backend=args.backend, dtype=args.dtype, device=args.device, seed=0)
-    except (ValueError, ImportError) as e:  # an unknown backend or dtype, torch or the device missing
-        raise MinisftError(f"bench: {e}") from e
-    sec, tok_s = time_train_steps(model, args.batch_size, args.seq_len, args.steps, args.warmup)
-    print(f"{args.model} backend={args.backend} dtype={args.dtype} B={args.batch_size} T={args.seq_len}: "
-          f"{sec * 1000:.1f} ms/step, {tok_s:,.0f} tokens/s, peak RSS {peak_rss_mb():,.0f} MB "
-          f"(median of {args.steps} steps after {args.warmup} warm-up)")
-    return 0
+def sgemm_peak(model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64) -> dict:
+    """The machine's float32 matmul rate on the step's own shapes: {kind, rates per shape, peak}."""
+    rates = sgemm_rates(GPTConfig.preset(model), batch_size * seq_len)
+    return dict(kind="sgemm", rates=rates, peak=max(rates.values()))
 
 
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="time training steps (forward+backward+AdamW) on random data")
-    p.add_argument("--model", default="gpt2-small", choices=list(PRESETS))
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.set_defaults(func=run)
+def measure(kind: str, model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64,
+            steps: int = 5, warmup: int = 1) -> dict:
+    """Median step time of `steps` timed steps after `warmup`; tokens/s and MFU use it."""
+    cfg = GPTConfig.preset(model)
+    t0 = time.perf_counter()
+    step = make_step(kind, cfg, batch_size, seq_len)
+    build = time.perf_counter() - t0
+    first = [_timed(step) for _ in range(warmup)]  # the first includes numba's compile or cache load
+    times = [_timed(step) for _ in range(steps)]
+    sec = float(np.median(times))
+    flops = step_flops(cfg, [seq_len] * batch_size)
+    return dict(kind=kind, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                sec_per_step=sec, step_times=times, tokens_per_s=batch_size * seq_len / sec,
+                gflops_per_s=flops / sec / 1e9, step_gflop=flops / 1e9, build_s=build,
+                first_step_s=first[0] if first else None,
+                peak_rss_mb=peak_rss_mb(), threads=os.cpu_count())

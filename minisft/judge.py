@@ -1,4 +1,4 @@
-"""`minisft judge`: score model responses 0-100 with a local Ollama model, as chapter 7 of the book does.
+"""Score model responses 0-100 with a local Ollama model, as chapter 7 of the book does.
 
 Each entry of a responses file (the book's instruction-data-with-response.json format) is sent to
 the server's /api/chat with the book's scoring prompt and options (seed 123, temperature 0,
@@ -8,7 +8,6 @@ network failure mid-run names the entry it hit while the scores finished before 
 """
 import json
 import re
-import sys
 from pathlib import Path
 
 import requests
@@ -16,7 +15,6 @@ from tqdm import tqdm
 
 from .data import format_input
 from .errors import MinisftError
-from .files import write_json
 
 DEFAULT_URL = "http://localhost:11434"
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the book's: a deterministic judge
@@ -143,42 +141,3 @@ def load_responses(path) -> list:
         if not isinstance(entry.get("input", ""), str):
             raise MinisftError(f"{path}: record {i}: field 'input' must be a string")
     return data
-
-
-# ---- the command ------------------------------------------------------------------------------------------------
-def run(args) -> int:
-    entries = load_responses(args.responses)
-    out = Path(args.out) if args.out else Path(args.responses).with_name(Path(args.responses).stem + "-scores.json")
-    if not out.parent.is_dir():
-        raise MinisftError(f"--out {out}: the folder {out.parent} does not exist")
-    url = args.url.rstrip("/")
-    check_server(url, args.model)
-    results, junk, failure = judge_responses(entries, args.model, url)
-    write_json(out, results)
-
-    scores = [r["score"] for r in results if r["score"] is not None]
-    unparsed = [r for r in results if r["score"] is None]
-    if junk:
-        print(f"skipped {junk} lines of the server's replies that were not JSON")
-    if unparsed:
-        print(f"{len(unparsed)} replies had no score in [0, 100]:")
-        for r in unparsed:
-            print(f"  entry {r['index']}: {r['reply'][:120]!r}")
-    print(f"Number of scores: {len(scores)} of {len(entries)}")
-    print(f"Average score: {sum(scores) / len(scores):.2f}" if scores else "Average score: n/a (no scores)")
-    print(f"per-entry scores written to {out}")
-    if failure:
-        print(f"minisft: error: the server failed at {failure}; the {len(results)} entries before it are "
-              f"scored and saved in {out}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("judge", help="score model responses 0-100 with a local Ollama model (the book's judge)")
-    p.add_argument("--responses", required=True,
-                   help="JSON list of entries with instruction, input, output and model_response")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"the Ollama server (default {DEFAULT_URL})")
-    p.add_argument("--model", default="llama3", help="the judging model (default llama3)")
-    p.add_argument("--out", default=None, help="per-entry scores (JSON); default RESPONSES-scores.json beside it")
-    p.set_defaults(func=run)

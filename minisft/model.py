@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends import get_backend
+from .backends import get_backend
 
 from .batch import IGNORE_INDEX, PackedBatch, pack_padded
 from .config import GPTConfig

@@ -249,7 +249,7 @@ def test_whole_model_and_three_adamw_steps(name, dtype, tie):
 def test_numba_head_loss_across_row_chunks(monkeypatch, dtype, rng):
     """Force the fused head into several row chunks (64 rows of logits at a time), twice: the
     second call must leave the first call's results alone."""
-    nb = pytest.importorskip("backends.numba_backend")
+    from minisft.backends import numba_backend as nb
     R, B = backend_or_skip("numpy", dtype), backend_or_skip("numba", dtype)
     V = 300
     monkeypatch.setattr(nb, "HEAD_CHUNK_BYTES", 64 * V * np.dtype(dtype).itemsize)

@@ -157,7 +157,7 @@ def test_positions_beyond_the_context_are_refused():
 
 
 def test_importing_minisft_does_not_import_torch():
-    code = ("import sys, minisft, minisft.cli, backends; "
+    code = ("import sys, minisft, minisft.cli, minisft.backends; "
             "from minisft import GPT, GPTConfig; GPT(GPTConfig(vocab_size=7, context_length=4, emb_dim=4, "
             "n_layers=1, n_heads=1)); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -14,9 +14,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'minisft[torch]')")
 
-from backends import get_backend  # noqa: E402
-from backends import torch_backend as tb  # noqa: E402
-from backends.numpy_backend import NumpyBackend  # noqa: E402
+from minisft.backends import get_backend  # noqa: E402
+from minisft.backends import torch_backend as tb  # noqa: E402
+from minisft.backends.numpy_backend import NumpyBackend  # noqa: E402
 from minisft import GPT, AdamW, GPTConfig, pack_sequences  # noqa: E402
 from tests.backend_util import rel_err  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
@@ -409,7 +409,7 @@ def test_unknown_device_and_dtype_are_clear_errors():
 
 def test_missing_torch_is_a_clear_error():
     code = ("import sys; sys.modules['torch'] = None\n"  # what an environment without torch looks like
-            "from backends import get_backend\n"
+            "from minisft.backends import get_backend\n"
             "try:\n    get_backend('torch')\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "the torch backend needs PyTorch, which is not installed: pip install 'minisft[torch]'" in out.stdout

@@ -1,4 +1,4 @@
-"""The hand-written engine against a PyTorch-autograd GPT-2 (tests/torch_gpt.py), weights copied by
+"""The hand-written engine against a PyTorch-autograd GPT-2 (minisft/peer.py), weights copied by
 HF name, on a batch built like the book's collate (pad 50256, -100 after the first end-of-text).
 
 Tolerances (float32): logits and loss <= 1e-5 relative, every gradient <= 1e-4 norm-relative.
@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed: the autogra
 from minisft import GPT, AdamW, GPTConfig, clip_grad_norm  # noqa: E402
 from tests.backend_util import ALL_BACKENDS, backend_or_skip, rel_err  # noqa: E402
 from tests.test_model import book_like_batch  # noqa: E402
-from tests.torch_gpt import TorchGPT  # noqa: E402
+from minisft.peer import TorchGPT  # noqa: E402
 
 EOT = 50256
 # The real GPT-2 vocabulary (so 50256 pads), a small body.

@@ -34,7 +34,7 @@ def quiet(*_):
 def test_twenty_book_steps_match_a_pytorch_autograd_loop(tmp_path, shared_data):
     torch = pytest.importorskip("torch", reason="torch is not installed: the autograd peer needs it")
     from minisft.data import collate_padded
-    from tests.torch_gpt import TorchGPT
+    from minisft.peer import TorchGPT
 
     s = settings(tmp_path, shared_data, max_steps=20)
     finetune(s, log=quiet)

@@ -2,7 +2,7 @@
 
     python tools/bench_table.py [--rounds 3 --steps 3 --kinds numpy numba torch peer]
 
-Every round runs each contender once, each in a fresh process (python -m benchmarks.step_bench),
+Every round runs each contender once, each in a fresh process (python -m minisft bench --json),
 in an order rotated from round to round, plus one sgemm measurement; a contender's figure is the
 median over all its timed steps, so load that drifts during the run hits every contender alike.
 Ratios are against the PyTorch-autograd peer measured in the same run. With --compile it also
@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.step_bench import KINDS, available, matmul_params  # noqa: E402
+from minisft.bench import KINDS, available, matmul_params  # noqa: E402
 from minisft import GPTConfig  # noqa: E402
 
 LABELS = {"numpy": "minisft numpy", "numba": "minisft numba", "torch": "minisft torch (cpu)",
@@ -43,11 +43,11 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NU
 
 def run_json(args, env=None) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "benchmarks.step_bench", *args], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "minisft", "bench", "--json", "--backend", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
-        raise SystemExit(f"benchmarks.step_bench {' '.join(args)} failed:\n{out.stderr}")
+        raise SystemExit(f"minisft bench {' '.join(args)} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1]), wall
 
 

@@ -11,7 +11,7 @@ tokenizer; batches of 8 in a fresh random order each epoch, the last partial bat
 the batch, targets shifted by one, -100 on every pad but the first); AdamW lr 5e-5, weight decay 0.1;
 dropout 0; random initial weights (timing does not depend on them). Both sides get the same batches.
 
-    book   tests/torch_gpt.py TorchGPT + torch.optim.AdamW on the padded (8, T) batch, as the book
+    book   minisft/peer.py TorchGPT + torch.optim.AdamW on the padded (8, T) batch, as the book
     numba  minisft GPT on the numba backend, the same batch packed without its trailing padding
 
 Only the training steps are timed, on both sides: the book's periodic evaluation and sample
@@ -85,7 +85,7 @@ def make_side(side: str, cfg: GPTConfig):
         import torch
 
         from minisft.model import init_params
-        from tests.torch_gpt import TorchGPT
+        from minisft.peer import TorchGPT
         model = TorchGPT(cfg)
         model.load_numpy({n: a.astype(np.float32) for n, a in init_params(cfg, np.random.default_rng(0)).items()})
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)

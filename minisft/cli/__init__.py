@@ -1,6 +1,7 @@
-"""`minisft` on the command line: one subcommand per job, each registered by the module that owns it.
+"""`minisft` on the command line: one module per subcommand, each only parsing its arguments and
+calling library code.
 
-Every subcommand module exposes `register(subparsers)`, which adds its parser and sets `func`
+Every module in COMMANDS exposes `register(subparsers)`, which adds its parser and sets `func`
 (called with the parsed args; returns an exit code or None). A MinisftError anywhere becomes a
 one-line message on stderr and exit status 2, never a traceback.
 """
@@ -8,22 +9,21 @@ import argparse
 import importlib
 import sys
 
-from .errors import MinisftError
+from .. import __version__
+from ..errors import MinisftError
 
-
-# Modules under minisft/ that each add one subcommand.
-COMMAND_MODULES = ["bench", "data_cmd", "export_cmd", "finetune_cmd", "infer_cmd", "judge"]
+# The subcommands, in the order `minisft --help` lists them; each is minisft/cli/<name>.py.
+COMMANDS = ["finetune", "generate", "chat", "eval", "judge", "export", "data", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="minisft", description="Instruction fine-tuning of GPT-2-class models.")
+    parser = argparse.ArgumentParser(prog="minisft", description="Instruction fine-tuning of GPT-2-class models "
+                                     "with a hand-written engine (numpy, numba, torch backends).")
     parser.add_argument("--version", action="version", version=f"minisft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"minisft.{name}").register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"minisft.cli.{name}").register(sub)
     return parser
 
 

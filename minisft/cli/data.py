@@ -3,10 +3,10 @@ training on it. FILE is a local path or a URL (downloaded into the cache); it de
 book's instruction-data.json."""
 import numpy as np
 
-from .data import DEFAULT_DATA_URL, encode_record, encode_records, load_records, split_dataset
-from .errors import MinisftError
-from .prompts import MASKS, STYLES, get_style
-from .tokenizer import EOT, token_bytes
+from ..data import DEFAULT_DATA_URL, encode_record, encode_records, load_records, split_dataset
+from ..errors import MinisftError
+from ..prompts import MASKS, STYLES, get_style
+from ..tokenizer import EOT, token_bytes
 
 
 def _user_text(record) -> str:
@@ -79,7 +79,7 @@ def inspect(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="inspect an instruction dataset")
+    p = sub.add_parser("data", help="inspect an instruction dataset", description=__doc__)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
 

@@ -1,7 +1,7 @@
 """`minisft export CHECKPOINT DIR`: a training checkpoint -> a Hugging Face GPT-2 folder that
 transformers.GPT2LMHeadModel.from_pretrained(DIR) loads (the tokenizer is GPT-2's own)."""
-from .checkpoint import load_checkpoint
-from .pretrained import save_pretrained
+from ..checkpoint import load_checkpoint
+from ..pretrained import save_pretrained
 
 
 def run(args) -> int:
@@ -16,7 +16,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder "
-                                      "(config.json + model.safetensors)")
+                                      "(config.json + model.safetensors)", description=__doc__)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a minisft training checkpoint (.h5)")
     p.add_argument("dir", metavar="DIR", help="output folder (created; its config.json and "
                                               "model.safetensors are replaced)")

@@ -1,0 +1,23 @@
+"""`minisft chat`: talk to a trained model in its prompt style, tokens streamed as they are generated."""
+from .. import tokenizer
+from ..generate import chat_loop
+from ..prompts import get_style
+from .model_args import add_model_args, add_sampling_args, load_model, sampling
+
+
+def run(args) -> int:
+    opts = sampling(args)
+    style = get_style(args.prompt_style)
+    model = load_model(args)
+    print(f"chatting in the {style.name} style; /quit or end of input to stop")
+    chat_loop(model, lambda message: style.prompt([{"role": "user", "content": message}]), tokenizer.encode,
+              tokenizer.decode, max_new_tokens=args.max_new_tokens, rng=args.seed, **opts)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a model in its prompt style, tokens streamed as generated",
+                       description=__doc__)
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=run)

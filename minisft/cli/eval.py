@@ -1,0 +1,33 @@
+"""`minisft eval`: token-weighted loss and perplexity of a trained model on a whole data split
+(training's val loss is an estimate on --eval-iter batches; this is every batch)."""
+import json
+from functools import partial
+
+from tqdm import tqdm
+
+from ..data import Loader, collate_examples, encode_records, load_splits
+from ..evaluate import evaluate_loss
+from ..prompts import MASKS
+from .model_args import add_data_args, add_model_args, load_model, pick
+
+
+def run(args) -> int:
+    model = load_model(args)
+    records = pick(load_splits(args.data, args.cache_dir)[1], args.split)
+    max_len = min(args.max_length, model.cfg.context_length)
+    examples = encode_records(records, args.prompt_style, args.mask_prompt)
+    loader = Loader(examples, args.batch_size, shuffle=False, drop_last=False,
+                    collate=partial(collate_examples, packed=True, allowed_max_length=max_len))
+    loss, ppl, n = evaluate_loss(model, tqdm(loader, desc="eval", unit="batch", disable=None, leave=False))
+    print(json.dumps(dict(split=args.split, records=len(records), targets=n, loss=loss, perplexity=ppl)))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="token-weighted loss and perplexity on a whole data split", description=__doc__)
+    add_model_args(p)
+    add_data_args(p, "val")
+    p.add_argument("--mask-prompt", default="none", choices=MASKS, help="which prompt tokens get no loss")
+    p.add_argument("--max-length", type=int, default=1024, help="truncate sequences (clamped to the context)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    p.set_defaults(func=run)

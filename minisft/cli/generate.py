@@ -1,0 +1,37 @@
+"""`minisft generate`: a trained model answers a data split's prompts, written in the book's
+instruction-data-with-response.json format."""
+from .. import tokenizer
+from ..data import load_splits
+from ..files import write_json
+from ..generate import generate_responses
+from ..prompts import get_style
+from .model_args import add_data_args, add_model_args, add_sampling_args, load_model, pick, sampling
+
+
+def run(args) -> int:
+    opts = sampling(args)
+    model = load_model(args)
+    raw, records = (pick(s, args.split) for s in load_splits(args.data, args.cache_dir))
+    n = len(records) if args.limit is None else min(args.limit, len(records))
+    style = get_style(args.prompt_style)
+    render = style.format_input if args.book_prompt else style.prompt
+    prompts = [render(r["messages"]) for r in records[:n]]
+    answers = generate_responses(model, prompts, tokenizer.encode, tokenizer.decode, args.max_new_tokens,
+                                 batch_size=args.batch_size, book_prompt=args.book_prompt, rng=args.seed, **opts)
+    write_json(args.out, [dict(entry, model_response=a) for entry, a in zip(raw[:n], answers)])
+    print(f"wrote {n} responses to {args.out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="answer a data split's prompts; writes the book's "
+                                        "instruction-data-with-response.json format", description=__doc__)
+    add_model_args(p)
+    add_sampling_args(p)
+    add_data_args(p, "test")
+    p.add_argument("--limit", type=int, default=None, help="only the first N entries of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--book-prompt", action="store_true",
+                   help="the book exactly: prompt without the response header, then drop '### Response:' and strip")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.set_defaults(func=run)

@@ -1,0 +1,63 @@
+"""Arguments shared by the commands that run a trained model (generate, chat, eval): where the model
+comes from, how to sample, which split; and loading the model they name."""
+from .. import tokenizer  # noqa: F401  (re-exported for the commands)
+from ..backends import BACKENDS
+from ..checkpoint import load_checkpoint
+from ..config import PRESETS
+from ..data import DEFAULT_DATA_URL
+from ..errors import MinisftError
+from ..model import GPT
+from ..prompts import STYLES
+
+SPLITS = ("train", "val", "test", "all")
+
+
+def add_model_args(p) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a minisft training checkpoint (.h5)")
+    src.add_argument("--weights", help="a preset (downloads OpenAI's weights), an HF GPT-2 folder or a "
+                                       ".safetensors file")
+    p.add_argument("--model", choices=list(PRESETS), help="the shape of a bare .safetensors file")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="engine backend")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, mps")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64", "bfloat16"),
+                   help="compute dtype (default: the checkpoint's, or float32)")
+    p.add_argument("--cache-dir", default=None, help="download cache (default: $MINISFT_CACHE_DIR or ~/.cache/minisft)")
+    p.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt template")
+
+
+def add_data_args(p, split: str) -> None:
+    p.add_argument("--data", default=DEFAULT_DATA_URL, help="instruction data: a file or URL")
+    p.add_argument("--split", default=split, choices=SPLITS, help="which part of the book's split")
+
+
+def add_sampling_args(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest response")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the book)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=123, help="sampling seed")
+
+
+def load_model(args):
+    try:
+        if args.checkpoint:
+            return load_checkpoint(args.checkpoint, backend=args.backend, dtype=args.dtype, device=args.device,
+                                   load_optimizer=False)[0]
+        return GPT.from_pretrained(args.weights, backend=args.backend, dtype=args.dtype or "float32",
+                                   cache_dir=args.cache_dir, device=args.device, model=args.model)
+    except (ValueError, ImportError) as e:  # a backend or device that cannot run here
+        raise MinisftError(str(e)) from None
+
+
+def sampling(args) -> dict:
+    if args.max_new_tokens < 1:
+        raise MinisftError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or (
+            args.top_p is not None and not 0 < args.top_p <= 1):
+        raise MinisftError("sampling: --temperature must be >= 0, --top-k >= 1, --top-p in (0, 1]")
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def pick(split, name):
+    return split.train + split.val + split.test if name == "all" else getattr(split, name)
