@@ -32,6 +32,7 @@ class Backend(Protocol):
     def index(self, x) -> Array: ...                 # integer arrays (token ids, offsets)
     def to_numpy(self, x): ...                       # any array -> np.ndarray (float64 stays float64)
     def zeros_like(self, x) -> Array: ...
+    def add_(self, dst, src) -> None: ...            # dst += src in place (gradient accumulation)
     def rng(self, seed: int): ...                    # a seeded RNG for init and dropout masks
     def item(self, x) -> float: ...                  # a 0-d array -> Python float (a host sync)
 

@@ -30,7 +30,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .numpy_backend import GELU_C, LN_EPS, NumpyBackend
+from ..config import LN_EPS
+from .numpy_backend import GELU_C, NumpyBackend
 
 # Fast-math without 'nnan'/'ninf': reassociation lets reductions vectorise, but no kernel may
 # assume away infinities.

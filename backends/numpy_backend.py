@@ -7,9 +7,10 @@ import math
 
 import numpy as np
 
+from ..config import LN_EPS
+
 # Python floats, not numpy float64 scalars: numpy keeps float32 arrays float32 only under weak scalars.
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU constant
-LN_EPS = 1e-5
 HEAD_CHUNK_ROWS = 256  # rows of logits materialised at once in the fused head: 256 x 50257 x 4 B = 51 MB
 
 

@@ -31,6 +31,8 @@ import math
 
 import numpy as np
 
+from ..config import LN_EPS
+
 try:
     import torch
     import torch.nn.functional as F
@@ -38,7 +40,6 @@ except ImportError as e:
     raise ImportError("the torch backend needs PyTorch, which is not installed: "
                       "pip install 'minisft[torch]' (or a torch build for your GPU from pytorch.org)") from e
 
-LN_EPS = 1e-5
 # dtype name -> (store dtype: parameters, gradients, optimizer state, residual stream;
 #                compute dtype: matmul and attention inputs and outputs)
 DTYPES = {"float32": (torch.float32, torch.float32),

@@ -25,33 +25,27 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .config import GPTConfig
+from .config import GPTConfig, check_tensors, param_shapes
 from .errors import MinisftError
-from .model import GPT, param_shapes
+from .model import GPT
 from .optim import AdamW
 
 FORMAT = "minisft-checkpoint"
 FORMAT_VERSION = 1
-BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")  # numpy's, by state name
 # Config fields that decide the parameters' shapes; the others (dropout) are settings of a run.
 SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_embeddings")
 
 
 def rng_state(rng: np.random.Generator) -> dict:
-    """A numpy Generator's state as a JSON-serialisable dict (plain ints, lists for arrays)."""
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"only numpy Generators can be checkpointed, not {type(rng).__name__}")
-    return json.loads(json.dumps(rng.bit_generator.state, default=_plain))
+    """The dropout RNG's state (numpy's default_rng, a PCG64) as a JSON-serialisable dict."""
+    return rng.bit_generator.state  # plain ints and strings only
 
 
 def rng_from_state(state: dict) -> np.random.Generator:
     """The inverse of rng_state: a Generator that continues exactly where the saved one was."""
-    name = state.get("bit_generator") if isinstance(state, dict) else None
-    if name not in BIT_GENERATORS:
-        raise ValueError(f"not a numpy bit generator state: {str(state)[:80]}")
-    bitgen = getattr(np.random, name)()
-    if name == "MT19937":  # its key is a uint32 array, which JSON turned into a list
-        state = {**state, "state": {**state["state"], "key": np.asarray(state["state"]["key"], np.uint32)}}
+    if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+        raise ValueError(f"not a PCG64 state: {str(state)[:80]}")
+    bitgen = np.random.PCG64()
     bitgen.state = state
     return np.random.Generator(bitgen)
 
@@ -217,15 +211,10 @@ def _check_group(f, path, group: str, shapes: dict, dtype: np.dtype) -> None:
     if group not in f:
         raise MinisftError(f"{path}: group {group!r} is missing")
     g = f[group]
-    missing = [n for n in shapes if n not in g]
-    unexpected = [n for n in g if n not in shapes]
-    if missing or unexpected:
-        raise MinisftError(f"{path}: {group}/ does not match the model's parameters: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    for name, shape in shapes.items():
-        ds = g[name]
-        if ds.shape != shape or ds.dtype != dtype:
-            raise MinisftError(f"{path}: dataset {group}/{name} is {ds.dtype} {ds.shape}, expected {dtype} {shape}")
+    check_tensors(f"{path}: group {group}/", {n: g[n].shape for n in g}, shapes)
+    for name in shapes:
+        if g[name].dtype != dtype:
+            raise MinisftError(f"{path}: dataset {group}/{name} is {g[name].dtype}, expected {dtype}")
 
 
 def _read(f, path, name: str) -> np.ndarray:

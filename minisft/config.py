@@ -1,7 +1,10 @@
 """GPTConfig: the shape of a GPT-2-class model, with the four OpenAI sizes and a tiny one as presets."""
 from dataclasses import asdict, dataclass, fields
 
+from .errors import MinisftError
+
 GPT2_VOCAB = 50257
+LN_EPS = 1e-5  # GPT-2's layernorm epsilon (HF layer_norm_epsilon)
 
 
 @dataclass(frozen=True)
@@ -57,3 +60,45 @@ PRESETS = {
     # Real GPT-2 vocabulary and tokenizer, tiny body: the offline first run and smoke tests.
     "gpt2-tiny": dict(context_length=256, emb_dim=64, n_layers=2, n_heads=4),
 }
+
+
+def param_shapes(cfg: GPTConfig) -> dict:
+    """HF GPT-2 parameter name -> shape, in the order Hugging Face lists them."""
+    V, C, d = cfg.vocab_size, cfg.context_length, cfg.emb_dim
+    shapes = {"wte.weight": (V, d), "wpe.weight": (C, d)}
+    for i in range(cfg.n_layers):
+        h = f"h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (d,), h + "ln_1.bias": (d,),
+            h + "attn.c_attn.weight": (d, 3 * d), h + "attn.c_attn.bias": (3 * d,),
+            h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
+            h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
+            h + "mlp.c_fc.weight": (d, 4 * d), h + "mlp.c_fc.bias": (4 * d,),
+            h + "mlp.c_proj.weight": (4 * d, d), h + "mlp.c_proj.bias": (d,),
+        })
+    if not cfg.qkv_bias:  # the book's from-scratch config: no query/key/value bias
+        for i in range(cfg.n_layers):
+            del shapes[f"h.{i}.attn.c_attn.bias"]
+    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, d)
+    return shapes
+
+
+def check_tensors(where: str, have: dict, want: dict) -> None:
+    """The one "names and shapes match" check for every way tensors enter a model (state dicts,
+    weight files, checkpoints, optimizer state). have, want: {name: shape}. Raises a MinisftError
+    starting with `where` that names the missing, unexpected or misshapen tensors."""
+    missing = [n for n in want if n not in have]
+    unexpected = [n for n in have if n not in want]
+    if missing or unexpected:
+        raise MinisftError(f"{where}: tensor names do not match the model: missing {_few(missing)}, "
+                           f"unexpected {_few(unexpected)}")
+    for name, shape in want.items():
+        if tuple(have[name]) != tuple(shape):
+            raise MinisftError(f"{where}: tensor {name!r} has shape {tuple(have[name])}, the model needs "
+                               f"{tuple(shape)}")
+
+
+def _few(names) -> str:
+    return "none" if not names else ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

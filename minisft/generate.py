@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .batch import pack_sequences
+from .tokenizer import EOT
 
-EOS_ID = 50256  # GPT-2's <|endoftext|>
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def _advance(active, next_tokens, seqs, new, max_new_tokens, eos_id, on_token) -
 
 # ---- the two generation loops ------------------------------------------------------------------------
 def generate_uncached(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None,
-                      eos_id=EOS_ID, rng=0, on_token=None) -> list:
+                      eos_id=EOT, rng=0, on_token=None) -> list:
     """The book's loop, the reference: each step recomputes every active sequence's whole window
     (its last C tokens) and takes the logits of its last position.
 
@@ -111,7 +111,7 @@ def generate_uncached(model, prompts, max_new_tokens, *, temperature=0.0, top_k=
 
 
 def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None,
-             eos_id=EOS_ID, rng=0, on_token=None) -> list:
+             eos_id=EOT, rng=0, on_token=None) -> list:
     """Generate with the KV cache; the same arguments and, token for token, the same result as
     generate_uncached (up to float rounding between the two computation orders)."""
     _check_prompts(prompts, max_new_tokens)
@@ -154,7 +154,7 @@ def extract_book_response(generated_text: str, input_text: str) -> str:
 
 
 def generate_responses(model, prompts, encode, decode, max_new_tokens=256, *, batch_size=8,
-                       book_prompt=False, eos_id=EOS_ID, rng=0, progress=True, **sampling) -> list:
+                       book_prompt=False, eos_id=EOT, rng=0, progress=True, **sampling) -> list:
     """Text prompts -> response texts, batch_size prompts decoded together.
 
     encode(str) -> token ids, decode(ids) -> str. By default a prompt ends with the response header
@@ -199,7 +199,7 @@ class _TextStream:
 
 
 def chat_loop(model, render_prompt, encode, decode, input_fn=input, output=sys.stdout,
-              max_new_tokens=256, eos_id=EOS_ID, rng=0, **sampling) -> None:
+              max_new_tokens=256, eos_id=EOT, rng=0, **sampling) -> None:
     """Interactive: read a message, render it as a prompt (render_prompt(message) -> str), stream the
     reply token by token. Each turn stands alone (the prompt styles are single-turn). Ends at end of
     input or on "/quit"; empty lines are skipped."""

@@ -24,30 +24,8 @@ import numpy as np
 from .backends import get_backend
 
 from .batch import IGNORE_INDEX, PackedBatch, pack_padded
-from .config import GPTConfig
-
-
-def param_shapes(cfg: GPTConfig) -> dict:
-    """HF GPT-2 parameter name -> shape, in the order Hugging Face lists them."""
-    V, C, d = cfg.vocab_size, cfg.context_length, cfg.emb_dim
-    shapes = {"wte.weight": (V, d), "wpe.weight": (C, d)}
-    for i in range(cfg.n_layers):
-        h = f"h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (d,), h + "ln_1.bias": (d,),
-            h + "attn.c_attn.weight": (d, 3 * d), h + "attn.c_attn.bias": (3 * d,),
-            h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
-            h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
-            h + "mlp.c_fc.weight": (d, 4 * d), h + "mlp.c_fc.bias": (4 * d,),
-            h + "mlp.c_proj.weight": (4 * d, d), h + "mlp.c_proj.bias": (d,),
-        })
-    if not cfg.qkv_bias:  # the book's from-scratch config: no query/key/value bias
-        for i in range(cfg.n_layers):
-            del shapes[f"h.{i}.attn.c_attn.bias"]
-    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (V, d)
-    return shapes
+from .config import GPTConfig, check_tensors, param_shapes
+from .pretrained import read_pretrained, save_pretrained
 
 
 def init_params(cfg: GPTConfig, rng) -> dict:
@@ -81,15 +59,13 @@ class GPT:
     def from_pretrained(cls, name_or_path, backend="numpy", dtype="float32", cache_dir=None, device=None,
                         model=None, seed=0, base_url=None) -> "GPT":
         """OpenAI GPT-2 weights by preset name (downloaded once), or an HF GPT-2 folder or
-        .safetensors file; see minisft.pretrained.load_pretrained."""
-        from .pretrained import load_pretrained
-        return load_pretrained(name_or_path, backend=backend, dtype=dtype, cache_dir=cache_dir, device=device,
-                               model=model, seed=seed, base_url=base_url)
+        .safetensors file; see minisft.pretrained.read_pretrained. seed seeds the dropout RNG."""
+        cfg, sd = read_pretrained(name_or_path, cache_dir=cache_dir, model=model, base_url=base_url)
+        return cls(cfg, backend=backend, dtype=dtype, seed=seed, device=device, params=sd)
 
     def save_pretrained(self, out_dir):
         """Write a Hugging Face GPT-2 folder (config.json + model.safetensors); see
         minisft.pretrained.save_pretrained."""
-        from .pretrained import save_pretrained
         return save_pretrained(self, out_dir)
 
     @property
@@ -111,14 +87,7 @@ class GPT:
     def load_state_dict(self, sd: dict) -> None:
         """Load every parameter by HF name; arrays are cast to the model's dtype."""
         shapes = param_shapes(self.cfg)
-        missing = [n for n in shapes if n not in sd]
-        unexpected = [n for n in sd if n not in shapes]
-        if missing or unexpected:
-            raise ValueError(f"state dict does not match the model: missing {missing[:5]}"
-                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-        for n, shape in shapes.items():
-            if tuple(np.shape(sd[n])) != shape:
-                raise ValueError(f"state dict: {n} has shape {tuple(np.shape(sd[n]))}, the model needs {shape}")
+        check_tensors("state dict", {n: np.shape(a) for n, a in sd.items()}, shapes)
         self.params = {n: self.B.from_numpy(sd[n]) for n in shapes}
         self.grads = {}
 

@@ -3,6 +3,7 @@
 The update itself is a backend kernel (`adamw_step`); this module holds the state (m, v, step) and
 decides which tensors decay.
 """
+from .config import check_tensors
 from .model import GPT
 
 DECAY_CHOICES = ("all", "matrices")
@@ -58,11 +59,8 @@ class AdamW:
     def load_state_dict(self, sd: dict) -> None:
         B = self.model.B
         for key in ("m", "v"):
-            if set(sd[key]) != set(self.m):
-                raise ValueError(f"AdamW state {key!r} names do not match the model's trained parameters")
-            for n, a in sd[key].items():
-                if tuple(a.shape) != tuple(self.m[n].shape):
-                    raise ValueError(f"AdamW state {key}[{n}] has shape {a.shape}, expected {self.m[n].shape}")
+            check_tensors(f"AdamW state {key!r}", {n: a.shape for n, a in sd[key].items()},
+                          {n: self.m[n].shape for n in self.m})
         self.m = {n: B.from_numpy(a) for n, a in sd["m"].items()}
         self.v = {n: B.from_numpy(a) for n, a in sd["v"].items()}
         self.step_count = int(sd["step"])

@@ -1,22 +1,24 @@
 """A PyTorch-autograd GPT-2 written the ordinary way: the peer our hand-written engine is checked
-against (tests) and timed against (benchmarks). Its parameters use the same HF names and Conv1D
-layouts, so weights copy across by name. Imported only where torch is available.
+against (tests) and timed against (benchmarks, `minisft bench`). Its parameters use the same HF names and Conv1D
+layouts, so weights copy across by name. Imported only when a peer is asked for: minisft itself never needs torch.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
+from .batch import IGNORE_INDEX
+from .config import LN_EPS, param_shapes
+
 
 def _layernorm(x, w, b):
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps=1e-5)
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps=LN_EPS)
 
 
 class TorchGPT(torch.nn.Module):
     def __init__(self, cfg, dtype=torch.float32, device="cpu"):
         super().__init__()
         self.cfg = cfg
-        from minisft.model import param_shapes
         self.p = torch.nn.ParameterDict({
             name.replace(".", "__"): torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
             for name, shape in param_shapes(cfg).items()})
@@ -62,4 +64,4 @@ class TorchGPT(torch.nn.Module):
 
     def loss(self, idx, targets):
         logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from . import safetensors
-from .config import GPTConfig
 from .download import cache_root, download_file
 from .errors import MinisftError
 from .files import write_json
-from .model import GPT, param_shapes
+from .config import LN_EPS, GPTConfig, check_tensors, param_shapes
 
 HF_BASE_URL = "https://huggingface.co"
 HF_REPOS = {
@@ -36,7 +35,7 @@ HF_FILES = ("config.json", "model.safetensors")
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 # HF config fields that change what the network computes, and the values our kernels implement
 # (gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation).
-FIXED_FIELDS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+FIXED_FIELDS = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (LN_EPS,),
                 "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
 SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads")
 
@@ -96,7 +95,7 @@ def hf_config(cfg: GPTConfig) -> dict:
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
         "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "activation_function": "gelu_new", "layer_norm_epsilon": LN_EPS, "initializer_range": 0.02,
         "embd_pdrop": cfg.drop_rate, "resid_pdrop": cfg.drop_rate, "attn_pdrop": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
     }
@@ -125,34 +124,22 @@ def read_gpt2_weights(path, cfg: GPTConfig) -> dict:
         sd["lm_head.weight"] = np.array(sd["wte.weight"])  # the book's untied head starts as a copy of wte
 
     shapes = param_shapes(cfg)
-    missing = [n for n in shapes if n not in sd]
-    unexpected = [n for n in sd if n not in shapes]
-    if missing or unexpected:
-        raise MinisftError(f"{path}: tensors do not match a GPT-2 with {cfg.n_layers} layers"
-                           f"{'' if cfg.qkv_bias else ' and no qkv bias'}: missing {_few(missing)}, "
-                           f"unexpected {_few(unexpected)}")
-    for name, shape in shapes.items():
-        if sd[name].shape != shape:
-            raise MinisftError(f"{path}: tensor {name!r} has shape {sd[name].shape}, but the config "
-                               f"(d={cfg.emb_dim}, vocab {cfg.vocab_size}, context {cfg.context_length}) "
-                               f"needs {shape}")
+    check_tensors(f"{path} (a GPT-2 with {cfg.n_layers} layers, d={cfg.emb_dim}, vocab {cfg.vocab_size}, "
+                  f"context {cfg.context_length}{'' if cfg.qkv_bias else ', no qkv bias'})",
+                  {n: a.shape for n, a in sd.items()}, shapes)
+    for name in shapes:
         bad = np.size(sd[name]) - np.count_nonzero(np.isfinite(sd[name]))
         if bad:
             raise MinisftError(f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or inf)")
     return {n: sd[n] for n in shapes}
 
 
-def _few(names) -> str:
-    return "none" if not names else ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def load_pretrained(name_or_path, backend="numpy", dtype="float32", cache_dir=None, device=None,
-                    model=None, seed=0, base_url=None) -> GPT:
-    """GPT-2 weights -> GPT. name_or_path: a preset (gpt2-small|medium|large|xl, downloaded once
-    into the cache), an HF-style folder (config.json + model.safetensors), or a .safetensors file.
-    model: a preset name or GPTConfig giving the shape (required for a bare file); with a folder it
-    must agree with config.json. The model's own settings (untied head, dropout, qkv bias) come
-    from it. seed seeds the model's dropout RNG."""
+def read_pretrained(name_or_path, cache_dir=None, model=None, base_url=None) -> tuple[GPTConfig, dict]:
+    """GPT-2 weights -> (config, {HF name: array}). name_or_path: a preset (gpt2-small|medium|large|xl,
+    downloaded once into the cache), an HF-style folder (config.json + model.safetensors), or a
+    .safetensors file. model: a preset name or GPTConfig giving the shape (required for a bare
+    file); with a folder it must agree with config.json, and None takes the folder's. The model's
+    own settings (untied head, dropout, qkv bias) come from it."""
     try:
         want = GPTConfig.preset(model) if isinstance(model, str) else model
     except ValueError as e:
@@ -186,14 +173,13 @@ def load_pretrained(name_or_path, backend="numpy", dtype="float32", cache_dir=No
                 raise MinisftError(f"{folder / 'config.json'} does not describe the requested model: "
                                    + ", ".join(differ))
             cfg = want
-    sd = read_gpt2_weights(weights, cfg)
-    return GPT(cfg, backend=backend, dtype=dtype, seed=seed, device=device, params=sd)
+    return cfg, read_gpt2_weights(weights, cfg)
 
 
 # ---- weights out ------------------------------------------------------------------------------------
-def save_pretrained(model: GPT, out_dir) -> Path:
+def save_pretrained(model, out_dir) -> Path:
     """Write model as an HF GPT-2 folder (config.json + model.safetensors, float32) that
-    GPT2LMHeadModel.from_pretrained loads and `load_pretrained` reads back bit-exact (for a float32
+    GPT2LMHeadModel.from_pretrained loads and `read_pretrained` reads back bit-exact (for a float32
     model). A model without qkv bias is written with zero c_attn biases, which GPT-2 requires and
     which compute the same."""
     out = Path(out_dir)
