@@ -18,20 +18,23 @@ the record (and line, for JSON Lines) and the field.
 """
 import json
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from .batch import IGNORE_INDEX, PackedBatch, pack_sequences
+from .download import fetch
 from .errors import MinisftError
 from .prompts import get_style, tokenize_segments
 from .tokenizer import EOT
 
 DEFAULT_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
                     "01_main-chapter-code/instruction-data.json")
-# The book's 1,100 records as the book trained on them: the default download is checked against it.
+# The book's 1,100 records as the book trained on them, bundled with the package (minisft/assets).
 DEFAULT_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+BUNDLED_DATA = files("minisft") / "assets" / "instruction-data.json"
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -172,10 +175,8 @@ def normalize_record(rec, where="record", need_output=True) -> dict:
 
 
 def _read_source(source, cache_dir, sha256) -> list:
-    from .download import fetch
-
-    if source == DEFAULT_DATA_URL and sha256 is None:
-        sha256 = DEFAULT_DATA_SHA256
+    if source == DEFAULT_DATA_URL and sha256 in (None, DEFAULT_DATA_SHA256):
+        return read_records(BUNDLED_DATA)  # the same bytes that URL serves: no download
     return read_records(fetch(source, cache_dir, sha256))
 
 

@@ -12,9 +12,19 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MinisftError
-
+from .backends import BACKENDS
+from .config import PRESETS
 from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
+from .errors import MinisftError
+from .optim import DECAY_CHOICES, SCHEDULES
+from .prompts import MASKS, STYLES
+
+DTYPES = ("float32", "float64", "bfloat16")
+DEFAULT_MODEL = "gpt2-medium"  # the book's
+# `--demo`: the offline first run. Bundled data, a tiny GPT-2 (the real vocabulary) from a random
+# init on the fast CPU backend; a random model needs a larger learning rate than the book's 5e-5.
+DEMO = dict(model="gpt2-tiny", init="random", backend="numba", lr=1e-3, eval_freq=25, responses=10,
+            out="runs/demo")
 
 
 def _s(default, help, choices=None):
@@ -23,18 +33,21 @@ def _s(default, help, choices=None):
 
 @dataclass
 class Settings:
-    model: str = _s("gpt2-medium", "model preset: its shape, and which OpenAI weights --init pretrained loads")
+    model: str | None = _s(None, f"model preset: its shape, and which OpenAI weights --init pretrained loads "
+                                 f"(default: {DEFAULT_MODEL}, or the architecture in --weights DIR/config.json)",
+                           tuple(PRESETS))
     init: str = _s("pretrained", "start from OpenAI's weights or from a random GPT-2 init", ("pretrained", "random"))
     weights: str | None = _s(None, "local weights instead of the download: an HF folder or a .safetensors file")
-    data: str = _s(BOOK_DATA_URL, "instruction data: a local file or a URL (JSON list, JSONL, ShareGPT, messages)")
+    data: str = _s(BOOK_DATA_URL, "instruction data: a local file or a URL (JSON list, JSONL, ShareGPT, messages); "
+                                  "the book's URL is read from the copy bundled with minisft, no download")
     cache_dir: str | None = _s(None, "download cache (default: $MINISFT_CACHE_DIR or ~/.cache/minisft)")
-    prompt_style: str = _s("alpaca", "prompt template")
+    prompt_style: str = _s("alpaca", "prompt template: alpaca (the book), phi3 (exercise 7.1), chatml", tuple(STYLES))
     mask_prompt: str = _s("none", "which prompt tokens get no loss: none (book), input (book ex. 7.2: up to the "
-                                  "end of the input), header (through the response header, as TRL)",
-                          ("none", "input", "header"))
-    backend: str = _s("numpy", "engine backend", ("numpy", "numba", "torch"))
+                                  "end of the input), header (through the response header, as TRL)", MASKS)
+    backend: str = _s("numpy", "engine backend: numpy (the readable reference), numba (fast on CPUs), torch",
+                      BACKENDS)
     device: str | None = _s(None, "torch device: cpu, cuda, mps")
-    dtype: str = _s("float32", "compute dtype", ("float32", "float64", "bfloat16"))
+    dtype: str = _s("float32", "compute dtype (bfloat16: torch only)", DTYPES)
     epochs: int = _s(2, "passes over the training split")
     batch_size: int = _s(8, "sequences per micro-batch")
     grad_accum: int = _s(1, "micro-batches per optimizer step; the loss is normalised by the valid target "
@@ -42,15 +55,20 @@ class Settings:
     lr: float = _s(5e-5, "peak learning rate")
     weight_decay: float = _s(0.1, "AdamW decoupled weight decay")
     decay: str = _s("all", "tensors that decay: all (book) or matrices (no biases, layernorms, embeddings)",
-                    ("all", "matrices"))
-    schedule: str = _s("constant", "learning-rate schedule after warmup", ("constant", "linear", "cosine"))
+                    DECAY_CHOICES)
+    schedule: str = _s("constant", "learning-rate schedule after warmup", SCHEDULES)
     warmup_steps: int = _s(0, "linear warmup steps")
     min_lr: float = _s(0.0, "learning rate at the end of a linear or cosine decay")
     grad_clip: float | None = _s(None, "clip the global gradient norm to this value (default: off, as the book)")
     max_length: int = _s(1024, "truncate sequences to this many tokens (clamped to the context length)")
     drop_rate: float = _s(0.0, "dropout rate")
     eval_freq: int = _s(5, "evaluate every this many optimizer steps")
-    eval_iter: int = _s(5, "batches of train and val per evaluation")
+    eval_iter: int = _s(5, "batches of train and val per evaluation: the printed losses are estimates on these "
+                           "batches (minisft eval scores a whole split)")
+    early_stop: int | None = _s(None, "stop when the val loss has not improved for this many evaluations "
+                                      "(default: off); the best checkpoint is kept as checkpoints/best.h5")
+    export: str = _s("last", "which weights the end-of-run export and responses use: the last step or the best "
+                             "val loss (needs evaluations)", ("last", "best"))
     seed: int = _s(123, "seed for init, shuffling and dropout")
     shuffle: bool = _s(True, "shuffle the training batches each epoch (book: yes)")
     max_steps: int | None = _s(None, "stop after this many optimizer steps (smoke runs)")
@@ -71,13 +89,19 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per setting (--batch-size ...), default None so only given flags override."""
     p.add_argument("--config", help="TOML file with settings (keys as the flag names, - or _)")
+    p.add_argument("--demo", action="store_true",
+                   help="the offline first run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
+                        + " (flags and --config still override)")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         kind = _kind(f)
+        help = f.metadata["help"]
+        if "default" not in help:
+            help += f" (default: {'on' if f.default is True else 'off' if f.default is False or f.default is None else f.default})"
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            p.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=f.metadata["help"])
+            p.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=help)
 
 
 def _kind(f):
@@ -87,8 +111,8 @@ def _kind(f):
 
 
 def resolve(args: argparse.Namespace) -> Settings:
-    """Defaults, then the TOML file, then the flags that were given."""
-    values = {}
+    """Defaults, then --demo, then the TOML file, then the flags that were given."""
+    values = dict(DEMO) if getattr(args, "demo", False) else {}
     if getattr(args, "config", None):
         values.update(read_toml(args.config))
     values.update({n: getattr(args, n) for n in FIELDS if getattr(args, n, None) is not None})
@@ -119,20 +143,13 @@ def read_toml(path) -> dict:
 
 def validate(s: Settings) -> Settings:
     """Refuse bad values before any work starts, naming the setting."""
-    from .config import PRESETS
-    from .prompts import STYLES
-
     def bad(name, why):
         raise MinisftError(f"setting {name.replace('_', '-')}: {why}")
 
     for name, f in FIELDS.items():
-        choices = f.metadata["choices"]
-        if choices and getattr(s, name) not in choices:
-            bad(name, f"{getattr(s, name)!r} is not one of {', '.join(choices)}")
-    if s.model not in PRESETS:
-        bad("model", f"unknown preset {s.model!r}; choose one of {', '.join(PRESETS)}")
-    if s.prompt_style not in STYLES:
-        bad("prompt_style", f"unknown style {s.prompt_style!r}; choose one of {', '.join(STYLES)}")
+        choices, value = f.metadata["choices"], getattr(s, name)
+        if choices and value not in choices and not (value is None and f.default is None):
+            bad(name, f"{value!r} is not one of {', '.join(choices)}")
     for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_freq", "eval_iter", "ckpt_every",
                  "keep_last", "max_new_tokens"):
         if getattr(s, name) < 1:
@@ -158,6 +175,10 @@ def validate(s: Settings) -> Settings:
         bad("device", f"{s.device!r} needs --backend torch")
     if s.weights is not None and not Path(s.weights).exists():
         bad("weights", f"{s.weights} does not exist")
+    if s.early_stop is not None and s.early_stop < 1:
+        bad("early_stop", f"must be at least 1, got {s.early_stop}")
+    if s.model is None and not (s.weights is not None and Path(s.weights).is_dir()):
+        s = dataclasses.replace(s, model=DEFAULT_MODEL)  # a folder's config.json names its architecture
     if "://" not in s.data and not Path(s.data).is_file():
         bad("data", f"{s.data} is not a file")
     return s

@@ -6,27 +6,45 @@ Text never produces it: a literal "<|endoftext|>" inside a record is encoded as 
 early. (tiktoken's default would refuse such text with an error; the book's pipeline would crash
 on it.) Text without special-token strings encodes exactly as `tiktoken.get_encoding("gpt2").encode`.
 
-Offline use: point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached GPT-2 files.
+The encoding is built from the vocabulary bundled with the package (minisft/assets/encoder.json),
+so tokenizing never downloads and never writes tiktoken's cache.
 """
 import functools
+import hashlib
+import json
+from importlib.resources import files
 
 import numpy as np
+import tiktoken
 
 from .errors import MinisftError
 
 EOT = 50256  # <|endoftext|>
+VOCAB_FILE = files("minisft") / "assets" / "encoder.json"
+VOCAB_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"  # tiktoken's expected hash
+# GPT-2's pre-tokenizer: contractions, letter runs, digit runs, other symbols, whitespace.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def _byte_of_char() -> dict:
+    """encoder.json spells bytes as printable characters (GPT-2's bytes_to_unicode): bytes that
+    print as themselves stay; the other 68 are shifted to 256, 257, ... in byte order."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
 
 
 @functools.lru_cache(maxsize=1)
-def gpt2():
-    """The tiktoken Encoding for GPT-2 (loaded once)."""
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken raises requests/OS errors when it cannot fetch its files
-        raise MinisftError(f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}); offline, set "
-                           "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from e
+def gpt2() -> tiktoken.Encoding:
+    """The tiktoken Encoding for GPT-2 (built once), identical to tiktoken.get_encoding("gpt2")."""
+    raw = VOCAB_FILE.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != VOCAB_SHA256:
+        raise MinisftError(f"{VOCAB_FILE}: the bundled GPT-2 vocabulary is damaged (sha256 mismatch); "
+                           "reinstall minisft")
+    byte_of = _byte_of_char()
+    ranks = {bytes(byte_of[c] for c in token): rank for token, rank in json.loads(raw).items() if rank != EOT}
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
 
 
 def encode(text: str) -> list:

@@ -3,8 +3,10 @@ learning-rate schedules, gradient clipping, gradient accumulation, checkpoints a
 
 The book's loop, step by step: for each training batch, one AdamW step on the batch's mean loss;
 every eval_freq steps (the first right after step 1) the mean loss of eval_iter batches of train
-and of val, printed as `Ep 1 (Step 000005): Train loss 1.174, Val loss 1.103` with the book's
-0-based step; after each epoch a greedy sample for val[0]. Differences from the book, all deliberate:
+and of val, printed as `Ep 1 (Step 000006): Train loss 1.174, Val loss 1.103`; after each epoch a
+greedy sample for val[0]. Steps count optimizer steps done, from 1, on the console and in
+metrics.jsonl alike (the book prints the 0-based global step, one less). Differences from the
+book, all deliberate:
 batches are packed (no padding positions computed; the same loss and gradients), the shuffle order
 is numpy's, not torch's (see minisft.data.Loader), the train-loss estimate uses the first eval_iter
 training batches in file order (the book draws a fresh shuffle), and tokens_seen counts real tokens
@@ -14,10 +16,15 @@ Gradient accumulation: one optimizer step covers grad_accum micro-batches; every
 gradient is scaled by 1/(valid targets in the whole window), so the step equals one big batch
 (not a mean of micro-batch means). A window never crosses an epoch boundary.
 
+Early stopping (--early-stop P): after each evaluation, a val loss below the best so far is saved
+as checkpoints/best.h5; P evaluations in a row without one end the run. --export best makes the
+end-of-run export and responses use best.h5's weights.
+
 Run directory (--out): settings.json, metrics.jsonl, checkpoints/step-XXXXXX.h5 (the last
-keep_last), and at the end hf/ (Hugging Face export), instruction-data-with-response.json (test
+keep_last; best.h5 with early stopping), and at the end hf/ (Hugging Face export), instruction-data-with-response.json (test
 split, the book's format), loss-plot.png and summary.json.
 """
+import dataclasses
 import json
 import math
 import time
@@ -35,22 +42,26 @@ from .errors import MinisftError
 from .files import write_json, write_text
 from .generate import generate, generate_responses
 from .model import GPT
-from .optim import AdamW, clip_grad_norm
+from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
+from .pretrained import read_pretrained
 from .prompts import get_style
-from .schedule import lr_at
 from .settings import Settings
 
 SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
 
 
 # ---- setup -------------------------------------------------------------------------------------------
-def build_model(s: Settings) -> GPT:
+def model_source(s: Settings) -> tuple[GPTConfig, dict | None]:
+    """The model's shape and its starting weights (None: a random init). Without --model, a
+    --weights folder's config.json gives the architecture."""
+    if s.model is None:
+        cfg, sd = read_pretrained(s.weights, cache_dir=s.cache_dir)
+        return dataclasses.replace(cfg, drop_rate=s.drop_rate), sd
     cfg = GPTConfig.preset(s.model, drop_rate=s.drop_rate)
     if s.init == "random":
-        return GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device)
-    return GPT.from_pretrained(s.weights or s.model, backend=s.backend, dtype=s.dtype, cache_dir=s.cache_dir,
-                               device=s.device, model=cfg, seed=s.seed)
+        return cfg, None
+    return read_pretrained(s.weights or s.model, cache_dir=s.cache_dir, model=cfg)
 
 
 def mean_batch_loss(model: GPT, loader: Loader, num_batches: int) -> float:
@@ -73,6 +84,10 @@ def checkpoints(out: Path) -> list:
     return sorted((out / "checkpoints").glob("step-*.h5"))
 
 
+def best_checkpoint(out: Path) -> Path:
+    return out / "checkpoints" / "best.h5"
+
+
 # ---- the loop ------------------------------------------------------------------------------------------
 def finetune(s: Settings, log=print) -> dict:
     """Run (or resume) a fine-tuning job; returns the summary dict."""
@@ -82,16 +97,21 @@ def finetune(s: Settings, log=print) -> dict:
                            "or choose another --out")
     if s.resume and not checkpoints(out):
         raise MinisftError(f"setting resume: {out} has no checkpoint to resume from")
+    if s.export == "best" and s.early_stop is None:
+        raise MinisftError("setting export: best needs --early-stop (which keeps the best checkpoint)")
+    cfg, weights = model_source(s)
+    max_len = min(s.max_length, cfg.context_length)
     out.mkdir(parents=True, exist_ok=True)
     log("settings:")
     for k, v in s.to_dict().items():
-        log(f"  {k} = {v!r}")
+        clamped = f"  (effective {max_len}: the model's context)" if k == "max_length" and max_len < v else ""
+        log(f"  {k} = {v!r}{clamped}")
     write_json(out / "settings.json", s.to_dict(), indent=2)
 
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
-    model = build_model(s)
-    max_len = min(s.max_length, model.cfg.context_length)
+    model = GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device, params=weights)
+    del weights  # the model holds its own copy
     style = get_style(s.prompt_style)
     collate = partial(collate_examples, packed=True, allowed_max_length=max_len)
     train_ex = encode_records(split.train, style, s.mask_prompt)
@@ -103,15 +123,17 @@ def finetune(s: Settings, log=print) -> dict:
     opt = AdamW(model, lr=s.lr, weight_decay=s.weight_decay, decay=s.decay)
     steps_per_epoch = math.ceil(len(loader) / s.grad_accum)
     total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
-    log(f"model: {s.model} ({model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
+    log(f"model: {s.model or s.weights} ({cfg.n_layers} layers, d={cfg.emb_dim}, context {cfg.context_length}; "
+        f"{model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
 
     step, tokens_seen, records, train_time = 0, 0, [], 0.0
+    best = dict(val_loss=math.inf, step=None, since=0)  # early stopping: the best eval and evals since
     if s.resume:
         path = checkpoints(out)[-1]
         _, _, state = load_checkpoint(path, model=model, optimizer=opt)
         step, tokens_seen, records = state["step"], state["tokens_seen"], state["records"]
-        train_time = state["train_time"]
+        train_time, best = state["train_time"], state.get("best", best)
         loader.load_state_dict(state["loader"])
         log(f"resuming from {path} at step {step}")
     # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
@@ -119,10 +141,10 @@ def finetune(s: Settings, log=print) -> dict:
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
 
-    def save(step):
-        save_checkpoint(out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
+    def save(step, path=None):
+        save_checkpoint(path or out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
                         dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
-                             train_time=train_time, settings=s.to_dict()))
+                             train_time=train_time, best=best, settings=s.to_dict()))
         for old in checkpoints(out)[:-s.keep_last]:
             old.unlink()
 
@@ -132,8 +154,9 @@ def finetune(s: Settings, log=print) -> dict:
         metrics.flush()
 
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=None)
+    stopped = s.early_stop is not None and best["since"] >= s.early_stop  # resumed after it stopped
     try:
-        while step < total_steps:
+        while step < total_steps and not stopped:
             epoch = loader.epoch
             for window in windows(iter(loader), s.grad_accum):  # the rest of this epoch
                 t0 = time.perf_counter()
@@ -160,11 +183,22 @@ def finetune(s: Settings, log=print) -> dict:
                     val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter)
                     emit(dict(kind="eval", step=step, epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
                               tokens_seen=tokens_seen))
-                    bar.write(f"Ep {epoch + 1} (Step {step - 1:06d}): Train loss {train_loss:.3f}, "
+                    bar.write(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, "
                               f"Val loss {val_loss:.3f}")
-                if step % s.ckpt_every == 0 or step == total_steps:
+                    if s.early_stop is not None:
+                        improved = val_loss < best["val_loss"]
+                        best = dict(val_loss=val_loss, step=step, since=0) if improved else {
+                            **best, "since": best["since"] + 1}
+                        if improved:
+                            save(step, best_checkpoint(out))
+                        stopped = best["since"] >= s.early_stop
+                        if stopped:
+                            bar.write(f"early stop: the val loss has not improved for {s.early_stop} evaluations; "
+                                      f"the best, {best['val_loss']:.3f} at step {best['step']}, is in "
+                                      f"{best_checkpoint(out)}")
+                if step % s.ckpt_every == 0 or step == total_steps or stopped:
                     save(step)
-                if step == total_steps:
+                if step == total_steps or stopped:
                     break
             if loader.epoch > epoch or loader.batch == len(loader):  # the epoch is complete
                 bar.write(sample_text(model, style, split.val[0]))
@@ -178,6 +212,9 @@ def finetune(s: Settings, log=print) -> dict:
         metrics.close()
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{step:06d}.h5":
         save(step)
+    if s.export == "best":
+        load_checkpoint(best_checkpoint(out), model=model)
+        log(f"export: the best checkpoint (val loss {best['val_loss']:.3f} at step {best['step']})")
     return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log)
 
 
@@ -209,6 +246,8 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
                    final_val_loss=evals[-1]["val_loss"] if evals else None,
                    last_step_loss=steps[-1]["loss"] if steps else None, responses=n)
     write_json(out / "summary.json", summary, indent=2)
-    log(f"done: {step} steps in {train_time:.1f} s of training ({summary['tokens_per_second']} tokens/s); "
-        f"train loss {summary['final_train_loss']}, val loss {summary['final_val_loss']}; outputs in {out}")
+    losses = ", ".join(f"{what} loss {summary[key]:.3f}" for what, key in (
+        ("train", "final_train_loss"), ("val", "final_val_loss")) if summary[key] is not None)
+    log(f"done: {step} steps in {train_time:.1f} s of training ({summary['tokens_per_second'] or 0:,.0f} tokens/s)"
+        f"{'; ' + losses + ' (estimates on --eval-iter batches)' if losses else ''}; outputs in {out}")
     return summary

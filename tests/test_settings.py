@@ -34,8 +34,6 @@ def test_toml_then_flags(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--lr=-1e-4"], "setting lr: must not be negative"),
     (["--batch-size", "0"], "setting batch-size: must be at least 1"),
-    (["--prompt-style", "vicuna"], "setting prompt-style: unknown style 'vicuna'"),
-    (["--model", "gpt3"], "setting model: unknown preset 'gpt3'"),
     (["--data", "/no/such/file.json"], "setting data: /no/such/file.json is not a file"),
     (["--weights", "/no/such/dir"], "setting weights: /no/such/dir does not exist"),
     (["--grad-clip", "0"], "setting grad-clip: must be positive"),
@@ -45,6 +43,31 @@ def test_toml_then_flags(tmp_path):
 def test_bad_settings_are_refused_by_name(argv, message):
     with pytest.raises(MinisftError, match=message):
         parse(*argv)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('prompt-style = "vicuna"', "setting prompt-style: 'vicuna' is not one of alpaca, phi3, chatml"),
+    ('model = "gpt3"', "setting model: 'gpt3' is not one of gpt2-small, gpt2-medium"),
+    ('backend = "jax"', "setting backend: 'jax' is not one of numpy, numba, torch"),
+])
+def test_a_toml_value_outside_its_choices_is_refused_by_name(tmp_path, line, message):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(MinisftError, match=message):
+        parse("--config", str(cfg))
+
+
+def test_a_flag_outside_its_choices_is_refused_by_argparse_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--prompt-style", "vicuna")
+    assert e.value.code == 2
+    assert "argument --prompt-style: invalid choice: 'vicuna' (choose from alpaca, phi3, chatml)" in \
+        capsys.readouterr().err.replace("'alpaca', 'phi3', 'chatml'", "alpaca, phi3, chatml")
+
+
+def test_demo_is_the_offline_first_run_and_flags_still_override():
+    s = parse("--demo", "--lr", "2e-3")
+    assert (s.model, s.init, s.backend, s.lr, s.data) == ("gpt2-tiny", "random", "numba", 2e-3, BOOK_DATA_URL)
 
 
 def test_bad_toml_is_refused_by_name(tmp_path):
@@ -62,8 +85,17 @@ def test_bad_toml_is_refused_by_name(tmp_path):
         parse("--config", str(tmp_path / "missing.toml"))
 
 
-def test_every_setting_has_a_flag_and_help():
+def test_every_setting_has_a_flag_whose_help_states_its_default_and_choices():
     p = argparse.ArgumentParser()
     add_arguments(p)
-    flags = {a.dest for a in p._actions}
-    assert set(Settings().to_dict()) <= flags
+    actions = {a.dest: a for a in p._actions}
+    assert set(Settings().to_dict()) <= set(actions)
+    for name, default in Settings().to_dict().items():
+        a = actions[name]
+        assert a.help and "default" in a.help, name
+        if isinstance(default, (int, float, str)) and not isinstance(default, bool) and name != "model":
+            assert f"default: {default}" in a.help, name
+    assert actions["mask_prompt"].choices == ("none", "input", "header")
+    assert actions["backend"].choices == ("numpy", "numba", "torch")
+    help_text = p.format_help()
+    assert "--lr LR" in help_text and "(default: 5e-05)" in help_text

@@ -150,7 +150,7 @@ def test_cli_smoke_run_writes_every_output(tmp_path, shared_data):
            "--eval-iter", "2", "--responses", "2", "--max-new-tokens", "4", "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "Ep 1 (Step 000000): Train loss" in r.stdout and "Ep 1 (Step 000002)" in r.stdout
+    assert "Ep 1 (Step 000001): Train loss" in r.stdout and "Ep 1 (Step 000003)" in r.stdout
     assert "batch_size = 8" in r.stdout  # every resolved setting printed
     assert json.loads((out / "settings.json").read_text())["max_steps"] == 4
     kinds = [m["kind"] for m in read_metrics(out)]

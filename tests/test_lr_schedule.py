@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from minisft.schedule import lr_at
+from minisft.optim import lr_at
 
 
 def test_constant_is_the_book_default():
