@@ -17,7 +17,7 @@ import pytest
 from minisft import GPT, GPTConfig
 from minisft.generate import generate, generate_uncached
 from minisft.judge import format_input
-from tests.backend_util import backend_or_skip
+from tests.helpers import backend_or_skip
 from tests.conftest import SHARED_DATA
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.backend_util import ALL_BACKENDS, backend_or_skip
+from tests.helpers import ALL_BACKENDS, backend_or_skip
 
 N_SEQ, T, D, H, V = 8, 64, 768, 12, 50257
 N = N_SEQ * T

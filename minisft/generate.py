@@ -211,6 +211,7 @@ def chat_loop(model, render_prompt, encode, decode, input_fn=input, output=sys.s
             output.write("\n")
             return
         if message.strip() == "/quit":
+            output.write("\n")
             return
         if not message.strip():
             continue

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from minisft import GPT, AdamW, GPTConfig, pack_padded
-from tests.backend_util import ALL_BACKENDS, backend_or_skip, rel_err
-from tests.test_model import book_like_batch
+from tests.helpers import ALL_BACKENDS, backend_or_skip, rel_err
+from tests.helpers import book_like_batch
 
 OTHER_BACKENDS = [b for b in ALL_BACKENDS if b != "numpy"]
 TOL = {"float32": 1e-5, "float64": 1e-10}
@@ -65,7 +65,7 @@ H, HD = 6, 12
 D = H * HD                           # 72: not a multiple of a column block
 
 
-def test_embedding(pair, rng):
+def test_embedding_matches_numpy(pair, rng):
     R, B = pair
     V, C, N = 50, 64, 200
     tokens = rng.integers(0, V, N)   # 200 draws from 50 ids: many repeats race in a naive scatter
@@ -85,7 +85,7 @@ def test_embedding(pair, rng):
     check(R, B, *bufs, "embedding_backward")
 
 
-def test_layernorm(pair, rng):
+def test_layernorm_forward_and_backward_match_numpy(pair, rng):
     R, B = pair
     x = rng.normal(size=(200, D)) * 2.5 + 0.7
     w, b = rng.normal(size=D), rng.normal(size=D)
@@ -100,7 +100,7 @@ def test_layernorm(pair, rng):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("need_dw", [True, False])
-def test_linear(pair, rng, bias, need_dw):
+def test_linear_forward_and_backward_match_numpy(pair, rng, bias, need_dw):
     R, B = pair
     x, w = rng.normal(size=(200, D)), rng.normal(size=(D, 3 * D))
     b = rng.normal(size=3 * D) if bias else None
@@ -115,7 +115,7 @@ def test_linear(pair, rng, bias, need_dw):
 
 
 @pytest.mark.parametrize("lengths", [LENGTHS, [64] * 3])
-def test_attention(pair, rng, lengths):
+def test_attention_forward_and_backward_match_numpy_on_unequal_sequences(pair, rng, lengths):
     R, B = pair
     cu = np.concatenate([[0], np.cumsum(lengths)])
     N = int(cu[-1])
@@ -128,7 +128,7 @@ def test_attention(pair, rng, lengths):
     check(R, B, *bwd, "attention_backward")
 
 
-def test_gelu(pair, rng):
+def test_gelu_forward_and_backward_match_numpy(pair, rng):
     R, B = pair
     x = rng.normal(size=(200, 4 * D)) * 3   # reaches the tails, where tanh saturates
     check(R, B, *run_both(R, B, "gelu_forward", x, arrays=(0,)), "gelu_forward")
@@ -136,14 +136,14 @@ def test_gelu(pair, rng):
     check(R, B, *run_both(R, B, "gelu_backward", dy, x, arrays=(0, 1)), "gelu_backward")
 
 
-def test_residual(pair, rng):
+def test_residual_forward_and_backward_match_numpy(pair, rng):
     R, B = pair
     a, b = rng.normal(size=(200, D)), rng.normal(size=(200, D))
     check(R, B, *run_both(R, B, "residual_forward", a, b, arrays=(0, 1)), "residual_forward")
     check(R, B, *run_both(R, B, "residual_backward", a, arrays=(0,)), "residual_backward")
 
 
-def test_dropout(pair, rng):
+def test_dropout_masks_and_backward_match_numpy(pair, rng):
     R, B = pair
     x, dy, p = rng.normal(size=(200, D)), rng.normal(size=(200, D)), 0.25
     y, mask = B.dropout_forward(B.from_numpy(x), p, B.rng(3))
@@ -156,7 +156,7 @@ def test_dropout(pair, rng):
 
 
 @pytest.mark.parametrize("n_rows", [13, 300])
-def test_head_loss(pair, rng, n_rows):
+def test_fused_head_loss_and_logits_match_numpy_with_ignored_targets(pair, rng, n_rows):
     R, B = pair
     V, scale = 300, 0.37
     h, w = rng.normal(size=(n_rows, D)), rng.normal(size=(V, D)) * 0.3
@@ -181,7 +181,7 @@ def test_head_loss(pair, rng, n_rows):
     check(R, B, *run_both(R, B, "head_logits", h, w, arrays=(0, 1)), "head_logits")
 
 
-def test_adamw_global_norm_scale(pair, rng):
+def test_adamw_global_norm_and_scale_match_numpy(pair, rng):
     R, B = pair
     shape = (37, 29)
     p, g, m = rng.normal(size=shape), rng.normal(size=shape), rng.normal(size=shape) * 0.1
@@ -206,7 +206,7 @@ def test_adamw_global_norm_scale(pair, rng):
 
 # ---- the whole model ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("tie", [False, True])
-def test_whole_model_and_three_adamw_steps(name, dtype, tie):
+def test_whole_model_and_three_adamw_steps_match_numpy(name, dtype, tie):
     """Loss, logits, every gradient and the parameters after each of 3 AdamW steps, each on a new
     book-like batch packed without its padding. The model has no qkv bias: the key bias's gradient
     is zero in exact arithmetic (softmax ignores a constant added to a row's scores), so each

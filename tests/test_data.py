@@ -9,19 +9,10 @@ from minisft import GPT, GPTConfig, pack_padded
 from minisft.data import (Example, Loader, collate_examples, collate_packed, collate_padded, encode_record,
                           encode_records, format_input, load_records, split_dataset)
 from minisft.errors import MinisftError
+from tests.helpers import book_format_input, book_training_text
 
 
 # ---- the book's definitions, written out from the chapter's text, to check against ----------------------
-
-def book_format_input(entry):
-    text = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-            "the request." + "\n\n### Instruction:\n" + entry["instruction"])
-    return text + ("\n\n### Input:\n" + entry["input"] if entry["input"] else "")
-
-
-def book_training_text(entry):
-    return book_format_input(entry) + "\n\n### Response:\n" + entry["output"]
-
 
 @pytest.fixture(scope="module")
 def raw(shared_data):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tiktoken
 
-from tests.test_data import book_training_text
+from tests.helpers import book_training_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +27,21 @@ def test_stats_on_the_book_data(shared_data):
     entries = json.loads((shared_data / "instruction-data.json").read_text(encoding="utf-8"))
     over_80 = sum(len(tiktoken.get_encoding("gpt2").encode(book_training_text(e))) > 80 for e in entries)
     assert 0 < over_80 < 1100
-    assert f"longer than 80 tokens (truncated in training): {over_80}" in out
+    assert f"longer than 80 tokens (gpt2-medium's context 1024, --max-length 80; truncated in training): {over_80}" \
+        in out
+
     assert "exact duplicates (same rendered text as an earlier record): 0" in out
     histogram = [line.split() for line in out.splitlines() if re.match(r"\s+\d+ - +\d+ \|", line)]
     assert [(int(h[0]), int(h[2])) for h in histogram] == [(40 + 6 * i, 45 + 6 * i) for i in range(9)]
     assert sum(int(h[-1]) for h in histogram) == 1100
 
+
+def test_stats_counts_overlong_records_against_the_chosen_models_context(shared_data):
+    r = minisft("data", "stats", shared_data / "instruction-data.json", "--model", "gpt2-tiny", "--max-length", "4096")
+    assert r.returncode == 0, r.stderr
+    entries = json.loads((shared_data / "instruction-data.json").read_text(encoding="utf-8"))
+    over = sum(len(tiktoken.get_encoding("gpt2").encode(book_training_text(e))) > 256 for e in entries)
+    assert f"longer than 256 tokens (gpt2-tiny's context 256, --max-length 4096; truncated in training): {over}" in r.stdout
 
 def test_stats_counts_duplicates_and_overlap(tmp_path):
     recs = [{"instruction": f"Task {i}", "input": "", "output": f"Answer {i}"} for i in range(20)]

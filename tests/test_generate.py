@@ -16,7 +16,7 @@ from minisft import GPT, GPTConfig, pack_sequences
 from minisft.generate import (_TextStream, chat_loop, extract_book_response, generate, generate_responses,
                               generate_uncached, sample_next)
 from minisft.judge import format_input  # the book's alpaca format_input
-from tests.backend_util import ALL_BACKENDS, backend_or_skip, rel_err
+from tests.helpers import ALL_BACKENDS, backend_or_skip, rel_err
 
 TINY = dict(vocab_size=37, context_length=12, emb_dim=16, n_layers=2, n_heads=4)
 

@@ -7,7 +7,7 @@ perturbed by +-eps; the norm-relative error over the samples must be at most 1e-
 import numpy as np
 import pytest
 
-from tests.backend_util import ALL_BACKENDS, backend_or_skip
+from tests.helpers import ALL_BACKENDS, backend_or_skip
 
 FD_EPS = 1e-6
 FD_TOL = 1e-7
@@ -49,7 +49,7 @@ def contract(B, out, G) -> float:
     return float(np.sum(B.to_numpy(out) * G))
 
 
-def test_embedding(B, rng):
+def test_embedding_backward_scatter_adds_repeated_tokens_like_finite_differences(B, rng):
     V, C, d, N = 11, 9, 6, 20
     tokens = rng.integers(0, V, N)          # repeats on purpose: the backward must scatter-ADD
     positions = rng.integers(0, C, N)
@@ -64,7 +64,7 @@ def test_embedding(B, rng):
     fd_check(f, dict(wte=wte, wpe=wpe), dict(wte=B.to_numpy(dwte), wpe=B.to_numpy(dwpe)), rng)
 
 
-def test_layernorm(B, rng):
+def test_layernorm_backward_matches_finite_differences_for_x_gain_and_bias(B, rng):
     N, d = 7, 10
     x = rng.normal(size=(N, d)) * 3 + 1
     w, b = rng.normal(size=d), rng.normal(size=d)
@@ -77,7 +77,7 @@ def test_layernorm(B, rng):
     fd_check(f, dict(x=x, w=w, b=b), dict(x=B.to_numpy(dx), w=B.to_numpy(dw), b=B.to_numpy(db)), rng)
 
 
-def test_linear(B, rng):
+def test_linear_backward_matches_finite_differences_for_x_weight_and_bias(B, rng):
     N, n_in, n_out = 9, 7, 5
     x, w, b = rng.normal(size=(N, n_in)), rng.normal(size=(n_in, n_out)), rng.normal(size=n_out)
     G = rng.normal(size=(N, n_out))
@@ -94,7 +94,7 @@ def test_linear(B, rng):
 
 
 @pytest.mark.parametrize("lengths", [[5, 1, 8, 3], [6, 6]])
-def test_attention(B, rng, lengths):
+def test_attention_backward_matches_finite_differences_on_unequal_sequences(B, rng, lengths):
     H, hd = 3, 4
     d = H * hd
     cu = np.concatenate([[0], np.cumsum(lengths)])
@@ -123,14 +123,14 @@ def test_attention_is_causal_and_stays_inside_its_sequence(B, rng):
     assert np.abs(out2[6:] - out[6:]).min() > 0        # later positions of its own sequence see it
 
 
-def test_gelu(B, rng):
+def test_gelu_backward_matches_finite_differences(B, rng):
     x = rng.normal(size=(6, 9)) * 2
     G = rng.normal(size=x.shape)
     dx = B.gelu_backward(B.from_numpy(G), B.from_numpy(x))
     fd_check(lambda x: contract(B, B.gelu_forward(B.from_numpy(x)), G), dict(x=x), dict(x=B.to_numpy(dx)), rng)
 
 
-def test_residual(B, rng):
+def test_residual_backward_sends_the_gradient_to_both_inputs(B, rng):
     a, b, G = rng.normal(size=(4, 5)), rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
     da, db = B.residual_backward(B.from_numpy(G))
 
@@ -139,7 +139,7 @@ def test_residual(B, rng):
     fd_check(f, dict(a=a, b=b), dict(a=B.to_numpy(da), b=B.to_numpy(db)), rng)
 
 
-def test_dropout(B, rng):
+def test_dropout_backward_matches_finite_differences_through_its_mask(B, rng):
     x, G, p = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)), 0.3
     y, mask = B.dropout_forward(B.from_numpy(x), p, B.rng(7))
     dx = B.dropout_backward(B.from_numpy(G), mask)
@@ -153,7 +153,7 @@ def test_dropout(B, rng):
 
 
 @pytest.mark.parametrize("n_rows", [13, 600])  # 600 > one row chunk: chunk boundaries are crossed
-def test_head_loss(B, rng, n_rows):
+def test_fused_head_loss_gradients_match_finite_differences_with_ignored_targets(B, rng, n_rows):
     V, d, scale = 23, 6, 0.37
     h, w = rng.normal(size=(n_rows, d)), rng.normal(size=(V, d))
     targets = rng.integers(0, V, n_rows)
@@ -177,7 +177,7 @@ def test_head_loss(B, rng, n_rows):
     fd_check(f, dict(h=h, w=w), dict(h=dh_np, w=B.to_numpy(dw) - dw0), rng)
 
 
-def test_head_loss_without_gradient(B, rng):
+def test_fused_head_loss_without_gradient_returns_the_same_loss(B, rng):
     h, w = rng.normal(size=(5, 4)), rng.normal(size=(7, 4))
     targets = np.array([1, -100, 3, 6, -100])
     loss_sum, n_valid, dh = B.head_loss(B.from_numpy(h), B.from_numpy(w), B.index(targets))
@@ -185,7 +185,7 @@ def test_head_loss_without_gradient(B, rng):
     np.testing.assert_allclose(B.to_numpy(B.head_logits(B.from_numpy(h), B.from_numpy(w))), h @ w.T, rtol=1e-13)
 
 
-def test_global_norm_and_scale(B, rng):
+def test_global_norm_and_scale_agree_with_their_definitions(B, rng):
     gs = [rng.normal(size=(3, 4)), rng.normal(size=7)]
     arrs = [B.from_numpy(g) for g in gs]
     expect = np.sqrt(sum((g ** 2).sum() for g in gs))

@@ -7,25 +7,10 @@ import pytest
 
 from minisft import GPT, GPTConfig, pack_padded
 from minisft.model import param_shapes
-from tests.backend_util import ALL_BACKENDS, backend_or_skip, rel_err
+from tests.helpers import ALL_BACKENDS, backend_or_skip, book_like_batch, rel_err
 from tests.conftest import ROOT
 
 TINY = dict(vocab_size=31, context_length=12, emb_dim=8, n_layers=2, n_heads=2)
-
-
-def book_like_batch(rng, V, lengths, pad=None):
-    """Right-padded (B, T) inputs/targets built like the book's collate: each sequence gets one
-    end-of-text appended, is padded with it to the longest + 1, shifted by one; targets keep the
-    first end-of-text and mark the rest -100."""
-    pad = V - 1 if pad is None else pad
-    T = max(lengths) + 1
-    seqs = np.full((len(lengths), T), pad)
-    for r, n in enumerate(lengths):
-        seqs[r, :n] = rng.integers(0, pad, n)
-    inputs, targets = seqs[:, :-1].copy(), seqs[:, 1:].copy()
-    for r, n in enumerate(lengths):
-        targets[r, n:] = -100  # position n-1 predicts the first end-of-text, kept
-    return inputs, targets
 
 
 @pytest.fixture(params=ALL_BACKENDS)

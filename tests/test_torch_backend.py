@@ -18,7 +18,7 @@ from minisft.backends import get_backend  # noqa: E402
 from minisft.backends import torch_backend as tb  # noqa: E402
 from minisft.backends.numpy_backend import NumpyBackend  # noqa: E402
 from minisft import GPT, AdamW, GPTConfig, pack_sequences  # noqa: E402
-from tests.backend_util import rel_err  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 CUDA = torch.cuda.is_available()

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch", reason="torch is not installed: the autogra
                                            "(pip install 'minisft[torch]')")
 
 from minisft import GPT, AdamW, GPTConfig, clip_grad_norm  # noqa: E402
-from tests.backend_util import ALL_BACKENDS, backend_or_skip, rel_err  # noqa: E402
-from tests.test_model import book_like_batch  # noqa: E402
+from tests.helpers import ALL_BACKENDS, backend_or_skip, rel_err  # noqa: E402
+from tests.helpers import book_like_batch  # noqa: E402
 from minisft.peer import TorchGPT  # noqa: E402
 
 EOT = 50256

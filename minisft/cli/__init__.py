@@ -6,6 +6,7 @@ Every module in COMMANDS exposes `register(subparsers)`, which adds its parser a
 one-line message on stderr and exit status 2, never a traceback.
 """
 import argparse
+import functools
 import importlib
 import sys
 
@@ -16,11 +17,21 @@ from ..errors import MinisftError
 COMMANDS = ["finetune", "generate", "chat", "eval", "judge", "export", "data", "bench"]
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minisft", description="Instruction fine-tuning of GPT-2-class models "
                                      "with a hand-written engine (numpy, numba, torch backends).")
     parser.add_argument("--version", action="version", version=f"minisft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter))
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"minisft.cli.{name}").register(sub)

@@ -4,6 +4,7 @@ book's instruction-data.json."""
 import numpy as np
 
 from ..data import DEFAULT_DATA_URL, encode_record, encode_records, load_records, split_dataset
+from ..config import PRESETS, GPTConfig
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
 from ..tokenizer import EOT, token_bytes
@@ -45,7 +46,10 @@ def stats(args) -> int:
     print(f"tokens per record ({style.name} style, GPT-2, before the appended end-of-text): min {lengths.min()}, "
           f"median {int(np.median(lengths))}, mean {lengths.mean():.1f}, max {lengths.max()}")
     print("\n".join(histogram(lengths)))
-    print(f"longer than {args.max_length} tokens (truncated in training): {np.sum(lengths > args.max_length)}")
+    context = GPTConfig.preset(args.model).context_length
+    limit = min(args.max_length, context)
+    print(f"longer than {limit} tokens ({args.model}'s context {context}, --max-length {args.max_length}; "
+          f"truncated in training): {np.sum(lengths > limit)}")
     print(f"exact duplicates (same rendered text as an earlier record): {n - len(set(texts))}")
     for name in ("val", "test"):
         overlap = sum(_user_text(records[i]) in train_prompts for i in getattr(split, name))
@@ -93,7 +97,9 @@ def register(sub) -> None:
 
     q = dsub.add_parser("stats", help="counts, token lengths, duplicates, train/test overlap")
     common(q)
-    q.add_argument("--max-length", type=int, default=1024, help="report records longer than this")
+    q.add_argument("--max-length", type=int, default=1024, help="report records longer than this (clamped to "
+                   "the model's context)")
+    q.add_argument("--model", default="gpt2-medium", choices=list(PRESETS), help="the model whose context counts")
     q.add_argument("--shuffle-seed", type=int, default=None, help="shuffle before the split")
     q.set_defaults(func=stats)
 
