@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from minisft import GPT, GPTConfig
+from minisft import GPT, GPTConfig, clip_grad_norm, pack_sequences
 from minisft.checkpoint import load_checkpoint
 from minisft.data import Loader, collate_examples, encode_records, load_records, split_dataset
 from minisft.errors import MinisftError
@@ -112,6 +112,22 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, shared_d
             assert w.tobytes() == b[1].state_dict()[key][name].tobytes(), name
 
 
+def test_clipping_scales_every_gradient_to_the_max_norm_and_keeps_directions(shared_data):
+    model = GPT(GPTConfig(vocab_size=31, context_length=12, emb_dim=8, n_layers=2, n_heads=2), dtype="float64")
+    rng = np.random.default_rng(5)
+    model.forward_backward(pack_sequences([rng.integers(0, 31, 9), rng.integers(0, 31, 5)],
+                                          [rng.integers(0, 31, 9), rng.integers(0, 31, 5)]))
+    before = {n: model.B.to_numpy(g).copy() for n, g in model.grads.items()}
+    norm = clip_grad_norm(model, 0.5)
+    assert norm == pytest.approx(np.sqrt(sum(np.sum(g * g) for g in before.values())), rel=1e-12) and norm > 0.5
+    after = {n: model.B.to_numpy(g) for n, g in model.grads.items()}
+    assert np.sqrt(sum(np.sum(g * g) for g in after.values())) == pytest.approx(0.5 * norm / (norm + 1e-6), rel=1e-12)
+    for n in before:
+        np.testing.assert_allclose(after[n], before[n] * (0.5 / (norm + 1e-6)), rtol=1e-12, atol=0)
+    assert clip_grad_norm(model, 10.0) == pytest.approx(0.5, rel=1e-5)  # under the limit: left alone
+    np.testing.assert_array_equal(model.B.to_numpy(model.grads["wte.weight"]), after["wte.weight"])
+
+
 def test_schedule_and_clipping_show_in_the_metrics(tmp_path, shared_data):
     s = settings(tmp_path, shared_data, max_steps=6, schedule="linear", warmup_steps=2, lr=1e-3, min_lr=1e-4,
                  grad_clip=0.5)
@@ -134,6 +150,38 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, s
         finetune(s, log=quiet)
     model, _, state = load_checkpoint(checkpoints(tmp_path / "run")[-1])
     assert state["step"] == 4 and all(np.isfinite(a).all() for a in model.state_dict().values())
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_exports_it(tmp_path, shared_data, monkeypatch):
+    import minisft.train as train
+    val_losses = iter([5.0, 4.0, 4.5, 4.2, 9.9, 9.9])  # best at the 2nd evaluation, then 2 without improving
+    real = train.mean_batch_loss
+    calls = []
+
+    def scripted(model, loader, num_batches):
+        calls.append(1)
+        return next(val_losses) if len(calls) % 2 == 0 else real(model, loader, num_batches)
+    monkeypatch.setattr(train, "mean_batch_loss", scripted)
+    s = settings(tmp_path, shared_data, max_steps=20, eval_freq=2, early_stop=2, export="best", ckpt_every=100)
+    summary = finetune(s, log=quiet)
+    evals = [r for r in read_metrics(s.out) if r["kind"] == "eval"]
+    assert [e["val_loss"] for e in evals] == [5.0, 4.0, 4.5, 4.2] and summary["steps"] == 7  # evals at 1, 3, 5, 7
+    best, _, state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.h5")
+    assert state["step"] == 3 and state["best"] == dict(val_loss=4.0, step=3, since=0)
+    exported = GPT.from_pretrained(tmp_path / "run" / "hf")
+    for n, a in best.state_dict().items():
+        np.testing.assert_array_equal(exported.state_dict()[n], a)
+
+
+def test_weights_folder_gives_the_architecture_without_model(tmp_path, shared_data):
+    src = GPT(GPTConfig.preset("gpt2-tiny", n_layers=1), seed=4)
+    src.save_pretrained(tmp_path / "w")
+    s = validate(Settings(weights=str(tmp_path / "w"), data=str(shared_data / "instruction-data.json"),
+                          out=str(tmp_path / "run"), responses=0, eval_freq=1000, eval_iter=1, max_steps=1))
+    assert s.model is None
+    finetune(s, log=quiet)
+    model, _, _ = load_checkpoint(checkpoints(tmp_path / "run")[-1])
+    assert model.cfg.n_layers == 1 and model.cfg.emb_dim == 64
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, shared_data):
