@@ -211,7 +211,8 @@ def chat_loop(model, render_prompt, encode, decode, input_fn=input, output=sys.s
             output.write("\n")
             return
         if message.strip() == "/quit":
-            output.write("\n")
+            if not sys.stdin.isatty():  # piped input is not echoed: end the last "> " line ourselves
+                output.write("\n")
             return
         if not message.strip():
             continue

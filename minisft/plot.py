@@ -6,7 +6,7 @@ from .files import atomic_path
 def plot_losses(evals: list, num_epochs: float, path) -> str | None:
     """evals: the run's eval records ({"train_loss", "val_loss", "tokens_seen"} in order).
     Writes a PNG to path and returns None, or returns a one-line note when matplotlib is missing."""
-    try:
+    try:  # imported here: matplotlib is an optional extra, and slow to import
         import matplotlib
         matplotlib.use("Agg")  # files only, no screen
         import matplotlib.pyplot as plt

@@ -1,10 +1,12 @@
 """minisft.download.fetch against a real HTTP server on 127.0.0.1 serving a file from the test."""
 import hashlib
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
 
+import minisft.data
 import minisft.download
 from minisft.data import DEFAULT_DATA_SHA256, DEFAULT_DATA_URL, load_records
 from minisft.download import cache_path, fetch
@@ -153,11 +155,11 @@ def test_records_and_cli_from_a_url(serve, tmp_path, capsys):
     assert files_in(tmp_path / "cli") == ["instruction-data.json"]
 
 
-def test_the_default_download_is_checked_against_the_books_file(shared_data, body, monkeypatch):
-    """No network here: record what load_records asks fetch for, and hand it the shared copy."""
+def test_the_default_data_is_the_bundled_copy_of_the_books_file_and_never_downloads(shared_data, body,
+                                                                                    monkeypatch):
     asked = []
-    monkeypatch.setattr(minisft.download, "fetch", lambda *args: asked.append(args) or
-                        shared_data / "instruction-data.json")
-    assert len(load_records()) == 1100
-    assert asked == [(DEFAULT_DATA_URL, None, DEFAULT_DATA_SHA256)]
+    monkeypatch.setattr(minisft.data, "fetch", lambda source, *args: asked.append(source) or source)
+    assert load_records() == load_records(shared_data / "instruction-data.json")
+    assert asked == [shared_data / "instruction-data.json"]  # only the local file went through fetch
+    assert hashlib.sha256(Path(minisft.data.BUNDLED_DATA).read_bytes()).hexdigest() == DEFAULT_DATA_SHA256
     assert hashlib.sha256(body).hexdigest() == DEFAULT_DATA_SHA256
