@@ -27,9 +27,9 @@ def test_every_op_prints_every_stage_forward_and_backward_and_every_check_passes
     s = S.study(op)  # the same default seed: the same stages and shapes
     forward, backward = out.split("\nbackward")
     for i, st in enumerate(s.stages, 1):
-        assert re.search(rf"\[{i}\] {re.escape(st.out)} +{re.escape(S._shape(s.values[st.out]))}   "
-                         rf"{re.escape(st.forward)}", forward), st.out
-        assert re.search(rf"\[{i}\] {re.escape(st.out)} +backward   {re.escape(st.backward)}", backward), st.out
+        assert re.search(rf"\[{i}\] +{re.escape(st.out)} +{re.escape(S._shape(s.values[st.out]))} +"
+                         rf"{re.escape(st.forward)}\n", forward), st.out
+        assert re.search(rf"\[{i}\] +{re.escape(st.out)} +backward   {re.escape(st.backward)}\n", backward), st.out
     errors = [float(e) for e in ERROR.findall(out)]
     # one per stage input, plus one per leaf for the kernel itself
     assert len(errors) == sum(len(st.ins) for st in s.stages) + len(s.leaves)
@@ -43,10 +43,10 @@ def test_attention_shows_each_named_intermediate_per_packed_sequence(capsys):
     per_head, per_score = r"\(2, 4, 3\) \| \(2, 3, 3\)", r"\(2, 4, 4\) \| \(2, 3, 3\)"
     for name, shape in [("q", per_head), ("k", per_head), ("v", per_head), ("scores", per_score),
                         ("p", per_score), ("y", per_head), ("out", r"\(7, 6\)")]:
-        assert re.search(rf"\] {name} +{shape}   ", out), name
+        assert re.search(rf"\] +{name} +{shape} +{name} = ", out), name
     for grad, shape in [("dy", per_head), ("dv", per_head), ("dp", per_score), ("dscores", per_score),
                         ("dq", per_head), ("dk", per_head), ("dqkv", r"\(7, 18\)")]:
-        assert re.search(rf"\n +{grad} +{shape}   finite differences: error", out), grad
+        assert re.search(rf"\n +{grad} +{shape} +finite differences: error", out), grad
     assert "dp = dy @ vT;  dv = pT @ dy" in out
     assert "dscores = p * (dp - sum_j(dp * p))" in out
 

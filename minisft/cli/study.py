@@ -19,7 +19,7 @@ def run(args) -> int:
     if args.torch and importlib.util.find_spec("torch") is None:
         raise MinisftError("study: --torch needs PyTorch: pip install 'minisft[torch]'")
     s = study(args.op, seed=args.seed, lengths=_lengths(args.lengths), heads=args.heads, head_dim=args.head_dim)
-    print("\n".join(format_study(s, torch_gradients(s) if args.torch else None)))
+    print("\n".join(format_study(s, torch_gradients(s) if args.torch else None, values=not args.no_values)))
     return 0 if all(c.ok for c in s.checks) else 1
 
 
@@ -32,4 +32,5 @@ def register(sub) -> None:
     p.add_argument("--heads", type=int, default=2, help="attention heads H")
     p.add_argument("--head-dim", type=int, default=3, help="width of one head hd (d = H * hd)")
     p.add_argument("--torch", action="store_true", help="add PyTorch autograd's gradients side by side")
+    p.add_argument("--no-values", action="store_true", help="shapes, formulas and errors only, no arrays")
     p.set_defaults(func=run)
