@@ -4,6 +4,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,21 @@ def test_fd_error_measures_a_wrong_gradient():
     exact = S.fd_error(np.sin, [x], 0, dout * np.cos(x), dout, rng)
     wrong = S.fd_error(np.sin, [x], 0, dout * np.cos(x) * 1.001, dout, rng)
     assert exact <= 1e-9 and 9e-4 <= wrong <= 1.1e-3
+
+
+BACKPROP_MD = Path(__file__).resolve().parents[1] / "docs" / "backprop.md"
+
+
+def test_backprop_md_links_point_at_the_lines_of_the_functions_they_name():
+    text = BACKPROP_MD.read_text(encoding="utf-8")
+    source = Path(nb.__file__).read_text(encoding="utf-8").splitlines()
+    links = re.findall(r"\[`(\w+)`\]\(\.\./backends/numpy_backend\.py#L(\d+)\)", text)
+    assert len({name for name, _ in links}) >= 10
+    for name, line in links:
+        assert re.match(rf"\s*def {name}\(", source[int(line) - 1]), f"backprop.md: {name} is not at line {line}"
+
+
+def test_backprop_md_gradient_check_example_runs_and_passes(capsys):
+    example = re.search(r"```python\n(.*?)```", BACKPROP_MD.read_text(encoding="utf-8"), re.S).group(1)
+    exec(example, {})
+    assert float(capsys.readouterr().out.split()[0]) <= 1e-7
