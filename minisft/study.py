@@ -30,6 +30,7 @@ FD_SAMPLES = 24     # entries perturbed per input when it has more (all of them 
 PRINT_WHOLE = 48    # arrays of up to this many entries are printed whole, bigger ones summarised
 VOCAB = 11          # the tiny vocabulary of the cross-entropy and model studies
 D_OUT = 4           # the tiny linear layer's output width
+MODEL_LAYERS = 2    # blocks in the model study: one block's output feeds another
 
 
 @dataclass
@@ -81,10 +82,6 @@ def _add(a, b):
 
 def _copy(v):
     return [np.array(p) for p in v] if isinstance(v, list) else np.array(v)
-
-
-def _random_like(v, rng):
-    return [rng.normal(size=p.shape) for p in v] if isinstance(v, list) else rng.normal(size=np.shape(v))
 
 
 def _rel(got, ref) -> float:
@@ -464,9 +461,6 @@ def block_study(rng, lengths, H, hd) -> Study:
     return Study("block", f"one GPT block (pre-layernorm, no dropout): x (N, d) = ({N}, {d}), H={H}, hd={hd}, "
                  f"packed lengths {', '.join(map(str, lengths))}; x feeds ln_1 and the skip, x2 feeds ln_2 and "
                  "the skip: their gradients add", leaves, stages, kernel, rng.normal(size=(N, d)))
-
-
-MODEL_LAYERS = 2
 
 
 def model_study(rng, lengths, H, hd) -> Study:

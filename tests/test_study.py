@@ -148,3 +148,12 @@ def test_backprop_md_gradient_check_example_runs_and_passes(capsys):
     example = re.search(r"```python\n(.*?)```", BACKPROP_MD.read_text(encoding="utf-8"), re.S).group(1)
     exec(example, {})
     assert float(capsys.readouterr().out.split()[0]) <= 1e-7
+
+
+def test_readme_shows_real_output_of_the_study(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"From `minisft study attention --no-values`.*?```\n(.*?)```", readme, re.S).group(1)
+    rc, out = run_study(capsys, "attention", "--no-values")
+    assert rc == 0
+    lines = [line for line in shown.splitlines() if line != "..."]
+    assert len(lines) >= 8 and all(line in out.splitlines() for line in lines)
