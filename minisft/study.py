@@ -585,8 +585,11 @@ def format_study(s: Study, torch_grads=None, values=True) -> list:
         lines.append(f"  {f'[{i}]':<{iw}} {st.out:<{w}} {_shape(s.values[st.out]):<{sw}}   {st.forward}")
         lines += array_lines(s.values[st.out], " " * 6)
     final = s.stages[-1].out
-    lines += ["", f"backward (d{final}: {'1' if np.ndim(s.dout) == 0 else 'random'}; each stage's gradients "
-              f"checked against five-point central differences of its forward, step {FD_EPS:g}, tolerance {FD_TOL:g})"]
+    lines += ["", f"backward (each stage's gradients checked against five-point central differences of its "
+              f"forward, step {FD_EPS:g}, tolerance {FD_TOL:g})",
+              f"  {'':<{iw}} {'d' + final:<{w}} {_shape(s.dout):<{sw}}   "
+              f"{'1: the loss itself' if np.ndim(s.dout) == 0 else 'random: the gradient arriving from above'}"]
+    lines += array_lines(s.dout, " " * 6)
     for i, st in reversed(list(enumerate(s.stages, 1))):
         lines.append(f"  {f'[{i}]':<{iw}} {st.out:<{w}} backward   {st.backward}")
         for n, g in zip(st.ins, s.local[st.out]):

@@ -48,6 +48,7 @@ def test_attention_shows_each_named_intermediate_per_packed_sequence(capsys):
     for grad, shape in [("dy", per_head), ("dv", per_head), ("dp", per_score), ("dscores", per_score),
                         ("dq", per_head), ("dk", per_head), ("dqkv", r"\(7, 18\)")]:
         assert re.search(rf"\n +{grad} +{shape} +finite differences: error", out), grad
+    assert re.search(r"\n +dout +\(7, 6\) +random: the gradient arriving from above\n", out)
     assert "dp = dy @ vT;  dv = pT @ dy" in out
     assert "dscores = p * (dp - sum_j(dp * p))" in out
 
