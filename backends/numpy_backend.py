@@ -1,7 +1,9 @@
 """The reference backend: plain numpy, written to be read. Every other backend is tested against it.
 
-Each kernel's forward sits beside its backward. Shapes: N positions, d width, H heads, hd = d // H,
-V vocabulary, L one sequence's length. The math is in a comment wherever it is not obvious.
+Each kernel's forward sits beside its backward, and each backward line quotes the forward line it
+undoes (as llm.c does). Shapes: N positions, d width, H heads, hd = d // H, V vocabulary, L one
+sequence's length. docs/backprop.md derives every backward here; `minisft study OP` runs them stage
+by stage on tiny inputs and checks each against finite differences.
 """
 import math
 
@@ -9,9 +11,24 @@ import numpy as np
 
 from ..config import LN_EPS
 
-# Python floats, not numpy float64 scalars: numpy keeps float32 arrays float32 only under weak scalars.
+# Python floats, not numpy float64 scalars, so that float32 arrays times a constant stay float32.
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU constant
-HEAD_CHUNK_ROWS = 256  # rows of logits materialised at once in the fused head: 256 x 50257 x 4 B = 51 MB
+HEAD_CHUNK_ROWS = 256  # rows of logits held at once by the fused head: 256 x 50257 x 4 B = 51 MB, never (N, V)
+
+
+def softmax_forward(scores):
+    """Softmax over the last axis: p_ij = exp(s_ij) / sum_k exp(s_ik). Entries of -inf get p = 0."""
+    shifted = scores - scores.max(axis=-1, keepdims=True)  # (..., L) the same softmax; exp cannot overflow
+    e = np.exp(shifted)                                    # (..., L)
+    return e / e.sum(axis=-1, keepdims=True)               # (..., L) rows sum to 1
+
+
+def softmax_backward(dp, p):
+    """Forward was p = softmax(s) along each row. Then dp_j/ds_i = p_j (delta_ij - p_i), so
+        ds_i = sum_j dp_j p_j (delta_ij - p_i) = p_i (dp_i - sum_j dp_j p_j):
+    each score's gradient is its probability times how far its dp is above the row's p-weighted mean.
+    Masked entries have p = 0 and so get no gradient."""
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # (..., L)
 
 
 class NumpyBackend:
@@ -34,7 +51,7 @@ class NumpyBackend:
         return np.array(x)
 
     def zeros_like(self, x):
-        return np.zeros(x.shape, dtype=x.dtype)  # calloc, unlike np.zeros_like: untouched pages cost nothing
+        return np.zeros(x.shape, dtype=x.dtype)
 
     def rng(self, seed):
         return np.random.default_rng(seed)
@@ -58,37 +75,43 @@ class NumpyBackend:
     # ---- layernorm -----------------------------------------------------------------------------
     def layernorm_forward(self, x, w, b):
         mean = x.mean(axis=-1)                        # (N,)
-        xc = x - mean[:, None]                        # (N, d)
+        xc = x - mean[:, None]                        # (N, d) centred
         var = (xc * xc).mean(axis=-1)                 # (N,) biased, as GPT-2
-        rstd = 1.0 / np.sqrt(var + LN_EPS)            # (N,)
-        out = xc * rstd[:, None] * w + b              # (N, d)
+        rstd = 1.0 / np.sqrt(var + LN_EPS)            # (N,) reciprocal standard deviation
+        xhat = xc * rstd[:, None]                     # (N, d) zero mean, unit variance per row
+        out = xhat * w + b                            # (N, d)
         return out, mean, rstd.astype(x.dtype)
 
     def layernorm_backward(self, dout, x, w, mean, rstd):
-        # With xhat = (x - mean) * rstd and dxhat = dout * w:
-        #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        xhat = (x - mean[:, None]) * rstd[:, None]    # (N, d)
-        dxhat = dout * w                              # (N, d)
-        dx = rstd[:, None] * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                              - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))  # (N, d)
+        xhat = (x - mean[:, None]) * rstd[:, None]    # (N, d) recomputed from the forward's mean and rstd
+        # forward: out = xhat * w + b
         dw = (dout * xhat).sum(axis=0)                # (d,)
         db = dout.sum(axis=0)                         # (d,)
+        dxhat = dout * w                              # (N, d)
+        # forward: xhat = (x - mean) * rstd, where mean and rstd depend on every x of the row. The
+        # mean's path removes the row mean of dxhat, rstd's path removes its projection on xhat:
+        #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        dx = rstd[:, None] * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                              - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))  # (N, d)
         return dx, dw, db
 
     # ---- linear (Conv1D layout: w is (in, out)) ------------------------------------------------
     def linear_forward(self, x, w, b):
         y = x @ w                                     # (N, out)
         if b is not None:
-            y += b
+            y += b                                    # (N, out) the bias broadcast over rows
         return y
 
     def linear_backward(self, dy, x, w, need_dw=True):
+        # forward: y = x @ w + b
         dx = dy @ w.T                                 # (N, in)
-        dw = x.T @ dy if need_dw else None            # (in, out)
-        db = dy.sum(axis=0)                           # (out,)
+        dw = x.T @ dy if need_dw else None            # (in, out); None for a frozen weight
+        db = dy.sum(axis=0)                           # (out,) b was added to every row
         return dx, dw, db
 
     # ---- causal self-attention over packed sequences -------------------------------------------
+    # Sequence s is rows cu_seqlens[s]:cu_seqlens[s+1] of the packed batch and attends only to itself,
+    # so each kernel loops over sequences and runs ordinary causal attention on each.
     @staticmethod
     def _split_heads(qkv_seq, n_heads):
         """qkv (L, 3d) -> q, k, v each (H, L, hd)."""
@@ -99,20 +122,18 @@ class NumpyBackend:
     def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
         N, three_d = qkv.shape
         d = three_d // 3
-        scale = 1.0 / math.sqrt(d // n_heads)
+        scale = 1.0 / math.sqrt(d // n_heads)         # 1/sqrt(hd): scores of unit variance
         out = np.empty((N, d), dtype=qkv.dtype)       # (N, d)
-        probs = []                                    # per sequence: (H, L, L), kept for the backward
+        probs = []                                    # per sequence: p (H, L, L), kept for the backward
         for s in range(len(cu_seqlens) - 1):
             a, e = cu_seqlens[s], cu_seqlens[s + 1]
             L = e - a
             q, k, v = self._split_heads(qkv[a:e], n_heads)                 # (H, L, hd) each
             scores = (q @ k.transpose(0, 2, 1)) * scale                    # (H, L, L)
-            scores = np.where(np.tri(L, dtype=bool), scores, -np.inf)      # causal: key j <= query i
-            scores = scores - scores.max(axis=-1, keepdims=True)
-            p = np.exp(scores)
-            p /= p.sum(axis=-1, keepdims=True)                             # (H, L, L) softmax rows
+            masked = np.where(np.tri(L, dtype=bool), scores, -np.inf)      # (H, L, L) causal: key j <= query i
+            p = softmax_forward(masked)                                    # (H, L, L) rows sum to 1
             y = p @ v                                                      # (H, L, hd)
-            out[a:e] = y.transpose(1, 0, 2).reshape(L, d)                  # heads side by side
+            out[a:e] = y.transpose(1, 0, 2).reshape(L, d)                  # (L, d) heads side by side
             probs.append(p.astype(qkv.dtype))
         return out, probs
 
@@ -126,26 +147,35 @@ class NumpyBackend:
             a, e = cu_seqlens[s], cu_seqlens[s + 1]
             L = e - a
             q, k, v = self._split_heads(qkv[a:e], n_heads)                 # (H, L, hd) each
+            # forward: out[a:e] = y.transpose(1, 0, 2).reshape(L, d), so split dout back into heads
             dy = dout[a:e].reshape(L, n_heads, hd).transpose(1, 0, 2)      # (H, L, hd)
-            dv = p.transpose(0, 2, 1) @ dy                                 # (H, L, hd)
+            # forward: y = p @ v, so dp = dy @ vT and dv = pT @ dy
             dp = dy @ v.transpose(0, 2, 1)                                 # (H, L, L)
-            # softmax backward, row by row: dscores = p * (dp - sum_j(dp * p)); masked entries have
-            # p = 0 and so get no gradient.
-            dscores = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale  # (H, L, L)
-            dq = dscores @ k                                               # (H, L, hd)
-            dk = dscores.transpose(0, 2, 1) @ q                            # (H, L, hd)
-            dqkv[a:e] = np.stack([dq, dk, dv]).transpose(2, 0, 1, 3).reshape(L, three_d)
+            dv = p.transpose(0, 2, 1) @ dy                                 # (H, L, hd)
+            # forward: p = softmax(masked); the masked entries have p = 0 and get no gradient, so
+            # this is also the gradient of the unmasked scores
+            dscores = softmax_backward(dp, p)                              # (H, L, L)
+            # forward: scores = (q @ kT) * scale, so dq = dscores * scale @ k, dk = (dscores * scale)T @ q
+            dqk = dscores * scale                                          # (H, L, L)
+            dq = dqk @ k                                                   # (H, L, hd)
+            dk = dqk.transpose(0, 2, 1) @ q                                # (H, L, hd)
+            # forward: q, k, v = _split_heads(qkv[a:e]), so put dq, dk, dv back side by side
+            dqkv[a:e] = np.stack([dq, dk, dv]).transpose(2, 0, 1, 3).reshape(L, three_d)  # (L, 3d)
         return dqkv
 
     # ---- GELU (tanh approximation) -------------------------------------------------------------
     def gelu_forward(self, x):
-        # gelu(x) = 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi)
-        return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x * x * x)))
+        # gelu(x) = 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3), c = sqrt(2/pi)
+        u = GELU_C * (x + 0.044715 * x * x * x)       # (N, 4d)
+        return 0.5 * x * (1.0 + np.tanh(u))           # (N, 4d)
 
     def gelu_backward(self, dy, x):
-        # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2), t = tanh(c (x + 0.044715 x^3))
-        t = np.tanh(GELU_C * (x + 0.044715 * x * x * x))  # x * x * x: float32 x ** 3 is a slow pow
-        dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
+        # forward: gelu = 0.5 x (1 + t), t = tanh(u), so by the product and chain rules
+        #   dgelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,  du/dx = c (1 + 3 * 0.044715 x^2)
+        u = GELU_C * (x + 0.044715 * x * x * x)       # (N, 4d)
+        t = np.tanh(u)                                # (N, 4d)
+        du_dx = GELU_C * (1.0 + 3 * 0.044715 * x * x)  # (N, 4d)
+        dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx  # (N, 4d)
         return (dy * dgelu).astype(x.dtype)
 
     # ---- residual ------------------------------------------------------------------------------
@@ -153,6 +183,7 @@ class NumpyBackend:
         return a + b
 
     def residual_backward(self, dy):
+        # forward: y = a + b, so the gradient flows unchanged to both
         return dy, dy
 
     # ---- dropout -------------------------------------------------------------------------------
@@ -162,30 +193,36 @@ class NumpyBackend:
         return x * mask, mask
 
     def dropout_backward(self, dy, mask):
+        # forward: y = x * mask
         return dy * mask
 
     # ---- fused output head + cross-entropy ------------------------------------------------------
+    # The logits of all N rows would be an (N, V) matrix (8 x 1024 x 50257 x 4 B = 1.6 GB); a chunk of
+    # rows at a time goes logits -> softmax -> loss -> dlogits -> dh, dw, and only rows with a target.
     def head_loss(self, h, w, targets, dw=None, grad_scale=1.0):
         rows = np.flatnonzero(targets != -100)        # (M,) only these rows need logits
         loss_sum = 0.0
-        dh = np.zeros_like(h) if dw is not None else None  # (N, d)
+        dh = np.zeros_like(h) if dw is not None else None  # (N, d) ignored rows get no gradient
         for c in range(0, len(rows), HEAD_CHUNK_ROWS):
             r = rows[c:c + HEAD_CHUNK_ROWS]           # (R,)
             hr = h[r]                                 # (R, d)
-            logits = hr @ w.T                         # (R, V)
-            logits -= logits.max(axis=-1, keepdims=True)
-            lse = np.log(np.exp(logits).sum(axis=-1))  # (R,) log-sum-exp of shifted logits
             t = targets[r]                            # (R,)
-            # loss_i = logsumexp(logits_i) - logits_i[t_i]
-            loss_sum += float((lse - logits[np.arange(len(r)), t]).sum(dtype=np.float64))
+            at_t = (np.arange(len(r)), t)             # the target entry of each row
+            logits = hr @ w.T                         # (R, V)
+            shifted = logits - logits.max(axis=-1, keepdims=True)  # (R, V) softmax is unchanged by a shift
+            lse = np.log(np.exp(shifted).sum(axis=-1))  # (R,) log-sum-exp of the shifted logits
+            # loss_i = -log softmax(logits_i)[t_i] = logsumexp(logits_i) - logits_i[t_i]
+            loss_sum += float((lse - shifted[at_t]).sum(dtype=np.float64))
             if dw is None:
                 continue
-            # d loss_i / d logits_i = softmax(logits_i) - onehot(t_i)
-            dlogits = np.exp(logits - lse[:, None])   # (R, V), reuses the chunk's logits memory
-            dlogits[np.arange(len(r)), t] -= 1.0
-            dlogits *= grad_scale
+            probs = np.exp(shifted - lse[:, None])    # (R, V) softmax(logits_i)
+            # forward: loss_i = logsumexp(logits_i) - logits_i[t_i], so dlogits_i = probs_i - onehot(t_i)
+            dlogits = probs                           # (R, V) becomes probs - onehot, in place
+            dlogits[at_t] -= 1.0
+            dlogits *= grad_scale                     # the caller's 1 / n_valid (mean over targets)
+            # forward: logits = hr @ wT
             dh[r] = dlogits @ w                       # (R, d)
-            dw += dlogits.T @ hr                      # (V, d)
+            dw += dlogits.T @ hr                      # (V, d) added: a tied head shares it with wte
         return np.float64(loss_sum), len(rows), dh
 
     def head_logits(self, h, w):

@@ -1,0 +1,160 @@
+"""`minisft study OP`: every stage printed with its shape and formulas, every gradient checked against
+finite differences (float64, error <= 1e-7), and a broken backward reported as a failure."""
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minisft import study as S
+from minisft.backends import numpy_backend as nb
+from minisft.cli import main
+
+ERROR = re.compile(r"finite differences(?:: d\S+)?:?\s+error ([0-9.e+-]+)")
+
+
+def run_study(capsys, *args):
+    rc = main(["study", *args])
+    return rc, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("op", S.OPS)
+def test_every_op_prints_every_stage_forward_and_backward_and_every_check_passes(capsys, op):
+    rc, out = run_study(capsys, op)
+    assert rc == 0, out
+    s = S.study(op)  # the same default seed: the same stages and shapes
+    forward, backward = out.split("\nbackward")
+    for i, st in enumerate(s.stages, 1):
+        assert re.search(rf"\[{i}\] +{re.escape(st.out)} +{re.escape(S._shape(s.values[st.out]))} +"
+                         rf"{re.escape(st.forward)}\n", forward), st.out
+        assert re.search(rf"\[{i}\] +{re.escape(st.out)} +backward   {re.escape(st.backward)}\n", backward), st.out
+    errors = [float(e) for e in ERROR.findall(out)]
+    # one per stage input, plus one per leaf for the kernel itself
+    assert len(errors) == sum(len(st.ins) for st in s.stages) + len(s.leaves)
+    assert max(errors) <= 1e-7
+    assert f"{len(s.checks)} of {len(s.checks)} checks passed" in out and "FAILED" not in out
+
+
+def test_attention_shows_each_named_intermediate_per_packed_sequence(capsys):
+    rc, out = run_study(capsys, "attention", "--lengths", "4,3", "--heads", "2")
+    assert rc == 0
+    per_head, per_score = r"\(2, 4, 3\) \| \(2, 3, 3\)", r"\(2, 4, 4\) \| \(2, 3, 3\)"
+    for name, shape in [("q", per_head), ("k", per_head), ("v", per_head), ("scores", per_score),
+                        ("p", per_score), ("y", per_head), ("out", r"\(7, 6\)")]:
+        assert re.search(rf"\] +{name} +{shape} +{name} = ", out), name
+    for grad, shape in [("dy", per_head), ("dv", per_head), ("dp", per_score), ("dscores", per_score),
+                        ("dq", per_head), ("dk", per_head), ("dqkv", r"\(7, 18\)")]:
+        assert re.search(rf"\n +{grad} +{shape} +finite differences: error", out), grad
+    assert re.search(r"\n +dout +\(7, 6\) +random: the gradient arriving from above\n", out)
+    assert "dp = dy @ vT;  dv = pT @ dy" in out
+    assert "dscores = p * (dp - sum_j(dp * p))" in out
+
+
+def test_seed_lengths_and_heads_change_the_inputs_and_shapes(capsys):
+    rc, out = run_study(capsys, "attention", "--lengths", "2,5,1", "--heads", "3", "--head-dim", "2")
+    assert rc == 0
+    assert "(3, 2, 2) | (3, 5, 2) | (3, 1, 2)" in out and re.search(r"\n  qkv +\(8, 18\)\n", out)
+    _, a = run_study(capsys, "linear", "--seed", "1")
+    _, b = run_study(capsys, "linear", "--seed", "2")
+    assert a != b
+
+
+def test_a_broken_kernel_backward_is_reported_with_a_nonzero_exit(capsys, monkeypatch):
+    good = nb.NumpyBackend.attention_backward
+    monkeypatch.setattr(nb.NumpyBackend, "attention_backward", lambda self, *a: 1.01 * good(self, *a))
+    rc, out = run_study(capsys, "attention")
+    assert rc == 1
+    assert re.search(r"backward = stages: dqkv +error [0-9.e+-]+ \(<= 1e-12\) FAILED", out)
+    assert re.search(r"backward vs finite differences: dqkv +error [0-9.e+-]+ \(<= 1e-07\) FAILED", out)
+    assert out.rstrip().endswith("FAILED: attention_forward/attention_backward backward = stages: dqkv, "
+                                 "attention_forward/attention_backward backward vs finite differences: dqkv")
+
+
+def test_a_broken_stage_backward_is_caught_at_that_stage(capsys, monkeypatch):
+    # softmax backward without the row term: dscores = p * dp. The stage p is where it shows.
+    monkeypatch.setattr(nb, "softmax_backward", lambda dp, p: p * dp)
+    rc, out = run_study(capsys, "attention")
+    assert rc == 1
+    assert re.search(r"\n +dscores .*finite differences: error [0-9.e+-]+ FAILED", out)
+    assert re.search(r"\n +dp .*finite differences: error [0-9.e+-]+ ok", out)  # the stages after it are fine
+    assert "backward vs finite differences: dqkv" in out.split("FAILED:")[-1]
+
+
+def test_a_broken_layernorm_backward_fails_the_block_study(capsys, monkeypatch):
+    good = nb.NumpyBackend.layernorm_backward
+
+    def no_mean_term(self, dout, x, w, mean, rstd):  # forgets that the mean depends on x
+        dx, dw, db = good(self, dout, x, w, mean, rstd)
+        return dx + rstd[:, None] * (dout * w).mean(axis=-1, keepdims=True), dw, db
+    monkeypatch.setattr(nb.NumpyBackend, "layernorm_backward", no_mean_term)
+    rc, out = run_study(capsys, "block")
+    assert rc == 1
+    assert re.search(r"\n +dx .*finite differences: error [0-9.e+-]+ FAILED", out)  # stage ln1, input x
+
+
+def test_study_runs_without_importing_torch():
+    code = ("import sys; from minisft.cli import main; rc = main(['study', 'attention']); "
+            "assert 'torch' not in sys.modules; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+@pytest.mark.parametrize("op", ["attention", "cross-entropy", "model"])
+def test_torch_shows_autograd_gradients_beside_ours(capsys, op):
+    rc, out = run_study(capsys, op, "--torch")
+    assert rc == 0, out
+    torch_part = out.split("PyTorch autograd on the same inputs and output gradient")[1]
+    s = S.study(op)
+    for n in s.leaves:
+        assert re.search(rf"\n  d{re.escape(n)} .*ours vs autograd: error [0-9.e+-]+ \(<= 1e-10\) ok", torch_part), n
+    if op == "attention":
+        for n in ("q", "k", "v", "scores", "p"):
+            assert re.search(rf"\n  d{n} .*ours vs autograd", torch_part), n
+
+
+def test_bad_lengths_are_one_clear_line_and_exit_2(capsys):
+    assert main(["study", "attention", "--lengths", "4,x"]) == 2
+    assert capsys.readouterr().err.strip() == ("minisft: error: study: --lengths takes comma-separated "
+                                               "integers like 4,3, not '4,x'")
+    assert main(["study", "attention", "--lengths", "4,0"]) == 2
+    assert "--lengths must be positive" in capsys.readouterr().err
+
+
+def test_fd_error_measures_a_wrong_gradient():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 4))
+    dout = rng.normal(size=(3, 4))
+    exact = S.fd_error(np.sin, [x], 0, dout * np.cos(x), dout, rng)
+    wrong = S.fd_error(np.sin, [x], 0, dout * np.cos(x) * 1.001, dout, rng)
+    assert exact <= 1e-9 and 9e-4 <= wrong <= 1.1e-3
+
+
+BACKPROP_MD = Path(__file__).resolve().parents[1] / "docs" / "backprop.md"
+
+
+def test_backprop_md_links_point_at_the_lines_of_the_functions_they_name():
+    text = BACKPROP_MD.read_text(encoding="utf-8")
+    source = Path(nb.__file__).read_text(encoding="utf-8").splitlines()
+    links = re.findall(r"\[`(\w+)`\]\(\.\./backends/numpy_backend\.py#L(\d+)\)", text)
+    assert len({name for name, _ in links}) >= 10
+    for name, line in links:
+        assert re.match(rf"\s*def {name}\(", source[int(line) - 1]), f"backprop.md: {name} is not at line {line} (run python tools/relink_docs.py)"
+
+
+def test_backprop_md_gradient_check_example_runs_and_passes(capsys):
+    example = re.search(r"```python\n(.*?)```", BACKPROP_MD.read_text(encoding="utf-8"), re.S).group(1)
+    exec(example, {})
+    assert float(capsys.readouterr().out.split()[0]) <= 1e-7
+
+
+def test_readme_shows_real_output_of_the_study(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"From `minisft study attention --no-values`.*?```\n(.*?)```", readme, re.S).group(1)
+    rc, out = run_study(capsys, "attention", "--no-values")
+    assert rc == 0
+    lines = [line for line in shown.splitlines() if line != "..."]
+    assert len(lines) >= 8 and all(line in out.splitlines() for line in lines)
