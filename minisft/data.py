@@ -230,6 +230,15 @@ def encode_record(record, style="alpaca", mask="none") -> Example:
     return Example(*tokenize_segments(get_style(style).segments(record["messages"]), mask))
 
 
+def long_records(examples, records, style, max_len) -> tuple[list, list]:
+    """Which examples max_len cuts (more tokens than the targets it keeps), and which of those lose
+    their whole response: no response token among the first max_len targets. (indices, indices)"""
+    cut = [i for i, e in enumerate(examples) if len(e.tokens) > max_len]
+    # target j predicts token j + 1: the kept targets predict tokens 1..max_len
+    lost = [i for i in cut if not encode_record(records[i], style, "header").trained[1:max_len + 1].any()]
+    return cut, lost
+
+
 def encode_records(records, style="alpaca", mask="none") -> list:
     """Tokenize validated records (with a progress bar on a terminal)."""
     style = get_style(style)

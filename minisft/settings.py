@@ -7,6 +7,7 @@ batches, seed 123, shuffled training batches, no clipping, no warmup, a constant
 """
 import argparse
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ class Settings:
     keep_last: int = _s(2, "checkpoints kept in --out")
     responses: int | None = _s(None, "test-split entries to answer at the end (default: all; 0: none)")
     max_new_tokens: int = _s(256, "longest generated response")
+    # ---- run-folder recovery and long records (minisft/rundir.py)
+    overwrite: bool = _s(False, "start afresh in an --out that holds a run: its checkpoints, metrics and "
+                                "outputs are removed first")
+    drop_long: bool = _s(False, "drop records longer than --max-length instead of cutting them (a cut record "
+                                "may lose its whole response)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,13 +92,20 @@ def _kind(f):
     return args[0] if args else f.type
 
 
-def resolve(args: argparse.Namespace) -> Settings:
-    """Defaults, then the TOML file, then the flags that were given."""
+def resolve(args: argparse.Namespace, base: dict | None = None) -> Settings:
+    """Defaults (or base: a saved run's settings), then the TOML file, then the flags that were given."""
+    values = {n: v for n, v in (base or {}).items() if n in FIELDS}
+    values.update(given(args))
+    return validate(Settings(**values))
+
+
+def given(args: argparse.Namespace) -> dict:
+    """The settings the user set: the TOML file's, then the flags'."""
     values = {}
     if getattr(args, "config", None):
         values.update(read_toml(args.config))
     values.update({n: getattr(args, n) for n in FIELDS if getattr(args, n, None) is not None})
-    return validate(Settings(**values))
+    return values
 
 
 def read_toml(path) -> dict:
@@ -101,6 +114,10 @@ def read_toml(path) -> dict:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise MinisftError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise MinisftError(f"config file {path} is a folder; give the TOML file in it") from None
+    except OSError as e:
+        raise MinisftError(f"config file {path} cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise MinisftError(f"config file {path} is not valid TOML: {e}") from None
     values = {}
@@ -133,6 +150,10 @@ def validate(s: Settings) -> Settings:
         bad("model", f"unknown preset {s.model!r}; choose one of {', '.join(PRESETS)}")
     if s.prompt_style not in STYLES:
         bad("prompt_style", f"unknown style {s.prompt_style!r}; choose one of {', '.join(STYLES)}")
+    for name, f in FIELDS.items():  # NaN passes every comparison below; infinity is no setting
+        value = getattr(s, name)
+        if _kind(f) is float and value is not None and not math.isfinite(value):
+            bad(name, f"must be a finite number, got {value}")
     for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_freq", "eval_iter", "ckpt_every",
                  "keep_last", "max_new_tokens"):
         if getattr(s, name) < 1:
@@ -158,6 +179,8 @@ def validate(s: Settings) -> Settings:
         bad("device", f"{s.device!r} needs --backend torch")
     if s.weights is not None and not Path(s.weights).exists():
         bad("weights", f"{s.weights} does not exist")
+    if "://" not in s.data and Path(s.data).is_dir():
+        bad("data", f"{s.data} is a folder; give the data file in it")
     if "://" not in s.data and not Path(s.data).is_file():
         bad("data", f"{s.data} is not a file")
     return s

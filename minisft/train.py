@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
-from .data import Loader, collate_examples, encode_records, load_splits
+from .data import Loader, collate_examples, encode_records, long_records, load_splits
 from .errors import MinisftError
 from .files import write_json, write_text
 from .generate import generate, generate_responses
@@ -38,6 +38,7 @@ from .model import GPT
 from .optim import AdamW, clip_grad_norm
 from .plot import plot_losses
 from .prompts import get_style
+from .rundir import RunLock, checkpoints, plan_run, start
 from .schedule import lr_at
 from .settings import Settings
 
@@ -47,10 +48,13 @@ SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
 # ---- setup -------------------------------------------------------------------------------------------
 def build_model(s: Settings) -> GPT:
     cfg = GPTConfig.preset(s.model, drop_rate=s.drop_rate)
-    if s.init == "random":
-        return GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device)
-    return GPT.from_pretrained(s.weights or s.model, backend=s.backend, dtype=s.dtype, cache_dir=s.cache_dir,
-                               device=s.device, model=cfg, seed=s.seed)
+    try:
+        if s.init == "random":
+            return GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device)
+        return GPT.from_pretrained(s.weights or s.model, backend=s.backend, dtype=s.dtype, cache_dir=s.cache_dir,
+                                   device=s.device, model=cfg, seed=s.seed)
+    except ImportError as e:  # a backend whose library is not installed here
+        raise MinisftError(f"setting backend: {s.backend} cannot run here ({e})") from None
 
 
 def mean_batch_loss(model: GPT, loader: Loader, num_batches: int) -> float:
@@ -58,8 +62,9 @@ def mean_batch_loss(model: GPT, loader: Loader, num_batches: int) -> float:
     (of a fresh, unshuffled loader)."""
     losses = []
     for batch in islice(loader, num_batches):
-        loss_sum, n_valid = model.loss(batch)
-        losses.append(loss_sum / n_valid)
+        if batch.num_valid:  # a batch with no trained target has no mean loss
+            loss_sum, n_valid = model.loss(batch)
+            losses.append(loss_sum / n_valid)
     return sum(losses) / len(losses) if losses else float("nan")
 
 
@@ -69,24 +74,21 @@ def windows(batches, k: int):
         yield window
 
 
-def checkpoints(out: Path) -> list:
-    return sorted((out / "checkpoints").glob("step-*.h5"))
-
-
 # ---- the loop ------------------------------------------------------------------------------------------
 def finetune(s: Settings, log=print) -> dict:
-    """Run (or resume) a fine-tuning job; returns the summary dict."""
+    """Run (or resume) a fine-tuning job, owning its folder (minisft.rundir); returns the summary dict."""
     out = Path(s.out)
-    if not s.resume and (out / "metrics.jsonl").exists():
-        raise MinisftError(f"setting out: {out} already holds a run; pass --resume to continue it, "
-                           "or choose another --out")
-    if s.resume and not checkpoints(out):
-        raise MinisftError(f"setting resume: {out} has no checkpoint to resume from")
+    if out.exists() and not out.is_dir():
+        raise MinisftError(f"setting out: {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, log):
+        return _finetune(s, out, plan_run(s, log), log)
+
+
+def _finetune(s: Settings, out: Path, plan, log) -> dict:
     log("settings:")
     for k, v in s.to_dict().items():
         log(f"  {k} = {v!r}")
-    write_json(out / "settings.json", s.to_dict(), indent=2)
 
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
@@ -96,6 +98,8 @@ def finetune(s: Settings, log=print) -> dict:
     collate = partial(collate_examples, packed=True, allowed_max_length=max_len)
     train_ex = encode_records(split.train, style, s.mask_prompt)
     val_ex = encode_records(split.val, style, s.mask_prompt)
+    train_ex, val_ex = (report_long(name, ex, recs, style, max_len, s, log)
+                        for name, ex, recs in (("train", train_ex, split.train), ("val", val_ex, split.val)))
     loader = Loader(train_ex, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed, collate=collate)
     eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
     if len(loader) == 0:
@@ -106,14 +110,14 @@ def finetune(s: Settings, log=print) -> dict:
     log(f"model: {s.model} ({model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
 
-    step, tokens_seen, records, train_time = 0, 0, [], 0.0
+    step, tokens_seen, records, train_time, empty_batches = 0, 0, [], 0.0, 0
     if s.resume:
-        path = checkpoints(out)[-1]
-        _, _, state = load_checkpoint(path, model=model, optimizer=opt)
+        path, state = resume_from(plan.checkpoints, model, opt, log)
         step, tokens_seen, records = state["step"], state["tokens_seen"], state["records"]
-        train_time = state["train_time"]
+        train_time, empty_batches = state["train_time"], state.get("empty_batches", 0)
         loader.load_state_dict(state["loader"])
         log(f"resuming from {path} at step {step}")
+    start(s, plan, log)  # every check passed: the folder is written from here on
     # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
     # records written after its checkpoint, so every step appears once).
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -122,7 +126,7 @@ def finetune(s: Settings, log=print) -> dict:
     def save(step):
         save_checkpoint(out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
                         dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
-                             train_time=train_time, settings=s.to_dict()))
+                             train_time=train_time, settings=s.to_dict(), empty_batches=empty_batches))
         for old in checkpoints(out)[:-s.keep_last]:
             old.unlink()
 
@@ -137,7 +141,18 @@ def finetune(s: Settings, log=print) -> dict:
             epoch = loader.epoch
             for window in windows(iter(loader), s.grad_accum):  # the rest of this epoch
                 t0 = time.perf_counter()
-                n_valid = sum(b.num_valid for b in window)
+                kept = [b for b in window if b.num_valid]  # a batch with no trained target adds nothing
+                empty_batches += len(window) - len(kept)
+                window, n_valid = kept, sum(b.num_valid for b in kept)
+                if not window:  # the step happens (schedule and checkpoints keep their places) without an update
+                    step += 1
+                    emit(dict(kind="skip", step=step, epoch=epoch + 1, reason="no trained target in the batch"))
+                    bar.update(1)
+                    if step % s.ckpt_every == 0 or step == total_steps:
+                        save(step)
+                    if step == total_steps:
+                        break
+                    continue
                 model.zero_grad()
                 loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window) / n_valid
                 grad_norm = clip_grad_norm(model, s.grad_clip)
@@ -178,7 +193,43 @@ def finetune(s: Settings, log=print) -> dict:
         metrics.close()
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{step:06d}.h5":
         save(step)
-    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log)
+    if empty_batches:
+        log(f"{empty_batches} batches had no trained target (every target masked or cut off) and contributed nothing")
+    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
+                  empty_batches)
+
+
+def report_long(name, examples, records, style, max_len, s, log) -> list:
+    """Say how many records max_len cuts and how many lose their whole response; drop them with
+    --drop-long. Refuse a training split in which no record keeps a trained target."""
+    cut, lost = long_records(examples, records, style, max_len)
+    if cut:
+        first = ", ".join(map(str, lost[:5] or cut[:5]))
+        log(f"{name}: {len(cut)} of {len(examples)} records are longer than max-length {max_len} tokens and are "
+            f"{'dropped' if s.drop_long else 'cut'}; {len(lost)} of them lose their whole response "
+            f"({name} records {first}{' ...' if len(lost or cut) > 5 else ''})"
+            + ("" if s.drop_long else "; --drop-long drops them"))
+    if s.drop_long:
+        examples = [e for i, e in enumerate(examples) if i not in set(cut)]
+    trainable = [e for e in examples if len(e.tokens) <= max_len or e.trained[1:max_len + 1].any()]
+    if name == "train" and not trainable:
+        raise MinisftError(f"setting max_length: at {max_len} tokens no training record keeps a trained target "
+                           f"(mask-prompt {s.mask_prompt} masks everything before the cut); raise --max-length")
+    return examples
+
+
+def resume_from(candidates, model, opt, log):
+    """Load the newest checkpoint that loads whole -> (path, train_state); name the ones skipped."""
+    failed = []
+    for path in candidates:
+        try:
+            _, _, state = load_checkpoint(path, model=model, optimizer=opt)
+            return path, state
+        except MinisftError as e:
+            log(f"skipping the checkpoint {path.name}: {e}")
+            failed.append(path.name)
+    raise MinisftError(f"setting resume: none of the checkpoints {', '.join(failed)} loads; start afresh with "
+                       "--overwrite")
 
 
 def sample_text(model: GPT, style, record) -> str:
@@ -189,7 +240,8 @@ def sample_text(model: GPT, style, record) -> str:
     return tokenizer.decode(ids + new).replace("\n", " ")
 
 
-def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log) -> dict:
+def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
+           empty_batches=0) -> dict:
     """The end of a run: HF export, test-set responses, the loss plot, the summary."""
     model.save_pretrained(out / "hf")
     n = len(split.test) if s.responses is None else min(s.responses, len(split.test))
@@ -207,7 +259,7 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
                    tokens_per_second=round(tokens_seen / train_time, 1) if train_time else None,
                    final_train_loss=evals[-1]["train_loss"] if evals else None,
                    final_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n)
+                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n, empty_batches=empty_batches)
     write_json(out / "summary.json", summary, indent=2)
     log(f"done: {step} steps in {train_time:.1f} s of training ({summary['tokens_per_second']} tokens/s); "
         f"train loss {summary['final_train_loss']}, val loss {summary['final_val_loss']}; outputs in {out}")
