@@ -172,11 +172,21 @@ def normalize_record(rec, where="record", need_output=True) -> dict:
 
 
 def _read_source(source, cache_dir, sha256) -> list:
-    from .download import fetch
+    from .download import fetch, is_url
 
     if source == DEFAULT_DATA_URL and sha256 is None:
         sha256 = DEFAULT_DATA_SHA256
-    return read_records(fetch(source, cache_dir, sha256))
+    path = fetch(source, cache_dir, sha256)
+    try:
+        return read_records(path)
+    except MinisftError as e:
+        if not is_url(source):
+            raise
+        # What the URL served is no data file (an error page, a login form): keeping it would serve
+        # the same junk to every later run without asking the server again.
+        path.unlink(missing_ok=True)
+        raise MinisftError(f"{source}: the download is not a data file, so it was removed from the cache "
+                           f"(the next run downloads it again): {e}") from None
 
 
 def load_records(source=DEFAULT_DATA_URL, cache_dir=None, sha256=None) -> list:
