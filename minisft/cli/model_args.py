@@ -1,5 +1,9 @@
 """Arguments shared by the commands that run a trained model (generate, chat, eval): where the model
 comes from, how to sample, which split; and loading the model they name."""
+import math
+import os
+from pathlib import Path
+
 from .. import tokenizer  # noqa: F401  (re-exported for the commands)
 from ..backends import BACKENDS
 from ..checkpoint import load_checkpoint
@@ -53,10 +57,48 @@ def load_model(args):
 def sampling(args) -> dict:
     if args.max_new_tokens < 1:
         raise MinisftError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or (
-            args.top_p is not None and not 0 < args.top_p <= 1):
-        raise MinisftError("sampling: --temperature must be >= 0, --top-k >= 1, --top-p in (0, 1]")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise MinisftError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise MinisftError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails this too
+        raise MinisftError(f"--top-p must be in (0, 1], got {args.top_p}")
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def check_top_k(args, model) -> None:
+    """--top-k against the loaded model's vocabulary, before any token is generated."""
+    if args.top_k is not None and args.top_k > model.cfg.vocab_size:
+        raise MinisftError(f"--top-k {args.top_k} is more than the model's {model.cfg.vocab_size} tokens")
+
+
+def at_least(args, name: str, low: int) -> None:
+    value = getattr(args, name)
+    if value is not None and value < low:
+        raise MinisftError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def output_file(path, flag="--out") -> Path:
+    """An output file we can write: checked before the work that fills it."""
+    path = Path(path)
+    if path.is_dir():
+        raise MinisftError(f"{flag} {path}: is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise MinisftError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise MinisftError(f"{flag} {path}: the folder {path.parent} is not writable")
+    return path
+
+
+def output_dir(path, flag) -> Path:
+    """An output folder we can create or write into: checked before the work that fills it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MinisftError(f"{flag} {path}: is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise MinisftError(f"{flag} {path}: {existing} is not a writable folder")
+    return path
 
 
 def pick(split, name):
