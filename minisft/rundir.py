@@ -229,12 +229,12 @@ def start(s, plan: Plan, log=print) -> None:
     """Apply the plan: clear an earlier run if asked, remove strays, write settings.json with the
     amendments of this and earlier resumes."""
     out = Path(s.out)
+    remove_strays(out, log)
     if plan.clear:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         for name in RUN_DIRS:
             shutil.rmtree(out / name, ignore_errors=True)
-    remove_strays(out, log)
     history = []
     if s.resume:
         try:

@@ -144,7 +144,8 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
                 kept = [b for b in window if b.num_valid]  # a batch with no trained target adds nothing
                 empty_batches += len(window) - len(kept)
                 window, n_valid = kept, sum(b.num_valid for b in kept)
-                if not window:  # the step happens (schedule and checkpoints keep their places) without an update
+                if not window:  # the step happens (schedule and checkpoints keep their places) without an
+                    # update, and so without an evaluation
                     step += 1
                     emit(dict(kind="skip", step=step, epoch=epoch + 1, reason="no trained target in the batch"))
                     bar.update(1)
