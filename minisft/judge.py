@@ -120,7 +120,7 @@ def query_model(prompt: str, model: str, url: str, timeout: float = DEFAULT_TIME
             message = msg.get("message", {})
             content = message.get("content", "") if isinstance(message, dict) else None
             if not isinstance(content, str):
-                raise BadReply(f"message {str(message)[:80]!r} has no text content")
+                raise BadReply(f"message {json.dumps(message)[:80]} has no text content")
             pieces.append(content)
             if msg.get("done"):
                 return "".join(pieces), junk
