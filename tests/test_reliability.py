@@ -82,6 +82,15 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it_and_writes_nothing
     assert snapshot(saved) == before  # settings.json above all
 
 
+def test_a_resume_on_other_data_is_refused_and_settings_json_kept(saved, data, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads(data.read_text())[:30]))
+    before = snapshot(saved)
+    code, _, err = run(["finetune", "--resume", "--out", str(saved), "--data", str(other)], capsys)
+    assert code == 2 and f"--data was {str(data)!r}, now {str(other)!r}" in err
+    assert snapshot(saved) == before
+
+
 def test_a_resume_names_every_changed_setting_at_once(saved, data, capsys):
     code, _, err = run(["finetune", "--resume", "--out", str(saved), "--lr", "1e-3", "--seed", "9"], capsys)
     assert code == 2 and "--lr was 5e-05, now 0.001; --seed was 123, now 9" in err
@@ -305,7 +314,7 @@ def test_export_into_an_existing_file_is_refused_and_the_file_kept(saved, tmp_pa
 
 # ---- 8. a crafted checkpoint cannot make us allocate --------------------------------------------------------
 @pytest.mark.parametrize("change, said", [
-    ({"n_layers": 10 ** 9}, "the config's 1000000000 layers need 12000000005 tensors in params/, the file holds 29"),
+    ({"n_layers": 10 ** 9}, "the config says 1000000000 layers, params/ holds tensors of 2"),
     ({"vocab_size": 10 ** 9}, "params/wte.weight is (50257, 64), the config needs (1000000000, 64)"),
 ])
 def test_a_crafted_config_is_checked_against_the_stored_tensors_first(saved, tmp_path, change, said, capsys):
@@ -342,6 +351,13 @@ def test_a_full_or_unwritable_disk_is_one_line_naming_the_path(saved, data, tmp_
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert {k: v for k, v in snapshot(out).items() if k.startswith("checkpoints/")} == before
     assert not (out / LOCK).exists()
+
+
+def test_an_out_below_a_file_is_one_line_naming_the_path(data, tmp_path, capsys):
+    (tmp_path / "f").write_text("keep")
+    code, _, err = run(base(data, tmp_path / "f" / "run"), capsys)
+    assert code == 1 and err.startswith(f"minisft: error: {tmp_path / 'f' / 'run'}: Not a directory; a part of")
+    assert (tmp_path / "f").read_text() == "keep"
 
 
 def test_out_of_memory_is_one_line(data, tmp_path, capsys, monkeypatch):

@@ -63,9 +63,9 @@ ADVICE = {errno.ENOSPC: "the disk is full: free space or write elsewhere",
 
 def os_error(e: OSError) -> str:
     """One line: the path, what failed, what to do."""
-    path = e.filename if e.filename is not None else "(no path)"
-    if e.filename2 is not None:
-        path = f"{path} -> {e.filename2}"
     what = e.strerror or str(e)
     advice = ADVICE.get(e.errno)
-    return f"{path}: {what}" + (f"; {advice}" if advice and advice.lower() != what.lower() else "")
+    line = what + (f"; {advice}" if advice else "")
+    if e.filename is None:  # a network error (requests' are OSErrors) or one without a path
+        return line
+    return f"{e.filename}{f' -> {e.filename2}' if e.filename2 is not None else ''}: {line}"

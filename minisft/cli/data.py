@@ -7,6 +7,7 @@ from ..data import DEFAULT_DATA_URL, encode_record, encode_records, load_records
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
 from ..tokenizer import EOT, token_bytes
+from .checks import at_least
 
 
 def _user_text(record) -> str:
@@ -27,6 +28,7 @@ def histogram(values, bins=10, width=40) -> list:
 
 
 def stats(args) -> int:
+    at_least(args, "max_length", 1)
     records = load_records(args.file, args.cache_dir, args.sha256)
     style = get_style(args.prompt_style)
     n = len(records)

@@ -9,7 +9,8 @@ from ..data import Loader, collate_examples, encode_records, load_splits
 from ..errors import MinisftError
 from ..evaluate import evaluate_loss
 from ..prompts import MASKS
-from .model_args import add_data_args, add_model_args, at_least, load_model, pick
+from .checks import at_least
+from .model_args import add_data_args, add_model_args, load_model, pick
 
 
 def run(args) -> int:

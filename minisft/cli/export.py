@@ -2,7 +2,7 @@
 transformers.GPT2LMHeadModel.from_pretrained(DIR) loads (the tokenizer is GPT-2's own)."""
 from ..checkpoint import load_checkpoint
 from ..pretrained import save_pretrained
-from .model_args import output_dir
+from .checks import output_dir
 
 
 def run(args) -> int:

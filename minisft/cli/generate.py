@@ -5,8 +5,8 @@ from ..data import load_splits
 from ..files import write_json
 from ..generate import generate_responses
 from ..prompts import get_style
-from .model_args import (add_data_args, add_model_args, add_sampling_args, at_least, check_top_k, load_model,
-                         output_file, pick, sampling)
+from .checks import at_least, output_file
+from .model_args import add_data_args, add_model_args, add_sampling_args, check_top_k, load_model, pick, sampling
 
 
 def run(args) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..files import write_json
 from ..judge import (DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_timeout, judge_responses, load_responses,
                      load_scores)
-from .model_args import output_file
+from .checks import output_file
 
 
 def run(args) -> int:

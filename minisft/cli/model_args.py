@@ -1,8 +1,6 @@
 """Arguments shared by the commands that run a trained model (generate, chat, eval): where the model
 comes from, how to sample, which split; and loading the model they name."""
 import math
-import os
-from pathlib import Path
 
 from .. import tokenizer  # noqa: F401  (re-exported for the commands)
 from ..backends import BACKENDS
@@ -70,35 +68,6 @@ def check_top_k(args, model) -> None:
     """--top-k against the loaded model's vocabulary, before any token is generated."""
     if args.top_k is not None and args.top_k > model.cfg.vocab_size:
         raise MinisftError(f"--top-k {args.top_k} is more than the model's {model.cfg.vocab_size} tokens")
-
-
-def at_least(args, name: str, low: int) -> None:
-    value = getattr(args, name)
-    if value is not None and value < low:
-        raise MinisftError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-
-
-def output_file(path, flag="--out") -> Path:
-    """An output file we can write: checked before the work that fills it."""
-    path = Path(path)
-    if path.is_dir():
-        raise MinisftError(f"{flag} {path}: is a folder; give a file path")
-    if not path.parent.is_dir():
-        raise MinisftError(f"{flag} {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise MinisftError(f"{flag} {path}: the folder {path.parent} is not writable")
-    return path
-
-
-def output_dir(path, flag) -> Path:
-    """An output folder we can create or write into: checked before the work that fills it."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise MinisftError(f"{flag} {path}: is a file, not a folder")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise MinisftError(f"{flag} {path}: {existing} is not a writable folder")
-    return path
 
 
 def pick(split, name):
