@@ -173,6 +173,8 @@ def validate(s: Settings) -> Settings:
         bad("responses", f"must not be negative, got {s.responses}")
     if not 0.0 <= s.drop_rate < 1.0:
         bad("drop_rate", f"must be in [0, 1), got {s.drop_rate}")
+    if s.overwrite and s.resume:
+        bad("overwrite", "--overwrite starts afresh, --resume continues: pass one of them")
     if s.dtype == "bfloat16" and s.backend != "torch":
         bad("dtype", "bfloat16 needs --backend torch")
     if s.device not in (None, "cpu") and s.backend != "torch":

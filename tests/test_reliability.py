@@ -202,6 +202,13 @@ def test_a_finished_run_is_kept_unless_overwrite_is_asked_for(saved, data, tmp_p
     assert (out / "notes.txt").read_text() == "mine"  # not a run file: left alone
 
 
+def test_overwrite_and_resume_together_are_refused(saved, data, capsys):
+    before = snapshot(saved)
+    code, _, err = run(base(data, saved, "--resume", "--overwrite"), capsys)
+    assert code == 2 and "setting overwrite: --overwrite starts afresh, --resume continues" in err
+    assert snapshot(saved) == before
+
+
 # ---- 4. numbers are finite and in range --------------------------------------------------------------
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "nan"),
                                          ("--grad-clip", "inf"), ("--drop-rate", "nan"), ("--min-lr", "-inf")])
