@@ -133,7 +133,9 @@ def load_checkpoint(path, model: GPT | None = None, optimizer: AdamW | None = No
 
 
 def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
-    # Everything is checked before anything is loaded, so a bad file leaves a caller's model untouched.
+    # Everything but the values is checked before anything is loaded, so a bad file leaves a caller's
+    # model untouched; a non-finite value is found as its tensor is read (a second pass over the
+    # whole file would double the load time), when a caller's model may already hold some tensors.
     if f.attrs.get("format") != FORMAT:
         raise MinisftError(f"{path}: not a minisft checkpoint (no format={FORMAT!r} attribute)")
     if f.attrs.get("format_version") != FORMAT_VERSION:
@@ -151,6 +153,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
         frozen = set(json.loads(f["model"].attrs["frozen"]))
     except (TypeError, ValueError) as e:
         raise MinisftError(f"{path}: attributes rng/frozen of group 'model' are not valid: {e}") from None
+    _check_config(f, path, cfg)
     shapes = param_shapes(cfg)
     if not frozen <= set(shapes):
         raise MinisftError(f"{path}: model/frozen names parameters the model does not have: "
@@ -199,6 +202,20 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
     return model, (optimizer if restore_adam else None), train_state
 
 
+def _check_config(f, path, cfg: GPTConfig) -> None:
+    """The config against what the file stores, before anything is sized by it: a crafted config
+    (n_layers = 1e9) must not make param_shapes or the model allocate for tensors that are not there."""
+    if "params" not in f:
+        raise MinisftError(f"{path}: group 'params' is missing")
+    layers = {name.split(".")[1] for name in f["params"] if name.startswith("h.")}  # bounded by the file
+    if cfg.n_layers != len(layers):
+        raise MinisftError(f"{path}: the config says {cfg.n_layers} layers, params/ holds tensors of {len(layers)}")
+    for name, shape in (("wte.weight", (cfg.vocab_size, cfg.emb_dim)), ("wpe.weight", (cfg.context_length, cfg.emb_dim))):
+        if name not in f["params"] or f["params"][name].shape != shape:
+            got = f["params"][name].shape if name in f["params"] else "missing"
+            raise MinisftError(f"{path}: params/{name} is {got}, the config needs {shape}")
+
+
 def _json(f, path, name):
     try:
         return json.loads(f[name].asstr()[()])
@@ -219,6 +236,10 @@ def _check_group(f, path, group: str, shapes: dict, dtype: np.dtype) -> None:
 
 def _read(f, path, name: str) -> np.ndarray:
     try:
-        return f[name][()]
+        a = f[name][()]
     except OSError as e:  # an I/O error under h5py
         raise MinisftError(f"{path}: dataset {name} cannot be read ({e})") from None
+    bad = a.size - np.count_nonzero(np.isfinite(a))
+    if bad:  # a run stops before a non-finite update, so such a file was damaged or made by hand
+        raise MinisftError(f"{path}: dataset {name} holds {bad} non-finite values (NaN or inf)")
+    return a

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .batch import IGNORE_INDEX, PackedBatch, pack_sequences
-from .download import fetch
+from .download import fetch, is_url
 from .errors import MinisftError
 from .prompts import get_style, tokenize_segments
 from .tokenizer import EOT
@@ -177,7 +177,17 @@ def normalize_record(rec, where="record", need_output=True) -> dict:
 def _read_source(source, cache_dir, sha256) -> list:
     if source == DEFAULT_DATA_URL and sha256 in (None, DEFAULT_DATA_SHA256):
         return read_records(BUNDLED_DATA)  # the same bytes that URL serves: no download
-    return read_records(fetch(source, cache_dir, sha256))
+    path = fetch(source, cache_dir, sha256)
+    try:
+        return read_records(path)
+    except MinisftError as e:
+        if not is_url(source):
+            raise
+        # What the URL served is no data file (an error page, a login form): keeping it would serve
+        # the same junk to every later run without asking the server again.
+        path.unlink(missing_ok=True)
+        raise MinisftError(f"{source}: the download is not a data file, so it was removed from the cache "
+                           f"(the next run downloads it again): {e}") from None
 
 
 def load_records(source=DEFAULT_DATA_URL, cache_dir=None, sha256=None) -> list:
@@ -229,6 +239,15 @@ class Example:
 
 def encode_record(record, style="alpaca", mask="none") -> Example:
     return Example(*tokenize_segments(get_style(style).segments(record["messages"]), mask))
+
+
+def long_records(examples, records, style, max_len) -> tuple[list, list]:
+    """Which examples max_len cuts (more tokens than the targets it keeps), and which of those lose
+    their whole response: no response token among the first max_len targets. (indices, indices)"""
+    cut = [i for i, e in enumerate(examples) if len(e.tokens) > max_len]
+    # target j predicts token j + 1: the kept targets predict tokens 1..max_len
+    lost = [i for i in cut if not encode_record(records[i], style, "header").trained[1:max_len + 1].any()]
+    return cut, lost
 
 
 def encode_records(records, style="alpaca", mask="none") -> list:

@@ -67,6 +67,8 @@ def fetch(source, cache_dir=None, sha256=None, **options) -> Path:
     if is_url(source):
         return download_file(source, cache_path(source, cache_dir), sha256, **options)
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise MinisftError(f"{path}: is a folder, not a file; give the file in it")
     if not path.is_file():
         raise MinisftError(f"{path}: no such file")
     if sha256 and (got := file_sha256(path)) != sha256.lower():

@@ -5,9 +5,18 @@ the server's /api/chat with the book's scoring prompt and options (seed 123, tem
 num_ctx 2048); the streamed JSON lines are joined into the reply and a score is read from it.
 Unlike the book, a reply with no clear score is counted and listed rather than dropped silently, and a
 network failure mid-run names the entry it hit while the scores finished before it are kept.
+
+The scores file is rewritten atomically as scoring goes (at most a second behind, and at any exit),
+so a crash, a kill or Ctrl-C keeps what was scored; running again continues with the entries not
+yet scored (and those whose reply had no usable shape), and never holds fewer scores than before.
+Each result carries a key (a hash of its scoring prompt) tying it to its entry, so the scores of
+another responses file are refused rather than mixed in.
 """
+import hashlib
 import json
+import math
 import re
+import time
 from pathlib import Path
 
 import requests
@@ -18,10 +27,16 @@ from .errors import MinisftError
 
 DEFAULT_URL = "http://localhost:11434"
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the book's: a deterministic judge
+DEFAULT_TIMEOUT = 120.0  # seconds to connect, and between two pieces of a reply
+SAVE_EVERY = 1.0  # seconds between rewrites of the scores file
 
 
 class ServerError(Exception):
     """The server failed mid-reply: an error message in the stream, an HTTP error, or a cut-off reply."""
+
+
+class BadReply(Exception):
+    """A reply of a shape no Ollama server sends (content that is no string, ...): that entry fails."""
 
 
 def score_prompt(entry: dict) -> str:
@@ -63,26 +78,31 @@ def check_server(url: str, model: str) -> None:
         r = requests.get(f"{url}/api/tags", timeout=10)
         r.raise_for_status()
         tags = r.json()
+    except ValueError:  # before RequestException: requests' JSONDecodeError is both
+        raise MinisftError(f"{url}/api/tags did not answer JSON: is {url} an Ollama server?") from None
     except requests.RequestException as e:
         raise MinisftError(f"cannot reach an Ollama server at {url} ({type(e).__name__}: {e}); start it with "
                            "`ollama serve` or point --url at a running one") from None
-    except ValueError:
-        raise MinisftError(f"{url}/api/tags did not answer JSON: is {url} an Ollama server?") from None
-    names = {m.get("name", "") for m in tags.get("models", []) if isinstance(m, dict)}
+    if not isinstance(tags, dict) or not isinstance(tags.get("models", []), list):
+        raise MinisftError(f"{url}/api/tags answered {str(tags)[:80]!r}, not Ollama's {{\"models\": [...]}}: is "
+                           f"{url} an Ollama server?")
+    names = {str(m.get("name", "")) for m in tags.get("models", []) if isinstance(m, dict)}
     if model not in names and f"{model}:latest" not in names:
         have = ", ".join(sorted(names)) or "none"
         raise MinisftError(f"the Ollama server at {url} has no model {model!r} (it has: {have}); "
                            f"run `ollama pull {model}`")
 
 
-def query_model(prompt: str, model: str, url: str) -> tuple[str, int]:
+def query_model(prompt: str, model: str, url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, int]:
     """Send one chat message, read the streamed reply. -> (reply text, lines that were not JSON).
 
     Every line of the stream is a JSON object whose message.content is the next piece of the
-    reply; the last one says done. Lines that are not JSON objects are skipped and counted."""
+    reply; the last one says done. Lines that are not JSON objects are skipped and counted; a
+    message or content of another type raises BadReply. timeout: seconds to connect and between
+    two pieces of the reply."""
     payload = {"model": model, "messages": [{"role": "user", "content": prompt}], "options": OPTIONS}
     pieces, junk = [], 0
-    with requests.post(f"{url}/api/chat", json=payload, stream=True, timeout=(10, 600)) as r:
+    with requests.post(f"{url}/api/chat", json=payload, stream=True, timeout=(timeout, timeout)) as r:
         if r.status_code != 200:
             raise ServerError(f"HTTP {r.status_code}: {r.text[:200]}")
         for line in r.iter_lines():
@@ -97,27 +117,81 @@ def query_model(prompt: str, model: str, url: str) -> tuple[str, int]:
                 continue
             if "error" in msg:
                 raise ServerError(f"the server reported: {msg['error']}")
-            message = msg.get("message")
-            pieces.append(message.get("content", "") if isinstance(message, dict) else "")
+            message = msg.get("message", {})
+            content = message.get("content", "") if isinstance(message, dict) else None
+            if not isinstance(content, str):
+                raise BadReply(f"message {json.dumps(message)[:80]} has no text content")
+            pieces.append(content)
             if msg.get("done"):
                 return "".join(pieces), junk
     raise ServerError("the reply ended before the server marked it done")
 
 
-def judge_responses(entries, model, url=DEFAULT_URL, progress=True):
-    """Score every entry in order; stop at the first network or server failure.
+def entry_key(entry) -> str:
+    """Ties a result to the entry it scores: the first 16 hex digits of its prompt's sha256."""
+    return hashlib.sha256(score_prompt(entry).encode("utf-8")).hexdigest()[:16]
 
-    -> (results: [{"index", "score" (int or None), "reply"}] for the entries scored, junk lines
-    skipped, the failure as "entry i: ..." or None)."""
-    results, junk = [], 0
-    for i, entry in enumerate(tqdm(entries, desc="scoring", unit="entry", disable=not progress)):
-        try:
-            reply, j = query_model(score_prompt(entry), model, url)
-        except (requests.RequestException, ServerError) as e:
-            return results, junk, f"entry {i}: {type(e).__name__}: {e}"
-        junk += j
-        results.append({"index": i, "score": parse_score(reply), "reply": reply})
-    return results, junk, None
+
+def judge_responses(entries, model, url=DEFAULT_URL, progress=True, timeout=DEFAULT_TIMEOUT, done=(), save=None):
+    """Score the entries not in done, in order; stop at the first network or server failure.
+
+    done: results of an earlier run (kept; those with an "error" are tried again). save: called
+    with all results so far, at most SAVE_EVERY seconds apart and at any exit, Ctrl-C included.
+    -> (results: [{"index", "key", "score" (int or None), "reply"} (+ "error" for a reply of no
+    usable shape)] in index order, junk lines skipped, the failure as "entry i: ..." or None)."""
+    results = {r["index"]: r for r in done}
+    todo = [i for i in range(len(entries)) if i not in results or "error" in results[i]]
+    junk, failure, saved = 0, None, time.monotonic()
+    ordered = lambda: [results[i] for i in sorted(results)]  # noqa: E731
+    try:
+        for i in tqdm(todo, desc="scoring", unit="entry", disable=not progress):
+            result = {"index": i, "key": entry_key(entries[i])}
+            try:
+                reply, j = query_model(score_prompt(entries[i]), model, url, timeout)
+            except BadReply as e:
+                results[i] = {**result, "score": None, "reply": "", "error": str(e)}
+            except (requests.RequestException, ServerError) as e:
+                failure = f"entry {i}: {type(e).__name__}: {e}"
+                break
+            else:
+                junk += j
+                results[i] = {**result, "score": parse_score(reply), "reply": reply}
+            if save and time.monotonic() - saved >= SAVE_EVERY:
+                save(ordered())
+                saved = time.monotonic()
+    finally:
+        if save:
+            save(ordered())
+    return ordered(), junk, failure
+
+
+def load_scores(path, entries) -> list:
+    """The results an earlier run saved in path ([] when there is none), checked against entries."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MinisftError(f"{path}: an existing scores file that cannot be read ({e}); move it away or "
+                           "choose another --out") from None
+    if not isinstance(data, list):
+        raise MinisftError(f"{path}: an existing file that is no scores list; move it away or choose another --out")
+    for n, r in enumerate(data):
+        if not (isinstance(r, dict) and type(r.get("index")) is int and 0 <= r["index"] < len(entries)
+                and "score" in r and "reply" in r):
+            raise MinisftError(f"{path}: result {n} is not a score of one of the {len(entries)} entries; move "
+                               "the file away or choose another --out")
+        if r.get("key") != entry_key(entries[r["index"]]):
+            raise MinisftError(f"{path}: result {n} scores another entry {r['index']} than this responses file's "
+                               "(the responses changed?); choose another --out to score them afresh")
+    return data
+
+
+def check_timeout(timeout) -> float:
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise MinisftError(f"--timeout must be a positive number of seconds, got {timeout}")
+    return timeout
 
 
 # ---- files ----------------------------------------------------------------------------------------------------

@@ -165,7 +165,10 @@ def read_pretrained(name_or_path, cache_dir=None, model=None, base_url=None) -> 
         for p in (folder / "config.json", weights):
             if not p.is_file():
                 raise MinisftError(f"{folder}: not a GPT-2 folder: {p.name} is missing")
-        cfg = read_hf_config(folder / "config.json")
+        try:
+            cfg = read_hf_config(folder / "config.json")
+        except MinisftError as e:
+            raise (_drop_bad_download(folder, e) if source in HF_REPOS else e) from None
         if want is not None:
             differ = [f"{f} {getattr(cfg, f)} vs {getattr(want, f)}" for f in SHAPE_FIELDS
                       if getattr(cfg, f) != getattr(want, f)]
@@ -173,7 +176,19 @@ def read_pretrained(name_or_path, cache_dir=None, model=None, base_url=None) -> 
                 raise MinisftError(f"{folder / 'config.json'} does not describe the requested model: "
                                    + ", ".join(differ))
             cfg = want
-    return cfg, read_gpt2_weights(weights, cfg)
+    try:
+        return cfg, read_gpt2_weights(weights, cfg)
+    except MinisftError as e:
+        raise (_drop_bad_download(folder, e) if source in HF_REPOS else e) from None
+
+
+def _drop_bad_download(folder: Path, e: MinisftError):
+    """A preset's cached files that do not load (the server sent an error page, a cut file): removed,
+    so the next run downloads them again instead of failing on the same junk forever."""
+    for fname in HF_FILES:
+        (folder / fname).unlink(missing_ok=True)
+    return MinisftError(f"{e}; the downloaded files were removed from the cache ({folder}), so the next run "
+                        "downloads them again")
 
 
 # ---- weights out ------------------------------------------------------------------------------------

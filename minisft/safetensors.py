@@ -49,6 +49,8 @@ def read_header(path) -> tuple[dict, int, dict]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         _fail(path, f"header is not valid UTF-8 JSON ({e})")
+    except RecursionError:  # a header is two levels deep; thousands of nested brackets are an attack
+        _fail(path, "header nests JSON deeper than Python can parse (a crafted file?)")
     if not isinstance(header, dict):
         _fail(path, "header is not a JSON object")
 

@@ -7,6 +7,7 @@ batches, seed 123, shuffled training batches, no clipping, no warmup, a constant
 """
 import argparse
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,11 @@ class Settings:
     keep_last: int = _s(2, "checkpoints kept in --out")
     responses: int | None = _s(None, "test-split entries to answer at the end (default: all; 0: none)")
     max_new_tokens: int = _s(256, "longest generated response")
+    # ---- run-folder recovery and long records (minisft/rundir.py)
+    overwrite: bool = _s(False, "start afresh in an --out that holds a run: its checkpoints, metrics and "
+                                "outputs are removed first")
+    drop_long: bool = _s(False, "drop records longer than --max-length instead of cutting them (a cut record "
+                                "may lose its whole response)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,13 +116,20 @@ def _kind(f):
     return args[0] if args else f.type
 
 
-def resolve(args: argparse.Namespace) -> Settings:
-    """Defaults, then --demo, then the TOML file, then the flags that were given."""
+def resolve(args: argparse.Namespace, base: dict | None = None) -> Settings:
+    """Defaults (or base: a saved run's settings), then what the user set (see `given`)."""
+    values = {n: v for n, v in (base or {}).items() if n in FIELDS}
+    values.update(given(args))
+    return validate(Settings(**values))
+
+
+def given(args: argparse.Namespace) -> dict:
+    """The settings the user set: --demo's, then the TOML file's, then the flags'."""
     values = dict(DEMO) if getattr(args, "demo", False) else {}
     if getattr(args, "config", None):
         values.update(read_toml(args.config))
     values.update({n: getattr(args, n) for n in FIELDS if getattr(args, n, None) is not None})
-    return validate(Settings(**values))
+    return values
 
 
 def read_toml(path) -> dict:
@@ -125,6 +138,10 @@ def read_toml(path) -> dict:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise MinisftError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise MinisftError(f"config file {path} is a folder; give the TOML file in it") from None
+    except OSError as e:
+        raise MinisftError(f"config file {path} cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise MinisftError(f"config file {path} is not valid TOML: {e}") from None
     values = {}
@@ -150,6 +167,10 @@ def validate(s: Settings) -> Settings:
         choices, value = f.metadata["choices"], getattr(s, name)
         if choices and value not in choices and not (value is None and f.default is None):
             bad(name, f"{value!r} is not one of {', '.join(choices)}")
+    for name, f in FIELDS.items():  # NaN passes every comparison below; infinity is no setting
+        value = getattr(s, name)
+        if _kind(f) is float and value is not None and not math.isfinite(value):
+            bad(name, f"must be a finite number, got {value}")
     for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_freq", "eval_iter", "ckpt_every",
                  "keep_last", "max_new_tokens"):
         if getattr(s, name) < 1:
@@ -169,6 +190,8 @@ def validate(s: Settings) -> Settings:
         bad("responses", f"must not be negative, got {s.responses}")
     if not 0.0 <= s.drop_rate < 1.0:
         bad("drop_rate", f"must be in [0, 1), got {s.drop_rate}")
+    if s.overwrite and s.resume:
+        bad("overwrite", "--overwrite starts afresh, --resume continues: pass one of them")
     if s.dtype == "bfloat16" and s.backend != "torch":
         bad("dtype", "bfloat16 needs --backend torch")
     if s.device not in (None, "cpu") and s.backend != "torch":
@@ -179,6 +202,8 @@ def validate(s: Settings) -> Settings:
         bad("early_stop", f"must be at least 1, got {s.early_stop}")
     if s.model is None and not (s.weights is not None and Path(s.weights).is_dir()):
         s = dataclasses.replace(s, model=DEFAULT_MODEL)  # a folder's config.json names its architecture
+    if "://" not in s.data and Path(s.data).is_dir():
+        bad("data", f"{s.data} is a folder; give the data file in it")
     if "://" not in s.data and not Path(s.data).is_file():
         bad("data", f"{s.data} is not a file")
     return s

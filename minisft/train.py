@@ -37,7 +37,7 @@ from tqdm import tqdm
 from . import tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
-from .data import Loader, collate_examples, encode_records, load_splits
+from .data import Loader, collate_examples, encode_records, long_records, load_splits
 from .errors import MinisftError
 from .files import write_json, write_text
 from .generate import generate, generate_responses
@@ -46,6 +46,7 @@ from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
 from .pretrained import read_pretrained
 from .prompts import get_style
+from .rundir import RunLock, checkpoints, plan_run, start
 from .settings import Settings
 
 SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
@@ -69,8 +70,9 @@ def mean_batch_loss(model: GPT, loader: Loader, num_batches: int) -> float:
     (of a fresh, unshuffled loader)."""
     losses = []
     for batch in islice(loader, num_batches):
-        loss_sum, n_valid = model.loss(batch)
-        losses.append(loss_sum / n_valid)
+        if batch.num_valid:  # a batch with no trained target has no mean loss
+            loss_sum, n_valid = model.loss(batch)
+            losses.append(loss_sum / n_valid)
     return sum(losses) / len(losses) if losses else float("nan")
 
 
@@ -80,42 +82,44 @@ def windows(batches, k: int):
         yield window
 
 
-def checkpoints(out: Path) -> list:
-    return sorted((out / "checkpoints").glob("step-*.h5"))
-
-
 def best_checkpoint(out: Path) -> Path:
     return out / "checkpoints" / "best.h5"
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
 def finetune(s: Settings, log=print) -> dict:
-    """Run (or resume) a fine-tuning job; returns the summary dict."""
+    """Run (or resume) a fine-tuning job, owning its folder (minisft.rundir); returns the summary dict."""
     out = Path(s.out)
-    if not s.resume and (out / "metrics.jsonl").exists():
-        raise MinisftError(f"setting out: {out} already holds a run; pass --resume to continue it, "
-                           "or choose another --out")
-    if s.resume and not checkpoints(out):
-        raise MinisftError(f"setting resume: {out} has no checkpoint to resume from")
+    if out.exists() and not out.is_dir():
+        raise MinisftError(f"setting out: {out} is a file, not a folder")
     if s.export == "best" and s.early_stop is None:
         raise MinisftError("setting export: best needs --early-stop (which keeps the best checkpoint)")
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, log):
+        return _finetune(s, out, plan_run(s, log), log)
+
+
+def _finetune(s: Settings, out: Path, plan, log) -> dict:
     cfg, weights = model_source(s)
     max_len = min(s.max_length, cfg.context_length)
-    out.mkdir(parents=True, exist_ok=True)
     log("settings:")
     for k, v in s.to_dict().items():
         clamped = f"  (effective {max_len}: the model's context)" if k == "max_length" and max_len < v else ""
         log(f"  {k} = {v!r}{clamped}")
-    write_json(out / "settings.json", s.to_dict(), indent=2)
 
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
-    model = GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device, params=weights)
+    try:
+        model = GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device, params=weights)
+    except ImportError as e:  # a backend whose library is not installed here
+        raise MinisftError(f"setting backend: {s.backend} cannot run here ({e})") from None
     del weights  # the model holds its own copy
     style = get_style(s.prompt_style)
     collate = partial(collate_examples, packed=True, allowed_max_length=max_len)
     train_ex = encode_records(split.train, style, s.mask_prompt)
     val_ex = encode_records(split.val, style, s.mask_prompt)
+    train_ex, val_ex = (report_long(name, ex, recs, style, max_len, s, log)
+                        for name, ex, recs in (("train", train_ex, split.train), ("val", val_ex, split.val)))
     loader = Loader(train_ex, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed, collate=collate)
     eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
     if len(loader) == 0:
@@ -127,15 +131,16 @@ def finetune(s: Settings, log=print) -> dict:
         f"{model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
 
-    step, tokens_seen, records, train_time = 0, 0, [], 0.0
+    step, tokens_seen, records, train_time, empty_batches = 0, 0, [], 0.0, 0
     best = dict(val_loss=math.inf, step=None, since=0)  # early stopping: the best eval and evals since
     if s.resume:
-        path = checkpoints(out)[-1]
-        _, _, state = load_checkpoint(path, model=model, optimizer=opt)
+        path, state = resume_from(plan.checkpoints, model, opt, log)
         step, tokens_seen, records = state["step"], state["tokens_seen"], state["records"]
-        train_time, best = state["train_time"], state.get("best", best)
+        train_time, empty_batches = state["train_time"], state.get("empty_batches", 0)
+        best = state.get("best", best)
         loader.load_state_dict(state["loader"])
         log(f"resuming from {path} at step {step}")
+    start(s, plan, log)  # every check passed: the folder is written from here on
     # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
     # records written after its checkpoint, so every step appears once).
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -144,7 +149,8 @@ def finetune(s: Settings, log=print) -> dict:
     def save(step, path=None):
         save_checkpoint(path or out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
                         dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
-                             train_time=train_time, best=best, settings=s.to_dict()))
+                             train_time=train_time, best=best, settings=s.to_dict(),
+                             empty_batches=empty_batches))
         for old in checkpoints(out)[:-s.keep_last]:
             old.unlink()
 
@@ -160,7 +166,19 @@ def finetune(s: Settings, log=print) -> dict:
             epoch = loader.epoch
             for window in windows(iter(loader), s.grad_accum):  # the rest of this epoch
                 t0 = time.perf_counter()
-                n_valid = sum(b.num_valid for b in window)
+                kept = [b for b in window if b.num_valid]  # a batch with no trained target adds nothing
+                empty_batches += len(window) - len(kept)
+                window, n_valid = kept, sum(b.num_valid for b in kept)
+                if not window:  # the step happens (schedule and checkpoints keep their places) without an
+                    # update, and so without an evaluation
+                    step += 1
+                    emit(dict(kind="skip", step=step, epoch=epoch + 1, reason="no trained target in the batch"))
+                    bar.update(1)
+                    if step % s.ckpt_every == 0 or step == total_steps:
+                        save(step)
+                    if step == total_steps:
+                        break
+                    continue
                 model.zero_grad()
                 loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window) / n_valid
                 grad_norm = clip_grad_norm(model, s.grad_clip)
@@ -215,7 +233,43 @@ def finetune(s: Settings, log=print) -> dict:
     if s.export == "best":
         load_checkpoint(best_checkpoint(out), model=model)
         log(f"export: the best checkpoint (val loss {best['val_loss']:.3f} at step {best['step']})")
-    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log)
+    if empty_batches:
+        log(f"{empty_batches} batches had no trained target (every target masked or cut off) and contributed nothing")
+    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
+                  empty_batches)
+
+
+def report_long(name, examples, records, style, max_len, s, log) -> list:
+    """Say how many records max_len cuts and how many lose their whole response; drop them with
+    --drop-long. Refuse a training split in which no record keeps a trained target."""
+    cut, lost = long_records(examples, records, style, max_len)
+    if cut:
+        first = ", ".join(map(str, lost[:5] or cut[:5]))
+        log(f"{name}: {len(cut)} of {len(examples)} records are longer than max-length {max_len} tokens and are "
+            f"{'dropped' if s.drop_long else 'cut'}; {len(lost)} of them lose their whole response "
+            f"({name} records {first}{' ...' if len(lost or cut) > 5 else ''})"
+            + ("" if s.drop_long else "; --drop-long drops them"))
+    if s.drop_long:
+        examples = [e for i, e in enumerate(examples) if i not in set(cut)]
+    trainable = [e for e in examples if len(e.tokens) <= max_len or e.trained[1:max_len + 1].any()]
+    if name == "train" and not trainable:
+        raise MinisftError(f"setting max_length: at {max_len} tokens no training record keeps a trained target "
+                           f"(mask-prompt {s.mask_prompt} masks everything before the cut); raise --max-length")
+    return examples
+
+
+def resume_from(candidates, model, opt, log):
+    """Load the newest checkpoint that loads whole -> (path, train_state); name the ones skipped."""
+    failed = []
+    for path in candidates:
+        try:
+            _, _, state = load_checkpoint(path, model=model, optimizer=opt)
+            return path, state
+        except MinisftError as e:
+            log(f"skipping the checkpoint {path.name}: {e}")
+            failed.append(path.name)
+    raise MinisftError(f"setting resume: none of the checkpoints {', '.join(failed)} loads; start afresh with "
+                       "--overwrite")
 
 
 def sample_text(model: GPT, style, record) -> str:
@@ -226,7 +280,8 @@ def sample_text(model: GPT, style, record) -> str:
     return tokenizer.decode(ids + new).replace("\n", " ")
 
 
-def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log) -> dict:
+def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
+           empty_batches=0) -> dict:
     """The end of a run: HF export, test-set responses, the loss plot, the summary."""
     model.save_pretrained(out / "hf")
     n = len(split.test) if s.responses is None else min(s.responses, len(split.test))
@@ -244,7 +299,7 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
                    tokens_per_second=round(tokens_seen / train_time, 1) if train_time else None,
                    final_train_loss=evals[-1]["train_loss"] if evals else None,
                    final_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n)
+                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n, empty_batches=empty_batches)
     write_json(out / "summary.json", summary, indent=2)
     losses = ", ".join(f"{what} loss {summary[key]:.3f}" for what, key in (
         ("train", "final_train_loss"), ("val", "final_val_loss")) if summary[key] is not None)

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from minisft.cli import main
-from minisft.judge import format_input, load_responses, parse_score, score_prompt
+from minisft.judge import entry_key, format_input, load_responses, parse_score, score_prompt
 from tests.conftest import ROOT
 
 
@@ -128,7 +128,9 @@ def test_judge_scores_streamed_replies(server, tmp_path, capsys):
     assert "Average score: 72.50" in printed                   # (85 + 40 + 95 + 70) / 4
     assert "2 replies had no score" in printed and "entry 3: 'banana'" in printed and "entry 5: '150'" in printed
     assert "skipped 2 lines" in printed                        # the two junk lines of reply r1
-    assert json.loads(out.read_text()) == [
+    saved = json.loads(out.read_text())
+    assert [r.pop("key") for r in saved] == [entry_key(e) for e in entries]
+    assert saved == [
         {"index": 0, "score": 85, "reply": "85"}, {"index": 1, "score": 40, "reply": "Score: 40"},
         {"index": 2, "score": 95, "reply": "I'd rate it 95 out of 100."},
         {"index": 3, "score": None, "reply": "banana"},

@@ -115,6 +115,18 @@ def test_corrupt_download_is_refused_naming_the_cached_file(tmp_path, server):
     assert "truncated" in str(e.value)
 
 
+def test_a_download_that_does_not_load_is_not_kept_in_the_cache(tmp_path, server):
+    folder = write_gpt2_folder(repo(server, "gpt2-small"), TINY, gpt2_state(TINY_TIED))
+    good = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(b"<html>rate limited</html>")  # the server serves junk once
+    with pytest.raises(MinisftError, match="removed from the cache"):
+        GPT.from_pretrained("gpt2-small", cache_dir=tmp_path / "cache", base_url=server.url, model=TINY)
+    assert not (tmp_path / "cache" / "models" / "gpt2-small" / "model.safetensors").exists()
+    (folder / "model.safetensors").write_bytes(good)  # ... then the real file
+    assert GPT.from_pretrained("gpt2-small", cache_dir=tmp_path / "cache", base_url=server.url,
+                               model=TINY).cfg.emb_dim == TINY.emb_dim
+
+
 # ---- the resumable downloader --------------------------------------------------------------------
 @pytest.fixture
 def blob(server):

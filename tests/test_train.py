@@ -187,7 +187,7 @@ def test_weights_folder_gives_the_architecture_without_model(tmp_path, shared_da
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, shared_data):
     s = settings(tmp_path, shared_data, max_steps=1)
     finetune(s, log=quiet)
-    with pytest.raises(MinisftError, match="already holds a run; pass --resume"):
+    with pytest.raises(MinisftError, match=r"already holds a run \(newest checkpoint step-000001.h5\); pass --resume"):
         finetune(s, log=quiet)
 
 

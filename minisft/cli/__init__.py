@@ -3,9 +3,12 @@ calling library code.
 
 Every module in COMMANDS exposes `register(subparsers)`, which adds its parser and sets `func`
 (called with the parsed args; returns an exit code or None). A MinisftError anywhere becomes a
-one-line message on stderr and exit status 2, never a traceback.
+one-line message on stderr and exit status 2, never a traceback; so do, with exit status 1, the
+failures of the machine rather than of the input (a full disk, a folder without write permission,
+memory running out), here and only here.
 """
 import argparse
+import errno
 import functools
 import importlib
 import sys
@@ -49,4 +52,31 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("minisft: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("minisft: error: out of memory; use a smaller model, --batch-size or --max-length, or free memory",
+              file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"minisft: error: {os_error(e)}", file=sys.stderr)
+        return 1
     return int(code or 0)
+
+
+# What to do about the errors of the machine, by errno.
+ADVICE = {errno.ENOSPC: "the disk is full: free space or write elsewhere",
+          errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
+          errno.EACCES: "no permission: fix the permissions or choose another path",
+          errno.EPERM: "not permitted: fix the permissions or choose another path",
+          errno.EROFS: "the file system is read-only: choose another path",
+          errno.EISDIR: "that is a folder: give a file path",
+          errno.ENOTDIR: "a part of that path is a file, not a folder"}
+
+
+def os_error(e: OSError) -> str:
+    """One line: the path, what failed, what to do."""
+    what = e.strerror or str(e)
+    advice = ADVICE.get(e.errno)
+    line = what + (f"; {advice}" if advice else "")
+    if e.filename is None:  # a network error (requests' are OSErrors) or one without a path
+        return line
+    return f"{e.filename}{f' -> {e.filename2}' if e.filename2 is not None else ''}: {line}"

@@ -4,11 +4,17 @@ contender on random data: tokens/s, achieved GFLOP/s and the process's peak resi
 import json
 
 from ..bench import KINDS, available, measure, sgemm_peak
-from ..config import PRESETS
+from ..config import PRESETS, GPTConfig
 from ..errors import MinisftError
+from .checks import at_least
 
 
 def run(args) -> int:
+    for name, low in (("batch_size", 1), ("seq_len", 1), ("steps", 1), ("warmup", 0)):
+        at_least(args, name, low)
+    context = GPTConfig.preset(args.model).context_length
+    if args.seq_len > context:
+        raise MinisftError(f"--seq-len {args.seq_len} is more than {args.model}'s context of {context} tokens")
     if args.backend == "sgemm":
         out = sgemm_peak(args.model, args.batch_size, args.seq_len)
     else:

@@ -2,13 +2,14 @@
 from .. import tokenizer
 from ..generate import chat_loop
 from ..prompts import get_style
-from .model_args import add_model_args, add_sampling_args, load_model, sampling
+from .model_args import add_model_args, add_sampling_args, check_top_k, load_model, sampling
 
 
 def run(args) -> int:
     opts = sampling(args)
     style = get_style(args.prompt_style)
     model = load_model(args)
+    check_top_k(args, model)
     print(f"chatting in the {style.name} style; /quit or end of input to stop")
     chat_loop(model, lambda message: style.prompt([{"role": "user", "content": message}]), tokenizer.encode,
               tokenizer.decode, max_new_tokens=args.max_new_tokens, rng=args.seed, **opts)

@@ -8,6 +8,7 @@ from ..config import PRESETS, GPTConfig
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
 from ..tokenizer import EOT, token_bytes
+from .checks import at_least
 
 
 def _user_text(record) -> str:
@@ -28,6 +29,7 @@ def histogram(values, bins=10, width=40) -> list:
 
 
 def stats(args) -> int:
+    at_least(args, "max_length", 1)
     records = load_records(args.file, args.cache_dir, args.sha256)
     style = get_style(args.prompt_style)
     n = len(records)

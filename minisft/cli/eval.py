@@ -6,19 +6,27 @@ from functools import partial
 from tqdm import tqdm
 
 from ..data import Loader, collate_examples, encode_records, load_splits
+from ..errors import MinisftError
 from ..evaluate import evaluate_loss
 from ..prompts import MASKS
+from .checks import at_least
 from .model_args import add_data_args, add_model_args, load_model, pick
 
 
 def run(args) -> int:
+    at_least(args, "max_length", 1)
+    at_least(args, "batch_size", 1)
     model = load_model(args)
     records = pick(load_splits(args.data, args.cache_dir)[1], args.split)
     max_len = min(args.max_length, model.cfg.context_length)
     examples = encode_records(records, args.prompt_style, args.mask_prompt)
     loader = Loader(examples, args.batch_size, shuffle=False, drop_last=False,
                     collate=partial(collate_examples, packed=True, allowed_max_length=max_len))
-    loss, ppl, n = evaluate_loss(model, tqdm(loader, desc="eval", unit="batch", disable=None, leave=False))
+    try:
+        loss, ppl, n = evaluate_loss(model, tqdm(loader, desc="eval", unit="batch", disable=None, leave=False))
+    except ValueError:
+        raise MinisftError(f"--max-length {args.max_length} with --mask-prompt {args.mask_prompt} leaves no "
+                           f"target to score in the {args.split} split") from None
     print(json.dumps(dict(split=args.split, records=len(records), targets=n, loss=loss, perplexity=ppl)))
     return 0
 

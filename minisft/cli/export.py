@@ -2,9 +2,11 @@
 transformers.GPT2LMHeadModel.from_pretrained(DIR) loads (the tokenizer is GPT-2's own)."""
 from ..checkpoint import load_checkpoint
 from ..pretrained import save_pretrained
+from .checks import output_dir
 
 
 def run(args) -> int:
+    output_dir(args.dir, "DIR")
     # Hugging Face GPT-2 weights are float32: a float64 checkpoint is rounded once, here.
     model, _, _ = load_checkpoint(args.checkpoint, dtype="float32", load_optimizer=False)
     out = save_pretrained(model, args.dir)

@@ -5,12 +5,17 @@ from ..data import load_splits
 from ..files import write_json
 from ..generate import generate_responses
 from ..prompts import get_style
-from .model_args import add_data_args, add_model_args, add_sampling_args, load_model, pick, sampling
+from .checks import at_least, output_file
+from .model_args import add_data_args, add_model_args, add_sampling_args, check_top_k, load_model, pick, sampling
 
 
 def run(args) -> int:
     opts = sampling(args)
+    at_least(args, "batch_size", 1)
+    at_least(args, "limit", 0)
+    output_file(args.out)
     model = load_model(args)
+    check_top_k(args, model)
     raw, records = (pick(s, args.split) for s in load_splits(args.data, args.cache_dir))
     n = len(records) if args.limit is None else min(args.limit, len(records))
     style = get_style(args.prompt_style)

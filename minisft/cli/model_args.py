@@ -1,5 +1,7 @@
 """Arguments shared by the commands that run a trained model (generate, chat, eval): where the model
 comes from, how to sample, which split; and loading the model they name."""
+import math
+
 from .. import tokenizer  # noqa: F401  (re-exported for the commands)
 from ..backends import BACKENDS
 from ..checkpoint import load_checkpoint
@@ -53,10 +55,19 @@ def load_model(args):
 def sampling(args) -> dict:
     if args.max_new_tokens < 1:
         raise MinisftError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or (
-            args.top_p is not None and not 0 < args.top_p <= 1):
-        raise MinisftError("sampling: --temperature must be >= 0, --top-k >= 1, --top-p in (0, 1]")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise MinisftError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise MinisftError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails this too
+        raise MinisftError(f"--top-p must be in (0, 1], got {args.top_p}")
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def check_top_k(args, model) -> None:
+    """--top-k against the loaded model's vocabulary, before any token is generated."""
+    if args.top_k is not None and args.top_k > model.cfg.vocab_size:
+        raise MinisftError(f"--top-k {args.top_k} is more than the model's {model.cfg.vocab_size} tokens")
 
 
 def pick(split, name):
