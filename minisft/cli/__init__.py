@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import MinisftError
 
 # The subcommands, in the order `minisft --help` lists them; each is minisft/cli/<name>.py.
-COMMANDS = ["finetune", "generate", "chat", "eval", "judge", "export", "data", "bench"]
+COMMANDS = ["finetune", "generate", "chat", "serve", "eval", "judge", "export", "data", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
