@@ -108,6 +108,7 @@ class Job:
         self.events.put(("error", message))
 
     def finish(self, reason) -> bool:
+        """End the job (the text held back is released, unless it was cancelled) -> False."""
         rest = self.text.flush() if reason != "cancelled" else ""
         if rest:
             self.events.put(("text", rest))
@@ -117,7 +118,8 @@ class Job:
 
 
 class Scheduler:
-    """Owns the model; run() (a daemon thread after start()) decodes submitted jobs together."""
+    """Owns the model; step() runs one step, run() steps until stop() (in a daemon thread after
+    start())."""
 
     def __init__(self, model, max_batch=16):
         if max_batch < 1:
@@ -126,6 +128,7 @@ class Scheduler:
         self.waiting = queue.Queue()
         self.finished = Counter()   # finish_reason -> jobs that ended so
         self.peak_batch = 0         # the most jobs decoded in one step
+        self._reset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.run, name="minisft-scheduler", daemon=True)
 
@@ -157,35 +160,41 @@ class Scheduler:
         return jobs
 
     def run(self) -> None:
-        model = self.model
-        cache = model.kv_cache(0, model.cfg.context_length)
-        running, logits = [], None                                              # logits (S, V)
         while not self._stop.is_set():
-            try:
-                new = self._admit(len(running))
-                if new:
-                    fresh = model.kv_cache_extend(cache, pack_sequences([j.prompt for j in new]))  # (S_new, V)
-                    logits = fresh if not running else np.concatenate([logits, fresh])
-                    running += new
-                if not running:
-                    continue
-                self.peak_batch = max(self.peak_batch, len(running))
-                going = []
-                for row, job in enumerate(running):
-                    token = int(sample_next(logits[row:row + 1], job.rng, **job.sampling)[0])
-                    if job.push(token):
-                        going.append(row)
-                    else:
-                        self.finished[job.finish_reason] += 1
-                        log.info("job ended (%s) after %d tokens", job.finish_reason, job.completion_tokens)
-                if len(going) < len(running):
-                    model.kv_cache_keep(cache, going)
-                    running = [running[r] for r in going]
-                if running:
-                    logits = model.decode(cache, [j.tokens[-1] for j in running])          # (S, V)
-            except Exception as e:  # a failed step fails its jobs, not the server
-                log.exception("decoding step failed")
-                for job in running:
-                    job.fail(f"generation failed: {type(e).__name__}: {e}")
-                    self.finished["error"] += 1
-                cache, running, logits = model.kv_cache(0, model.cfg.context_length), [], None
+            self.step()
+
+    def step(self) -> None:
+        """One scheduling step: admit, sample, push, leave, decode (see the module docstring)."""
+        model = self.model
+        try:
+            new = self._admit(len(self.running))
+            if new:
+                fresh = model.kv_cache_extend(self.cache, pack_sequences([j.prompt for j in new]))  # (S_new, V)
+                self.logits = np.concatenate([self.logits, fresh]) if self.running else fresh    # (S, V)
+                self.running += new
+            if not self.running:
+                return
+            self.peak_batch = max(self.peak_batch, len(self.running))
+            going = []
+            for row, job in enumerate(self.running):
+                token = int(sample_next(self.logits[row:row + 1], job.rng, **job.sampling)[0])
+                if job.push(token):
+                    going.append(row)
+                else:
+                    self.finished[job.finish_reason] += 1
+                    log.debug("job ended (%s) after %d tokens", job.finish_reason, job.completion_tokens)
+            if len(going) < len(self.running):
+                model.kv_cache_keep(self.cache, going)
+                self.running = [self.running[r] for r in going]
+            if self.running:
+                self.logits = model.decode(self.cache, [j.tokens[-1] for j in self.running])    # (S, V)
+        except Exception as e:  # a failed step fails its jobs, not the server
+            log.exception("decoding step failed")
+            for job in self.running:
+                job.fail(f"generation failed: {type(e).__name__}: {e}")
+                self.finished["error"] += 1
+            self._reset()
+
+    def _reset(self) -> None:
+        self.cache = self.model.kv_cache(0, self.model.cfg.context_length)
+        self.running, self.logits = [], None   # the running jobs in cache-row order, their logits (S, V)

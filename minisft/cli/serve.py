@@ -1,5 +1,6 @@
 """`minisft serve`: an OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions,
 /v1/models) and a chat page at / for a model, concurrent requests decoded together."""
+import logging
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def run(args) -> int:
     print(f"serving {name!r} ({style.name} prompts) at {server.url}/v1 and the chat page at {server.url}/ "
           f"(up to {args.max_batch} streams, KV cache up to "
           f"{kv_cache_bytes(model, args.max_batch) / 2**20:.0f} MiB); Ctrl-C stops", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
