@@ -3,6 +3,7 @@
 The model is gpt2-tiny with random weights in float64 (so batched and one-at-a-time decoding agree
 to ~1e-15 and greedy choices cannot flip between them); greedy outputs are compared exactly."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from minisft.generate import generate
 from minisft.prompts import get_style
 from minisft.scheduler import Job, Scheduler
 from minisft.serve import Server
+from tests.cdp import CHROMIUM, Browser
 from tests.conftest import ROOT
 
 NAME = "tiny"
@@ -296,3 +298,35 @@ def test_the_api_key_is_required_as_a_bearer_token(model):
         assert requests.get(s.url + "/", timeout=DEADLINE).status_code == 200  # the page holds no secret
     finally:
         s.close()
+
+
+# ---- the chat page in a real browser ------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: apt-get install chromium "
+                    "to drive the chat page in a headless browser")
+def test_chat_page_streams_a_conversation_and_clears_it_in_headless_chromium(server, model, tmp_path):
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.open(server.url + "/")
+        browser.wait_for(f"document.getElementById('model')?.textContent === {json.dumps(NAME)}")
+
+        def say(text):  # type a message, send it, wait until its reply has streamed in
+            browser.eval(f"document.getElementById('input').value = {json.dumps(text)};"
+                         "document.getElementById('form').requestSubmit()")
+            browser.wait_for("document.body.dataset.state === 'idle'")
+            return browser.eval("[...document.querySelectorAll('.msg')].map(m => [m.className, m.textContent])")
+
+        browser.eval("document.getElementById('temperature').value = '0';"
+                     "document.getElementById('max_tokens').value = '6'")
+        first = say(QUESTIONS[0])
+        assert first == [["msg user", QUESTIONS[0]], ["msg assistant", greedy(model, QUESTIONS[0], 6)]]
+        second = say(QUESTIONS[1])  # the page sends the whole conversation
+        conversation = user(QUESTIONS[0]) + [{"role": "assistant", "content": first[1][1]}] + user(QUESTIONS[1])
+        expected = tokenizer.decode(generate(model, [tokenizer.encode(STYLE.prompt(conversation))], 6)[0])
+        assert second[2:] == [["msg user", QUESTIONS[1]], ["msg assistant", expected]]
+        png = browser.screenshot(tmp_path / "chat.png")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (900).to_bytes(4, "big") + (640).to_bytes(4, "big")
+        browser.eval("document.getElementById('clear').click()")
+        assert browser.eval("document.querySelectorAll('.msg').length") == 0
+        assert say(QUESTIONS[1])[1] == ["msg assistant", greedy(model, QUESTIONS[1], 6)]  # a fresh conversation
+    finally:
+        browser.close()
