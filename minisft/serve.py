@@ -75,7 +75,9 @@ def _typed(body, name, kinds, what, default=None):
 
 def _in_range(body, name, lo, hi, what, default, kinds=(int, float), open_lo=False):
     value = _typed(body, name, kinds, what, default)
-    if value is not None and not (lo < value if open_lo else lo <= value) or value is not None and value > hi:
+    if value is None:
+        return None
+    if not (lo < value if open_lo else lo <= value) or value > hi:
         raise ApiError(400, f"{name} must be {what}, got {value}", param=name, code="invalid_value")
     return value
 
@@ -172,7 +174,7 @@ def parse_request(body, kind, *, model_name, style, context_length, defaults) ->
         top_p=_in_range(body, "top_p", 0, 1, "a number in (0, 1]", defaults["top_p"], open_lo=True),
         top_k=_in_range(body, "top_k", 1, tokenizer.EOT + 1, f"an integer in [1, {tokenizer.EOT + 1}]",
                         defaults["top_k"], kinds=(int,)),
-        seed=_typed(body, "seed", (int,), "an integer"))
+        seed=_in_range(body, "seed", 0, 2**64 - 1, "an integer in [0, 2**64)", None, kinds=(int,)))
 
 
 def _prompt_ids(body) -> list:
@@ -320,13 +322,16 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _events(self, job):
-        """The job's events as they come; _Gone if the client leaves meanwhile."""
+        """The job's events as they come; _Gone as soon as the client leaves (checked at every event and
+        every WAIT seconds without one: a select() costs microseconds, a decode step milliseconds)."""
         while True:
             try:
                 event = job.events.get(timeout=WAIT)
-            except queue.Empty:  # nothing yet: check the client is still there
-                if self._client_gone():
-                    raise _Gone from None
+            except queue.Empty:
+                event = None
+            if self._client_gone():
+                raise _Gone
+            if event is None:
                 continue
             yield event
             if event[0] != "text":

@@ -5,6 +5,7 @@ to ~1e-15 and greedy choices cannot flip between them); greedy outputs are compa
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -241,6 +242,18 @@ def test_a_dropped_client_frees_its_slot_and_the_others_finish(server, model):
     assert server.scheduler.finished["cancelled"] == cancelled + 1
 
 
+def test_a_client_that_disconnects_while_waiting_for_a_whole_answer_is_cancelled(server):
+    cancelled = server.scheduler.finished["cancelled"]
+    body = json.dumps(dict(GOOD, max_tokens=200)).encode()
+    with socket.create_connection(server.server_address[:2]) as sock:  # send the request, then hang up
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + DEADLINE
+    while server.scheduler.finished["cancelled"] == cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.scheduler.finished["cancelled"] == cancelled + 1
+
+
 # ---- bad requests: OpenAI's error objects, 4xx, and the server goes on ------------------------------------
 GOOD = dict(model=NAME, messages=user("Hi"), max_tokens=2)
 BAD = [
@@ -264,6 +277,7 @@ BAD = [
     ("ends with the assistant", "/v1/chat/completions",
      dict(GOOD, messages=user("x") + [{"role": "assistant", "content": "y"}]), 400, None),
     ("n above 1", "/v1/chat/completions", dict(GOOD, n=2), 400, "unsupported_value"),
+    ("a negative seed", "/v1/chat/completions", dict(GOOD, seed=-1), 400, "invalid_value"),
     ("an empty stop string", "/v1/chat/completions", dict(GOOD, stop=""), 400, "invalid_value"),
     ("five stop strings", "/v1/chat/completions", dict(GOOD, stop=list("abcde")), 400, "invalid_value"),
     ("a token id outside the vocabulary", "/v1/completions", dict(model=NAME, prompt=[50257]), 400, "invalid_value"),
