@@ -140,6 +140,13 @@ def test_cli_chat_completions_equal_minisft_generate_greedy(model, tmp_path):
             proc.wait(DEADLINE)
 
 
+@pytest.mark.parametrize("flag,value", [("--port", "70000"), ("--max-batch", "0"), ("--api-key", "")])
+def test_cli_refuses_a_bad_setting_in_one_line_before_loading(flag, value, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "minisft", "serve", "--checkpoint", tmp_path / "absent.h5", flag, value],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and flag in r.stderr
+
+
 # ---- the API ------------------------------------------------------------------------------------------
 def test_chat_completion_reports_usage_and_the_models_list_names_the_model(server, model):
     c = client(server)

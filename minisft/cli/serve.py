@@ -1,6 +1,7 @@
 """`minisft serve`: an OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions,
 /v1/models) and a chat page at / for a model, concurrent requests decoded together."""
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    p.add_argument("--api-key", default=os.environ.get("MINISFT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every /v1 request (default: $MINISFT_API_KEY; the "
+                        "variable keeps the key out of the process list)")
     p.add_argument("--name", default=None, help="the model name clients send (default: the checkpoint's file name)")
     p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
     p.set_defaults(func=run)
