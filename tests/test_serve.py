@@ -23,6 +23,7 @@ from minisft.generate import generate
 from minisft.prompts import get_style
 from minisft.scheduler import Job, Scheduler
 from minisft.serve import Server
+from tests.backend_util import ALL_BACKENDS, backend_or_skip
 from tests.cdp import CHROMIUM, Browser
 from tests.conftest import ROOT
 
@@ -68,7 +69,10 @@ def stream_text(stream):
 
 
 # ---- the engine under the server -------------------------------------------------------------------------
-def test_kv_cache_extend_matches_a_fresh_prefill(model):
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_kv_cache_extend_matches_a_fresh_prefill(backend):
+    backend_or_skip(backend, "float64")
+    model = GPT(GPTConfig.preset("gpt2-tiny"), backend=backend, dtype="float64", seed=7)
     rng = np.random.default_rng(0)
     a, b = [rng.integers(0, 50257, n).tolist() for n in (9, 5)]
     cache = model.kv_cache(1, 32)
