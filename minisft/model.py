@@ -299,21 +299,39 @@ class GPT:
     def prefill(self, cache: "KVCache", batch: PackedBatch) -> np.ndarray:
         """Run the packed prompts of an empty cache (sequence s -> cache row s, positions from 0), keep
         every layer's keys and values -> next-token logits (S, V) as a numpy array."""
-        B, H = self.B, self.cfg.n_heads
-        lengths = np.diff(batch.cu_seqlens)                                                 # (S,)
         if batch.num_seqs != len(cache.lens) or cache.lens.any():
             raise ValueError(f"prefill needs an empty cache with one row per sequence: {batch.num_seqs} "
                              f"sequences, {len(cache.lens)} rows, {int(cache.lens.sum())} positions filled")
+        return self._prefill_rows(cache, batch, 0)
+
+    def kv_cache_extend(self, cache: "KVCache", batch: PackedBatch) -> np.ndarray:
+        """Add the packed prompts as new rows after the cache's S rows and run them (a server admits
+        requests between decode steps this way); the rows already there keep their keys and values
+        -> the new sequences' next-token logits (S_new, V) as a numpy array."""
+        S, new = len(cache.lens), batch.num_seqs
+        if S == 0:
+            grown = self.kv_cache(new, cache.max_len)
+            cache.layers, cache.lens = grown.layers, grown.lens
+        else:  # row 0 copied into each new row: stale positions past a row's length are never read
+            idx = self.B.index(np.concatenate([np.arange(S), np.zeros(new, dtype=np.int64)]))  # (S + new,)
+            cache.layers = [(self.B.take_rows(k, idx), self.B.take_rows(v, idx)) for k, v in cache.layers]
+            cache.lens = np.concatenate([cache.lens, np.zeros(new, dtype=np.int64)])
+        return self._prefill_rows(cache, batch, S)
+
+    def _prefill_rows(self, cache: "KVCache", batch: PackedBatch, first: int) -> np.ndarray:
+        """Prefill sequence s into cache row first + s (those rows hold no positions yet)."""
+        B, H = self.B, self.cfg.n_heads
+        lengths = np.diff(batch.cu_seqlens)                                                 # (S,)
         if lengths.max(initial=0) > cache.max_len:
             raise ValueError(f"a prompt of {lengths.max()} tokens does not fit the KV cache of {cache.max_len}")
-        seq_ids = B.index(np.repeat(np.arange(batch.num_seqs), lengths))                    # (N,)
+        seq_ids = B.index(first + np.repeat(np.arange(batch.num_seqs), lengths))            # (N,)
         positions, cu, max_len = B.index(batch.positions), B.index(batch.cu_seqlens), batch.max_seqlen()
 
         def attend(i, qkv):
             B.kv_cache_write(*cache.layers[i], qkv, seq_ids, positions)
             return B.attention_forward(qkv, cu, H, max_len)
         lnf, _ = self._forward(batch, train=False, keep=False, attend=attend)
-        cache.lens[:] = lengths
+        cache.lens[first:first + batch.num_seqs] = lengths
         return self._last_logits(lnf, batch.cu_seqlens)
 
     def kv_cache_keep(self, cache: "KVCache", rows) -> None:

@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import MinisftError
 
 # The subcommands, in the order `minisft --help` lists them; each is minisft/cli/<name>.py.
-COMMANDS = ["finetune", "generate", "chat", "eval", "judge", "export", "data", "bench", "study"]
+COMMANDS = ["finetune", "generate", "chat", "serve", "eval", "judge", "export", "data", "bench", "study"]
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

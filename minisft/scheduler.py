@@ -1,0 +1,200 @@
+"""Continuous batching: one thread decodes every running request together, one token per request
+per step, and admits waiting requests between steps.
+
+A request is a Job: prompt token ids, how to sample, when to stop. The scheduler keeps the running
+jobs in the rows of one KV cache, in order. Each step:
+
+    admit    waiting jobs join (up to max_batch running): their prompts are prefilled together
+             into new cache rows (GPT.kv_cache_extend); the running rows are left as they are
+    sample   one token per job from its row of logits, with the job's own generator (so a job's
+             tokens do not depend on what else is running)
+    push     the job turns the token into text and hands it to whoever waits on job.events
+    leave    jobs that ended (end-of-text, a stop string, max_tokens, the client gone) leave the
+             cache (GPT.kv_cache_keep)
+    decode   the rest advance one position together (GPT.decode)
+
+A long prompt admitted mid-flight delays the running jobs by its prefill; nothing else waits.
+Generation never outgrows the context: a job's max_tokens is at most the context length minus its
+prompt (the request layer checks that), so the cache never needs the uncached sliding window.
+"""
+import logging
+import queue
+import threading
+from collections import Counter
+
+import numpy as np
+
+from .batch import pack_sequences
+from .generate import sample_next
+from .tokenizer import EOT
+
+log = logging.getLogger("minisft.serve")
+
+
+class _StopText:
+    """Decoded text of the tokens so far, released as it becomes final: held back while it ends in
+    part of a UTF-8 character (the replacement character) or in the start of a stop string, and cut
+    where a stop string begins."""
+
+    def __init__(self, decode, stops):
+        self.decode, self.stops, self.tokens, self.released, self.text = decode, stops, [], 0, ""
+
+    def add(self, token) -> tuple:
+        """-> (text newly final, whether a stop string ended the text)."""
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        found = [i for i in (text.find(s, max(0, self.released - len(s) + 1)) for s in self.stops) if i >= 0]
+        if found:
+            self.text = text[:min(found)]
+            return self._release(len(self.text)), True
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))
+        held = max((k for s in self.stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
+        return self._release(max(self.released, safe - held)), False
+
+    def flush(self) -> str:
+        """The rest of the text, once no token will follow."""
+        return self._release(len(self.text))
+
+    def _release(self, end) -> str:
+        out, self.released = self.text[self.released:end], max(self.released, end)
+        return out
+
+
+class Job:
+    """One request's generation. Events on job.events, in order: ("text", str) as text becomes
+    final, then ("done", finish_reason) or ("error", message). finish_reason: "stop" (end-of-text
+    or a stop string), "length" (max_tokens), "cancelled" (cancel() was called)."""
+
+    def __init__(self, prompt, max_tokens, decode, *, temperature=0.0, top_k=None, top_p=None, stop=(),
+                 seed=None, eos_id=EOT):
+        self.prompt, self.max_tokens = list(prompt), max_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.rng, self.eos_id = np.random.default_rng(seed), eos_id
+        self.text = _StopText(decode, list(stop))
+        self.tokens = []                 # generated ids, end-of-text excluded
+        self.completion_tokens = 0       # every sampled token, end-of-text included
+        self.finish_reason = None
+        self.events = queue.Queue()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the scheduler frees the job's row at its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def push(self, token) -> bool:
+        """Take the sampled token -> whether the job goes on."""
+        if self.cancelled:
+            return self.finish("cancelled")
+        self.completion_tokens += 1
+        if token == self.eos_id:
+            return self.finish("stop")
+        self.tokens.append(token)
+        text, stopped = self.text.add(token)
+        if text:
+            self.events.put(("text", text))
+        if stopped:
+            return self.finish("stop")
+        if len(self.tokens) >= self.max_tokens:
+            return self.finish("length")
+        return True
+
+    def fail(self, message) -> None:
+        self.finish_reason = "error"
+        self.events.put(("error", message))
+
+    def finish(self, reason) -> bool:
+        """End the job (the text held back is released, unless it was cancelled) -> False."""
+        rest = self.text.flush() if reason != "cancelled" else ""
+        if rest:
+            self.events.put(("text", rest))
+        self.finish_reason = reason
+        self.events.put(("done", reason))
+        return False
+
+
+class Scheduler:
+    """Owns the model; step() runs one step, run() steps until stop() (in a daemon thread after
+    start())."""
+
+    def __init__(self, model, max_batch=16):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.waiting = queue.Queue()
+        self.finished = Counter()   # finish_reason -> jobs that ended so
+        self.peak_batch = 0         # the most jobs decoded in one step
+        self._reset()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.run, name="minisft-scheduler", daemon=True)
+
+    def submit(self, job: Job) -> Job:
+        self.waiting.put(job)
+        return job
+
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _admit(self, n_running) -> list:
+        """Waiting jobs that fit (blocks briefly while nothing runs)."""
+        jobs = []
+        while n_running + len(jobs) < self.max_batch:
+            try:
+                job = self.waiting.get(timeout=0.1) if n_running + len(jobs) == 0 else self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if job.cancelled:  # gone before it started
+                job.finish("cancelled")
+                self.finished[job.finish_reason] += 1
+            else:
+                jobs.append(job)
+        return jobs
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.step()
+
+    def step(self) -> None:
+        """One scheduling step: admit, sample, push, leave, decode (see the module docstring)."""
+        model = self.model
+        try:
+            new = self._admit(len(self.running))
+            if new:
+                fresh = model.kv_cache_extend(self.cache, pack_sequences([j.prompt for j in new]))  # (S_new, V)
+                self.logits = np.concatenate([self.logits, fresh]) if self.running else fresh    # (S, V)
+                self.running += new
+            if not self.running:
+                return
+            self.peak_batch = max(self.peak_batch, len(self.running))
+            going = []
+            for row, job in enumerate(self.running):
+                token = int(sample_next(self.logits[row:row + 1], job.rng, **job.sampling)[0])
+                if job.push(token):
+                    going.append(row)
+                else:
+                    self.finished[job.finish_reason] += 1
+                    log.debug("job ended (%s) after %d tokens", job.finish_reason, job.completion_tokens)
+            if len(going) < len(self.running):
+                model.kv_cache_keep(self.cache, going)
+                self.running = [self.running[r] for r in going]
+            if self.running:
+                self.logits = model.decode(self.cache, [j.tokens[-1] for j in self.running])    # (S, V)
+        except Exception as e:  # a failed step fails its jobs, not the server
+            log.exception("decoding step failed")
+            for job in self.running:
+                job.fail(f"generation failed: {type(e).__name__}: {e}")
+                self.finished["error"] += 1
+            self._reset()
+
+    def _reset(self) -> None:
+        self.cache = self.model.kv_cache(0, self.model.cfg.context_length)
+        self.running, self.logits = [], None   # the running jobs in cache-row order, their logits (S, V)
