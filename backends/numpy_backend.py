@@ -87,6 +87,27 @@ class NumpyBackend:
         db = dy.sum(axis=0)                           # (out,)
         return dx, dw, db
 
+    # ---- LoRA: y[:, col:col+out] += scale * (x @ a) @ b ----------------------------------------
+    def lora_forward(self, y, x, a, b, scale, col=0):
+        u = self.lora_down_forward(x, a, scale)       # (N, r)
+        y[:, col:col + b.shape[1]] += u @ b           # (N, out) a view: y changes in place
+        return u
+
+    def lora_backward(self, dy, x, u, a, b, scale, col=0):
+        # undoes y[:, col:col+out] += u @ b
+        dys = dy[:, col:col + b.shape[1]]             # (N, out)
+        db = u.T @ dys                                # (r, out)
+        dx, da = self.lora_down_backward(dys @ b.T, x, a, scale)  # du (N, r)
+        return dx, da, db
+
+    def lora_down_forward(self, x, a, scale):
+        return (x @ a) * scale                        # (N, r)
+
+    def lora_down_backward(self, du, x, a, scale):
+        # undoes u = (x @ a) * scale
+        dxa = du * scale                              # (N, r)
+        return dxa @ a.T, x.T @ dxa                   # dx (N, in), da (in, r)
+
     # ---- causal self-attention over packed sequences -------------------------------------------
     @staticmethod
     def _split_heads(qkv_seq, n_heads):
@@ -164,27 +185,34 @@ class NumpyBackend:
         return dy * mask
 
     # ---- fused output head + cross-entropy ------------------------------------------------------
-    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0):
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None):
         rows = np.flatnonzero(targets != -100)        # (M,) only these rows need logits
         loss_sum = 0.0
-        dh = np.zeros_like(h) if dw is not None else None  # (N, d)
+        grad = dw is not None or need_dh
+        dh = np.zeros_like(h) if grad else None       # (N, d)
         for c in range(0, len(rows), HEAD_CHUNK_ROWS):
             r = rows[c:c + HEAD_CHUNK_ROWS]           # (R,)
             hr = h[r]                                 # (R, d)
             logits = hr @ w.T                         # (R, V)
+            if lora is not None:
+                logits += lora[0][r] @ lora[1]        # (R, V) += u (R, r) @ b (r, V)
             logits -= logits.max(axis=-1, keepdims=True)
             lse = np.log(np.exp(logits).sum(axis=-1))  # (R,) log-sum-exp of shifted logits
             t = targets[r]                            # (R,)
             # loss_i = logsumexp(logits_i) - logits_i[t_i]
             loss_sum += float((lse - logits[np.arange(len(r)), t]).sum(dtype=np.float64))
-            if dw is None:
+            if not grad:
                 continue
             # d loss_i / d logits_i = softmax(logits_i) - onehot(t_i)
             dlogits = np.exp(logits - lse[:, None])   # (R, V), reuses the chunk's logits memory
             dlogits[np.arange(len(r)), t] -= 1.0
             dlogits *= grad_scale
             dh[r] = dlogits @ w                       # (R, d)
-            dw += dlogits.T @ hr                      # (V, d)
+            if dw is not None:
+                dw += dlogits.T @ hr                  # (V, d)
+            if lora is not None:                      # undoes logits += u @ b
+                lora[2][r] = dlogits @ lora[1].T      # du (R, r)
+                self.add_(lora[3], lora[0][r].T @ dlogits)  # db (r, V)
         return np.float64(loss_sum), len(rows), dh
 
     def head_logits(self, h, w):
