@@ -137,25 +137,22 @@ def plan(cfg: GPTConfig, lc: LoraConfig) -> list:
     """Every Part the targets name, in layer order; rank checked against each layer (setting lora-rank)."""
     d, V = cfg.emb_dim, cfg.vocab_size
     shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
-    parts = []
+    layers = []  # (prefix, module, col, n_in, n_out)
     for i in range(cfg.n_layers):
         for t in lc.targets:
-            if t == "lm_head":
-                continue
             if t in PARTS:
                 mod = f"h.{i}.attn.c_attn"
-                parts.append(Part(f"{mod}.{t[-1]}", mod, PARTS[t] * d, d, d, lc.rank, lc.scale))
-            else:
-                suffix = MODULE_NAMES[t]
-                mod = f"h.{i}.{suffix}"
-                parts.append(Part(mod, mod, 0, *shapes[suffix], lc.rank, lc.scale))
+                layers.append((f"{mod}.{t[-1]}", mod, PARTS[t] * d, d, d))
+            elif t != "lm_head":
+                mod = f"h.{i}.{MODULE_NAMES[t]}"
+                layers.append((mod, mod, 0, *shapes[MODULE_NAMES[t]]))
     if "lm_head" in lc.targets:
-        parts.append(Part("lm_head", "lm_head", 0, d, V, lc.rank, lc.scale))
-    for p in parts:
-        if not 1 <= lc.rank <= min(p.n_in, p.n_out):
-            raise MinisftError(f"setting lora-rank: {lc.rank} must lie in [1, {min(p.n_in, p.n_out)}] for "
-                               f"{p.prefix} ({p.n_in} x {p.n_out})")
-    return parts
+        layers.append(("lm_head", "lm_head", 0, d, V))
+    for prefix, _, _, n_in, n_out in layers:
+        if not 1 <= lc.rank <= min(n_in, n_out):
+            raise MinisftError(f"setting lora-rank: {lc.rank} must lie in [1, {min(n_in, n_out)}] for "
+                               f"{prefix} ({n_in} x {n_out})")
+    return [Part(*layer, lc.rank, lc.scale) for layer in layers]
 
 
 # ---- the adapters in the model ---------------------------------------------------------------------------
@@ -546,3 +543,32 @@ def load_checkpoint(path, model: GPT, optimizer=None) -> dict:
             optimizer.v = {n: model.B.from_numpy(_read(f, path, f"adam/v/{n}")) for n in shapes}
             optimizer.step_count = int(f["adam"].attrs["step"])
     return train_state
+
+
+def model_from_checkpoint(path, backend="numpy", dtype=None, device=None, weights=None, cache_dir=None) -> GPT:
+    """A LoRA checkpoint -> its base model (weights: the base's path; default the one the checkpoint
+    records) with the checkpoint's adapters attached, for inference or export."""
+    cfg, lc, base = read_checkpoint_header(path)
+    source = weights or base["path"]
+    if source is None:
+        raise MinisftError(f"{path}: its base model was a random init, which cannot be rebuilt; pass --weights")
+    model = GPT.from_pretrained(source, backend=backend, dtype=dtype or "float32", cache_dir=cache_dir,
+                                device=device, model=cfg)
+    attach(model, lc, base_path=source)
+    load_checkpoint(path, model)
+    return model
+
+
+def base_of_adapter(adapter_dir) -> str | None:
+    """The base model path an adapter folder records (ours: minisft_adapter.json; PEFT's: its config)."""
+    d = Path(adapter_dir)
+    for name, key in ((MINISFT_FILE, "base"), (CONFIG_FILE, None)):
+        if (d / name).is_file():
+            try:
+                conf = json.loads((d / name).read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise MinisftError(f"{d / name}: not valid JSON: {e}") from None
+            path = conf.get(key, {}).get("path") if key else conf.get("base_model_name_or_path")
+            if path:
+                return path
+    return None

@@ -60,6 +60,18 @@ class Settings:
     keep_last: int = _s(2, "checkpoints kept in --out")
     responses: int | None = _s(None, "test-split entries to answer at the end (default: all; 0: none)")
     max_new_tokens: int = _s(256, "longest generated response")
+    # LoRA (minisft/lora.py): train low-rank adapters beside frozen base weights instead of every weight
+    lora_rank: int | None = _s(None, "train LoRA adapters of this rank; every base weight stays frozen "
+                                     "(default: off, full fine-tuning)")
+    lora_alpha: float | None = _s(None, "LoRA scale numerator: updates are scaled by alpha / rank (default: "
+                                        "alpha = rank, scale 1)")
+    lora_dropout: float | None = _s(None, "dropout on the adapters' input (default: 0)")
+    lora_targets: str | None = _s(None, "comma-separated layers to adapt: c_attn (whole q|k|v), c_attn.q, c_attn.k, "
+                                        "c_attn.v, attn.c_proj, c_fc, mlp.c_proj, lm_head, or all (default: "
+                                        "c_attn, PEFT's for GPT-2)")
+    lora_rslora: bool | None = _s(None, "rank-stabilised LoRA: scale alpha / sqrt(rank)")
+    lora_preset: str | None = _s(None, "book-7.4: the book's exercise 7.4 (appendix E's LoRA): rank 16, alpha 16, "
+                                       "every linear layer including the head; flags given override it")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,4 +172,5 @@ def validate(s: Settings) -> Settings:
         bad("weights", f"{s.weights} does not exist")
     if "://" not in s.data and not Path(s.data).is_file():
         bad("data", f"{s.data} is not a file")
-    return s
+    from .lora import check_settings
+    return check_settings(s)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import tokenizer
+from . import lora, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import Loader, collate_examples, encode_records, load_splits
@@ -48,9 +48,14 @@ SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
 def build_model(s: Settings) -> GPT:
     cfg = GPTConfig.preset(s.model, drop_rate=s.drop_rate)
     if s.init == "random":
-        return GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device)
-    return GPT.from_pretrained(s.weights or s.model, backend=s.backend, dtype=s.dtype, cache_dir=s.cache_dir,
-                               device=s.device, model=cfg, seed=s.seed)
+        model = GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device)
+    else:
+        model = GPT.from_pretrained(s.weights or s.model, backend=s.backend, dtype=s.dtype, cache_dir=s.cache_dir,
+                                    device=s.device, model=cfg, seed=s.seed)
+    if s.lora_rank is not None:
+        base = s.weights or (s.model if s.init == "pretrained" else None)
+        lora.attach(model, lora.lora_config(s), seed=s.seed, base_path=base)
+    return model
 
 
 def mean_batch_loss(model: GPT, loader: Loader, num_batches: int) -> float:
@@ -105,11 +110,15 @@ def finetune(s: Settings, log=print) -> dict:
     total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
     log(f"model: {s.model} ({model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
+    log(lora.trainable_parameters(model))
 
     step, tokens_seen, records, train_time = 0, 0, [], 0.0
     if s.resume:
         path = checkpoints(out)[-1]
-        _, _, state = load_checkpoint(path, model=model, optimizer=opt)
+        if model.lora is not None:
+            state = lora.load_checkpoint(path, model, opt)
+        else:
+            _, _, state = load_checkpoint(path, model=model, optimizer=opt)
         step, tokens_seen, records = state["step"], state["tokens_seen"], state["records"]
         train_time = state["train_time"]
         loader.load_state_dict(state["loader"])
@@ -120,9 +129,10 @@ def finetune(s: Settings, log=print) -> dict:
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
 
     def save(step):
-        save_checkpoint(out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
-                        dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
-                             train_time=train_time, settings=s.to_dict()))
+        (lora.save_checkpoint if model.lora is not None else save_checkpoint)(
+            out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
+            dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
+                 train_time=train_time, settings=s.to_dict()))
         for old in checkpoints(out)[:-s.keep_last]:
             old.unlink()
 
@@ -190,8 +200,12 @@ def sample_text(model: GPT, style, record) -> str:
 
 
 def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log) -> dict:
-    """The end of a run: HF export, test-set responses, the loss plot, the summary."""
-    model.save_pretrained(out / "hf")
+    """The end of a run: HF export (a LoRA run: the adapter in PEFT's layout), test-set responses, the
+    loss plot, the summary."""
+    if model.lora is not None:
+        lora.save_adapter(model, out / "adapter")
+    else:
+        model.save_pretrained(out / "hf")
     n = len(split.test) if s.responses is None else min(s.responses, len(split.test))
     if n:
         prompts = [style.prompt(r["messages"]) for r in split.test[:n]]
