@@ -406,6 +406,13 @@ def load_adapter(model: GPT, adapter_dir) -> Lora:
     tensors, _ = safetensors.load(w_path)
     found = {}
     for name, a in tensors.items():
+        if name == PEFT_PREFIX + "lm_head.base_layer.weight":
+            # PEFT saves the output head's own weight beside its adapter (save_embedding_layers): it
+            # must be the base's, or the adapter belongs to another model.
+            head = model.params[model.head_name]
+            if a.shape != tuple(head.shape) or not np.array_equal(a, model.B.to_numpy(head).astype(np.float32)):
+                raise MinisftError(f"{w_path}: {name} differs from this base model's output head")
+            continue
         m = _PEFT_NAME.fullmatch(name)
         if m is None:
             raise MinisftError(f"{w_path}: tensor {name!r} is not a LoRA weight of a GPT-2 linear layer")
