@@ -276,3 +276,33 @@ def test_an_adapter_for_another_base_is_refused_and_the_model_is_left_alone(tmp_
     (tmp_path / "ad" / lora.CONFIG_FILE).write_text(json.dumps({**conf, "bias": "all"}))
     with pytest.raises(MinisftError, match="bias = 'all' is not supported"):
         lora.load_adapter(same_shape, tmp_path / "ad")
+
+
+def test_cli_lora_run_then_generate_and_eval_with_its_adapter(tmp_path, shared_data):
+    """finetune --lora-preset book-7.4 on a local base prints PEFT's trainable-parameter line and writes
+    the adapter; eval --weights BASE --adapter DIR equals eval of the run's LoRA checkpoint."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def minisft(*argv):
+        return subprocess.run([sys.executable, "-m", "minisft", *map(str, argv)], cwd=ROOT, capture_output=True,
+                              text=True)
+    GPT(GPTConfig.preset("gpt2-tiny"), seed=5).save_pretrained(tmp_path / "base")
+    data, out = tmp_path / "data.json", tmp_path / "run"
+    data.write_text(json.dumps(json.loads((shared_data / "instruction-data.json").read_text())[:60]))
+    r = minisft("finetune", "--model", "gpt2-tiny", "--weights", tmp_path / "base", "--data", data, "--max-steps", 2,
+                "--batch-size", 2, "--lr", 1e-3, "--responses", 0, "--lora-preset", "book-7.4", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "trainable params: 837,904 || all params: 7,387,280 || trainable%: 11.3425" in r.stdout
+    conf = json.loads((out / "adapter" / lora.CONFIG_FILE).read_text())
+    assert (conf["r"], conf["lora_alpha"], conf["target_modules"]) == (16, 16.0, sorted(lora.MODULES))
+    a = minisft("eval", "--weights", tmp_path / "base", "--adapter", out / "adapter", "--data", data, "--split", "val")
+    b = minisft("eval", "--checkpoint", checkpoints(out)[-1], "--data", data, "--split", "val")
+    c = minisft("eval", "--weights", tmp_path / "base", "--data", data, "--split", "val")
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr + b.stderr + c.stderr
+    assert a.stdout == b.stdout != c.stdout  # the adapter, not the base
+    r = minisft("generate", "--weights", tmp_path / "base", "--adapter", tmp_path / "nowhere", "--data", data,
+                "--out", tmp_path / "responses.json")
+    assert r.returncode == 2 and "not a LoRA adapter folder" in r.stderr and not (tmp_path / "responses.json").exists()
