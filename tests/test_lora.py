@@ -306,3 +306,36 @@ def test_cli_lora_run_then_generate_and_eval_with_its_adapter(tmp_path, shared_d
     r = minisft("generate", "--weights", tmp_path / "base", "--adapter", tmp_path / "nowhere", "--data", data,
                 "--out", tmp_path / "responses.json")
     assert r.returncode == 2 and "not a LoRA adapter folder" in r.stderr and not (tmp_path / "responses.json").exists()
+
+
+def test_adapted_model_with_lora_dropout_matches_finite_differences(rng):
+    """The model's adapter path (Lora.forward/backward, the head's adapter in the fused head) with
+    dropout on every adapter input, float64: d loss / d (A, B) against central differences (<= 1e-6),
+    the dropout masks held fixed by re-seeding the model's RNG before every pass."""
+    cfg = GPTConfig(vocab_size=64, context_length=16, emb_dim=16, n_layers=2, n_heads=2)
+    model = GPT(cfg, dtype="float64", seed=0)
+    ad = lora.attach(model, lora.LoraConfig(rank=2, alpha=3.0, dropout=0.3, targets=EVERY_TARGET), seed=1)
+    for p in ad.parts:
+        model.params[p.b] = rng.normal(0, 0.3, (p.rank, p.n_out))
+    inputs, targets = rng.integers(0, 64, (2, 9)), rng.integers(0, 64, (2, 9))
+
+    def loss():
+        model.rng = np.random.default_rng(99)
+        value, _ = model.loss_and_grad(inputs, targets)
+        return value
+    loss()
+    grads = {n: g.copy() for n, g in model.grads.items()}
+    # A whole model's loss carries more rounding than one kernel's: eps 1e-5, tolerance 1e-6.
+    for name in (ad.parts[0].a, ad.parts[1].b, ad.head.a, ad.head.b):  # c_attn.q's A, c_attn.v's B, the head's
+        w, num, ana = model.params[name], [], []
+        for i in rng.choice(w.size, size=12, replace=False):
+            idx = np.unravel_index(i, w.shape)
+            old = w[idx]
+            w[idx] = old + 1e-5
+            plus = loss()
+            w[idx] = old - 1e-5
+            minus = loss()
+            w[idx] = old
+            num.append((plus - minus) / 2e-5)
+            ana.append(grads[name][idx])
+        assert rel_err(ana, num) <= 1e-6, name
