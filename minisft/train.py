@@ -15,8 +15,8 @@ gradient is scaled by 1/(valid targets in the whole window), so the step equals 
 (not a mean of micro-batch means). A window never crosses an epoch boundary.
 
 Run directory (--out): settings.json, metrics.jsonl, checkpoints/step-XXXXXX.h5 (the last
-keep_last), and at the end hf/ (Hugging Face export), instruction-data-with-response.json (test
-split, the book's format), loss-plot.png and summary.json.
+keep_last), and at the end hf/ (Hugging Face export; a LoRA run: adapter/, PEFT's layout),
+instruction-data-with-response.json (test split, the book's format), loss-plot.png and summary.json.
 """
 import json
 import math
