@@ -195,8 +195,8 @@ def test_merge_folds_every_adapter_into_the_weights():
 
 # ---- runs: adapter-only checkpoints, exact resume -----------------------------------------------------------
 def test_lora_run_resumes_bitwise_and_its_checkpoints_hold_only_adapters(tmp_path, shared_data, monkeypatch):
-    kw = dict(max_steps=4, ckpt_every=2, lr=1e-3, batch_size=4, drop_rate=0.1, lora_rank=4, lora_targets="c_attn.q,c_attn.v,c_fc",
-              lora_dropout=0.1, grad_clip=1.0)
+    kw = dict(max_steps=4, ckpt_every=2, lr=1e-3, batch_size=4, drop_rate=0.1, lora_rank=4,
+              lora_targets="c_attn.q,c_attn.v,c_fc", lora_dropout=0.1, grad_clip=1.0)
     whole = settings(tmp_path / "whole", shared_data, **kw)
     finetune(whole, log=quiet)
     part = settings(tmp_path / "part", shared_data, **kw)
