@@ -57,6 +57,24 @@ class Backend(Protocol):
     def linear_backward(self, dy, x, w, need_dw: bool = True) -> tuple[Array, Array | None, Array]:
         """-> dx (N, in), dw (in, out) or None when need_dw is False (frozen weight), db (out,)"""
 
+    # ---- LoRA: a low-rank update beside a frozen linear (minisft/lora.py) --------------------------
+    # y[:, col:col+out] += u @ b with u = scale * (x @ a): x (N, in) is the adapter's input (after its
+    # dropout), a (in, r), b (r, out). `col` places the update in a column slice of y, so one fused
+    # c_attn (N, 3d) can carry separate q, k and v adapters. Both halves are matmuls of rank r.
+    def lora_forward(self, y, x, a, b, scale: float, col: int = 0) -> Array:
+        """In place: y[:, col:col+out] += scale * (x @ a) @ b -> u = scale * (x @ a) (N, r), for the backward."""
+
+    def lora_backward(self, dy, x, u, a, b, scale: float, col: int = 0) -> tuple[Array, Array, Array]:
+        """dy (N, >= col+out) -> dx (N, in), da (in, r), db (r, out), from the slice dy[:, col:col+out]."""
+
+    # The output head's adapter: its up-projection u @ b runs inside head_loss (lora=...), so only the
+    # down-projection is a kernel of its own.
+    def lora_down_forward(self, x, a, scale: float) -> Array:
+        """x (N, in), a (in, r) -> u = scale * (x @ a) (N, r)"""
+
+    def lora_down_backward(self, du, x, a, scale: float) -> tuple[Array, Array]:
+        """du (N, r) -> dx (N, in), da (in, r)"""
+
     # ---- causal multi-head attention over fused qkv, packed sequences ----------------------------
     def attention_forward(self, qkv, cu_seqlens, n_heads: int, max_seqlen: int) -> tuple[Array, Any]:
         """qkv (N, 3d) = [q | k | v] -> out (N, d), ctx: whatever this backend's backward needs."""
@@ -77,7 +95,8 @@ class Backend(Protocol):
     def dropout_backward(self, dy, mask) -> Array: ...
 
     # ---- output head fused with cross-entropy ----------------------------------------------------
-    def head_loss(self, h, w, targets, dw=None, grad_scale: float = 1.0) -> tuple[Array, int, Array | None]:
+    def head_loss(self, h, w, targets, dw=None, grad_scale: float = 1.0, need_dh: bool = False,
+                  lora=None) -> tuple[Array, int, Array | None]:
         """h (N, d), w (V, d), targets (N,) with -100 ignored: a host (numpy) int array, as the model
         passes it, so a device backend finds and counts the valid rows without a device sync.
 
@@ -86,6 +105,11 @@ class Backend(Protocol):
         head weight gradient grad_scale * d(loss_sum)/dw is added into it; when dw is None no
         gradient is computed at all (evaluation) and dh is None. Logits exist only for rows with a
         valid target, a chunk of rows at a time: the (N, V) matrix is never held.
+
+        need_dh: compute dh even when dw is None (a frozen head: its dW matmul is skipped, the
+        gradient still reaches the hidden states). lora = (u (N, r), b (r, V), du (N, r), db (r, V)):
+        the head's adapter, logits += u @ b; its gradients go into the buffers du (rows written) and
+        db (added into), scaled like dh.
         """
 
     def head_logits(self, h, w) -> Array:

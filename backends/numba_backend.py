@@ -521,6 +521,9 @@ class NumbaBackend(NumpyBackend):
         dw = x.T @ dy if need_dw else None                    # (in, out)
         return dx, dw, self._colsum(dy)
 
+    # LoRA (lora_forward, lora_backward, lora_down_*): numpy's, inherited. Both halves are matmuls
+    # of rank r that BLAS runs either way; there is nothing left around them to fuse.
+
     # ---- attention ---------------------------------------------------------------------------
     def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
         N = qkv.shape[0]
@@ -556,11 +559,12 @@ class NumbaBackend(NumpyBackend):
         return dx
 
     # ---- fused head + cross-entropy ----------------------------------------------------------
-    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0):
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None):
         rows = np.flatnonzero(targets != IGNORE)              # (M,) only these rows need logits
         V = w.shape[0]
         chunk = max(1, HEAD_CHUNK_BYTES // (V * self.np_dtype.itemsize))
-        dh = np.zeros(h.shape, dtype=h.dtype) if dw is not None else None  # (N, d)
+        grad = dw is not None or need_dh
+        dh = np.zeros(h.shape, dtype=h.dtype) if grad else None  # (N, d)
         logits_buf = self._empty((min(chunk, len(rows)), V))  # (R, V) each chunk's logits, then their grads
         dw_part = self._empty(dw.shape) if dw is not None else None  # (V, d) one chunk's dW
         loss_sum = 0.0
@@ -569,14 +573,20 @@ class NumbaBackend(NumpyBackend):
             hr = h[r]                                         # (R, d)
             logits = logits_buf[:len(r)]
             np.matmul(hr, w.T, out=logits)
+            if lora is not None:
+                logits += lora[0][r] @ lora[1]                # (R, V) += u (R, r) @ b (r, V)
             losses = np.empty(len(r))                         # (R,) float64
-            _xent(logits, targets[r], losses, dw is not None, grad_scale)
+            _xent(logits, targets[r], losses, grad, grad_scale)
             loss_sum += float(losses.sum())
-            if dw is None:
+            if not grad:
                 continue
             dh[r] = logits @ w                                # (R, d)
-            np.matmul(logits.T, hr, out=dw_part)              # (V, d)
-            _add_(_flat(dw), dw_part.ravel())
+            if dw is not None:
+                np.matmul(logits.T, hr, out=dw_part)          # (V, d)
+                _add_(_flat(dw), dw_part.ravel())
+            if lora is not None:                              # undoes logits += u @ b
+                lora[2][r] = logits @ lora[1].T               # du (R, r)
+                self.add_(lora[3], lora[0][r].T @ logits)     # db (r, V)
         return np.float64(loss_sum), len(rows), dh
 
     # ---- optimizer ---------------------------------------------------------------------------

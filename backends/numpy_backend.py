@@ -109,6 +109,27 @@ class NumpyBackend:
         db = dy.sum(axis=0)                           # (out,) b was added to every row
         return dx, dw, db
 
+    # ---- LoRA: y[:, col:col+out] += scale * (x @ a) @ b ----------------------------------------
+    def lora_forward(self, y, x, a, b, scale, col=0):
+        u = self.lora_down_forward(x, a, scale)       # (N, r)
+        y[:, col:col + b.shape[1]] += u @ b           # (N, out) a view: y changes in place
+        return u
+
+    def lora_backward(self, dy, x, u, a, b, scale, col=0):
+        # undoes y[:, col:col+out] += u @ b
+        dys = dy[:, col:col + b.shape[1]]             # (N, out)
+        db = u.T @ dys                                # (r, out)
+        dx, da = self.lora_down_backward(dys @ b.T, x, a, scale)  # du (N, r)
+        return dx, da, db
+
+    def lora_down_forward(self, x, a, scale):
+        return (x @ a) * scale                        # (N, r)
+
+    def lora_down_backward(self, du, x, a, scale):
+        # undoes u = (x @ a) * scale
+        dxa = du * scale                              # (N, r)
+        return dxa @ a.T, x.T @ dxa                   # dx (N, in), da (in, r)
+
     # ---- causal self-attention over packed sequences -------------------------------------------
     # Sequence s is rows cu_seqlens[s]:cu_seqlens[s+1] of the packed batch and attends only to itself,
     # so each kernel loops over sequences and runs ordinary causal attention on each.
@@ -199,21 +220,26 @@ class NumpyBackend:
     # ---- fused output head + cross-entropy ------------------------------------------------------
     # The logits of all N rows would be an (N, V) matrix (8 x 1024 x 50257 x 4 B = 1.6 GB); a chunk of
     # rows at a time goes logits -> softmax -> loss -> dlogits -> dh, dw, and only rows with a target.
-    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0):
+    # need_dh: dh even without dw (a frozen head); lora = (u, b, du, db): the head's adapter,
+    # logits += u @ b with u = dropout(h) @ A * scale computed by the caller (lora_down_forward).
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None):
         rows = np.flatnonzero(targets != -100)        # (M,) only these rows need logits
         loss_sum = 0.0
-        dh = np.zeros_like(h) if dw is not None else None  # (N, d) ignored rows get no gradient
+        grad = dw is not None or need_dh
+        dh = np.zeros_like(h) if grad else None       # (N, d) ignored rows get no gradient
         for c in range(0, len(rows), HEAD_CHUNK_ROWS):
             r = rows[c:c + HEAD_CHUNK_ROWS]           # (R,)
             hr = h[r]                                 # (R, d)
             t = targets[r]                            # (R,)
             at_t = (np.arange(len(r)), t)             # the target entry of each row
             logits = hr @ w.T                         # (R, V)
+            if lora is not None:
+                logits += lora[0][r] @ lora[1]        # (R, V) += u (R, r) @ b (r, V)
             shifted = logits - logits.max(axis=-1, keepdims=True)  # (R, V) softmax is unchanged by a shift
             lse = np.log(np.exp(shifted).sum(axis=-1))  # (R,) log-sum-exp of the shifted logits
             # loss_i = -log softmax(logits_i)[t_i] = logsumexp(logits_i) - logits_i[t_i]
             loss_sum += float((lse - shifted[at_t]).sum(dtype=np.float64))
-            if dw is None:
+            if not grad:
                 continue
             probs = np.exp(shifted - lse[:, None])    # (R, V) softmax(logits_i)
             # forward: loss_i = logsumexp(logits_i) - logits_i[t_i], so dlogits_i = probs_i - onehot(t_i)
@@ -222,7 +248,11 @@ class NumpyBackend:
             dlogits *= grad_scale                     # the caller's 1 / n_valid (mean over targets)
             # forward: logits = hr @ wT
             dh[r] = dlogits @ w                       # (R, d)
-            dw += dlogits.T @ hr                      # (V, d) added: a tied head shares it with wte
+            if dw is not None:
+                dw += dlogits.T @ hr                  # (V, d) added: a tied head shares it with wte
+            if lora is not None:                      # forward: logits += u @ b
+                lora[2][r] = dlogits @ lora[1].T      # du (R, r)
+                self.add_(lora[3], lora[0][r].T @ dlogits)  # db (r, V)
         return np.float64(loss_sum), len(rows), dh
 
     def head_logits(self, h, w):

@@ -406,6 +406,33 @@ class TorchBackend:
         db = dy.sum(0, dtype=self.store)                          # (out,)
         return dx, dw, db
 
+    # ---- LoRA: y[:, col:col+out] += scale * (x @ a) @ b; matmuls in the compute dtype ------------
+    @torch.no_grad()
+    def lora_forward(self, y, x, a, b, scale, col=0):
+        u = self.lora_down_forward(x, a, scale)                   # (N, r) compute dtype
+        y[:, col:col + b.shape[1]].add_((u @ b.to(self.compute)).to(y.dtype))  # (N, out) in place
+        return u
+
+    @torch.no_grad()
+    def lora_backward(self, dy, x, u, a, b, scale, col=0):
+        # undoes y[:, col:col+out] += u @ b
+        dys = dy[:, col:col + b.shape[1]].to(self.compute)        # (N, out)
+        db = (u.T @ dys).to(self.store)                           # (r, out)
+        dx, da = self.lora_down_backward(dys @ b.to(self.compute).T, x, a, scale)  # du (N, r)
+        return dx, da, db
+
+    @torch.no_grad()
+    def lora_down_forward(self, x, a, scale):
+        return (x.to(self.compute) @ a.to(self.compute)).mul_(scale)  # (N, r)
+
+    @torch.no_grad()
+    def lora_down_backward(self, du, x, a, scale):
+        # undoes u = (x @ a) * scale
+        dxa = du.to(self.compute) * scale                         # (N, r)
+        dx = dxa @ a.to(self.compute).T                           # (N, in)
+        da = (x.to(self.compute).T @ dxa).to(self.store)          # (in, r)
+        return dx, da
+
     # ---- causal self-attention over packed sequences ---------------------------------------------
     @torch.no_grad()
     def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
@@ -486,7 +513,7 @@ class TorchBackend:
 
     # ---- fused output head + cross-entropy --------------------------------------------------------
     @torch.no_grad()
-    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0):
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None):
         if torch.is_tensor(targets):  # a device array costs a copy back (a sync): pass the host one
             targets = targets.cpu().numpy()
         targets = np.asarray(targets)
@@ -498,22 +525,35 @@ class TorchBackend:
         rows_d, t_d = self.index(rows), self.index(t_host)        # (M,) each, on the device
         wc = w.to(self.compute)                                   # (V, d)
         loss_sum = torch.zeros((), dtype=self.store, device=self.device)
-        dh = torch.zeros_like(h) if dw is not None else None      # (N, d)
+        grad = dw is not None or need_dh
+        dh = torch.zeros_like(h) if grad else None                # (N, d)
+        if lora is not None:
+            u, lb, du, ldb = lora
+            lb = lb.to(self.compute)                              # (r, V)
         R = self.head_chunk_rows
         for c in range(0, len(rows), R):
             r, t = rows_d[c:c + R], t_d[c:c + R, None]            # (R,), (R, 1)
             hr = h.index_select(0, r).to(self.compute)            # (R, d)
-            logits = (hr @ wc.T).to(self.store)                   # (R, V) softmax in float32/64
+            logits = hr @ wc.T                                    # (R, V)
+            if lora is not None:
+                ur = u.index_select(0, r).to(self.compute)        # (R, r)
+                logits = logits.addmm_(ur, lb)                    # += u @ b
+            logits = logits.to(self.store)                        # softmax in float32/64
             lse = torch.logsumexp(logits, dim=1, keepdim=True)    # (R, 1)
             # loss_i = logsumexp(logits_i) - logits_i[t_i]
             loss_sum += (lse - logits.gather(1, t)).sum()
-            if dw is None:
+            if not grad:
                 continue
             # d loss_i / d logits_i = softmax(logits_i) - onehot(t_i), in the chunk's logits memory
             dlogits = logits.sub_(lse).exp_()
             dlogits.scatter_(1, t, dlogits.gather(1, t) - 1.0)
             dlogits = dlogits.mul_(grad_scale).to(self.compute)   # (R, V)
             dh.index_copy_(0, r, dlogits @ wc)                    # (R, d)
+            if lora is not None:                                  # undoes logits += u @ b
+                du.index_copy_(0, r, (dlogits @ lb.T).to(du.dtype))  # (R, r)
+                ldb.add_((ur.T @ dlogits).to(ldb.dtype))          # (r, V)
+            if dw is None:
+                continue
             if dw.dtype == dlogits.dtype:
                 dw.addmm_(dlogits.T, hr)                          # (V, d)
             else:

@@ -52,6 +52,7 @@ class GPT:
         self.B = get_backend(backend, dtype, device) if isinstance(backend, str) else backend
         self.rng = self.B.rng(seed)  # drives the initial values, then the dropout masks
         self.frozen = set()          # names that get no gradient (their dW is never computed)
+        self.lora = None             # minisft.lora.Lora once adapters are attached (lora.attach)
         self.load_state_dict(init_params(cfg, self.rng) if params is None else params)
         # load_state_dict also starts self.grads: name -> gradient, accumulated by forward_backward
 
@@ -135,20 +136,41 @@ class GPT:
             x, P[h + "ln_1.weight"], P[h + "ln_1.bias"])                                   # (N, d)
         a["qkv"] = B.linear_forward(a["ln1"], P[h + "attn.c_attn.weight"],
                                     P.get(h + "attn.c_attn.bias"))                         # (N, 3d)
+        self._adapt(h + "attn.c_attn", a["ln1"], a["qkv"], a, train)
         a["atty"], a["att_ctx"] = attend(i, a["qkv"])                                      # (N, d)
         attproj = B.linear_forward(a["atty"], P[h + "attn.c_proj.weight"],
                                    P[h + "attn.c_proj.bias"])                              # (N, d)
+        self._adapt(h + "attn.c_proj", a["atty"], attproj, a, train)
         attproj, a["attproj_mask"] = self._dropout(attproj, train)
         a["x2"] = x2 = B.residual_forward(x, attproj)                                      # (N, d)
         a["ln2"], a["ln2_mean"], a["ln2_rstd"] = B.layernorm_forward(
             x2, P[h + "ln_2.weight"], P[h + "ln_2.bias"])                                  # (N, d)
         a["fch"] = B.linear_forward(a["ln2"], P[h + "mlp.c_fc.weight"],
                                     P[h + "mlp.c_fc.bias"])                                # (N, 4d)
+        self._adapt(h + "mlp.c_fc", a["ln2"], a["fch"], a, train)
         a["fch_gelu"] = B.gelu_forward(a["fch"])                                           # (N, 4d)
         fcproj = B.linear_forward(a["fch_gelu"], P[h + "mlp.c_proj.weight"],
                                   P[h + "mlp.c_proj.bias"])                                # (N, d)
+        self._adapt(h + "mlp.c_proj", a["fch_gelu"], fcproj, a, train)
         fcproj, a["fcproj_mask"] = self._dropout(fcproj, train)
         return B.residual_forward(x2, fcproj), a                                           # (N, d)
+
+    def _adapt(self, module, x, y, a, train) -> None:
+        """y += module's LoRA update of x, in place (nothing without adapters); see minisft.lora."""
+        if self.lora is not None:
+            self.lora.forward(self, module, x, y, a, train)
+
+    def _adapt_backward(self, module, dy, a, dx) -> None:
+        """The adapters' gradients from dy, their input gradient added into dx (in place)."""
+        if self.lora is not None:
+            self.lora.backward(self, module, dy, a, dx)
+
+    def _head_logits(self, lnf):
+        """lnf (N, d) -> logits (N, V), the head adapter's update included."""
+        logits = self.B.head_logits(lnf, self.params[self.head_name])                       # (N, V)
+        if self.lora is not None:
+            self.lora.head_logits_(self, lnf, logits)
+        return logits
 
     def _forward(self, batch: PackedBatch, train: bool, keep: bool, attend=None):
         """-> final hidden lnf (N, d) and, when keep, everything the backward needs.
@@ -189,11 +211,13 @@ class GPT:
                 dfcproj = B.dropout_backward(dfcproj, a["fcproj_mask"])
             dfch_gelu, dw, db = B.linear_backward(dfcproj, a["fch_gelu"], P[h + "mlp.c_proj.weight"],
                                                   need(h + "mlp.c_proj.weight"))           # (N, 4d)
+            self._adapt_backward(h + "mlp.c_proj", dfcproj, a, dfch_gelu)
             self._acc(h + "mlp.c_proj.weight", dw)
             self._acc(h + "mlp.c_proj.bias", db)
             dfch = B.gelu_backward(dfch_gelu, a["fch"])                                    # (N, 4d)
             dln2, dw, db = B.linear_backward(dfch, a["ln2"], P[h + "mlp.c_fc.weight"],
                                              need(h + "mlp.c_fc.weight"))                  # (N, d)
+            self._adapt_backward(h + "mlp.c_fc", dfch, a, dln2)
             self._acc(h + "mlp.c_fc.weight", dw)
             self._acc(h + "mlp.c_fc.bias", db)
             dx2_ln, dw, db = B.layernorm_backward(dln2, a["x2"], P[h + "ln_2.weight"],
@@ -208,12 +232,14 @@ class GPT:
                 dattproj = B.dropout_backward(dattproj, a["attproj_mask"])
             datty, dw, db = B.linear_backward(dattproj, a["atty"], P[h + "attn.c_proj.weight"],
                                               need(h + "attn.c_proj.weight"))              # (N, d)
+            self._adapt_backward(h + "attn.c_proj", dattproj, a, datty)
             self._acc(h + "attn.c_proj.weight", dw)
             self._acc(h + "attn.c_proj.bias", db)
             dqkv = B.attention_backward(datty, a["qkv"], a["atty"], a["att_ctx"], c["cu"], H,
                                         c["max_len"])                                      # (N, 3d)
             dln1, dw, db = B.linear_backward(dqkv, a["ln1"], P[h + "attn.c_attn.weight"],
                                              need(h + "attn.c_attn.weight"))               # (N, d)
+            self._adapt_backward(h + "attn.c_attn", dqkv, a, dln1)
             self._acc(h + "attn.c_attn.weight", dw)
             if self.cfg.qkv_bias:
                 self._acc(h + "attn.c_attn.bias", db)
@@ -245,23 +271,28 @@ class GPT:
         scale = 1.0 / n_valid if grad_scale is None else grad_scale
         lnf, cache = self._forward(batch, train=True, keep=True)
         head = self.head_name
-        # A frozen head still passes gradient to the hidden states; its own dw goes to a scratch buffer.
-        dw = self.B.zeros_like(self.params[head]) if head in self.frozen else self._grad_buffer(head)
+        # A frozen head still passes gradient to the hidden states (need_dh); its own dW is never computed.
+        dw = None if head in self.frozen else self._grad_buffer(head)
+        lora = self.lora.head_forward(self, lnf, cache) if self.lora is not None else None
         # The targets stay on the host: the backend picks the valid rows there, without a device sync.
-        loss_sum, _, dlnf = self.B.head_loss(lnf, self.params[head], batch.targets, dw=dw, grad_scale=scale)
+        loss_sum, _, dlnf = self.B.head_loss(lnf, self.params[head], batch.targets, dw=dw, grad_scale=scale,
+                                             need_dh=True, lora=lora)
+        if lora is not None:
+            self.lora.head_backward(self, cache, dlnf)
         self._backward(dlnf, cache)
         return self.B.item(loss_sum), n_valid
 
     def loss(self, batch: PackedBatch):
         """Evaluation: (loss_sum, n_valid) with no gradient and no dropout."""
         lnf, _ = self._forward(batch, train=False, keep=False)
-        loss_sum, n_valid, _ = self.B.head_loss(lnf, self.params[self.head_name], batch.targets)
+        lora = self.lora.head_forward(self, lnf, None) if self.lora is not None else None
+        loss_sum, n_valid, _ = self.B.head_loss(lnf, self.params[self.head_name], batch.targets, lora=lora)
         return self.B.item(loss_sum), n_valid
 
     def logits_packed(self, batch: PackedBatch):
         """Logits (N, V) as a backend array."""
         lnf, _ = self._forward(batch, train=False, keep=False)
-        return self.B.head_logits(lnf, self.params[self.head_name])
+        return self._head_logits(lnf)
 
     def logits(self, input_ids) -> np.ndarray:
         """(B, T) token ids -> (B, T, V) logits as a numpy array."""
@@ -281,7 +312,7 @@ class GPT:
     def _last_logits(self, lnf, cu_seqlens) -> np.ndarray:
         """lnf (N, d) -> logits (S, V) of each sequence's last position, as a numpy array."""
         last = self.B.take_rows(lnf, self.B.index(np.asarray(cu_seqlens)[1:] - 1))          # (S, d)
-        return self.B.to_numpy(self.B.head_logits(last, self.params[self.head_name]))     # (S, V)
+        return self.B.to_numpy(self._head_logits(last))                                   # (S, V)
 
     def logits_last(self, batch: PackedBatch) -> np.ndarray:
         """The next-token logits (S, V) of every packed sequence, recomputing it whole (no cache)."""
@@ -363,7 +394,7 @@ class GPT:
             return B.attention_decode(qkv, k_cache, v_cache, lens, H, max_len), None
         lnf, _ = self._forward(batch, train=False, keep=False, attend=attend)
         cache.lens += 1
-        return B.to_numpy(B.head_logits(lnf, self.params[self.head_name]))                   # (S, V)
+        return B.to_numpy(self._head_logits(lnf))                                           # (S, V)
 
 
 @dataclass

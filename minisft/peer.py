@@ -44,24 +44,67 @@ class TorchGPT(torch.nn.Module):
         for i in range(cfg.n_layers):
             h = f"h.{i}."
             a = _layernorm(x, P(h + "ln_1.weight"), P(h + "ln_1.bias"))
-            qkv = a @ P(h + "attn.c_attn.weight")
-            if cfg.qkv_bias:
-                qkv = qkv + P(h + "attn.c_attn.bias")
+            qkv = self.linear(h + "attn.c_attn", a, cfg.qkv_bias)
             q, k, v = qkv.split(d, dim=-1)
             q, k, v = (t.view(Bsz, T, H, d // H).transpose(1, 2) for t in (q, k, v))
             att = (q @ k.transpose(-2, -1)) / math.sqrt(d // H)
             att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
             y = (att @ v).transpose(1, 2).reshape(Bsz, T, d)
-            x = x + y @ P(h + "attn.c_proj.weight") + P(h + "attn.c_proj.bias")
+            x = x + self.linear(h + "attn.c_proj", y)
             m = _layernorm(x, P(h + "ln_2.weight"), P(h + "ln_2.bias"))
-            m = F.gelu(m @ P(h + "mlp.c_fc.weight") + P(h + "mlp.c_fc.bias"), approximate="tanh")
-            x = x + m @ P(h + "mlp.c_proj.weight") + P(h + "mlp.c_proj.bias")
+            m = F.gelu(self.linear(h + "mlp.c_fc", m), approximate="tanh")
+            x = x + self.linear(h + "mlp.c_proj", m)
         return _layernorm(x, P("ln_f.weight"), P("ln_f.bias"))
 
+    def linear(self, module, x, bias=True):
+        """A Conv1D layer: x @ W (+ b)."""
+        y = x @ self.P(module + ".weight")
+        return y + self.P(module + ".bias") if bias else y
+
+    def head(self, h):
+        return h @ self.P("wte.weight" if self.cfg.tie_embeddings else "lm_head.weight").T  # (B, T, V)
+
     def forward(self, idx):
-        head = self.P("wte.weight" if self.cfg.tie_embeddings else "lm_head.weight")
-        return self.hidden(idx) @ head.T  # (B, T, V)
+        return self.head(self.hidden(idx))
 
     def loss(self, idx, targets):
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class TorchLoraGPT(TorchGPT):
+    """TorchGPT with LoRA written the ordinary way (as PEFT's forward, no dropout): every adapted layer
+    adds scale * (x @ A) @ B into its output's column slice; autograd derives the gradients.
+    parts: minisft.lora.Part records (module, col, n_out, scale), adapters named as minisft names them."""
+
+    def __init__(self, cfg, parts, dtype=torch.float32, device="cpu"):
+        super().__init__(cfg, dtype, device)
+        self.parts = parts
+        self.lora = torch.nn.ParameterDict({
+            n.replace(".", "__"): torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+            for p in parts for n, shape in ((p.a, (p.n_in, p.rank)), (p.b, (p.rank, p.n_out)))})
+
+    def L(self, name):
+        return self.lora[name.replace(".", "__")]
+
+    def load_adapters(self, arrays):
+        with torch.no_grad():
+            for name, a in arrays.items():
+                self.L(name).copy_(torch.from_numpy(a))
+
+    def adapter_grads_numpy(self):
+        return {k.replace("__", "."): v.grad.detach().cpu().double().numpy() for k, v in self.lora.items()}
+
+    def _update(self, module, x, y):
+        for p in self.parts:
+            if p.module == module:
+                delta = p.scale * (x @ self.L(p.a)) @ self.L(p.b)
+                pad = (p.col, y.shape[-1] - p.col - p.n_out)
+                y = y + F.pad(delta, pad)  # the part's column slice of y
+        return y
+
+    def linear(self, module, x, bias=True):
+        return self._update(module, x, super().linear(module, x, bias))
+
+    def head(self, h):
+        return self._update("lm_head", h, super().head(h))

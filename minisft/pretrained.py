@@ -197,6 +197,9 @@ def save_pretrained(model, out_dir) -> Path:
     GPT2LMHeadModel.from_pretrained loads and `read_pretrained` reads back bit-exact (for a float32
     model). A model without qkv bias is written with zero c_attn biases, which GPT-2 requires and
     which compute the same."""
+    if model.lora is not None:
+        raise ValueError("save_pretrained: the model carries LoRA adapters; write them with "
+                         "minisft.lora.save_adapter, or fold them in first with minisft.lora.merge")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg, d = model.cfg, model.cfg.emb_dim

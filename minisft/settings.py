@@ -84,6 +84,18 @@ class Settings:
                                 "outputs are removed first")
     drop_long: bool = _s(False, "drop records longer than --max-length instead of cutting them (a cut record "
                                 "may lose its whole response)")
+    # LoRA (minisft/lora.py): train low-rank adapters beside frozen base weights instead of every weight
+    lora_rank: int | None = _s(None, "train LoRA adapters of this rank; every base weight stays frozen "
+                                     "(default: off, full fine-tuning)")
+    lora_alpha: float | None = _s(None, "LoRA scale numerator: updates are scaled by alpha / rank (default: "
+                                        "alpha = rank, scale 1)")
+    lora_dropout: float | None = _s(None, "dropout on the adapters' input (default: 0)")
+    lora_targets: str | None = _s(None, "comma-separated layers to adapt: c_attn (whole q|k|v), c_attn.q, c_attn.k, "
+                                        "c_attn.v, attn.c_proj, c_fc, mlp.c_proj, lm_head, or all (default: "
+                                        "c_attn, PEFT's for GPT-2)")
+    lora_rslora: bool | None = _s(None, "rank-stabilised LoRA: scale alpha / sqrt(rank)")
+    lora_preset: str | None = _s(None, "book-7.4: the book's exercise 7.4 (appendix E's LoRA): rank 16, alpha 16, "
+                                       "every linear layer including the head; flags given override it")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,4 +218,5 @@ def validate(s: Settings) -> Settings:
         bad("data", f"{s.data} is a folder; give the data file in it")
     if "://" not in s.data and not Path(s.data).is_file():
         bad("data", f"{s.data} is not a file")
-    return s
+    from .lora import check_settings
+    return check_settings(s)

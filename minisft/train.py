@@ -21,8 +21,9 @@ as checkpoints/best.h5; P evaluations in a row without one end the run. --export
 end-of-run export and responses use best.h5's weights.
 
 Run directory (--out): settings.json, metrics.jsonl, checkpoints/step-XXXXXX.h5 (the last
-keep_last; best.h5 with early stopping), and at the end hf/ (Hugging Face export), instruction-data-with-response.json (test
-split, the book's format), loss-plot.png and summary.json.
+keep_last; best.h5 with early stopping), and at the end hf/ (Hugging Face export; a LoRA run:
+adapter/, PEFT's layout), instruction-data-with-response.json (test split, the book's format),
+loss-plot.png and summary.json.
 """
 import dataclasses
 import json
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import tokenizer
+from . import lora, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import Loader, collate_examples, encode_records, long_records, load_splits
@@ -114,6 +115,9 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
     except ImportError as e:  # a backend whose library is not installed here
         raise MinisftError(f"setting backend: {s.backend} cannot run here ({e})") from None
     del weights  # the model holds its own copy
+    if s.lora_rank is not None:
+        base = s.weights or (s.model if s.init == "pretrained" else None)
+        lora.attach(model, lora.lora_config(s), seed=s.seed, base_path=base)
     style = get_style(s.prompt_style)
     collate = partial(collate_examples, packed=True, allowed_max_length=max_len)
     train_ex = encode_records(split.train, style, s.mask_prompt)
@@ -130,6 +134,7 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
     log(f"model: {s.model or s.weights} ({cfg.n_layers} layers, d={cfg.emb_dim}, context {cfg.context_length}; "
         f"{model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
+    log(lora.trainable_parameters(model))
 
     step, tokens_seen, records, train_time, empty_batches = 0, 0, [], 0.0, 0
     best = dict(val_loss=math.inf, step=None, since=0)  # early stopping: the best eval and evals since
@@ -147,10 +152,10 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
 
     def save(step, path=None):
-        save_checkpoint(path or out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
-                        dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
-                             train_time=train_time, best=best, settings=s.to_dict(),
-                             empty_batches=empty_batches))
+        (lora.save_checkpoint if model.lora is not None else save_checkpoint)(
+            path or out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
+            dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
+                 train_time=train_time, best=best, settings=s.to_dict(), empty_batches=empty_batches))
         for old in checkpoints(out)[:-s.keep_last]:
             old.unlink()
 
@@ -231,7 +236,7 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{step:06d}.h5":
         save(step)
     if s.export == "best":
-        load_checkpoint(best_checkpoint(out), model=model)
+        load_run_checkpoint(best_checkpoint(out), model)
         log(f"export: the best checkpoint (val loss {best['val_loss']:.3f} at step {best['step']})")
     if empty_batches:
         log(f"{empty_batches} batches had no trained target (every target masked or cut off) and contributed nothing")
@@ -258,13 +263,19 @@ def report_long(name, examples, records, style, max_len, s, log) -> list:
     return examples
 
 
+def load_run_checkpoint(path, model, opt=None) -> dict:
+    """A run's checkpoint into model (and opt) -> its train_state; a LoRA run's holds adapters only."""
+    if model.lora is not None:
+        return lora.load_checkpoint(path, model, opt)
+    return load_checkpoint(path, model=model, optimizer=opt)[2]
+
+
 def resume_from(candidates, model, opt, log):
     """Load the newest checkpoint that loads whole -> (path, train_state); name the ones skipped."""
     failed = []
     for path in candidates:
         try:
-            _, _, state = load_checkpoint(path, model=model, optimizer=opt)
-            return path, state
+            return path, load_run_checkpoint(path, model, opt)
         except MinisftError as e:
             log(f"skipping the checkpoint {path.name}: {e}")
             failed.append(path.name)
@@ -282,8 +293,12 @@ def sample_text(model: GPT, style, record) -> str:
 
 def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
            empty_batches=0) -> dict:
-    """The end of a run: HF export, test-set responses, the loss plot, the summary."""
-    model.save_pretrained(out / "hf")
+    """The end of a run: HF export (a LoRA run: the adapter in PEFT's layout), test-set responses, the
+    loss plot, the summary."""
+    if model.lora is not None:
+        lora.save_adapter(model, out / "adapter")
+    else:
+        model.save_pretrained(out / "hf")
     n = len(split.test) if s.responses is None else min(s.responses, len(split.test))
     if n:
         prompts = [style.prompt(r["messages"]) for r in split.test[:n]]

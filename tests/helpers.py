@@ -1,12 +1,19 @@
-"""What the tests share: the backends, tolerance helpers, and the book's own definitions (its collate's
+"""What the tests share: the backends, tolerance and finite-difference helpers, small runs and models, and the book's own definitions (its collate's
 batches, its prompt text) that the tests check minisft against."""
 import importlib.util
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from minisft import GPT, GPTConfig
 from minisft.backends import get_backend
 from minisft.batch import IGNORE_INDEX
+from minisft.settings import Settings, validate
+from tests.conftest import ROOT
+from tests.hf_files import gpt2_state
 
 # Every backend the project has; each test module parametrizes over this list.
 ALL_BACKENDS = ["numpy", "numba", "torch"]
@@ -48,3 +55,65 @@ def book_format_input(entry):
 
 def book_training_text(entry):
     return book_format_input(entry) + "\n\n### Response:\n" + entry["output"]
+
+
+# ---- finite differences -------------------------------------------------------------------------
+FD_EPS = 1e-6
+FD_TOL = 1e-7
+N_SAMPLES = 24
+
+
+def fd_check(f, inputs: dict, analytic: dict, rng):
+    """f(**inputs) -> float. Perturbs sampled entries of each named input in place."""
+    for name, grad in analytic.items():
+        x = inputs[name]
+        flat = rng.choice(x.size, size=min(N_SAMPLES, x.size), replace=False)
+        num, ana = [], []
+        for i in flat:
+            idx = np.unravel_index(i, x.shape)
+            old = x[idx]
+            x[idx] = old + FD_EPS
+            f_plus = f(**inputs)
+            x[idx] = old - FD_EPS
+            f_minus = f(**inputs)
+            x[idx] = old
+            num.append((f_plus - f_minus) / (2 * FD_EPS))
+            ana.append(grad[idx])
+        num, ana = np.array(num), np.array(ana)
+        err = np.linalg.norm(num - ana) / np.linalg.norm(ana)
+        assert err <= FD_TOL, f"d/d{name}: finite-difference relative error {err:.2e} > {FD_TOL}"
+
+
+# ---- runs and commands ------------------------------------------------------------------------------
+def settings(tmp_path, shared_data, **kw):
+    base = dict(model="gpt2-tiny", init="random", data=str(shared_data / "instruction-data.json"),
+                out=str(tmp_path / "run"), responses=0, eval_freq=1000, eval_iter=1, backend="numpy")
+    return validate(Settings(**{**base, **kw}))
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+
+
+def quiet(*_):
+    pass
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "minisft", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+# ---- a small random model for export checks --------------------------------------------------------
+EXPORT_CFG = GPTConfig(vocab_size=97, context_length=32, emb_dim=16, n_layers=2, n_heads=4)
+
+
+def random_model(dtype="float32", seed=0, scale=1.0, **cfg):
+    """A model whose every tensor is fresh random (not the init's zeros and ones), uniform in
+    [-0.1, 0.1) times scale."""
+    cfg = GPTConfig(**{**EXPORT_CFG.to_dict(), **cfg})
+    return GPT(cfg, dtype=dtype, params={n: a * np.float32(scale) for n, a in gpt2_state(cfg, seed=seed).items()})
+
+
+def token_ids(seed=3, shape=(2, 11)):
+    return np.random.default_rng(seed).integers(0, EXPORT_CFG.vocab_size, size=shape)  # (B, T)

@@ -8,7 +8,7 @@ import pytest
 
 import minisft.data
 import minisft.download
-from minisft.data import DEFAULT_DATA_SHA256, DEFAULT_DATA_URL, load_records
+from minisft.data import DEFAULT_DATA_SHA256, load_records
 from minisft.download import cache_path, fetch
 from minisft.errors import MinisftError
 from tests.file_server import FileServer

@@ -2,8 +2,6 @@
 and tensor names GPT2LMHeadModel expects, the `minisft export` command, and (where transformers is
 installed) GPT2LMHeadModel's logits matching ours."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +11,9 @@ from minisft import GPT, GPTConfig
 from minisft import safetensors as st
 from minisft.checkpoint import save_checkpoint
 from minisft.errors import MinisftError
-from tests.hf_files import gpt2_state
+from tests.helpers import EXPORT_CFG as CFG, random_model, run_cli, token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = GPTConfig(vocab_size=97, context_length=32, emb_dim=16, n_layers=2, n_heads=4)
-
-
-def random_model(dtype="float32", seed=0, scale=1.0, **cfg):
-    """A model whose every tensor is fresh random (not the init's zeros and ones), uniform in
-    [-0.1, 0.1) times scale."""
-    cfg = GPTConfig(**{**CFG.to_dict(), **cfg})
-    return GPT(cfg, dtype=dtype, params={n: a * np.float32(scale) for n, a in gpt2_state(cfg, seed=seed).items()})
-
-
-def token_ids(seed=3, shape=(2, 11)):
-    return np.random.default_rng(seed).integers(0, CFG.vocab_size, size=shape)  # (B, T)
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_reads_back_bit_exact(tmp_path, tied):
     model = random_model(tie_embeddings=tied, drop_rate=0.1)
@@ -88,11 +72,6 @@ def test_export_overwrites_atomically_and_keeps_other_files(tmp_path):
     second.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     np.testing.assert_array_equal(GPT.from_pretrained(tmp_path).logits(token_ids()), second.logits(token_ids()))
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minisft", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
 
 
 def test_export_command(tmp_path):

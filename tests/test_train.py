@@ -10,25 +10,12 @@ import pytest
 
 from minisft import GPT, GPTConfig, clip_grad_norm, pack_sequences
 from minisft.checkpoint import load_checkpoint
-from minisft.data import Loader, collate_examples, encode_records, load_records, split_dataset
+from minisft.data import Loader, encode_records, load_records, split_dataset
 from minisft.errors import MinisftError
 from minisft.settings import Settings, validate
 from minisft.train import checkpoints, finetune
 from tests.conftest import ROOT
-
-
-def settings(tmp_path, shared_data, **kw):
-    base = dict(model="gpt2-tiny", init="random", data=str(shared_data / "instruction-data.json"),
-                out=str(tmp_path / "run"), responses=0, eval_freq=1000, eval_iter=1, backend="numpy")
-    return validate(Settings(**{**base, **kw}))
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
-
-
-def quiet(*_):
-    pass
+from tests.helpers import quiet, read_metrics, settings
 
 
 def test_twenty_book_steps_match_a_pytorch_autograd_loop(tmp_path, shared_data):

@@ -1,25 +1,56 @@
-"""`minisft export CHECKPOINT DIR`: a training checkpoint -> a Hugging Face GPT-2 folder that
-transformers.GPT2LMHeadModel.from_pretrained(DIR) loads (the tokenizer is GPT-2's own)."""
+"""`minisft export SOURCE DIR`: a training checkpoint -> a Hugging Face GPT-2 folder that
+transformers.GPT2LMHeadModel.from_pretrained(DIR) loads (the tokenizer is GPT-2's own).
+
+A LoRA run's checkpoint (or an adapter folder) exports its adapter in PEFT's layout
+(adapter_config.json + adapter_model.safetensors, for peft.PeftModel.from_pretrained); with --merge
+the adapter is folded into the base weights and DIR is an ordinary HF GPT-2 folder."""
+from pathlib import Path
+
+from .. import lora
 from ..checkpoint import load_checkpoint
+from ..errors import MinisftError
+from ..model import GPT
 from ..pretrained import save_pretrained
 from .checks import output_dir
 
 
 def run(args) -> int:
     output_dir(args.dir, "DIR")
-    # Hugging Face GPT-2 weights are float32: a float64 checkpoint is rounded once, here.
-    model, _, _ = load_checkpoint(args.checkpoint, dtype="float32", load_optimizer=False)
+    src = Path(args.checkpoint)
+    if src.is_dir() or lora.is_checkpoint(src):
+        if src.is_dir():
+            base = args.weights or lora.base_of_adapter(src)
+            if base is None:
+                raise MinisftError(f"{src}: the adapter names no base model; pass --weights")
+            model = GPT.from_pretrained(base, dtype="float32", model=args.model)
+            lora.load_adapter(model, src)
+        else:
+            model = lora.model_from_checkpoint(src, dtype="float32", weights=args.weights)
+        if not args.merge:
+            out = lora.save_adapter(model, args.dir)
+            print(f"exported the adapter of {src} -> {out}/{lora.CONFIG_FILE} + {lora.WEIGHTS_FILE} "
+                  f"({lora.trainable_parameters(model)})")
+            return 0
+        model = lora.merge(model)
+    elif args.merge:
+        raise MinisftError(f"--merge: {src} is a full fine-tuning checkpoint, it has no adapter to merge")
+    else:
+        # Hugging Face GPT-2 weights are float32: a float64 checkpoint is rounded once, here.
+        model, _, _ = load_checkpoint(src, dtype="float32", load_optimizer=False)
     out = save_pretrained(model, args.dir)
     head = "tied to wte" if model.cfg.tie_embeddings else "untied (lm_head.weight)"
-    print(f"exported {args.checkpoint} -> {out}/config.json + model.safetensors "
+    print(f"exported {src}{' merged' if args.merge else ''} -> {out}/config.json + model.safetensors "
           f"({model.num_params():,} parameters, float32, head {head})")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder "
-                                      "(config.json + model.safetensors)", description=__doc__)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a minisft training checkpoint (.h5)")
-    p.add_argument("dir", metavar="DIR", help="output folder (created; its config.json and "
-                                              "model.safetensors are replaced)")
+                                      "(config.json + model.safetensors), or a LoRA adapter in PEFT's layout",
+                       description=__doc__)
+    p.add_argument("checkpoint", metavar="SOURCE", help="a minisft training checkpoint (.h5) or a LoRA adapter folder")
+    p.add_argument("dir", metavar="DIR", help="output folder (created; the files it writes are replaced)")
+    p.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the weights: an ordinary HF folder")
+    p.add_argument("--weights", help="the LoRA base model (default: the path the checkpoint or adapter records)")
+    p.add_argument("--model", help="the base's shape preset, for a bare .safetensors base file")
     p.set_defaults(func=run)

@@ -2,7 +2,7 @@
 comes from, how to sample, which split; and loading the model they name."""
 import math
 
-from .. import tokenizer  # noqa: F401  (re-exported for the commands)
+from .. import lora
 from ..backends import BACKENDS
 from ..checkpoint import load_checkpoint
 from ..config import PRESETS
@@ -26,6 +26,8 @@ def add_model_args(p) -> None:
                    help="compute dtype (default: the checkpoint's, or float32)")
     p.add_argument("--cache-dir", default=None, help="download cache (default: $MINISFT_CACHE_DIR or ~/.cache/minisft)")
     p.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt template")
+    p.add_argument("--adapter", help="a LoRA adapter folder (PEFT's layout, minisft's or PEFT's) applied on "
+                                     "top of the weights, without merging")
 
 
 def add_data_args(p, split: str) -> None:
@@ -43,13 +45,22 @@ def add_sampling_args(p) -> None:
 
 def load_model(args):
     try:
+        if args.checkpoint and lora.is_checkpoint(args.checkpoint):
+            if args.adapter:
+                raise MinisftError("--adapter: a LoRA checkpoint already carries its adapter")
+            return lora.model_from_checkpoint(args.checkpoint, backend=args.backend, dtype=args.dtype,
+                                              device=args.device, cache_dir=args.cache_dir)
         if args.checkpoint:
-            return load_checkpoint(args.checkpoint, backend=args.backend, dtype=args.dtype, device=args.device,
-                                   load_optimizer=False)[0]
-        return GPT.from_pretrained(args.weights, backend=args.backend, dtype=args.dtype or "float32",
-                                   cache_dir=args.cache_dir, device=args.device, model=args.model)
+            model = load_checkpoint(args.checkpoint, backend=args.backend, dtype=args.dtype, device=args.device,
+                                    load_optimizer=False)[0]
+        else:
+            model = GPT.from_pretrained(args.weights, backend=args.backend, dtype=args.dtype or "float32",
+                                        cache_dir=args.cache_dir, device=args.device, model=args.model)
     except (ValueError, ImportError) as e:  # a backend or device that cannot run here
         raise MinisftError(str(e)) from None
+    if args.adapter:
+        lora.load_adapter(model, args.adapter)
+    return model
 
 
 def sampling(args) -> dict:
