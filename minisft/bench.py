@@ -142,7 +142,7 @@ def random_batch(cfg: GPTConfig, batch_size: int, seq_len: int, rng):
     return x, y
 
 
-def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: int = 0):
+def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: int = 0, device=None):
     """A callable running one train step of `kind` on a fresh random batch each call."""
     rng = np.random.default_rng(seed)
     if kind == "matmuls":
@@ -168,7 +168,7 @@ def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: in
         return step
 
     backend, dtype = MINISFT[kind]
-    model = GPT(cfg, backend=backend, dtype=dtype, seed=seed)
+    model = GPT(cfg, backend=backend, dtype=dtype, seed=seed, device=device)
     opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
 
     def step():
@@ -227,11 +227,11 @@ def bf16_peak(model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64)
 
 
 def measure(kind: str, model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64,
-            steps: int = 5, warmup: int = 1) -> dict:
+            steps: int = 5, warmup: int = 1, device=None) -> dict:
     """Median step time of `steps` timed steps after `warmup`; tokens/s and MFU use it."""
     cfg = GPTConfig.preset(model)
     t0 = time.perf_counter()
-    step = make_step(kind, cfg, batch_size, seq_len)
+    step = make_step(kind, cfg, batch_size, seq_len, device=device)
     build = time.perf_counter() - t0
     first = [_timed(step) for _ in range(warmup)]  # the first includes numba's compile or cache load
     times = [_timed(step) for _ in range(steps)]
@@ -242,3 +242,77 @@ def measure(kind: str, model: str = "gpt2-small", batch_size: int = 8, seq_len: 
                 gflops_per_s=flops / sec / 1e9, step_gflop=flops / 1e9, build_s=build,
                 first_step_s=first[0] if first else None,
                 peak_rss_mb=peak_rss_mb(), threads=os.cpu_count())
+
+
+# ---- the whole table: every contender in its own process, rounds rotated ---------------------------
+# glibc's tunables for what backends/numba_backend.py sets with mallopt (no mmap, never trim): the
+# "peer-malloc" variant runs the peer with them, to separate allocator cost from compute.
+PEER_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**63)}
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def run_one(args: list, env=None) -> dict:
+    """`python -m minisft bench --json ARGS` in a fresh process -> its measurement."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "minisft", "bench", "--json", *args], env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"minisft bench {' '.join(args)} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(contenders, model="gpt2-small", batch_size=8, seq_len=64, rounds=1, steps=3, warmup=1,
+          threads=None, progress=None) -> str:
+    """A markdown table of whole-step times for every contender that can run here, each in a fresh
+    process per round (order rotated from round to round, so load that drifts hits all alike), with
+    ratios against the PyTorch peers and MFU against the measured peak of each contender's dtype."""
+    import datetime
+    import platform
+    env = dict(os.environ, **{v: str(threads) for v in THREAD_VARS}) if threads else None
+    kinds = [k for k in contenders if not available(k)]
+    skipped = {k: available(k) for k in contenders if available(k)}
+    common = ["--model", model, "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+    dtypes = {CONTENDERS[k][1] for k in kinds}
+    load_before = os.getloadavg()[0]
+    times, rss, peaks = {k: [] for k in kinds}, {k: 0.0 for k in kinds}, {"float32": [], "bfloat16": []}
+    gflop = step_gflop(model, batch_size, seq_len)
+    for r in range(rounds):
+        peaks["float32"].append(run_one(["--backend", "sgemm", *common], env)["peak"])
+        if "bfloat16" in dtypes:
+            peaks["bfloat16"].append(run_one(["--backend", "bf16gemm", *common], env)["peak"])
+        for k in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            res = run_one(["--backend", k, "--steps", str(steps), "--warmup", str(warmup), *common], env)
+            times[k] += res["step_times"]
+            rss[k] = max(rss[k], res["peak_rss_mb"])
+            if progress:
+                progress(f"round {r + 1}/{rounds} {k}: {np.median(res['step_times']) * 1e3:,.0f} ms/step")
+    load_after = os.getloadavg()[0]
+    peak = {dt: float(np.median(v)) for dt, v in peaks.items() if v and None not in v}
+    sec = {k: float(np.median(v)) for k, v in times.items()}
+    tokens = batch_size * seq_len
+    loaded = max(load_before, load_after) > 0.5 * (os.cpu_count() or 1)
+    lines = [f"### {model} train step, B={batch_size} T={seq_len}, AdamW ({datetime.date.today().isoformat()})", "",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average "
+             f"{load_before:.1f} before, {load_after:.1f} after "
+             f"({'LOADED: other work was running' if loaded else 'quiet'}). Median over {rounds} round(s) x "
+             f"{steps} steps per contender, each in a fresh process; threads: {threads or 'library defaults'}.", "",
+             "| contender | ms/step | tokens/s | vs PyTorch fp32 | vs PyTorch bf16 | GFLOP/s | MFU | peak RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in kinds:
+        label, dt = CONTENDERS[k]
+        vs = [f"{sec[p] / sec[k]:.2f}x" if p in sec else "-" for p in ("peer-fused", "peer-bf16")]
+        gf = gflop / sec[k]
+        mfu = f"{gf / peak[dt]:.1%} of {dt}" if dt in peak else "-"
+        lines.append(f"| {label} | {sec[k] * 1e3:,.0f} | {tokens / sec[k]:,.0f} | {vs[0]} | {vs[1]} | {gf:,.1f} | "
+                     f"{mfu} | {rss[k]:,.0f} MB |")
+    for k, why in skipped.items():
+        lines.append(f"| {CONTENDERS[k][0]} | skipped: {why} | | | | | | |")
+    lines += ["", "Peaks (median over rounds, best of the step's own matmul shapes): " + ", ".join(
+        f"{dt} {v:,.0f} GFLOP/s" for dt, v in peak.items()) + f". Step = {gflop:.1f} GFLOP (minisft/bench.py)."]
+    return "\n".join(lines)
+
+
+def step_gflop(model: str, batch_size: int, seq_len: int) -> float:
+    return step_flops(GPTConfig.preset(model), [seq_len] * batch_size) / 1e9

@@ -32,7 +32,7 @@ class Settings:
     mask_prompt: str = _s("none", "which prompt tokens get no loss: none (book), input (book ex. 7.2: up to the "
                                   "end of the input), header (through the response header, as TRL)",
                           ("none", "input", "header"))
-    backend: str = _s("numpy", "engine backend", ("numpy", "numba", "torch"))
+    backend: str = _s("auto", "engine backend; auto: torch on a CUDA GPU, else numba", ("auto", "numpy", "numba", "torch"))
     device: str | None = _s(None, "torch device: cpu, cuda, mps")
     dtype: str = _s("float32", "compute dtype", ("float32", "float64", "bfloat16"))
     epochs: int = _s(2, "passes over the training split")
@@ -152,9 +152,9 @@ def validate(s: Settings) -> Settings:
         bad("responses", f"must not be negative, got {s.responses}")
     if not 0.0 <= s.drop_rate < 1.0:
         bad("drop_rate", f"must be in [0, 1), got {s.drop_rate}")
-    if s.dtype == "bfloat16" and s.backend != "torch":
-        bad("dtype", "bfloat16 needs --backend torch")
-    if s.device not in (None, "cpu") and s.backend != "torch":
+    if s.dtype == "bfloat16" and s.backend == "numpy":
+        bad("dtype", "bfloat16 needs --backend numba, torch or auto")
+    if s.device not in (None, "cpu") and s.backend not in ("torch", "auto"):
         bad("device", f"{s.device!r} needs --backend torch")
     if s.weights is not None and not Path(s.weights).exists():
         bad("weights", f"{s.weights} does not exist")

@@ -103,7 +103,7 @@ def finetune(s: Settings, log=print) -> dict:
     opt = AdamW(model, lr=s.lr, weight_decay=s.weight_decay, decay=s.decay)
     steps_per_epoch = math.ceil(len(loader) / s.grad_accum)
     total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
-    log(f"model: {s.model} ({model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
+    log(f"model: {s.model} ({model.num_params():,} parameters, {s.init} init), backend {model.B.name} {s.dtype}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
 
     step, tokens_seen, records, train_time = 0, 0, [], 0.0

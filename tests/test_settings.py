@@ -39,7 +39,7 @@ def test_toml_then_flags(tmp_path):
     (["--data", "/no/such/file.json"], "setting data: /no/such/file.json is not a file"),
     (["--weights", "/no/such/dir"], "setting weights: /no/such/dir does not exist"),
     (["--grad-clip", "0"], "setting grad-clip: must be positive"),
-    (["--dtype", "bfloat16"], "setting dtype: bfloat16 needs --backend torch"),
+    (["--dtype", "bfloat16", "--backend", "numpy"], "setting dtype: bfloat16 needs --backend numba, torch or auto"),
     (["--min-lr", "1", "--lr", "0.1"], "setting min-lr: 1.0 is above lr 0.1"),
 ])
 def test_bad_settings_are_refused_by_name(argv, message):
