@@ -245,9 +245,6 @@ def measure(kind: str, model: str = "gpt2-small", batch_size: int = 8, seq_len: 
 
 
 # ---- the whole table: every contender in its own process, rounds rotated ---------------------------
-# glibc's tunables for what backends/numba_backend.py sets with mallopt (no mmap, never trim): the
-# "peer-malloc" variant runs the peer with them, to separate allocator cost from compute.
-PEER_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**63)}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
