@@ -4,11 +4,30 @@
 for, so `import minisft` never imports torch (or compiles numba kernels).
 """
 
+import importlib.util
+
 BACKENDS = ("numpy", "numba", "torch")
+AUTO = "auto"  # every command's default backend: see resolve
+
+
+def resolve(name: str, device: str | None = None) -> tuple[str, str | None]:
+    """(backend, device) for a backend name that may be "auto": torch on the GPU where PyTorch is
+    installed with CUDA (or a GPU device is asked for), else numba, the fast CPU backend. torch is
+    imported only to ask whether CUDA is there."""
+    if name != AUTO:
+        return name, device
+    if device not in (None, "cpu"):
+        return "torch", device
+    if device is None and importlib.util.find_spec("torch") is not None:
+        import torch
+        if torch.cuda.is_available():
+            return "torch", "cuda"
+    return "numba", device
 
 
 def get_backend(name: str = "numpy", dtype: str = "float32", device: str | None = None):
-    """Resolve a backend by name: "numpy", "numba" or "torch" (device "cpu", "cuda", "mps")."""
+    """Resolve a backend by name: "numpy", "numba", "torch" (device "cpu", "cuda", "mps") or "auto"."""
+    name, device = resolve(name, device)
     if name == "numpy" or name == "numba":
         if device not in (None, "cpu"):
             raise ValueError(f"the {name} backend runs on the CPU only, not on device {device!r}")

@@ -18,11 +18,19 @@ changes is how the work is done:
 
 Kernels compile on first use for each dtype and are cached on disk (`cache=True`), so later
 processes start warm.
+
+dtype "bfloat16" is mixed precision as on the torch backend: parameters, gradients, AdamW moments,
+the residual stream and every non-matmul kernel stay float32; the matmuls (linear layers and the
+head) take bfloat16 operands and accumulate in float32 through oneDNN (backends/bf16.py). Each
+weight's bfloat16 copy is made on its first use and rewritten by the AdamW pass that updates the
+weight, in the same loop: weights must change only through adamw_step (or be new arrays, as
+load_state_dict makes). Activations and gradients are rounded to bfloat16 as each matmul takes them.
 """
 import ctypes
 import math
 import os
 import platform
+import weakref
 
 import numba
 import numpy as np
@@ -30,6 +38,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from . import bf16
 from ..config import LN_EPS
 from .numpy_backend import GELU_C, NumpyBackend
 
@@ -446,6 +455,29 @@ def _xent(logits, targets, losses, grad, scale):
             logits[r, t] -= logits.dtype.type(scale)
 
 
+@njit(parallel=True, fastmath=FAST, **jit)
+def _xent_bf16(logits, targets, losses, scale, grad16):
+    # _xent with the gradient written as bf16 bits into grad16 (R, V), the next matmuls' operand,
+    # in the pass that scales it: no float32 gradient pass and no separate rounding pass.
+    R, V = logits.shape
+    for r in prange(R):
+        t = targets[r]
+        lt = logits[r, t]
+        mx = logits[r, 0]
+        for j in range(1, V):
+            mx = max(mx, logits[r, j])
+        tot = 0.0
+        for j in range(V):
+            e = _exp(logits[r, j] - mx)
+            logits[r, j] = e
+            tot += e
+        losses[r] = math.log(tot) - (lt - mx)
+        f = logits.dtype.type(scale / tot)
+        for j in range(V):
+            grad16[r, j] = bf16.bf16_round(logits[r, j] * f)
+        grad16[r, t] = bf16.bf16_round(logits[r, t] * f - logits.dtype.type(scale))
+
+
 # ---- AdamW ---------------------------------------------------------------------------------------
 @njit(parallel=True, **jit)
 def _adamw(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
@@ -459,14 +491,41 @@ def _adamw(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
         p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vi) / bc2_sqrt + eps))
 
 
+@njit(parallel=True, **jit)
+def _adamw_bf16(p, g, m, v, p16, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps):
+    # _adamw, also writing the updated weight's bf16 copy p16 (the matmuls' operand) in the same pass.
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = b1 * m[i] + omb1 * gi
+        vi = b2 * v[i] + omb2 * gi * gi
+        m[i], v[i] = mi, vi
+        pi = p[i] * decay - step_size * (mi / (math.sqrt(vi) / bc2_sqrt + eps))
+        p[i] = pi
+        p16[i] = bf16.bf16_round(pi)
+
+
 class NumbaBackend(NumpyBackend):
     name = "numba"
 
     def __init__(self, dtype="float32"):
-        if dtype not in ("float32", "float64"):
-            raise ValueError(f"numba backend supports float32 and float64, not {dtype!r}")
-        super().__init__(dtype)
+        if dtype not in ("float32", "float64", "bfloat16"):
+            raise ValueError(f"numba backend supports float32, float64 and bfloat16, not {dtype!r}")
+        if dtype == "bfloat16" and bf16.problem():
+            raise ValueError(f"numba backend, dtype bfloat16: {bf16.problem()}")
+        super().__init__("float32" if dtype == "bfloat16" else dtype)  # the store dtype
+        self.dtype = dtype
+        self.bf16 = dtype == "bfloat16"
+        self._w16 = {}  # id(weight) -> (weakref to it, its bf16 copy): bfloat16 only
         _keep_freed_memory()
+
+    def _bf16_weight(self, w):
+        """The bf16 copy of weight w (same shape), made on first use; adamw_step keeps it current."""
+        entry = self._w16.get(id(w))
+        if entry is None or entry[0]() is not w:
+            entry = (weakref.ref(w), bf16.to_bf16(w))
+            self._w16[id(w)] = entry
+            weakref.finalize(w, self._w16.pop, id(w), None)
+        return entry[1]
 
     def _empty(self, shape):
         return np.empty(shape, dtype=self.np_dtype)
@@ -506,7 +565,10 @@ class NumbaBackend(NumpyBackend):
     # ---- linear ------------------------------------------------------------------------------
     def linear_forward(self, x, w, b):
         y = self._empty((x.shape[0], w.shape[1]))             # (N, out)
-        np.matmul(x, w, out=y)
+        if self.bf16:
+            bf16.gemm(bf16.to_bf16(x), self._bf16_weight(w), y)
+        else:
+            np.matmul(x, w, out=y)
         if b is not None:
             _add_bias_(y, b)
         return y
@@ -517,6 +579,15 @@ class NumbaBackend(NumpyBackend):
         return part.sum(axis=0).astype(self.np_dtype)
 
     def linear_backward(self, dy, x, w, need_dw=True):
+        if self.bf16:
+            dy16 = bf16.to_bf16(dy)                           # (N, out) bits
+            dx = self._empty((dy.shape[0], w.shape[0]))       # (N, in)
+            bf16.gemm(dy16, self._bf16_weight(w).T, dx)       # dx = dy @ w.T
+            dw = None
+            if need_dw:
+                dw = self._empty(w.shape)                     # (in, out)
+                bf16.gemm(bf16.to_bf16(x).T, dy16, dw)        # dw = x.T @ dy
+            return dx, dw, self._colsum(dy)
         dx = dy @ w.T                                         # (N, in)
         dw = x.T @ dy if need_dw else None                    # (in, out)
         return dx, dw, self._colsum(dy)
@@ -566,6 +637,8 @@ class NumbaBackend(NumpyBackend):
         grad = dw is not None or need_dh
         dh = np.zeros(h.shape, dtype=h.dtype) if grad else None  # (N, d)
         logits_buf = self._empty((min(chunk, len(rows)), V))  # (R, V) each chunk's logits, then their grads
+        if self.bf16:
+            return self._head_loss_bf16(h, w, targets, rows, chunk, dw, dh, logits_buf, grad_scale, lora)
         dw_part = self._empty(dw.shape) if dw is not None else None  # (V, d) one chunk's dW
         loss_sum = 0.0
         for c in range(0, len(rows), chunk):
@@ -589,10 +662,44 @@ class NumbaBackend(NumpyBackend):
                 self.add_(lora[3], lora[0][r].T @ logits)     # db (r, V)
         return np.float64(loss_sum), len(rows), dh
 
+    def _head_loss_bf16(self, h, w, targets, rows, chunk, dw, dh, logits_buf, grad_scale, lora):
+        # head_loss with bf16 matmuls: the gradient leaves _xent_bf16 as bf16 bits, and the weight
+        # gradient accumulates straight into dw (beta = 1), with no per-chunk dW buffer to add. The
+        # head's LoRA adapter (rank r, small) stays in float32 on both sides.
+        w16 = self._bf16_weight(w)                            # (V, d) bits
+        grad16 = np.empty(logits_buf.shape, dtype=np.uint16) if dh is not None else None  # (R, V)
+        loss_sum = 0.0
+        for c in range(0, len(rows), chunk):
+            r = rows[c:c + chunk]                             # (R,)
+            hr16 = bf16.to_bf16(h[r])                         # (R, d) bits
+            logits = logits_buf[:len(r)]
+            bf16.gemm(hr16, w16.T, logits)                    # logits = h @ w.T
+            if lora is not None:
+                logits += lora[0][r] @ lora[1]                # (R, V) += u (R, r) @ b (r, V)
+            losses = np.empty(len(r))                         # (R,) float64
+            if dh is None:
+                _xent(logits, targets[r], losses, False, grad_scale)
+            else:
+                g16 = grad16[:len(r)]
+                _xent_bf16(logits, targets[r], losses, grad_scale, g16)
+                dhr = self._empty((len(r), h.shape[1]))       # (R, d)
+                bf16.gemm(g16, w16, dhr)                      # dh = dlogits @ w
+                dh[r] = dhr
+                if dw is not None:
+                    bf16.gemm(g16.T, hr16, dw, beta=1.0)      # dw += dlogits.T @ h
+                if lora is not None:                          # undoes logits += u @ b
+                    dlogits = bf16.from_bf16(g16)             # (R, V) float32
+                    lora[2][r] = dlogits @ lora[1].T          # du (R, r)
+                    self.add_(lora[3], lora[0][r].T @ dlogits)  # db (r, V)
+            loss_sum += float(losses.sum())
+        return np.float64(loss_sum), len(rows), dh
+
     # ---- optimizer ---------------------------------------------------------------------------
     def adamw_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
         f = self.np_dtype.type
-        _adamw(_flat(p), g.ravel(), _flat(m), _flat(v),
+        entry = self._w16.get(id(p))
+        kernel, copy = (_adamw, ()) if entry is None or entry[0]() is not p else (_adamw_bf16, (_flat(entry[1]),))
+        kernel(_flat(p), g.ravel(), _flat(m), _flat(v), *copy,
                f(1.0 - lr * weight_decay), f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
                f(lr / (1.0 - beta1 ** step)), f(math.sqrt(1.0 - beta2 ** step)), f(eps))
 

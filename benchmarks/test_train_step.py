@@ -8,7 +8,7 @@ in the same run) and the peak RSS of the process that ran it. FLOPs: see minisft
 Each contender runs in its own subprocess (python -m minisft bench --backend KIND --json): a clean peak RSS,
 and no thread pool of one library left spinning while another works. pytest-benchmark times the
 whole subprocess; the step figures come from the steps it times inside. For the markdown table with
-ratios, interleaved rounds and medians: python tools/bench_table.py.
+ratios, interleaved rounds and medians: minisft bench.
 """
 import json
 import os

@@ -1,6 +1,11 @@
 """A PyTorch-autograd GPT-2 written the ordinary way: the peer our hand-written engine is checked
 against (tests) and timed against (benchmarks, `minisft bench`). Its parameters use the same HF names and Conv1D
 layouts, so weights copy across by name. Imported only when a peer is asked for: minisft itself never needs torch.
+
+attention="math" spells the softmax attention out (the book's model, and what the parity tests
+differentiate); attention="sdpa" calls F.scaled_dot_product_attention, whose fused CPU kernel (flash
+attention, bfloat16 under autocast) is what a PyTorch user would pick for speed: the benchmark peers
+use it.
 """
 import math
 
@@ -16,9 +21,11 @@ def _layernorm(x, w, b):
 
 
 class TorchGPT(torch.nn.Module):
-    def __init__(self, cfg, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg, dtype=torch.float32, device="cpu", attention="math"):
         super().__init__()
-        self.cfg = cfg
+        if attention not in ("math", "sdpa"):
+            raise ValueError(f"TorchGPT attention must be 'math' or 'sdpa', got {attention!r}")
+        self.cfg, self.attention = cfg, attention
         self.p = torch.nn.ParameterDict({
             name.replace(".", "__"): torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
             for name, shape in param_shapes(cfg).items()})
@@ -47,9 +54,12 @@ class TorchGPT(torch.nn.Module):
             qkv = self.linear(h + "attn.c_attn", a, cfg.qkv_bias)
             q, k, v = qkv.split(d, dim=-1)
             q, k, v = (t.view(Bsz, T, H, d // H).transpose(1, 2) for t in (q, k, v))
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(d // H)
-            att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
-            y = (att @ v).transpose(1, 2).reshape(Bsz, T, d)
+            if self.attention == "sdpa":
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)               # (B, H, T, hd)
+            else:
+                att = (q @ k.transpose(-2, -1)) / math.sqrt(d // H)                       # (B, H, T, T)
+                y = att.masked_fill(mask, float("-inf")).softmax(dim=-1) @ v              # (B, H, T, hd)
+            y = y.transpose(1, 2).reshape(Bsz, T, d)
             x = x + self.linear(h + "attn.c_proj", y)
             m = _layernorm(x, P(h + "ln_2.weight"), P(h + "ln_2.bias"))
             m = F.gelu(self.linear(h + "mlp.c_fc", m), approximate="tanh")

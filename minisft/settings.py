@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends import BACKENDS
+from .backends import AUTO, BACKENDS
 from .config import PRESETS
 from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
 from .errors import MinisftError
@@ -45,8 +45,8 @@ class Settings:
     prompt_style: str = _s("alpaca", "prompt template: alpaca (the book), phi3 (exercise 7.1), chatml", tuple(STYLES))
     mask_prompt: str = _s("none", "which prompt tokens get no loss: none (book), input (book ex. 7.2: up to the "
                                   "end of the input), header (through the response header, as TRL)", MASKS)
-    backend: str = _s("numpy", "engine backend: numpy (the readable reference), numba (fast on CPUs), torch",
-                      BACKENDS)
+    backend: str = _s(AUTO, "engine backend: auto (torch on a CUDA GPU, else numba), numpy (the readable "
+                            "reference), numba (fast on CPUs), torch", (AUTO,) + BACKENDS)
     device: str | None = _s(None, "torch device: cpu, cuda, mps")
     dtype: str = _s("float32", "compute dtype (bfloat16: torch only)", DTYPES)
     epochs: int = _s(2, "passes over the training split")
@@ -204,9 +204,9 @@ def validate(s: Settings) -> Settings:
         bad("drop_rate", f"must be in [0, 1), got {s.drop_rate}")
     if s.overwrite and s.resume:
         bad("overwrite", "--overwrite starts afresh, --resume continues: pass one of them")
-    if s.dtype == "bfloat16" and s.backend != "torch":
-        bad("dtype", "bfloat16 needs --backend torch")
-    if s.device not in (None, "cpu") and s.backend != "torch":
+    if s.dtype == "bfloat16" and s.backend == "numpy":
+        bad("dtype", "bfloat16 needs --backend numba, torch or auto")
+    if s.device not in (None, "cpu") and s.backend not in ("torch", "auto"):
         bad("device", f"{s.device!r} needs --backend torch")
     if s.weights is not None and not Path(s.weights).exists():
         bad("weights", f"{s.weights} does not exist")

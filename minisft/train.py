@@ -132,7 +132,7 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
     steps_per_epoch = math.ceil(len(loader) / s.grad_accum)
     total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
     log(f"model: {s.model or s.weights} ({cfg.n_layers} layers, d={cfg.emb_dim}, context {cfg.context_length}; "
-        f"{model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
+        f"{model.num_params():,} parameters, {s.init} init), backend {model.B.name} {s.dtype}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
     log(lora.trainable_parameters(model))
 

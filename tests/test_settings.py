@@ -37,7 +37,7 @@ def test_toml_then_flags(tmp_path):
     (["--data", "/no/such/file.json"], "setting data: /no/such/file.json is not a file"),
     (["--weights", "/no/such/dir"], "setting weights: /no/such/dir does not exist"),
     (["--grad-clip", "0"], "setting grad-clip: must be positive"),
-    (["--dtype", "bfloat16"], "setting dtype: bfloat16 needs --backend torch"),
+    (["--dtype", "bfloat16", "--backend", "numpy"], "setting dtype: bfloat16 needs --backend numba, torch or auto"),
     (["--min-lr", "1", "--lr", "0.1"], "setting min-lr: 1.0 is above lr 0.1"),
 ])
 def test_bad_settings_are_refused_by_name(argv, message):
@@ -48,7 +48,7 @@ def test_bad_settings_are_refused_by_name(argv, message):
 @pytest.mark.parametrize("line,message", [
     ('prompt-style = "vicuna"', "setting prompt-style: 'vicuna' is not one of alpaca, phi3, chatml"),
     ('model = "gpt3"', "setting model: 'gpt3' is not one of gpt2-small, gpt2-medium"),
-    ('backend = "jax"', "setting backend: 'jax' is not one of numpy, numba, torch"),
+    ('backend = "jax"', "setting backend: 'jax' is not one of auto, numpy, numba, torch"),
 ])
 def test_a_toml_value_outside_its_choices_is_refused_by_name(tmp_path, line, message):
     cfg = tmp_path / "run.toml"
@@ -96,6 +96,6 @@ def test_every_setting_has_a_flag_whose_help_states_its_default_and_choices():
         if isinstance(default, (int, float, str)) and not isinstance(default, bool) and name != "model":
             assert f"default: {default}" in a.help, name
     assert actions["mask_prompt"].choices == ("none", "input", "header")
-    assert actions["backend"].choices == ("numpy", "numba", "torch")
+    assert actions["backend"].choices == ("auto", "numpy", "numba", "torch")
     help_text = p.format_help()
     assert "--lr LR" in help_text and "(default: 5e-05)" in help_text

@@ -13,6 +13,7 @@ dropout 0; random initial weights (timing does not depend on them). Both sides g
 
     book   minisft/peer.py TorchGPT + torch.optim.AdamW on the padded (8, T) batch, as the book
     numba  minisft GPT on the numba backend, the same batch packed without its trailing padding
+           (--numba-dtype bfloat16: its mixed-precision bf16 matmuls)
 
 Only the training steps are timed, on both sides: the book's periodic evaluation and sample
 generation are left out of both. Each side runs in its own process, alternating chunk by chunk so
@@ -80,7 +81,7 @@ def schedule(n_entries: int):
 
 
 # ---- one side, in its own process ------------------------------------------------------------------
-def make_side(side: str, cfg: GPTConfig):
+def make_side(side: str, cfg: GPTConfig, numba_dtype: str = "float32"):
     if side == "book":
         import torch
 
@@ -98,7 +99,7 @@ def make_side(side: str, cfg: GPTConfig):
             return loss.item(), inputs.size
         return step
 
-    model = GPT(cfg, backend="numba", dtype="float32", seed=0)
+    model = GPT(cfg, backend="numba", dtype=numba_dtype, seed=0)
     opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
 
     def step(inputs, targets):
@@ -110,11 +111,11 @@ def make_side(side: str, cfg: GPTConfig):
     return step
 
 
-def worker(side: str, step_ids: list, model: str) -> dict:
+def worker(side: str, step_ids: list, model: str, numba_dtype: str) -> dict:
     t0 = time.perf_counter()
     seqs = train_token_ids()
     steps = schedule(len(seqs))
-    step = make_side(side, GPTConfig.preset(model))
+    step = make_side(side, GPTConfig.preset(model), numba_dtype)
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
     step(*collate([seqs[i] for i in steps[step_ids[0]]]))  # untimed warm-up
@@ -129,8 +130,9 @@ def worker(side: str, step_ids: list, model: str) -> dict:
     return dict(side=side, build_s=build, warmup_s=warm, times=times, tokens=tokens)
 
 
-def run_worker(side, ids, model) -> dict:
+def run_worker(side, ids, model, numba_dtype) -> dict:
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", side, "--model", model,
+                          "--numba-dtype", numba_dtype,
                           "--ids", ",".join(map(str, ids))], cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} worker failed:\n{out.stderr}")
@@ -142,11 +144,12 @@ def main():
     ap.add_argument("--model", default="gpt2-small")
     ap.add_argument("--sample", default="24", help="steps timed per side, evenly spaced over the run, or 'all'")
     ap.add_argument("--chunks", type=int, default=4, help="alternations between the two sides")
+    ap.add_argument("--numba-dtype", default="float32", choices=["float32", "bfloat16"], help="minisft's dtype")
     ap.add_argument("--worker", choices=["book", "numba"], help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, [int(i) for i in args.ids.split(",")], args.model)))
+        print(json.dumps(worker(args.worker, [int(i) for i in args.ids.split(",")], args.model, args.numba_dtype)))
         return
 
     seqs = train_token_ids()
@@ -166,7 +169,7 @@ def main():
         if not part:
             continue
         for side in (("numba", "book") if c % 2 == 0 else ("book", "numba")):
-            r = run_worker(side, part, args.model)
+            r = run_worker(side, part, args.model, args.numba_dtype)
             res[side].append(r)
             print(f"chunk {c + 1}/{args.chunks} {side}: {np.mean(r['times']):.2f} s/step over {len(part)} steps",
                   file=sys.stderr, flush=True)
@@ -179,7 +182,7 @@ def main():
     print("| pipeline | positions/step | s/step | training steps total | fixed (build + first step) | whole run |")
     print("|---|---:|---:|---:|---:|---:|")
     total = {}
-    for side, label in (("book", "book-style PyTorch, padded"), ("numba", "minisft numba, padding-free")):
+    for side, label in (("book", "book-style PyTorch, padded"), ("numba", f"minisft numba {args.numba_dtype}, padding-free")):
         times = [t for r in res[side] for t in r["times"]]
         toks = [t for r in res[side] for t in r["tokens"]]
         fixed = float(np.median([r["build_s"] + r["warmup_s"] for r in res[side]]))

@@ -3,7 +3,7 @@ comes from, how to sample, which split; and loading the model they name."""
 import math
 
 from .. import lora
-from ..backends import BACKENDS
+from ..backends import AUTO, BACKENDS
 from ..checkpoint import load_checkpoint
 from ..config import PRESETS
 from ..data import DEFAULT_DATA_URL
@@ -20,7 +20,8 @@ def add_model_args(p) -> None:
     src.add_argument("--weights", help="a preset (downloads OpenAI's weights), an HF GPT-2 folder or a "
                                        ".safetensors file")
     p.add_argument("--model", choices=list(PRESETS), help="the shape of a bare .safetensors file")
-    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="engine backend")
+    p.add_argument("--backend", default=AUTO, choices=(AUTO,) + BACKENDS,
+                   help="engine backend (default auto: torch on a CUDA GPU, else numba)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, mps")
     p.add_argument("--dtype", default=None, choices=("float32", "float64", "bfloat16"),
                    help="compute dtype (default: the checkpoint's, or float32)")
