@@ -38,7 +38,7 @@ from . import tokenizer
 from .data import (TURN_KEYS, normalize_record, read_records_layout, record_format, split_dataset,
                    write_records)
 from .errors import MinisftError
-from .files import write_json
+from .files import check_writable, write_json
 from .prompts import get_style
 
 STEPS = ("empty", "control-chars", "non-text", "boilerplate", "response-length", "too-long", "contaminated",
@@ -341,6 +341,9 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
     Everything is read and validated before anything is written."""
     s = settings
     s.check()
+    check_writable(out)
+    if report_path is not None:
+        check_writable(report_path, "report")
     pairs, jsonl = read_records_layout(path)
     records = [normalize_record(rec, where, allow_empty=True)["messages"] for where, rec in pairs]
     evals = []
@@ -357,7 +360,8 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
     style = get_style(s.prompt_style)
     raws = [rec for _, rec in pairs]
 
-    lengths = _token_counts([style.training_text(m) for m in records], "tokenizing")  # (n,)
+    lengths = _token_counts([style.training_text(m) for m in records], "tokenizing")  # (n,) truncation updates
+    before = lengths.copy()                                                             # (n,)
     dropped = {}      # index -> report entry
     truncated = []
     live = lambda: [i for i in candidates if i not in dropped]  # noqa: E731
@@ -454,10 +458,11 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
 
     kept = [i for i in range(n) if i not in dropped]
     write_records(out, [raws[i] for i in kept], jsonl)
-    edges = np.unique(np.linspace(lengths.min(), lengths.max() + 1, HIST_BINS + 1).astype(np.int64))
-    before = lengths.copy()
-    for t in truncated:
-        before[t["index"]] = t["tokens_before"]
+    # HIST_BINS equal bins up to the context length, and one for everything longer (if any is)
+    top = min(int(before.max()), s.max_length) + 1
+    edges = np.unique(np.linspace(before.min(), top, HIST_BINS + 1).astype(np.int64))
+    if before.max() >= top:
+        edges = np.append(edges, before.max() + 1)
     counts = {step: sum(d["reason"] == step for d in dropped.values()) for step in STEPS}
     report = {
         "input": str(path), "output": str(out), "layout": "jsonl" if jsonl else "json",

@@ -286,6 +286,9 @@ def convert_file(path, to, out) -> int:
     before anything is written. Returns the number of records."""
     if to not in FORMATS:
         raise MinisftError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    from .files import check_writable
+
+    check_writable(out)
     pairs, jsonl = read_records_layout(path)
     records = [convert_record(rec, to, where) for where, rec in tqdm(pairs, desc="converting", unit="rec",
                                                                       disable=None, leave=False)]

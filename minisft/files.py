@@ -21,6 +21,17 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
+def check_writable(path, what="output") -> None:
+    """Refuse, before any work, an output path whose folder does not exist or that is a folder."""
+    from .errors import MinisftError
+
+    path = Path(path)
+    if path.is_dir():
+        raise MinisftError(f"{path}: the {what} is a folder, not a file path")
+    if not path.parent.is_dir():
+        raise MinisftError(f"{path}: the {what}'s folder {path.parent} does not exist")
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
