@@ -29,6 +29,7 @@ record it is most similar to. Output is a function of the input, the settings an
 """
 import hashlib
 import re
+import time
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -344,6 +345,12 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
     check_writable(out)
     if report_path is not None:
         check_writable(report_path, "report")
+    seconds, clock = {}, [time.perf_counter()]
+
+    def lap(name):  # the wall time of each part, for the report
+        now = time.perf_counter()
+        seconds[name], clock[0] = round(now - clock[0], 3), now
+
     pairs, jsonl = read_records_layout(path)
     records = [normalize_record(rec, where, allow_empty=True)["messages"] for where, rec in pairs]
     evals = []
@@ -359,6 +366,7 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
                   for i in getattr(part, name)]
     style = get_style(s.prompt_style)
     raws = [rec for _, rec in pairs]
+    lap("read")
 
     lengths = _token_counts([style.training_text(m) for m in records], "tokenizing")  # (n,) truncation updates
     before = lengths.copy()                                                             # (n,)
@@ -370,12 +378,14 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
     def drop(i, reason, **detail):
         dropped[i] = {"index": i, "reason": reason, **detail}
 
+    lap("tokenize")
     if on("empty"):
         for i in live():
             for j, m in enumerate(records[i]):
                 if m["role"] != "system" and not m["content"].strip():
                     drop(i, "empty", field=f"turn {j} ({m['role']})")
                     break
+    lap("empty")
     if on("control-chars"):
         for i in live():
             for role, text in _texts(records[i]):
@@ -383,12 +393,14 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
                 if hit:
                     drop(i, "control-chars", field=role, char=f"U+{ord(hit.group()):04X}")
                     break
+    lap("control-chars")
     if on("non-text"):
         for i in live():
             chars = "".join("".join(t.split()) for _, t in _texts(records[i]))
             alpha = sum(c.isalpha() for c in chars) / max(len(chars), 1)
             if alpha < s.min_alpha:
                 drop(i, "non-text", letters=round(alpha, 4))
+    lap("non-text")
     if on("boilerplate"):
         phrases = [_squash(p) for p in s.phrases if p.strip()]
         for i in live():
@@ -398,6 +410,7 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
                 if hit:
                     drop(i, "boilerplate", phrase=hit)
                     break
+    lap("boilerplate")
     if on("response-length"):
         ids = live()
         responses = [(i, m["content"]) for i in ids for m in records[i] if m["role"] == "assistant"]
@@ -406,6 +419,7 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
         for (i, _), c in zip(responses, counts.tolist()):
             if i not in dropped and (c < s.min_response_tokens or (hi is not None and c > hi)):
                 drop(i, "response-length", tokens=c)
+    lap("response-length")
     if on("too-long"):
         for i in live():
             if lengths[i] <= s.max_length:
@@ -415,10 +429,11 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
                 if text is not None:
                     records[i] = records[i][:-1] + [{**records[i][-1], "content": text}]
                     raws[i] = _with_last_response(raws[i], text)
-                    before, lengths[i] = int(lengths[i]), len(tokenizer.encode(style.training_text(records[i])))
-                    truncated.append({"index": i, "tokens_before": before, "tokens_after": int(lengths[i])})
+                    lengths[i] = len(tokenizer.encode(style.training_text(records[i])))
+                    truncated.append({"index": i, "tokens_before": int(before[i]), "tokens_after": int(lengths[i])})
                     continue
             drop(i, "too-long", tokens=int(lengths[i]))
+    lap("too-long")
 
     hasher = WordHasher()
     word_hashes = {}  # index -> (m,) uint64, computed once for decontamination and shingles
@@ -440,6 +455,7 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
             if hit:
                 where, pos, k = hit
                 drop(i, "contaminated", matches=where, ngram=" ".join(words_of(records[i])[pos:pos + k]))
+    lap("contaminated")
     if on("exact-duplicate"):
         first = {}
         for i in live():
@@ -449,15 +465,18 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
                 drop(i, "exact-duplicate", duplicate_of=first[digest])
             else:
                 first[digest] = i
+    lap("exact-duplicate")
     if on("near-duplicate"):
         ids = live()
         sets = [np.unique(gram_hashes(hashes_of(i), s.shingle)) for i in
                 tqdm(ids, desc="shingling", unit="rec", disable=None, leave=False)]
         for pos, (j, sim) in near_duplicates(sets, s.threshold, s.num_perm, s.seed).items():
             drop(ids[pos], "near-duplicate", duplicate_of=ids[j], similarity=round(sim, 4))
+    lap("near-duplicate")
 
     kept = [i for i in range(n) if i not in dropped]
     write_records(out, [raws[i] for i in kept], jsonl)
+    lap("write")
     # HIST_BINS equal bins up to the context length, and one for everything longer (if any is)
     top = min(int(before.max()), s.max_length) + 1
     edges = np.unique(np.linspace(before.min(), top, HIST_BINS + 1).astype(np.int64))
@@ -470,7 +489,7 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
         "settings": s.to_dict(), "steps": [step for step in STEPS if on(step)],
         "records": n, "checked": len(candidates), "kept": len(kept), "dropped_total": len(dropped),
         "dropped_by_step": counts, "truncated_total": len(truncated),
-        "evaluation_records": len(evals),
+        "evaluation_records": len(evals), "seconds": seconds,
         "dropped": [dropped[i] for i in sorted(dropped)], "truncated": truncated,
         "token_lengths": {"style": style.name, "bin_edges": edges.tolist(),
                           "before": _histogram(before, edges), "after": _histogram(lengths[kept], edges)},

@@ -143,6 +143,8 @@ def test_truncate_cuts_the_last_response_to_the_context_length(tmp_path):
     assert kept[0] == recs[0] and recs[1]["output"].startswith(kept[1]["output"])
     assert kept[2]["id"] == "x" and kept[2]["messages"][:3] == recs[2]["messages"][:3]
     assert recs[2]["messages"][3]["content"].startswith(kept[2]["messages"][3]["content"])
+    h = rep["token_lengths"]  # the last bin holds what is longer than the context, before truncation only
+    assert h["bin_edges"][-2] == 151 and h["before"][-1] == 2 and h["after"][-1] == 0 and sum(h["after"]) == 3
 
 
 def brute_force_near_duplicates(sets, threshold):
