@@ -55,7 +55,7 @@ DEFAULT_PHRASES = (
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 WORD = re.compile(r"\w+")
 HIST_BINS = 10
-TOKENIZE_CHUNK = 1024  # texts per tiktoken batch: bounds the memory of the token lists
+BLOCK = 1024  # records per tiktoken batch or n-gram check: bounds the working memory
 SIGNATURE_CHUNK = 8192  # records per block of MinHash signatures: bounds their memory
 # Candidates are checked exactly, so the banding is chosen for recall: the most rows per band
 # (fewest needless candidates) that still makes a pair at the threshold a candidate this often.
@@ -270,6 +270,27 @@ class Contamination:
         for g in grams.tolist():
             self.origin.setdefault(g, where)
 
+    def hits(self, texts) -> np.ndarray:
+        """(k,) bool: which of k texts (each its (m,) word hashes) share a gram with the evaluation
+        data: gram_hashes over all texts at once, keeping the grams that lie inside one text."""
+        known = np.fromiter(self.origin, dtype=np.uint64, count=len(self.origin))  # (G,)
+        lens = np.array([len(t) for t in texts], dtype=np.int64)                    # (k,)
+        flat = np.concatenate(texts).astype(np.uint64) if texts else np.zeros(0, np.uint64)  # (S,)
+        ends = np.cumsum(lens)[np.repeat(np.arange(len(texts)), lens)]              # (S,) end of each word's text
+        owner = np.repeat(np.arange(len(texts)), lens)                              # (S,)
+        hit = np.zeros(len(texts), dtype=bool)                                      # (k,)
+        for n in self.lengths:
+            count = len(flat) - n + 1
+            if count <= 0:
+                continue
+            g = flat[:count].copy()                                                 # (count,)
+            for j in range(1, n):
+                g = _mix64(g ^ flat[j:count + j])
+            g = _mix64(g ^ np.uint64(n))
+            inside = np.arange(count) + n <= ends[:count]
+            hit[owner[:count][inside & np.isin(g, known)]] = True
+        return hit
+
     def find(self, word_hashes):
         """(where, first word, words) of the first gram of a text (its (m,) word hashes) found in
         the evaluation data, longest grams first; or None."""
@@ -311,9 +332,9 @@ def _token_counts(texts, desc) -> np.ndarray:
     enc = tokenizer.gpt2()
     counts = np.empty(len(texts), dtype=np.int64)  # (n,)
     with tqdm(total=len(texts), desc=desc, unit="rec", disable=None, leave=False) as bar:
-        for s in range(0, len(texts), TOKENIZE_CHUNK):
-            counts[s:s + TOKENIZE_CHUNK] = [len(t) for t in enc.encode_ordinary_batch(texts[s:s + TOKENIZE_CHUNK])]
-            bar.update(min(TOKENIZE_CHUNK, len(texts) - s))
+        for s in range(0, len(texts), BLOCK):
+            counts[s:s + BLOCK] = [len(t) for t in enc.encode_ordinary_batch(texts[s:s + BLOCK])]
+            bar.update(min(BLOCK, len(texts) - s))
     return counts
 
 
@@ -414,8 +435,11 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
     if on("response-length"):
         ids = live()
         responses = [(i, m["content"]) for i in ids for m in records[i] if m["role"] == "assistant"]
-        counts = _token_counts([t for _, t in responses], "response tokens")
         hi = s.max_response_tokens
+        if s.min_response_tokens <= 1 and hi is None:  # the defaults: only "" (no tokens) is out of bounds
+            counts = np.array([len(t) and 1 for _, t in responses], dtype=np.int64)
+        else:
+            counts = _token_counts([t for _, t in responses], "response tokens")
         for (i, _), c in zip(responses, counts.tolist()):
             if i not in dropped and (c < s.min_response_tokens or (hi is not None and c > hi)):
                 drop(i, "response-length", tokens=c)
@@ -450,10 +474,12 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
         dc = Contamination(s.ngram, hasher)
         for where, msgs in evals:
             dc.add(hasher(words_of(msgs)), where)
-        for i in tqdm(live(), desc="decontaminating", unit="rec", disable=None, leave=False):
-            hit = dc.find(hashes_of(i))
-            if hit:
-                where, pos, k = hit
+        ids = live()
+        for c in tqdm(range(0, len(ids), BLOCK), desc="decontaminating", unit="block", disable=None,
+                      leave=False):
+            block = ids[c:c + BLOCK]
+            for i in np.asarray(block)[dc.hits([hashes_of(i) for i in block])].tolist():
+                where, pos, k = dc.find(hashes_of(i))  # the first shared gram, for the report
                 drop(i, "contaminated", matches=where, ngram=" ".join(words_of(records[i])[pos:pos + k]))
     lap("contaminated")
     if on("exact-duplicate"):

@@ -271,3 +271,24 @@ def test_clean_keeps_the_file_layout_and_each_record_format(tmp_path):
     assert [d["index"] for d in rep["dropped"]] == [1] and rep["dropped"][0]["duplicate_of"] == 0
     assert [rec for _, rec in read_records(out)] == [recs[0], recs[2]]
     assert rep["formats"] == {"alpaca": 1, "sharegpt": 1, "openai": 1} and rep["layout"] == "jsonl"
+
+
+def test_contamination_check_of_a_block_equals_the_check_of_each_text():
+    rng = np.random.default_rng(5)
+    vocab = np.arange(1, 300, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # word hashes
+    dc = curate.Contamination(13, curate.WordHasher())
+    evals = [rng.choice(vocab, rng.integers(5, 40)) for _ in range(30)]  # some shorter than 13 words
+    for k, e in enumerate(evals):
+        dc.add(e, f"eval {k}")
+    texts = []
+    for _ in range(400):
+        t = rng.choice(vocab, rng.integers(1, 60))
+        if rng.random() < 0.3:  # plant a piece of an evaluation text, sometimes only 12 of 13 words
+            e = evals[rng.integers(len(evals))]
+            n = min(len(e), 13) - (rng.random() < 0.3)
+            at = rng.integers(0, len(e) - n + 1)
+            t = np.concatenate([t[:len(t) // 2], e[at:at + n], t[len(t) // 2:]])
+        texts.append(t)
+    expected = np.array([dc.find(t) is not None for t in texts])
+    assert 50 < expected.sum() < 350
+    assert np.array_equal(dc.hits(texts), expected)
