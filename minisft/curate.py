@@ -558,7 +558,8 @@ def summary(report) -> list:
         lines.append(f"  {edges[k]:6d} - {edges[k + 1] - 1:6d} | {h['before'][k]:7d} | {h['after'][k]:7d}")
     split = report.get("split")
     if split and split["resplit_train_takes_from_test"]:
+        k = split["resplit_train_takes_from_test"]
         lines.append(f"note: the file's test and val parts are kept whole at its end, but minisft's 85/10/5 split "
-                     f"of the cleaned file would move {split['resplit_train_takes_from_test']} test records into "
-                     "train: evaluate on the original file's test part")
+                     f"of the cleaned file would move {k} test record{'s' * (k > 1)} into train: evaluate on the "
+                     "original file's test part")
     return lines
