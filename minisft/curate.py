@@ -550,7 +550,8 @@ def summary(report) -> list:
             lines.append(f"  {step:16s} skipped")
     if report["truncated_total"]:
         lines.append(f"  truncated        {report['truncated_total']} (last response cut to fit)")
-    lines.append(f"kept {report['kept']} of {report['records']} records -> {report['output']}")
+    lines.append(f"kept {report['kept']} of {report['records']} records -> {report['output']} "
+                 f"({sum(report['seconds'].values()):.1f} s)")
     h = report["token_lengths"]
     edges = h["bin_edges"]
     lines.append(f"training-text tokens ({h['style']} style): before | after")

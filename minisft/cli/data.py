@@ -102,7 +102,7 @@ def convert(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="inspect an instruction dataset", description=__doc__)
+    p = sub.add_parser("data", help="inspect, clean and convert an instruction dataset", description=__doc__)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
 
