@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .batch import IGNORE_INDEX, PackedBatch, pack_sequences
 from .download import fetch, is_url
 from .errors import MinisftError
+from .files import output_file
 from .prompts import get_style, tokenize_segments
 from .tokenizer import EOT
 
@@ -52,6 +53,11 @@ def _json_type(v) -> str:
 def read_records(path) -> list:
     """The raw JSON records of a file as [(where, record)], `where` naming file, record (and line)
     for error messages. Raises MinisftError for an unreadable, non-UTF-8, non-JSON or empty file."""
+    return read_records_layout(path)[0]
+
+
+def read_records_layout(path) -> tuple:
+    """read_records(path), and whether the file is JSON Lines (to write one back the same way)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -76,7 +82,7 @@ def read_records(path) -> list:
                 raise MinisftError(f"{path}: expected a JSON list of records (or JSON Lines), got {_json_type(data)}")
             if not data:
                 raise MinisftError(f"{path}: the list is empty: no records")
-            return [(f"{path}: record {i}", rec) for i, rec in enumerate(data)]
+            return [(f"{path}: record {i}", rec) for i, rec in enumerate(data)], False
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -86,7 +92,7 @@ def read_records(path) -> list:
             records.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
             raise MinisftError(f"{where}: not valid JSON (column {e.colno}: {e.msg})") from e
-    return records
+    return records, True
 
 
 # ---- validating records -----------------------------------------------------------------------------
@@ -105,21 +111,21 @@ def _string(obj, key, where, field=None):
     return obj[key]
 
 
-def _from_alpaca(rec, where, need_output):
+def _from_alpaca(rec, where, need_output, allow_empty):
     instruction = _string(rec, "instruction", where)
-    if not instruction.strip():
+    if not instruction.strip() and not allow_empty:
         raise _field_error(where, "instruction", "empty instruction")
     inp = _string(rec, "input", where) if "input" in rec else ""
     messages = [{"role": "user", "content": instruction, "input": inp}]
     if need_output or "output" in rec:
         output = _string(rec, "output", where)
-        if not output.strip():
+        if not output.strip() and not allow_empty:
             raise _field_error(where, "output", "empty output")
         messages.append({"role": "assistant", "content": output})
     return {"messages": messages}
 
 
-def _from_turns(rec, where, field, role_key, text_key, roles, need_output):
+def _from_turns(rec, where, field, role_key, text_key, roles, need_output, allow_empty):
     """ShareGPT conversations / OpenAI messages -> internal messages, checking the turn order."""
     turns = rec[field]
     if not isinstance(turns, list) or not turns:
@@ -146,7 +152,7 @@ def _from_turns(rec, where, field, role_key, text_key, roles, need_output):
         if role != expected:
             raise _field_error(where, f"{f}.{role_key}", f"expected the role {expected!r} here (turns "
                                f"alternate user, assistant, ... starting with user), got {role!r}")
-        if not content.strip():
+        if not content.strip() and not allow_empty:
             raise _field_error(where, f"{f}.{text_key}", "empty output" if role == "assistant" else "empty message")
         msg = {"role": role, "content": content}
         if role == "user" and "input" in turn:  # the internal form of an Alpaca record
@@ -159,17 +165,19 @@ def _from_turns(rec, where, field, role_key, text_key, roles, need_output):
     return {"messages": messages}
 
 
-def normalize_record(rec, where="record", need_output=True) -> dict:
+def normalize_record(rec, where="record", need_output=True, allow_empty=False) -> dict:
     """Any supported record form -> {"messages": [...]}, validated. need_output=False accepts a
-    record without its answer (a prompt for generation)."""
+    record without its answer (a prompt for generation); allow_empty=True accepts empty or
+    whitespace-only turns (for `data clean`, which drops them and says so)."""
     if not isinstance(rec, dict):
         raise MinisftError(f"{where}: expected a JSON object, got {_json_type(rec)}")
     if "messages" in rec:
-        return _from_turns(rec, where, "messages", "role", "content", OPENAI_ROLES, need_output)
+        return _from_turns(rec, where, "messages", "role", "content", OPENAI_ROLES, need_output, allow_empty)
     if "conversations" in rec:
-        return _from_turns(rec, where, "conversations", "from", "value", SHAREGPT_ROLES, need_output)
+        return _from_turns(rec, where, "conversations", "from", "value", SHAREGPT_ROLES, need_output,
+                           allow_empty)
     if "instruction" in rec:
-        return _from_alpaca(rec, where, need_output)
+        return _from_alpaca(rec, where, need_output, allow_empty)
     raise MinisftError(f"{where}: unrecognised record with keys {sorted(rec)}: expected Alpaca "
                        "(instruction, input, output), ShareGPT (conversations) or OpenAI (messages)")
 
@@ -207,6 +215,95 @@ def format_input(entry, style="alpaca") -> str:
     """The book's format_input: the prompt of a record (any supported form) without the response
     header. For alpaca: preamble, "### Instruction:", and "### Input:" when the input is non-empty."""
     return get_style(style).format_input(normalize_record(entry, need_output=False)["messages"])
+
+
+# ---- writing and converting files ---------------------------------------------------------------
+
+FORMATS = ("alpaca", "sharegpt", "openai")
+# Each format's record keys: (the list of turns, its role key, its text key); Alpaca has no turns.
+TURN_KEYS = {"sharegpt": ("conversations", "from", "value"), "openai": ("messages", "role", "content")}
+ALPACA_KEYS = ("instruction", "input", "output")
+SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def record_format(rec) -> str:
+    """The format of a raw record (one normalize_record accepts): alpaca, sharegpt or openai."""
+    return "openai" if "messages" in rec else "sharegpt" if "conversations" in rec else "alpaca"
+
+
+def write_records(path, records, jsonl) -> None:
+    """Raw records to a file, atomically: JSON Lines one compact record per line, or a JSON list
+    as the book writes its files (json.dump with indent=4, no final newline), so the book's
+    instruction-data.json reads and writes back byte for byte."""
+    from .files import write_text
+
+    if jsonl:
+        write_text(path, "".join(json.dumps(rec) + "\n" for rec in records))
+    else:
+        write_text(path, json.dumps(records, indent=4))
+
+
+def _turns(rec):
+    """A raw record's turns as [(role, {key: value} in the internal form)] and its other keys."""
+    fmt = record_format(rec)
+    if fmt == "alpaca":
+        user = {"content": rec["instruction"]}
+        if "input" in rec:
+            user["input"] = rec["input"]
+        turns = [("user", user)] + ([("assistant", {"content": rec["output"]})] if "output" in rec else [])
+        return turns, {k: v for k, v in rec.items() if k not in ALPACA_KEYS}
+    field, role_key, text_key = TURN_KEYS[fmt]
+    roles = OPENAI_ROLES if fmt == "openai" else SHAREGPT_ROLES
+    turns = [(roles[t[role_key]], {"content" if k == text_key else k: v for k, v in t.items() if k != role_key})
+             for t in rec[field]]
+    return turns, {k: v for k, v in rec.items() if k != field}
+
+
+def convert_record(rec, to, where="record") -> dict:
+    """A raw record (validated here) in another format, losing nothing: keys the formats do not
+    name (an id, a per-turn weight) are carried along, an Alpaca input travels as the user turn's
+    "input" key (which minisft reads back), and key order is the format's keys, then the rest.
+    A record the target cannot express (a system message or several turns in Alpaca) raises
+    MinisftError naming it."""
+    normalize_record(rec, where, allow_empty=True)
+    if record_format(rec) == to:
+        return rec
+    turns, extra = _turns(rec)
+    if to == "alpaca":
+        roles = [role for role, _ in turns]
+        if roles != ["user", "assistant"]:
+            problem = ("a system message" if "system" in roles else
+                       f"{roles.count('assistant')} assistant turns" if len(roles) > 2 else "no output")
+            raise MinisftError(f"{where}: cannot be written as Alpaca (one instruction, an optional input, one "
+                               f"output): the record has {problem}")
+        (_, user), (_, answer) = turns
+        for j, msg in enumerate((user, answer)):
+            unknown = sorted(set(msg) - {"content", "input"})
+            if unknown:
+                raise MinisftError(f"{where}: turn {j} has the key {unknown[0]!r}, which Alpaca has no place for")
+        out = {"instruction": user["content"]}
+        if "input" in user:
+            out["input"] = user["input"]
+        out["output"] = answer["content"]
+        return {**out, **extra}
+    field, role_key, text_key = TURN_KEYS[to]
+    names = SHAREGPT_FROM if to == "sharegpt" else OPENAI_ROLES
+    out = [{role_key: names[role], **{text_key if k == "content" else k: v for k, v in msg.items()}}
+           for role, msg in turns]
+    return {field: out, **extra}
+
+
+def convert_file(path, to, out) -> int:
+    """Convert every record of a file (JSON list or JSON Lines, kept) to `to`; all are converted
+    before anything is written. Returns the number of records."""
+    if to not in FORMATS:
+        raise MinisftError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    output_file(out)
+    pairs, jsonl = read_records_layout(path)
+    records = [convert_record(rec, to, where) for where, rec in tqdm(pairs, desc="converting", unit="rec",
+                                                                      disable=None, leave=False)]
+    write_records(out, records, jsonl)
+    return len(records)
 
 
 # ---- the book's split --------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import MinisftError
+
 
 @contextmanager
 def atomic_path(path):
@@ -27,6 +29,19 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def output_file(path, flag="--out") -> Path:
+    """An output file we can write: checked before the work that fills it (so hours of work are never
+    lost to an output that cannot be written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MinisftError(f"{flag} {path}: is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise MinisftError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise MinisftError(f"{flag} {path}: the folder {path.parent} is not writable")
+    return path
 
 
 def write_text(path, text: str) -> None:

@@ -4,24 +4,13 @@ import os
 from pathlib import Path
 
 from ..errors import MinisftError
+from ..files import output_file  # noqa: F401  (the commands check their output files through here)
 
 
 def at_least(args, name: str, low: int) -> None:
     value = getattr(args, name)
     if value is not None and value < low:
         raise MinisftError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-
-
-def output_file(path, flag="--out") -> Path:
-    """An output file we can write: checked before the work that fills it."""
-    path = Path(path)
-    if path.is_dir():
-        raise MinisftError(f"{flag} {path}: is a folder; give a file path")
-    if not path.parent.is_dir():
-        raise MinisftError(f"{flag} {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise MinisftError(f"{flag} {path}: the folder {path.parent} is not writable")
-    return path
 
 
 def output_dir(path, flag) -> Path:

@@ -1,10 +1,14 @@
 """`minisft data stats FILE` and `minisft data inspect FILE --index I`: look at a dataset before
 training on it. FILE is a local path or a URL (downloaded into the cache); it defaults to the
-book's instruction-data.json."""
+book's instruction-data.json. `minisft data clean IN --out OUT` filters, decontaminates and
+deduplicates a local file; `minisft data convert IN --to FORMAT --out OUT` changes its format."""
+import argparse
+
 import numpy as np
 
-from ..data import DEFAULT_DATA_URL, encode_record, encode_records, load_records, split_dataset
+from .. import curate
 from ..config import PRESETS, GPTConfig
+from ..data import DEFAULT_DATA_URL, FORMATS, convert_file, encode_record, encode_records, load_records, split_dataset
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
 from ..tokenizer import EOT, token_bytes
@@ -84,8 +88,27 @@ def inspect(args) -> int:
     return 0
 
 
+def clean(args) -> int:
+    settings = curate.CleanSettings(
+        skip=frozenset(args.skip), prompt_style=args.prompt_style, max_length=args.max_length,
+        too_long=args.too_long, min_response_tokens=args.min_response_tokens,
+        max_response_tokens=args.max_response_tokens, min_alpha=args.min_alpha,
+        phrases=curate.read_phrases(args.phrases) if args.phrases else curate.DEFAULT_PHRASES,
+        threshold=args.threshold, shingle=args.shingle, num_perm=args.num_perm, ngram=args.ngram,
+        against=tuple(args.against), against_own_split=args.against_own_split, seed=args.seed)
+    report = curate.clean(args.file, args.out, settings, args.report)
+    print("\n".join(curate.summary(report)))
+    return 0
+
+
+def convert(args) -> int:
+    n = convert_file(args.file, args.to, args.out)
+    print(f"{args.file}: {n} records written as {args.to} to {args.out}")
+    return 0
+
+
 def register(sub) -> None:
-    p = sub.add_parser("data", help="inspect an instruction dataset", description=__doc__)
+    p = sub.add_parser("data", help="inspect, clean and convert an instruction dataset", description=__doc__)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
 
@@ -112,3 +135,39 @@ def register(sub) -> None:
                    help="none: train every token (the book); input: mask the prompt (exercise 7.2); "
                         "header: also mask the response header (TRL)")
     q.set_defaults(func=inspect)
+
+    d = curate.CleanSettings()
+    q = dsub.add_parser("clean", help="filter, decontaminate and deduplicate a data file, with a report",
+                        description=curate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("file", metavar="IN", help="a local JSON/JSONL file (Alpaca, ShareGPT or OpenAI records)")
+    q.add_argument("--out", required=True, help="the cleaned file (same layout and record formats)")
+    q.add_argument("--report", default=None, help="write the report as JSON here")
+    q.add_argument("--skip", action="append", default=[], choices=curate.STEPS, metavar="STEP",
+                   help=f"a step not to run (repeatable): {', '.join(curate.STEPS)}")
+    q.add_argument("--prompt-style", default=d.prompt_style, choices=list(STYLES),
+                   help="renders the training text measured by --max-length")
+    q.add_argument("--max-length", type=int, default=d.max_length, help="the context length, in tokens")
+    q.add_argument("--too-long", default=d.too_long, choices=curate.TOO_LONG,
+                   help="a record over --max-length: dropped, or its last response truncated to fit")
+    q.add_argument("--min-response-tokens", type=int, default=d.min_response_tokens)
+    q.add_argument("--max-response-tokens", type=int, default=d.max_response_tokens)
+    q.add_argument("--min-alpha", type=float, default=d.min_alpha,
+                   help="non-text: least fraction of letters among the non-space characters")
+    q.add_argument("--phrases", default=None, help="boilerplate phrases, one per line (replaces the default list)")
+    q.add_argument("--threshold", type=float, default=d.threshold, help="near duplicates: Jaccard similarity")
+    q.add_argument("--shingle", type=int, default=d.shingle, help="near duplicates: words per shingle")
+    q.add_argument("--num-perm", type=int, default=d.num_perm, help="near duplicates: MinHash permutations")
+    q.add_argument("--seed", type=int, default=d.seed, help="seed of the MinHash permutations")
+    q.add_argument("--ngram", type=int, default=d.ngram, help="decontamination: n-gram length in words")
+    q.add_argument("--against", action="append", default=[], metavar="FILE",
+                   help="evaluation data to decontaminate against (repeatable, any supported format)")
+    q.add_argument("--against-own-split", action="store_true",
+                   help="check the file's train part against its own test and val parts (minisft's 85/10/5 "
+                        "file-order split) and leave those two untouched")
+    q.set_defaults(func=clean)
+
+    q = dsub.add_parser("convert", help="write a data file in another record format")
+    q.add_argument("file", metavar="IN", help="a local JSON/JSONL file")
+    q.add_argument("--to", required=True, choices=FORMATS, help="the record format to write")
+    q.add_argument("--out", required=True, help="the converted file (same JSON or JSONL layout)")
+    q.set_defaults(func=convert)
