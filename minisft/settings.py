@@ -60,6 +60,9 @@ class Settings:
     keep_last: int = _s(2, "checkpoints kept in --out")
     responses: int | None = _s(None, "test-split entries to answer at the end (default: all; 0: none)")
     max_new_tokens: int = _s(256, "longest generated response")
+    # Distributed runs (torchrun; see minisft.distributed).
+    dist_timeout: float = _s(600.0, "seconds a rank waits in a collective before it gives up on the others "
+                                    "(longer than rank 0's longest solo stretch: a checkpoint, a sample)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,4 +163,6 @@ def validate(s: Settings) -> Settings:
         bad("weights", f"{s.weights} does not exist")
     if "://" not in s.data and not Path(s.data).is_file():
         bad("data", f"{s.data} is not a file")
+    if s.dist_timeout <= 0:
+        bad("dist_timeout", f"must be positive, got {s.dist_timeout}")
     return s

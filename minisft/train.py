@@ -20,6 +20,7 @@ split, the book's format), loss-plot.png and summary.json.
 """
 import json
 import math
+import os
 import time
 from functools import partial
 from itertools import islice
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import tokenizer
+from . import distributed, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import Loader, collate_examples, encode_records, load_splits
@@ -53,13 +54,12 @@ def build_model(s: Settings) -> GPT:
                                device=s.device, model=cfg, seed=s.seed)
 
 
-def mean_batch_loss(model: GPT, loader: Loader, num_batches: int) -> float:
+def mean_batch_loss(model: GPT, loader: Loader, num_batches: int, dist=None) -> float:
     """The book's calc_loss_loader: the mean of per-batch mean losses over the first num_batches
-    (of a fresh, unshuffled loader)."""
-    losses = []
-    for batch in islice(loader, num_batches):
-        loss_sum, n_valid = model.loss(batch)
-        losses.append(loss_sum / n_valid)
+    (of a fresh, unshuffled loader). dist: a minisft.distributed run whose ranks hold slices of
+    each batch (their sums are reduced before the means)."""
+    pairs = [model.loss(b) if b.num_tokens else (0.0, 0) for b in islice(loader, num_batches)]
+    losses = [loss_sum / n_valid for loss_sum, n_valid in (dist.eval_sums(pairs) if dist else pairs) if n_valid]
     return sum(losses) / len(losses) if losses else float("nan")
 
 
@@ -75,25 +75,36 @@ def checkpoints(out: Path) -> list:
 
 # ---- the loop ------------------------------------------------------------------------------------------
 def finetune(s: Settings, log=print) -> dict:
-    """Run (or resume) a fine-tuning job; returns the summary dict."""
+    """Run (or resume) a fine-tuning job; returns the summary dict. Under torchrun each process is
+    one rank of a data-parallel run (minisft.distributed): rank 0 alone logs and writes."""
     out = Path(s.out)
-    if not s.resume and (out / "metrics.jsonl").exists():
-        raise MinisftError(f"setting out: {out} already holds a run; pass --resume to continue it, "
-                           "or choose another --out")
-    if s.resume and not checkpoints(out):
-        raise MinisftError(f"setting resume: {out} has no checkpoint to resume from")
-    out.mkdir(parents=True, exist_ok=True)
+    dist = distributed.start(s)
+    if not dist.main:
+        log = lambda *_: None  # noqa: E731 (rank 0 alone reports)
+
+    def check():
+        if not s.resume and (out / "metrics.jsonl").exists():
+            raise MinisftError(f"setting out: {out} already holds a run; pass --resume to continue it, "
+                               "or choose another --out")
+        if s.resume and not checkpoints(out):
+            raise MinisftError(f"setting resume: {out} has no checkpoint to resume from")
+    dist.agree(check)
+    if dist.world_size > 1:
+        log(f"distributed: {dist.describe()}; each rank trains on {s.batch_size // dist.world_size} of every "
+            f"batch's {s.batch_size} sequences")
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "settings.json", {**s.to_dict(), **dist.record()}, indent=2)
     log("settings:")
     for k, v in s.to_dict().items():
         log(f"  {k} = {v!r}")
-    write_json(out / "settings.json", s.to_dict(), indent=2)
 
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
     model = build_model(s)
     max_len = min(s.max_length, model.cfg.context_length)
     style = get_style(s.prompt_style)
-    collate = partial(collate_examples, packed=True, allowed_max_length=max_len)
+    collate = dist.shard(partial(collate_examples, packed=True, allowed_max_length=max_len))
     train_ex = encode_records(split.train, style, s.mask_prompt)
     val_ex = encode_records(split.val, style, s.mask_prompt)
     loader = Loader(train_ex, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed, collate=collate)
@@ -107,19 +118,23 @@ def finetune(s: Settings, log=print) -> dict:
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
 
     step, tokens_seen, records, train_time = 0, 0, [], 0.0
-    if s.resume:
+    if s.resume and dist.main:
         path = checkpoints(out)[-1]
         _, _, state = load_checkpoint(path, model=model, optimizer=opt)
         step, tokens_seen, records = state["step"], state["tokens_seen"], state["records"]
         train_time = state["train_time"]
         loader.load_state_dict(state["loader"])
         log(f"resuming from {path} at step {step}")
+    step, tokens_seen, train_time = dist.sync_start(model, opt, loader, (step, tokens_seen, train_time))
     # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
     # records written after its checkpoint, so every step appears once).
-    write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    if dist.main:
+        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    metrics = open(out / "metrics.jsonl" if dist.main else os.devnull, "a", encoding="utf-8")
 
     def save(step):
+        if not dist.main:
+            return
         save_checkpoint(out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
                         dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
                              train_time=train_time, settings=s.to_dict()))
@@ -131,15 +146,16 @@ def finetune(s: Settings, log=print) -> dict:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
 
-    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=None)
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=None if dist.main else True)
     try:
         while step < total_steps:
             epoch = loader.epoch
             for window in windows(iter(loader), s.grad_accum):  # the rest of this epoch
                 t0 = time.perf_counter()
-                n_valid = sum(b.num_valid for b in window)
+                n_valid, n_tokens = dist.count(window)  # over every rank's slice of the window
                 model.zero_grad()
-                loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window) / n_valid
+                loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window if b.num_valid)
+                loss = dist.reduce_gradients(model, loss) / n_valid
                 grad_norm = clip_grad_norm(model, s.grad_clip)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     last = checkpoints(out)
@@ -150,23 +166,24 @@ def finetune(s: Settings, log=print) -> dict:
                 opt.step(lr=lr)
                 step += 1
                 train_time += time.perf_counter() - t0
-                tokens_seen += sum(b.num_tokens for b in window)
+                tokens_seen += n_tokens
                 emit(dict(kind="step", step=step, epoch=epoch + 1, loss=loss, lr=lr, tokens_seen=tokens_seen,
                           grad_norm=grad_norm))
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):,.0f}")
                 bar.update(1)
                 if (step - 1) % s.eval_freq == 0:  # the book's global_step % eval_freq == 0
-                    train_loss = mean_batch_loss(model, eval_loader(train_ex), s.eval_iter)
-                    val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter)
+                    train_loss = mean_batch_loss(model, eval_loader(train_ex), s.eval_iter, dist)
+                    val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter, dist)
                     emit(dict(kind="eval", step=step, epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
                               tokens_seen=tokens_seen))
-                    bar.write(f"Ep {epoch + 1} (Step {step - 1:06d}): Train loss {train_loss:.3f}, "
-                              f"Val loss {val_loss:.3f}")
+                    if dist.main:
+                        bar.write(f"Ep {epoch + 1} (Step {step - 1:06d}): Train loss {train_loss:.3f}, "
+                                  f"Val loss {val_loss:.3f}")
                 if step % s.ckpt_every == 0 or step == total_steps:
                     save(step)
                 if step == total_steps:
                     break
-            if loader.epoch > epoch or loader.batch == len(loader):  # the epoch is complete
+            if dist.main and (loader.epoch > epoch or loader.batch == len(loader)):  # the epoch is complete
                 bar.write(sample_text(model, style, split.val[0]))
     except KeyboardInterrupt:
         last = checkpoints(out)
@@ -178,7 +195,11 @@ def finetune(s: Settings, log=print) -> dict:
         metrics.close()
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{step:06d}.h5":
         save(step)
-    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log)
+    dist.close()  # no collective after the last step: the other ranks are done
+    run = dict(dist.record(), tokens_per_rank=dist.valid_per_rank)
+    if not dist.main:
+        return dict(steps=step, tokens_seen=tokens_seen, rank=dist.rank, **run)
+    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log, run)
 
 
 def sample_text(model: GPT, style, record) -> str:
@@ -189,8 +210,9 @@ def sample_text(model: GPT, style, record) -> str:
     return tokenizer.decode(ids + new).replace("\n", " ")
 
 
-def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log) -> dict:
-    """The end of a run: HF export, test-set responses, the loss plot, the summary."""
+def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log, run) -> dict:
+    """The end of a run: HF export, test-set responses, the loss plot, the summary (with run:
+    world_size and the target tokens each rank trained on)."""
     model.save_pretrained(out / "hf")
     n = len(split.test) if s.responses is None else min(s.responses, len(split.test))
     if n:
@@ -207,7 +229,7 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
                    tokens_per_second=round(tokens_seen / train_time, 1) if train_time else None,
                    final_train_loss=evals[-1]["train_loss"] if evals else None,
                    final_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n)
+                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n, **run)
     write_json(out / "summary.json", summary, indent=2)
     log(f"done: {step} steps in {train_time:.1f} s of training ({summary['tokens_per_second']} tokens/s); "
         f"train loss {summary['final_train_loss']}, val loss {summary['final_val_loss']}; outputs in {out}")
