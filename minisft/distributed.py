@@ -30,6 +30,7 @@ numpy and numba reduce their own arrays through gloo (torch.from_numpy shares th
 CUDA uses NCCL, torch on CPU gloo. torch is imported only here and only when WORLD_SIZE > 1.
 """
 import os
+import re
 import time
 from datetime import timedelta
 
@@ -256,7 +257,9 @@ class Ranks(Local):
 
     def _lost(self, what, err) -> str:
         """Who is gone: every survivor marks itself in the store and waits for the others."""
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        # gloo's and NCCL's first sentence, without the C++ source location in front of it.
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0] if str(err).strip() else "")
+        first = text.split(". ")[0].rstrip(".") or type(err).__name__
         try:
             self.store.set(f"alive/{self.rank}", "1")
             deadline = time.monotonic() + LOST_WINDOW_S
