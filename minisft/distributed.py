@@ -113,10 +113,15 @@ class Ranks(Local):
             torch.cuda.set_device(self.local_rank)
             self.reduce_backend = "nccl"
         timeout = timedelta(seconds=s.dist_timeout)
-        store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
+        try:
+            store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
+            dist.init_process_group(self.reduce_backend, store=store, rank=self.rank, world_size=self.world_size,
+                                    timeout=timeout)
+        except (RuntimeError, ValueError) as e:  # no MASTER_ADDR/PORT, nobody there, a rank never came
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise MinisftError(f"rank {self.rank} of {self.world_size} could not join the run at {where}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         self.store = dist.PrefixStore("minisft/", store)
-        dist.init_process_group(self.reduce_backend, store=store, rank=self.rank, world_size=self.world_size,
-                                timeout=timeout)
         # Host values (counts, losses, objects) go over gloo even when the gradients go over NCCL.
         self.host = dist.new_group(backend="gloo", timeout=timeout) if self.reduce_backend == "nccl" else None
         self.buckets = None
