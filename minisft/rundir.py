@@ -225,9 +225,9 @@ def remove_strays(out: Path, log=print) -> None:
             + ", ".join(p.name for p in strays[:4]) + (" ..." if size > 4 else ""))
 
 
-def start(s, plan: Plan, log=print) -> None:
+def start(s, plan: Plan, log=print, record: dict | None = None) -> None:
     """Apply the plan: clear an earlier run if asked, remove strays, write settings.json with the
-    amendments of this and earlier resumes."""
+    amendments of this and earlier resumes (and record: what the run is, e.g. its world size)."""
     out = Path(s.out)
     remove_strays(out, log)
     if plan.clear:
@@ -244,5 +244,5 @@ def start(s, plan: Plan, log=print) -> None:
     for a in plan.amendments:
         log(f"amending {a['setting']}: {a['from']!r} -> {a['to']!r} from step {a['step']} on")
     amendments = history + plan.amendments
-    write_json(out / "settings.json", {**s.to_dict(), **({"amendments": amendments} if amendments else {})},
-               indent=2)
+    write_json(out / "settings.json", {**s.to_dict(), **(record or {}),
+                                       **({"amendments": amendments} if amendments else {})}, indent=2)

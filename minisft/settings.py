@@ -96,6 +96,9 @@ class Settings:
     lora_rslora: bool | None = _s(None, "rank-stabilised LoRA: scale alpha / sqrt(rank)")
     lora_preset: str | None = _s(None, "book-7.4: the book's exercise 7.4 (appendix E's LoRA): rank 16, alpha 16, "
                                        "every linear layer including the head; flags given override it")
+    # Distributed runs (torchrun; see minisft.distributed).
+    dist_timeout: float = _s(600.0, "seconds a rank waits in a collective before it gives up on the others "
+                                    "(longer than rank 0's longest solo stretch: a checkpoint, a sample)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,5 +221,7 @@ def validate(s: Settings) -> Settings:
         bad("data", f"{s.data} is a folder; give the data file in it")
     if "://" not in s.data and not Path(s.data).is_file():
         bad("data", f"{s.data} is not a file")
+    if s.dist_timeout <= 0:
+        bad("dist_timeout", f"must be positive, got {s.dist_timeout}")
     from .lora import check_settings
     return check_settings(s)

@@ -25,9 +25,11 @@ keep_last; best.h5 with early stopping), and at the end hf/ (Hugging Face export
 adapter/, PEFT's layout), instruction-data-with-response.json (test split, the book's format),
 loss-plot.png and summary.json.
 """
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from functools import partial
 from itertools import islice
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import lora, tokenizer
+from . import distributed, lora, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import Loader, collate_examples, encode_records, long_records, load_splits
@@ -66,14 +68,12 @@ def model_source(s: Settings) -> tuple[GPTConfig, dict | None]:
     return read_pretrained(s.weights or s.model, cache_dir=s.cache_dir, model=cfg)
 
 
-def mean_batch_loss(model: GPT, loader: Loader, num_batches: int) -> float:
+def mean_batch_loss(model: GPT, loader: Loader, num_batches: int, dist=None) -> float:
     """The book's calc_loss_loader: the mean of per-batch mean losses over the first num_batches
-    (of a fresh, unshuffled loader)."""
-    losses = []
-    for batch in islice(loader, num_batches):
-        if batch.num_valid:  # a batch with no trained target has no mean loss
-            loss_sum, n_valid = model.loss(batch)
-            losses.append(loss_sum / n_valid)
+    (of a fresh, unshuffled loader). dist: a minisft.distributed run whose ranks hold slices of
+    each batch (their sums are reduced before the means); a batch with no trained target has no mean."""
+    pairs = [model.loss(b) if b.num_valid else (0.0, 0) for b in islice(loader, num_batches)]
+    losses = [loss_sum / n_valid for loss_sum, n_valid in (dist.eval_sums(pairs) if dist else pairs) if n_valid]
     return sum(losses) / len(losses) if losses else float("nan")
 
 
@@ -89,18 +89,32 @@ def best_checkpoint(out: Path) -> Path:
 
 # ---- the loop ------------------------------------------------------------------------------------------
 def finetune(s: Settings, log=print) -> dict:
-    """Run (or resume) a fine-tuning job, owning its folder (minisft.rundir); returns the summary dict."""
+    """Run (or resume) a fine-tuning job, owning its folder (minisft.rundir); returns the summary dict.
+    Under torchrun each process is one rank of a data-parallel run (minisft.distributed): rank 0
+    alone holds the folder's lock, logs and writes; its checks are every rank's."""
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise MinisftError(f"setting out: {out} is a file, not a folder")
     if s.export == "best" and s.early_stop is None:
         raise MinisftError("setting export: best needs --early-stop (which keeps the best checkpoint)")
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out, log):
-        return _finetune(s, out, plan_run(s, log), log)
+    dist = distributed.start(s)
+    if not dist.main:
+        log = lambda *_: None  # noqa: E731 (rank 0 alone reports)
+    if dist.world_size > 1:
+        log(f"distributed: {dist.describe()}; each rank trains on {s.batch_size // dist.world_size} of every "
+            f"batch's {s.batch_size} sequences")
+    held, plan = contextlib.ExitStack(), [None]
+
+    def check():  # rank 0: own the folder and plan the run (fresh, resume, refusal)
+        out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunLock(out, log))
+        plan[0] = plan_run(s, log)
+    with held:
+        dist.agree(check)
+        return _finetune(s, out, plan[0], log, dist)
 
 
-def _finetune(s: Settings, out: Path, plan, log) -> dict:
+def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
     cfg, weights = model_source(s)
     max_len = min(s.max_length, cfg.context_length)
     log("settings:")
@@ -119,7 +133,7 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
         base = s.weights or (s.model if s.init == "pretrained" else None)
         lora.attach(model, lora.lora_config(s), seed=s.seed, base_path=base)
     style = get_style(s.prompt_style)
-    collate = partial(collate_examples, packed=True, allowed_max_length=max_len)
+    collate = dist.shard(partial(collate_examples, packed=True, allowed_max_length=max_len))
     train_ex = encode_records(split.train, style, s.mask_prompt)
     val_ex = encode_records(split.val, style, s.mask_prompt)
     train_ex, val_ex = (report_long(name, ex, recs, style, max_len, s, log)
@@ -138,20 +152,26 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
 
     step, tokens_seen, records, train_time, empty_batches = 0, 0, [], 0.0, 0
     best = dict(val_loss=math.inf, step=None, since=0)  # early stopping: the best eval and evals since
-    if s.resume:
+    if s.resume and dist.main:
         path, state = resume_from(plan.checkpoints, model, opt, log)
         step, tokens_seen, records = state["step"], state["tokens_seen"], state["records"]
         train_time, empty_batches = state["train_time"], state.get("empty_batches", 0)
         best = state.get("best", best)
         loader.load_state_dict(state["loader"])
         log(f"resuming from {path} at step {step}")
-    start(s, plan, log)  # every check passed: the folder is written from here on
+    if dist.main:
+        start(s, plan, log, dist.record())  # every check passed: the folder is written from here on
+    # rank 0's resumed position (and early-stopping record) on every rank, so every rank decides alike
+    step, tokens_seen, train_time, best = dist.sync_start(model, opt, loader, (step, tokens_seen, train_time, best))
     # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
     # records written after its checkpoint, so every step appears once).
-    write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    if dist.main:
+        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    metrics = open(out / "metrics.jsonl" if dist.main else os.devnull, "a", encoding="utf-8")
 
     def save(step, path=None):
+        if not dist.main:
+            return
         (lora.save_checkpoint if model.lora is not None else save_checkpoint)(
             path or out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
             dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
@@ -164,18 +184,17 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
 
-    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=None)
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=None if dist.main else True)
     stopped = s.early_stop is not None and best["since"] >= s.early_stop  # resumed after it stopped
     try:
         while step < total_steps and not stopped:
             epoch = loader.epoch
             for window in windows(iter(loader), s.grad_accum):  # the rest of this epoch
                 t0 = time.perf_counter()
-                kept = [b for b in window if b.num_valid]  # a batch with no trained target adds nothing
-                empty_batches += len(window) - len(kept)
-                window, n_valid = kept, sum(b.num_valid for b in kept)
-                if not window:  # the step happens (schedule and checkpoints keep their places) without an
-                    # update, and so without an evaluation
+                n_valid, n_tokens = dist.count(window)  # over every rank's slice of the window
+                if not n_valid:  # no trained target in the whole window: the step happens (schedule and
+                    # checkpoints keep their places) without an update, and so without an evaluation
+                    empty_batches += len(window)
                     step += 1
                     emit(dict(kind="skip", step=step, epoch=epoch + 1, reason="no trained target in the batch"))
                     bar.update(1)
@@ -184,8 +203,10 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
                     if step == total_steps:
                         break
                     continue
+                empty_batches += sum(not b.num_valid for b in window)  # a batch with none adds nothing
                 model.zero_grad()
-                loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window) / n_valid
+                loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window if b.num_valid)
+                loss = dist.reduce_gradients(model, loss) / n_valid
                 grad_norm = clip_grad_norm(model, s.grad_clip)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     last = checkpoints(out)
@@ -196,26 +217,27 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
                 opt.step(lr=lr)
                 step += 1
                 train_time += time.perf_counter() - t0
-                tokens_seen += sum(b.num_tokens for b in window)
+                tokens_seen += n_tokens
                 emit(dict(kind="step", step=step, epoch=epoch + 1, loss=loss, lr=lr, tokens_seen=tokens_seen,
                           grad_norm=grad_norm))
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):,.0f}")
                 bar.update(1)
                 if (step - 1) % s.eval_freq == 0:  # the book's global_step % eval_freq == 0
-                    train_loss = mean_batch_loss(model, eval_loader(train_ex), s.eval_iter)
-                    val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter)
+                    train_loss = mean_batch_loss(model, eval_loader(train_ex), s.eval_iter, dist)
+                    val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter, dist)
                     emit(dict(kind="eval", step=step, epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
                               tokens_seen=tokens_seen))
-                    bar.write(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, "
-                              f"Val loss {val_loss:.3f}")
-                    if s.early_stop is not None:
+                    if dist.main:
+                        bar.write(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, "
+                                  f"Val loss {val_loss:.3f}")
+                    if s.early_stop is not None:  # the reduced val loss: every rank decides alike
                         improved = val_loss < best["val_loss"]
                         best = dict(val_loss=val_loss, step=step, since=0) if improved else {
                             **best, "since": best["since"] + 1}
                         if improved:
                             save(step, best_checkpoint(out))
                         stopped = best["since"] >= s.early_stop
-                        if stopped:
+                        if stopped and dist.main:
                             bar.write(f"early stop: the val loss has not improved for {s.early_stop} evaluations; "
                                       f"the best, {best['val_loss']:.3f} at step {best['step']}, is in "
                                       f"{best_checkpoint(out)}")
@@ -223,7 +245,7 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
                     save(step)
                 if step == total_steps or stopped:
                     break
-            if loader.epoch > epoch or loader.batch == len(loader):  # the epoch is complete
+            if dist.main and (loader.epoch > epoch or loader.batch == len(loader)):  # the epoch is complete
                 bar.write(sample_text(model, style, split.val[0]))
     except KeyboardInterrupt:
         last = checkpoints(out)
@@ -235,14 +257,17 @@ def _finetune(s: Settings, out: Path, plan, log) -> dict:
         metrics.close()
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{step:06d}.h5":
         save(step)
+    dist.close()  # no collective after the last step: the other ranks are done
+    run = dict(dist.record(), tokens_per_rank=dist.valid_per_rank)
+    if not dist.main:
+        return dict(steps=step, tokens_seen=tokens_seen, rank=dist.rank, **run)
     if s.export == "best":
         load_run_checkpoint(best_checkpoint(out), model)
         log(f"export: the best checkpoint (val loss {best['val_loss']:.3f} at step {best['step']})")
     if empty_batches:
         log(f"{empty_batches} batches had no trained target (every target masked or cut off) and contributed nothing")
     return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
-                  empty_batches)
-
+                  dict(run, empty_batches=empty_batches))
 
 def report_long(name, examples, records, style, max_len, s, log) -> list:
     """Say how many records max_len cuts and how many lose their whole response; drop them with
@@ -283,6 +308,7 @@ def resume_from(candidates, model, opt, log):
                        "--overwrite")
 
 
+
 def sample_text(model: GPT, style, record) -> str:
     """The book's generate_and_print_sample: greedy continuation of val[0]'s prompt, one line."""
     prompt = style.format_input(record["messages"])
@@ -291,10 +317,10 @@ def sample_text(model: GPT, style, record) -> str:
     return tokenizer.decode(ids + new).replace("\n", " ")
 
 
-def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
-           empty_batches=0) -> dict:
+def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log, run) -> dict:
     """The end of a run: HF export (a LoRA run: the adapter in PEFT's layout), test-set responses, the
-    loss plot, the summary."""
+    loss plot, the summary (with run: world_size, the target tokens each rank trained on, the batches
+    that had no trained target)."""
     if model.lora is not None:
         lora.save_adapter(model, out / "adapter")
     else:
@@ -314,7 +340,7 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
                    tokens_per_second=round(tokens_seen / train_time, 1) if train_time else None,
                    final_train_loss=evals[-1]["train_loss"] if evals else None,
                    final_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n, empty_batches=empty_batches)
+                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n, **run)
     write_json(out / "summary.json", summary, indent=2)
     losses = ", ".join(f"{what} loss {summary[key]:.3f}" for what, key in (
         ("train", "final_train_loss"), ("val", "final_val_loss")) if summary[key] is not None)
