@@ -145,9 +145,9 @@ def test_early_stopping_keeps_the_best_checkpoint_and_exports_it(tmp_path, share
     real = train.mean_batch_loss
     calls = []
 
-    def scripted(model, loader, num_batches):
+    def scripted(model, loader, num_batches, dist=None):
         calls.append(1)
-        return next(val_losses) if len(calls) % 2 == 0 else real(model, loader, num_batches)
+        return next(val_losses) if len(calls) % 2 == 0 else real(model, loader, num_batches, dist)
     monkeypatch.setattr(train, "mean_batch_loss", scripted)
     s = settings(tmp_path, shared_data, max_steps=20, eval_freq=2, early_stop=2, export="best", ckpt_every=100)
     summary = finetune(s, log=quiet)
