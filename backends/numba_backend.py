@@ -427,6 +427,25 @@ def _attention_bwd(dout, qkv, out, lse, cu, H, dqkv):
 
 
 # ---- fused softmax + cross-entropy over a chunk of logits rows -----------------------------------
+@njit(fastmath=FAST, **jit)
+def _row_max(row):
+    mx = row[0]
+    for j in range(1, row.shape[0]):
+        mx = max(mx, row[j])
+    return mx
+
+
+@njit(fastmath=FAST, **jit)
+def _exp_row_(row, mx):
+    # row <- exp(row - mx) in place (softmax's numerators); returns their sum (float64)
+    tot = 0.0
+    for j in range(row.shape[0]):
+        e = _exp(row[j] - mx)
+        row[j] = e
+        tot += e
+    return tot
+
+
 @njit(parallel=True, fastmath=FAST, **jit)
 def _xent(logits, targets, losses, grad, scale):
     # losses[r] = logsumexp(logits_r) - logits_r[t_r] (float64). With grad, logits_r is overwritten
@@ -435,16 +454,11 @@ def _xent(logits, targets, losses, grad, scale):
     for r in prange(R):
         t = targets[r]
         lt = logits[r, t]
-        mx = logits[r, 0]
-        for j in range(1, V):
-            mx = max(mx, logits[r, j])
-        tot = 0.0
+        mx = _row_max(logits[r])
         if grad:
-            for j in range(V):
-                e = _exp(logits[r, j] - mx)
-                logits[r, j] = e
-                tot += e
+            tot = _exp_row_(logits[r], mx)
         else:
+            tot = 0.0
             for j in range(V):
                 tot += _exp(logits[r, j] - mx)
         losses[r] = math.log(tot) - (lt - mx)
@@ -463,14 +477,8 @@ def _xent_bf16(logits, targets, losses, scale, grad16):
     for r in prange(R):
         t = targets[r]
         lt = logits[r, t]
-        mx = logits[r, 0]
-        for j in range(1, V):
-            mx = max(mx, logits[r, j])
-        tot = 0.0
-        for j in range(V):
-            e = _exp(logits[r, j] - mx)
-            logits[r, j] = e
-            tot += e
+        mx = _row_max(logits[r])
+        tot = _exp_row_(logits[r], mx)
         losses[r] = math.log(tot) - (lt - mx)
         f = logits.dtype.type(scale / tot)
         for j in range(V):
