@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends.quant import OPTIM_STATES
 from .errors import MinisftError
 
 from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
@@ -60,6 +61,12 @@ class Settings:
     keep_last: int = _s(2, "checkpoints kept in --out")
     responses: int | None = _s(None, "test-split entries to answer at the end (default: all; 0: none)")
     max_new_tokens: int = _s(256, "longest generated response")
+    # ---- memory (minisft.memory): what a step holds, and the options that shrink it ----
+    grad_checkpoint: bool = _s(False, "activation checkpointing: keep only each block's input, recompute the block "
+                                      "in the backward (same gradients, about one more forward of compute)")
+    optim_state: str = _s("fp32", "AdamW moments: fp32, bf16 (stochastic rounding) or 8bit (block-wise "
+                                  "quantized); master weights stay float32", OPTIM_STATES)
+    memory_check: bool = _s(True, "refuse to start when the estimated memory exceeds what is available")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,6 +163,9 @@ def validate(s: Settings) -> Settings:
         bad("dtype", "bfloat16 needs --backend torch")
     if s.device not in (None, "cpu") and s.backend != "torch":
         bad("device", f"{s.device!r} needs --backend torch")
+    if s.optim_state != "fp32" and s.dtype == "float64":
+        bad("optim_state", f"{s.optim_state} moments need float32 master weights: use --dtype float32 (or bfloat16 "
+                           "on torch)")
     if s.weights is not None and not Path(s.weights).exists():
         bad("weights", f"{s.weights} does not exist")
     if "://" not in s.data and not Path(s.data).is_file():

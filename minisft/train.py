@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import tokenizer
+from . import memory, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import Loader, collate_examples, encode_records, load_splits
@@ -90,17 +90,20 @@ def finetune(s: Settings, log=print) -> dict:
 
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
-    model = build_model(s)
-    max_len = min(s.max_length, model.cfg.context_length)
+    cfg = GPTConfig.preset(s.model, drop_rate=s.drop_rate)
+    max_len = min(s.max_length, cfg.context_length)
     style = get_style(s.prompt_style)
     collate = partial(collate_examples, packed=True, allowed_max_length=max_len)
     train_ex = encode_records(split.train, style, s.mask_prompt)
     val_ex = encode_records(split.val, style, s.mask_prompt)
+    plan = memory_plan(s, train_ex, log)  # refuses before the model takes any memory
+    model = build_model(s)
+    model.grad_checkpoint = s.grad_checkpoint
     loader = Loader(train_ex, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed, collate=collate)
     eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
     if len(loader) == 0:
         raise MinisftError(f"setting batch_size: {s.batch_size} is more than the {len(train_ex)} training records")
-    opt = AdamW(model, lr=s.lr, weight_decay=s.weight_decay, decay=s.decay)
+    opt = AdamW(model, lr=s.lr, weight_decay=s.weight_decay, decay=s.decay, state=s.optim_state)
     steps_per_epoch = math.ceil(len(loader) / s.grad_accum)
     total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
     log(f"model: {s.model} ({model.num_params():,} parameters, {s.init} init), backend {s.backend} {s.dtype}; "
@@ -152,7 +155,7 @@ def finetune(s: Settings, log=print) -> dict:
                 train_time += time.perf_counter() - t0
                 tokens_seen += sum(b.num_tokens for b in window)
                 emit(dict(kind="step", step=step, epoch=epoch + 1, loss=loss, lr=lr, tokens_seen=tokens_seen,
-                          grad_norm=grad_norm))
+                          grad_norm=grad_norm, **measured_memory(model)))
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):,.0f}")
                 bar.update(1)
                 if (step - 1) % s.eval_freq == 0:  # the book's global_step % eval_freq == 0
@@ -178,7 +181,49 @@ def finetune(s: Settings, log=print) -> dict:
         metrics.close()
     if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{step:06d}.h5":
         save(step)
-    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log)
+    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
+                  memory_estimate_mb=round(sum(plan.values()) / 2**20, 1))
+
+
+# ---- memory --------------------------------------------------------------------------------------------
+def memory_plan(s: Settings, train_ex, log=print) -> dict:
+    """Log the estimated memory per part for these settings (minisft.memory) and, with memory_check,
+    refuse when it exceeds what is available. Needs only the tokenized data, not the model."""
+    cfg = GPTConfig.preset(s.model, drop_rate=s.drop_rate)
+    max_len = min(s.max_length, cfg.context_length)
+    lengths = [len(e.tokens) + 1 for e in train_ex]  # + the end-of-text each row gets
+
+    def estimate_with(**changes):
+        t = {**s.to_dict(), **changes}
+        tokens = memory.batch_tokens_bound(lengths, t["batch_size"], max_len)
+        return memory.estimate(cfg, tokens, s.dtype, t["optim_state"], t["grad_checkpoint"])
+
+    parts = estimate_with()
+    log(f"{memory.format_plan(parts)}\n  (micro-batches of at most "
+        f"{memory.batch_tokens_bound(lengths, s.batch_size, max_len)} tokens)")
+    if s.memory_check:
+        if s.backend == "torch" and (s.device or "").startswith("cuda"):  # the arrays live on the GPU
+            where, available = s.device, memory.cuda_available_bytes(s.device)
+        else:
+            where, available = "this machine", memory.available_bytes()
+        memory.check_fits(parts, available, where, s, estimate_with)
+    return parts
+
+
+def plan_run(s: Settings, log=print) -> dict:
+    """`minisft finetune --dry-run`: the data tokenized, the memory plan printed (and checked); no
+    model, no run directory."""
+    _, split = load_splits(s.data, s.cache_dir)
+    return memory_plan(s, encode_records(split.train, get_style(s.prompt_style), s.mask_prompt), log)
+
+
+def measured_memory(model: GPT) -> dict:
+    """The peak memory so far, in MiB: the process's resident set, and torch's on a CUDA device."""
+    rec = dict(peak_rss_mb=round(memory.peak_rss_bytes() / 2**20, 1))
+    cuda = memory.cuda_peak_bytes(model.B)
+    if cuda is not None:
+        rec["cuda_peak_mb"] = round(cuda / 2**20, 1)
+    return rec
 
 
 def sample_text(model: GPT, style, record) -> str:
@@ -189,7 +234,8 @@ def sample_text(model: GPT, style, record) -> str:
     return tokenizer.decode(ids + new).replace("\n", " ")
 
 
-def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log) -> dict:
+def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
+           memory_estimate_mb=None) -> dict:
     """The end of a run: HF export, test-set responses, the loss plot, the summary."""
     model.save_pretrained(out / "hf")
     n = len(split.test) if s.responses is None else min(s.responses, len(split.test))
@@ -207,7 +253,8 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
                    tokens_per_second=round(tokens_seen / train_time, 1) if train_time else None,
                    final_train_loss=evals[-1]["train_loss"] if evals else None,
                    final_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n)
+                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n,
+                   memory_estimate_mb=memory_estimate_mb, **measured_memory(model))
     write_json(out / "summary.json", summary, indent=2)
     log(f"done: {step} steps in {train_time:.1f} s of training ({summary['tokens_per_second']} tokens/s); "
         f"train loss {summary['final_train_loss']}, val loss {summary['final_val_loss']}; outputs in {out}")
