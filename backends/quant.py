@@ -19,8 +19,9 @@ float32 against the float32 master weights, and quantizes the new moments with t
 
 Round-trip error bound (tested): a value x in a block of scale s comes back as s * code[q] with
 |x - s code[q]| <= s * (half the gap between the two codes around x / s) + s * 2^-22, the last term
-covering the float32 rounding of x / s. For the signed code that is at most 0.7% of s for
-|x| >= 0.1 s, and 0.7% of the decade's top value inside each lower decade.
+covering the float32 rounding of x / s; the signed code has no -1, so x / s in [-1, -0.993) is off
+by its distance to the lowest code. For the signed code that is at most 0.71% of s for |x| >= 0.1 s,
+and 0.71% of the decade's top value inside each lower decade.
 """
 import numpy as np
 
