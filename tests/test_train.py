@@ -155,7 +155,8 @@ def test_cli_smoke_run_writes_every_output(tmp_path, shared_data):
     assert json.loads((out / "settings.json").read_text())["max_steps"] == 4
     kinds = [m["kind"] for m in read_metrics(out)]
     assert kinds == ["step", "eval", "step", "step", "eval", "step"]
-    assert set(read_metrics(out)[0]) == {"kind", "step", "epoch", "loss", "lr", "tokens_seen", "grad_norm"}
+    assert set(read_metrics(out)[0]) == {"kind", "step", "epoch", "loss", "lr", "tokens_seen", "grad_norm",
+                                         "peak_rss_mb"}
     assert [p.name for p in checkpoints(out)] == ["step-000004.h5"]
     assert (out / "hf" / "model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
     responses = json.loads((out / "instruction-data-with-response.json").read_text())
