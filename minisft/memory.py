@@ -3,7 +3,9 @@
 The estimate counts the arrays the engine allocates (float32 unless the model is float64):
 
     weights      every parameter
-    gradients    every trained parameter (the backward accumulates whole-tensor gradients)
+    gradients    every trained parameter (the backward accumulates whole-tensor gradients); with
+                 --fused-update only the largest scatter-added buffer (the head, or wte + wpe) and
+                 one block's gradients at a time
     moments      AdamW's m and v: 8 bytes per trained parameter in fp32, 4 in bf16, 2 in 8-bit
                  (+ one float32 scale per block of 2048 values for each)
     activations  what the forward keeps for the backward, at the largest micro-batch's token count
@@ -36,7 +38,7 @@ MOMENT_BYTES = {"fp32": None, "bf16": 2, "8bit": 1}  # bytes per moment value (f
 
 
 def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", grad_checkpoint=False,
-             trained=None) -> dict:
+             fused_update=False, trained=None) -> dict:
     """Estimated bytes per part (module doc) for a step over `tokens` positions. trained: the names
     that get gradients and moments (default: all)."""
     shapes = param_shapes(cfg)
@@ -45,6 +47,13 @@ def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", g
     n_all = sum(math.prod(s) for s in shapes.values())
     sizes = [math.prod(shapes[n]) for n in trained]
     n_trained = sum(sizes)
+    if fused_update:
+        block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("h.0."))
+        buffers = max(math.prod(shapes["wte.weight"]) + math.prod(shapes["wpe.weight"]),
+                      math.prod(shapes.get("lm_head.weight", (0,))))
+        grads = min(n_trained, buffers + block)
+    else:
+        grads = n_trained
     if optim_state == "fp32":
         moments = 2 * n_trained * width
     else:
@@ -54,7 +63,7 @@ def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", g
     per_block = ACT_FLOATS + (2 if cfg.drop_rate > 0 else 0)
     kept = L * tokens * d + tokens * d * per_block if grad_checkpoint else L * tokens * d * per_block
     head = cfg.vocab_size * d * width + min(HEAD_CHUNK_BYTES, tokens * cfg.vocab_size * width)
-    return dict(weights=n_all * width, gradients=n_trained * width, moments=moments,
+    return dict(weights=n_all * width, gradients=grads * width, moments=moments,
                 activations=(kept + 4 * tokens * d) * width,   # + embeddings, final layernorm, dh, dlnf
                 scratch=SCRATCH_FLOATS * tokens * d * width + head, runtime=RUNTIME_BYTES)
 
@@ -119,6 +128,9 @@ def check_fits(parts: dict, available: int | None, where: str, settings, estimat
         alt = estimate_with(grad_checkpoint=True)
         tips.append(f"--grad-checkpoint (activations {parts['activations'] / GB:.1f} -> "
                     f"{alt['activations'] / GB:.1f} GB, about 1/3 more compute)")
+    if not settings.fused_update and settings.grad_accum == 1 and settings.grad_clip is None:
+        alt = estimate_with(fused_update=True)
+        tips.append(f"--fused-update (gradients {parts['gradients'] / GB:.1f} -> {alt['gradients'] / GB:.1f} GB)")
     if settings.optim_state != "8bit":
         alt = estimate_with(optim_state="8bit")
         tips.append(f"--optim-state 8bit (moments {parts['moments'] / GB:.1f} -> {alt['moments'] / GB:.1f} GB)")
@@ -127,8 +139,9 @@ def check_fits(parts: dict, available: int | None, where: str, settings, estimat
         alt = estimate_with(batch_size=half)
         tips.append(f"--batch-size {half} --grad-accum {settings.grad_accum * 2} (the same optimizer step; "
                     f"activations -> {alt['activations'] / GB:.1f} GB)")
-    best = estimate_with(grad_checkpoint=True, optim_state="8bit")
-    tips.append(f"all of the first two: {sum(best.values()) / GB:.1f} GB")
+    fusable = settings.grad_accum == 1 and settings.grad_clip is None
+    best = estimate_with(grad_checkpoint=True, optim_state="8bit", fused_update=fusable or settings.fused_update)
+    tips.append(f"all of these but the batch split: {sum(best.values()) / GB:.1f} GB")
     raise MinisftError(f"setting memory_check: the run needs an estimated {total / GB:.1f} GB ("
                        + ", ".join(f"{k} {b / GB:.1f}" for k, b in parts.items())
                        + f") but {where} has {available / GB:.1f} GB available. Try: " + "; ".join(tips)

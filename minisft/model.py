@@ -78,6 +78,9 @@ class GPT:
         # Activation checkpointing: the training forward keeps only each block's input (and the
         # dropout RNG state there); the backward recomputes the block's activations from it.
         self.grad_checkpoint = False
+        # Fused updates: on_grad(name, grad) is called as soon as a tensor's gradient is complete in
+        # the backward, and the gradient is not kept (None: accumulate into self.grads).
+        self.on_grad = None
         if params is None:  # drawn straight into the weights' storage precision (float32 unless float64)
             params = init_params(cfg, self.rng, np.float64 if self.dtype == "float64" else np.float32)
         self.load_state_dict(params)
@@ -135,10 +138,18 @@ class GPT:
         """Add a fresh gradient into self.grads (first contribution: just keep the array)."""
         if name in self.frozen:
             return
+        if self.on_grad is not None:  # every tensor passed here gets one contribution per backward
+            self.on_grad(name, g)
+            return
         if name in self.grads:
             self.B.add_(self.grads[name], g)
         else:
             self.grads[name] = g
+
+    def _complete(self, name) -> None:
+        """A scatter-added gradient buffer is final: hand it to on_grad, if set, and drop it."""
+        if self.on_grad is not None and name in self.grads:
+            self.on_grad(name, self.grads.pop(name))
 
     def _grad_buffer(self, name):
         """The accumulation buffer for kernels that scatter-add into it (embeddings, head)."""
@@ -284,6 +295,8 @@ class GPT:
                                  dx, c["tokens"], c["positions"])
             for n in self.frozen & {"wte.weight", "wpe.weight"}:
                 del self.grads[n]
+            self._complete("wte.weight")
+            self._complete("wpe.weight")
 
     # ---- the entry points ------------------------------------------------------------------------------
     def forward_backward(self, batch: PackedBatch, grad_scale: float | None = None):
@@ -304,6 +317,8 @@ class GPT:
         dw = self.B.zeros_like(self.params[head]) if head in self.frozen else self._grad_buffer(head)
         # The targets stay on the host: the backend picks the valid rows there, without a device sync.
         loss_sum, _, dlnf = self.B.head_loss(lnf, self.params[head], batch.targets, dw=dw, grad_scale=scale)
+        if not self.cfg.tie_embeddings:  # a tied head's gradient still gets the embeddings' share
+            self._complete(head)
         self._backward(dlnf, cache)
         return self.B.item(loss_sum), n_valid
 

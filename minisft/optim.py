@@ -69,12 +69,13 @@ class AdamW:
         scaled = trained if state == "8bit" else []
         self.m_scale = {n: B.optim_state_zeros(n_blocks(size[n]), "scale") for n in scaled}
         self.v_scale = {n: B.optim_state_zeros(n_blocks(size[n]), "scale") for n in scaled}
+        self.keys = {n: k for k, n in enumerate(trained)}  # each tensor's number in the bf16 rounding hash
         self.step_count = 0
 
     def step(self, grads=None, lr=None) -> None:
         """One update of every trained parameter. grads: {name: numpy array} or None for the
         model's own accumulated gradients; lr overrides self.lr for this step (schedules)."""
-        B, P = self.model.B, self.model.params
+        B = self.model.B
         if grads is None:
             grads = self.model.grads
         else:
@@ -83,18 +84,42 @@ class AdamW:
         if missing:
             raise ValueError(f"AdamW.step: no gradient for {missing[:5]}")
         self.step_count += 1
-        lr = self.lr if lr is None else lr
-        b1, b2 = self.betas
-        for key, n in enumerate(self.m):  # key: the tensor's number in the bf16 rounding hash
-            wd = self.weight_decay if decays(n, P[n].shape, self.decay) else 0.0
-            if self.state == "fp32":
-                B.adamw_step(P[n], grads[n], self.m[n], self.v[n], lr, b1, b2, self.eps, wd, self.step_count)
-            elif self.state == "bf16":
-                B.adamw_step_bf16(P[n], grads[n], self.m[n], self.v[n], lr, b1, b2, self.eps, wd,
-                                  self.step_count, key)
-            else:
-                B.adamw_step_8bit(P[n], grads[n], self.m[n], self.m_scale[n], self.v[n], self.v_scale[n],
-                                  lr, b1, b2, self.eps, wd, self.step_count)
+        for n in self.m:
+            self._update(n, grads[n], self.lr if lr is None else lr)
+
+    def _update(self, n, g, lr) -> None:
+        """The update of tensor n by its gradient g, at step self.step_count."""
+        B, P, (b1, b2) = self.model.B, self.model.params, self.betas
+        wd = self.weight_decay if decays(n, P[n].shape, self.decay) else 0.0
+        if self.state == "fp32":
+            B.adamw_step(P[n], g, self.m[n], self.v[n], lr, b1, b2, self.eps, wd, self.step_count)
+        elif self.state == "bf16":  # key: the tensor's number in the rounding hash
+            B.adamw_step_bf16(P[n], g, self.m[n], self.v[n], lr, b1, b2, self.eps, wd, self.step_count,
+                              self.keys[n])
+        else:
+            B.adamw_step_8bit(P[n], g, self.m[n], self.m_scale[n], self.v[n], self.v_scale[n],
+                              lr, b1, b2, self.eps, wd, self.step_count)
+
+    def fused_step(self, batch, lr=None) -> tuple[float, float]:
+        """Forward, backward and update in one pass: each trained tensor is updated as soon as its
+        gradient is complete in the backward, and that gradient is dropped, so no full set of
+        gradients is ever held. The result is step()'s after forward_backward (the same kernels on the
+        same gradients), for one micro-batch and no clipping (clipping needs the global norm first).
+        Returns (mean loss, gradient norm). An error mid-backward leaves some tensors updated."""
+        B, sumsq = self.model.B, []
+        self.model.zero_grad()
+        self.step_count += 1
+
+        def update(name, g):
+            if name in self.m:
+                sumsq.append(B.global_norm([g]) ** 2)
+                self._update(name, g, self.lr if lr is None else lr)
+        self.model.on_grad = update
+        try:
+            loss_sum, n_valid = self.model.forward_backward(batch)
+        finally:
+            self.model.on_grad = None
+        return loss_sum / n_valid, math.sqrt(sum(sumsq))
 
     def groups(self) -> dict:
         """The state's arrays by group: m, v (+ m_scale, v_scale for 8-bit), each {name: array}."""

@@ -66,6 +66,8 @@ class Settings:
                                       "in the backward (same gradients, about one more forward of compute)")
     optim_state: str = _s("fp32", "AdamW moments: fp32, bf16 (stochastic rounding) or 8bit (block-wise "
                                   "quantized); master weights stay float32", OPTIM_STATES)
+    fused_update: bool = _s(False, "update each tensor as soon as its gradient is complete in the backward, so no "
+                                   "full set of gradients is held (needs --grad-accum 1, no --grad-clip)")
     memory_check: bool = _s(True, "refuse to start when the estimated memory exceeds what is available")
 
     def to_dict(self) -> dict:
@@ -166,6 +168,8 @@ def validate(s: Settings) -> Settings:
     if s.optim_state != "fp32" and s.dtype == "float64":
         bad("optim_state", f"{s.optim_state} moments need float32 master weights: use --dtype float32 (or bfloat16 "
                            "on torch)")
+    if s.fused_update and (s.grad_accum != 1 or s.grad_clip is not None):
+        bad("fused_update", "needs --grad-accum 1 and no --grad-clip: both need every gradient before any update")
     if s.weights is not None and not Path(s.weights).exists():
         bad("weights", f"{s.weights} does not exist")
     if "://" not in s.data and not Path(s.data).is_file():

@@ -140,17 +140,21 @@ def finetune(s: Settings, log=print) -> dict:
             epoch = loader.epoch
             for window in windows(iter(loader), s.grad_accum):  # the rest of this epoch
                 t0 = time.perf_counter()
-                n_valid = sum(b.num_valid for b in window)
-                model.zero_grad()
-                loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window) / n_valid
-                grad_norm = clip_grad_norm(model, s.grad_clip)
+                lr = lr_at(step + 1, s.lr, s.schedule, s.warmup_steps, total_steps, s.min_lr)
+                if s.fused_update:  # each tensor updated in the backward (a bad loss is seen after it)
+                    loss, grad_norm = opt.fused_step(window[0], lr=lr)
+                else:
+                    n_valid = sum(b.num_valid for b in window)
+                    model.zero_grad()
+                    loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window) / n_valid
+                    grad_norm = clip_grad_norm(model, s.grad_clip)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     last = checkpoints(out)
                     raise MinisftError(f"the training loss became {loss} (gradient norm {grad_norm}) at step "
                                        f"{step + 1}; stopping without updating the weights. The last good "
                                        f"checkpoint is {last[-1] if last else 'none (no step was saved yet)'}")
-                lr = lr_at(step + 1, s.lr, s.schedule, s.warmup_steps, total_steps, s.min_lr)
-                opt.step(lr=lr)
+                if not s.fused_update:
+                    opt.step(lr=lr)
                 step += 1
                 train_time += time.perf_counter() - t0
                 tokens_seen += sum(b.num_tokens for b in window)
@@ -196,7 +200,7 @@ def memory_plan(s: Settings, train_ex, log=print) -> dict:
     def estimate_with(**changes):
         t = {**s.to_dict(), **changes}
         tokens = memory.batch_tokens_bound(lengths, t["batch_size"], max_len)
-        return memory.estimate(cfg, tokens, s.dtype, t["optim_state"], t["grad_checkpoint"])
+        return memory.estimate(cfg, tokens, s.dtype, t["optim_state"], t["grad_checkpoint"], t["fused_update"])
 
     parts = estimate_with()
     log(f"{memory.format_plan(parts)}\n  (micro-batches of at most "

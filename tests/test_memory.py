@@ -286,3 +286,31 @@ def test_dry_run_refuses_before_building_the_model_naming_the_options(tmp_path, 
     lines = []
     train.plan_run(validate(Settings(**{**s.to_dict(), "memory_check": False})), log=lines.append)
     assert "estimated memory per part:" in lines[0] and "moments" in lines[0]
+
+
+# ---- fused updates ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_updates_in_the_backward_equal_backward_then_step_bitwise(backend, tie):
+    """3 steps with each tensor updated as soon as its gradient is complete == forward_backward then
+    AdamW.step: weights and moments bit for bit (8-bit moments, checkpointing, dropout; tied and
+    untied heads, where the tied head's gradient completes only after the embeddings')."""
+    backend_or_skip(backend, "float32")
+    cfg = GPTConfig(**TINY, drop_rate=0.1, tie_embeddings=tie)
+    rng = np.random.default_rng(10)
+    batches = [pack_padded(*book_like_batch(rng, cfg.vocab_size, list(rng.integers(3, 20, 4)))) for _ in range(3)]
+    runs = []
+    for fused in (False, True):
+        model = GPT(cfg, backend=backend, dtype="float32", seed=3)
+        model.grad_checkpoint = True
+        opt = AdamW(model, lr=1e-2, state="8bit")
+        for b in batches:
+            if fused:
+                opt.fused_step(b)
+                assert model.grads == {}  # nothing kept after the step
+            else:
+                model.zero_grad()
+                model.forward_backward(b)
+                opt.step()
+        runs.append((model, opt))
+    assert_same_state(*runs)

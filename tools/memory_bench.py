@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--optim-state", default="fp32", choices=OPTIM_STATES)
+    p.add_argument("--fused-update", action="store_true")
     a = p.parse_args()
 
     cfg = GPTConfig.preset(a.model)
@@ -44,14 +45,18 @@ def main() -> None:
     for _ in range(a.steps):
         batch = pack_padded(*random_batch(cfg, a.batch_size, a.seq_len, rng), strip=False)
         t0 = time.perf_counter()
-        model.zero_grad()
-        loss_sum, n = model.forward_backward(batch)
-        opt.step()
+        if a.fused_update:
+            loss = opt.fused_step(batch)[0]
+        else:
+            model.zero_grad()
+            loss_sum, n = model.forward_backward(batch)
+            opt.step()
+            loss = loss_sum / n
         times.append(time.perf_counter() - t0)
-        losses.append(loss_sum / n)
-    parts = estimate(cfg, a.batch_size * a.seq_len, "float32", a.optim_state, a.grad_checkpoint)
+        losses.append(loss)
+    parts = estimate(cfg, a.batch_size * a.seq_len, "float32", a.optim_state, a.grad_checkpoint, a.fused_update)
     print(json.dumps(dict(model=a.model, backend=a.backend, batch_size=a.batch_size, seq_len=a.seq_len,
-                          grad_checkpoint=a.grad_checkpoint, optim_state=a.optim_state,
+                          grad_checkpoint=a.grad_checkpoint, optim_state=a.optim_state, fused_update=a.fused_update,
                           params=model.num_params(), build_s=round(build_s, 1),
                           step_s=[round(t, 2) for t in times], losses=[round(x, 4) for x in losses],
                           build_peak_rss_gb=round(build_rss / 1e9, 2), peak_rss_gb=round(peak_rss_bytes() / 1e9, 2),
