@@ -314,3 +314,14 @@ def test_fused_updates_in_the_backward_equal_backward_then_step_bitwise(backend,
                 opt.step()
         runs.append((model, opt))
     assert_same_state(*runs)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(fused_update=True, grad_accum=2), "setting fused-update: needs --grad-accum 1 and no --grad-clip"),
+    (dict(fused_update=True, grad_clip=1.0), "setting fused-update: needs --grad-accum 1 and no --grad-clip"),
+    (dict(optim_state="8bit", dtype="float64"), "setting optim-state: 8bit moments need float32 master weights"),
+    (dict(optim_state="int4"), "setting optim-state: 'int4' is not one of fp32, bf16, 8bit"),
+])
+def test_memory_settings_that_cannot_work_are_refused_naming_the_setting(tmp_path, shared_data, bad, words):
+    with pytest.raises(MinisftError, match=words.replace("-", "[-]")):
+        settings(tmp_path, shared_data, **bad)
