@@ -83,7 +83,9 @@ class GPT:
         self.on_grad = None
         if params is None:  # drawn straight into the weights' storage precision (float32 unless float64)
             params = init_params(cfg, self.rng, np.float64 if self.dtype == "float64" else np.float32)
-        self.load_state_dict(params)
+            self.load_state_dict(params, consume=True)  # our own arrays: each freed once converted
+        else:
+            self.load_state_dict(params)
         # load_state_dict also starts self.grads: name -> gradient, accumulated by forward_backward
 
     @classmethod
@@ -117,8 +119,9 @@ class GPT:
         """HF name -> numpy array (a copy, in the model's dtype)."""
         return {n: self.B.to_numpy(p) for n, p in self.params.items()}
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Load every parameter by HF name; arrays are cast to the model's dtype."""
+    def load_state_dict(self, sd: dict, consume: bool = False) -> None:
+        """Load every parameter by HF name; arrays are cast to the model's dtype. consume: remove each
+        entry from sd as it is converted, so the peak is one copy of the model plus one tensor."""
         shapes = param_shapes(self.cfg)
         missing = [n for n in shapes if n not in sd]
         unexpected = [n for n in sd if n not in shapes]
@@ -128,7 +131,7 @@ class GPT:
         for n, shape in shapes.items():
             if tuple(np.shape(sd[n])) != shape:
                 raise ValueError(f"state dict: {n} has shape {tuple(np.shape(sd[n]))}, the model needs {shape}")
-        self.params = {n: self.B.from_numpy(sd[n]) for n in shapes}
+        self.params = {n: self.B.from_numpy(sd.pop(n) if consume else sd[n]) for n in shapes}
         self.grads = {}
 
     def zero_grad(self) -> None:
