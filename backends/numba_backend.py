@@ -501,15 +501,13 @@ def _adamw_bf16(p, g, m, v, decay, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps,
 
 @njit(**jit)
 def _nearest(mid, x):
-    """The number of midpoints below x: np.searchsorted(mid, x, side="left") by bisection."""
-    lo, hi = 0, mid.shape[0]
-    while lo < hi:
-        k = (lo + hi) // 2
-        if mid[k] < x:
-            lo = k + 1
-        else:
-            hi = k
-    return lo
+    """The number of the 255 midpoints below x (np.searchsorted(mid, x, side="left")), by binary
+    lifting: eight fixed steps of 128, 64, ... 1, each a compare and an add, no data-dependent branch
+    (a bisection's branches mispredict half the time: 4x slower per value)."""
+    pos = 0
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+        pos += step * (mid[pos + step - 1] < x)
+    return pos
 
 
 @njit(parallel=True, **jit)
