@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .backends.quant import OPTIM_STATES, n_blocks  # noqa: F401 (OPTIM_STATES: the choices, re-exported)
+from .backends.quant import OPTIM_STATES, n_blocks
 from .model import GPT
 
 DECAY_CHOICES = ("all", "matrices")
