@@ -142,6 +142,27 @@ class Backend(Protocol):
                    weight_decay: float, step: int) -> None:
         """One AdamW update of p in place (m, v updated too); step counts from 1 (bias correction)."""
 
+    # ---- lean AdamW state (formats in backends/quant.py): float32 master weights p, moments kept
+    # as flat (n,) arrays of bfloat16 or of 8-bit codes with one float32 scale per block of 2048 --
+    def optim_state_zeros(self, n: int, kind: str) -> Array:
+        """n zeros of kind "bf16" (bfloat16), "u8" (uint8 codes) or "scale" (float32)."""
+
+    def optim_state_from_numpy(self, x) -> Array:
+        """Exact: uint16 (bfloat16 bit patterns), uint8 or float32 numpy -> a state array."""
+
+    def optim_state_to_numpy(self, x):
+        """The inverse: bfloat16 comes back as its uint16 bit patterns."""
+
+    def adamw_step_bf16(self, p, g, m, v, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float, step: int, key: int) -> None:
+        """adamw_step's float32 arithmetic on bfloat16 m, v (n,): read exactly, written back rounded
+        stochastically with the hash draws of quant.bf16_round (key numbers the tensor)."""
+
+    def adamw_step_8bit(self, p, g, qm, sm, qv, sv, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float, step: int) -> None:
+        """adamw_step on block-quantized moments: qm, qv (n,) uint8 codes of m and sqrt(v), sm, sv
+        (n_blocks,) their scales. Per block: dequantize, update in float32, requantize (quant.quantize)."""
+
     def global_norm(self, grads: Sequence[Array]) -> float:
         """sqrt(sum of squares over every tensor), a Python float."""
 

@@ -9,10 +9,13 @@ import math
 
 import numpy as np
 
+from . import quant
 from ..config import LN_EPS
 
 # Python floats, not numpy float64 scalars, so that float32 arrays times a constant stay float32.
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU constant
+# The lean optimizer state's arrays: bfloat16 moments as their uint16 bit patterns, 8-bit codes, block scales.
+LEAN_DTYPES = {"bf16": np.uint16, "u8": np.uint8, "scale": np.float32}
 HEAD_CHUNK_ROWS = 256  # rows of logits held at once by the fused head: 256 x 50257 x 4 B = 51 MB, never (N, V)
 
 
@@ -304,6 +307,41 @@ class NumpyBackend:
         bias_c2_sqrt = math.sqrt(1.0 - beta2 ** step)
         denom = np.sqrt(v) / bias_c2_sqrt + eps
         p -= (lr / bias_c1) * (m / denom)
+
+    # ---- lean AdamW state: bf16 or 8-bit moments, float32 master weights (formats: quant.py) -----
+    def optim_state_zeros(self, n, kind):
+        return np.zeros(n, dtype=LEAN_DTYPES[kind])
+
+    def optim_state_from_numpy(self, x):
+        return np.array(x)  # a copy, dtype kept: the state's bits exactly
+
+    def optim_state_to_numpy(self, x):
+        return np.array(x)
+
+    @staticmethod
+    def _adamw_f32(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        """The fp32 AdamW step above on flat float32 views p, g and fresh float32 moments m, v:
+        p is updated in place; returns the new (m, v, sqrt(v))."""
+        p *= 1.0 - lr * weight_decay
+        m = m * beta1 + (1.0 - beta1) * g                                    # (n,)
+        v = v * beta2 + (1.0 - beta2) * g * g                                # (n,)
+        root = np.sqrt(v)                                                    # (n,)
+        p -= (lr / (1.0 - beta1 ** step)) * (m / (root / math.sqrt(1.0 - beta2 ** step) + eps))
+        return m, v, root
+
+    def adamw_step_bf16(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, key):
+        mf, vf, _ = self._adamw_f32(p.reshape(-1), g.reshape(-1), quant.bf16_to_f32(m), quant.bf16_to_f32(v),
+                                    lr, beta1, beta2, eps, weight_decay, step)
+        m[:] = quant.bf16_round(mf, quant.round_salt(step, key, 0))
+        v[:] = quant.bf16_round(vf, quant.round_salt(step, key, 1))
+
+    def adamw_step_8bit(self, p, g, qm, sm, qv, sv, lr, beta1, beta2, eps, weight_decay, step):
+        mf = quant.dequantize(qm, sm, quant.M_CODE)                         # (n,)
+        w = quant.dequantize(qv, sv, quant.V_CODE)                          # (n,) sqrt(v)
+        mf, _, root = self._adamw_f32(p.reshape(-1), g.reshape(-1), mf, w * w,
+                                      lr, beta1, beta2, eps, weight_decay, step)
+        qm[:], sm[:] = quant.quantize(mf, quant.M_CODE, quant.M_MID)
+        qv[:], sv[:] = quant.quantize(root, quant.V_CODE, quant.V_MID)
 
     def global_norm(self, grads):
         return float(np.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads)))

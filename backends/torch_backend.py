@@ -40,6 +40,7 @@ except ImportError as e:
     raise ImportError("the torch backend needs PyTorch, which is not installed: "
                       "pip install 'minisft[torch]' (or a torch build for your GPU from pytorch.org)") from e
 
+from . import quant
 # dtype name -> (store dtype: parameters, gradients, optimizer state, residual stream;
 #                compute dtype: matmul and attention inputs and outputs)
 DTYPES = {"float32": (torch.float32, torch.float32),
@@ -48,6 +49,9 @@ DTYPES = {"float32": (torch.float32, torch.float32),
 # Rows of logits materialised at once in the fused head: 256 x 50257 x 4 B = 51 MB on the CPU (as
 # numpy); a GPU needs bigger matmuls to be busy: 2048 rows = 412 MB.
 HEAD_CHUNK_ROWS = {"cpu": 256, "cuda": 2048, "mps": 1024}
+# The lean optimizer state's tensors (bfloat16 moments held as bfloat16; numpy sees their uint16 bits).
+LEAN_DTYPES = {"bf16": torch.bfloat16, "u8": torch.uint8, "scale": torch.float32}
+LEAN_CHUNK = 512 * quant.BLOCK  # elements per pass of the lean AdamW: bounds its float32 temporaries to 4 MB each
 # In order of preference; the first that can run is used.
 ATTENTION_PATHS = ("flash-varlen", "efficient-varlen", "cpu-flash-padded", "padded-math")
 
@@ -608,6 +612,79 @@ class TorchBackend:
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         denom = v.sqrt().div_(math.sqrt(1.0 - beta2 ** step)).add_(eps)
         p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
+
+    # ---- lean AdamW state (formats: quant.py), a chunk of whole blocks at a time ------------------
+    def optim_state_zeros(self, n, kind):
+        return torch.zeros(n, dtype=LEAN_DTYPES[kind], device=self.device)
+
+    def optim_state_from_numpy(self, x):
+        if x.dtype == np.uint16:
+            return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16).to(self.device)
+        return torch.from_numpy(np.array(x)).to(self.device)
+
+    def optim_state_to_numpy(self, x):
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).cpu().numpy().view(np.uint16).copy()
+        return x.to("cpu", copy=True).numpy()
+
+    @staticmethod
+    def _adamw_f32(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        """The numpy backend's _adamw_f32 on flat float32 tensors, the same operations in the same order."""
+        p.mul_(1.0 - lr * weight_decay)
+        m = m * beta1 + g * (1.0 - beta1)                                    # (n,)
+        v = v * beta2 + g * (1.0 - beta2) * g                                # (n,)
+        root = v.sqrt()                                                      # (n,)
+        p.sub_((m / (root / math.sqrt(1.0 - beta2 ** step) + eps)) * (lr / (1.0 - beta1 ** step)))
+        return m, v, root
+
+    def _codes(self):
+        if not hasattr(self, "_code_tensors"):
+            self._code_tensors = [torch.from_numpy(c).to(self.device)
+                                  for c in (quant.M_CODE, quant.M_MID, quant.V_CODE, quant.V_MID)]
+        return self._code_tensors
+
+    def _bf16_round(self, x, salt, offset):
+        """quant.bf16_round on a float32 chunk whose first element is element `offset` of its tensor;
+        int64 arithmetic (its products wrap, and the masks keep the low 32 bits)."""
+        i = torch.arange(offset, offset + x.numel(), dtype=torch.int64, device=x.device)      # (n,)
+        h = (i * quant.GOLDEN + salt) & quant.MASK32
+        r = quant.fmix32(h) >> quant.ROUND_BITS
+        u = x.view(torch.int32).to(torch.int64) & quant.MASK32
+        bits = ((u + r) >> quant.ROUND_BITS) & 0xFFFF
+        return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # as signed 16-bit
+
+    @torch.no_grad()
+    def adamw_step_bf16(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, key):
+        P, G = p.view(-1), g.reshape(-1)
+        salt_m, salt_v = quant.round_salt(step, key, 0), quant.round_salt(step, key, 1)
+        for lo in range(0, P.numel(), LEAN_CHUNK):
+            sl = slice(lo, lo + LEAN_CHUNK)
+            mf, vf, _ = self._adamw_f32(P[sl], G[sl], m[sl].float(), v[sl].float(),
+                                        lr, beta1, beta2, eps, weight_decay, step)
+            m[sl] = self._bf16_round(mf, salt_m, lo)
+            v[sl] = self._bf16_round(vf, salt_v, lo)
+
+    def _dequantize(self, q, scale, code):
+        return code[q.long()] * scale.repeat_interleave(quant.BLOCK)[:q.numel()]
+
+    def _quantize(self, x, code_mid, q, scale):
+        """quant.quantize into q, scale: the block scales on x zero-padded to whole blocks."""
+        pad = (-x.numel()) % quant.BLOCK
+        scale.copy_(F.pad(x.abs(), (0, pad)).view(-1, quant.BLOCK).amax(dim=1))
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q.copy_(torch.bucketize(x / safe.repeat_interleave(quant.BLOCK)[:x.numel()], code_mid))
+
+    @torch.no_grad()
+    def adamw_step_8bit(self, p, g, qm, sm, qv, sv, lr, beta1, beta2, eps, weight_decay, step):
+        m_code, m_mid, v_code, v_mid = self._codes()
+        P, G, nb = p.view(-1), g.reshape(-1), LEAN_CHUNK // quant.BLOCK
+        for lo in range(0, P.numel(), LEAN_CHUNK):
+            sl, bl = slice(lo, lo + LEAN_CHUNK), slice(lo // quant.BLOCK, lo // quant.BLOCK + nb)
+            w = self._dequantize(qv[sl], sv[bl], v_code)                                      # (n,) sqrt(v)
+            mf, _, root = self._adamw_f32(P[sl], G[sl], self._dequantize(qm[sl], sm[bl], m_code), w * w,
+                                          lr, beta1, beta2, eps, weight_decay, step)
+            self._quantize(mf, m_mid, qm[sl], sm[bl])
+            self._quantize(root, v_mid, qv[sl], sv[bl])
 
     @torch.no_grad()
     def global_norm(self, grads):

@@ -7,7 +7,9 @@ One file holds:
     config    JSON of the GPTConfig
     model     attrs: rng (JSON of the dropout RNG's bit_generator.state), frozen (JSON list of names)
     params/   one dataset per parameter, by HF name, in the dtype the model holds them
-    adam/     attrs: step, lr, beta1, beta2, eps, weight_decay, decay; groups m/ and v/ like params/
+    adam/     attrs: step, lr, beta1, beta2, eps, weight_decay, decay, state; groups m/ and v/ like
+              params/, or with lean state (state bf16 / 8bit) the moments as held: flat uint16
+              bfloat16 bits, or flat uint8 codes plus groups m_scale/ and v_scale/ (float32 per block)
     train_state  JSON: whatever the training loop needs to continue (step, epoch, loader position,
                  its RNG states, metrics so far); a dataset, not an attribute, as it grows with the run
 
@@ -28,7 +30,7 @@ from . import __version__
 from .config import GPTConfig, check_tensors, param_shapes
 from .errors import MinisftError
 from .model import GPT
-from .optim import AdamW
+from .optim import OPTIM_STATES, AdamW, state_layout
 
 FORMAT = "minisft-checkpoint"
 FORMAT_VERSION = 1
@@ -84,9 +86,11 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_stat
                 g = f.create_group("adam")
                 g.attrs.update(step=optimizer.step_count, lr=optimizer.lr, beta1=optimizer.betas[0],
                                beta2=optimizer.betas[1], eps=optimizer.eps,
-                               weight_decay=optimizer.weight_decay, decay=optimizer.decay)
-                _write_arrays(g.create_group("m"), optimizer.m, model)
-                _write_arrays(g.create_group("v"), optimizer.v, model)
+                               weight_decay=optimizer.weight_decay, decay=optimizer.decay, state=optimizer.state)
+                for key, arrays in optimizer.groups().items():  # one array at a time on the host
+                    group = g.create_group(key)
+                    for name, a in arrays.items():
+                        group.create_dataset(name, data=optimizer.to_host(a))
             f["train_state"] = state_json
             f.flush()
             f.attrs["complete"] = True
@@ -160,7 +164,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
                            f"{sorted(frozen - set(shapes))}")
     train_state = _json(f, path, "train_state")
     array_dtype = np.dtype(f.attrs["array_dtype"])
-    _check_group(f, path, "params", shapes, array_dtype)
+    _check_layout(f, path, "params", {n: (shape, array_dtype) for n, shape in shapes.items()})
     if model is not None:
         differ = [f"{k}: file {getattr(cfg, k)!r}, model {getattr(model.cfg, k)!r}"
                   for k in SHAPE_FIELDS if getattr(cfg, k) != getattr(model.cfg, k)]
@@ -170,9 +174,15 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
     if optimizer is not None and not restore_adam:
         raise MinisftError(f"{path}: the checkpoint holds no optimizer state to restore")
     trained = [n for n in shapes if n not in frozen]
+    state = str(f["adam"].attrs.get("state", "fp32")) if restore_adam else None
     if restore_adam:
-        for key in ("m", "v"):
-            _check_group(f, path, f"adam/{key}", {n: shapes[n] for n in trained}, array_dtype)
+        if optimizer is not None and optimizer.state != state:
+            raise MinisftError(f"{path}: the checkpoint's AdamW state is {state!r}, this run keeps "
+                               f"{optimizer.state!r} (setting optim-state)")
+        if state not in OPTIM_STATES:
+            raise MinisftError(f"{path}: unknown AdamW state {state!r} (attribute adam/state)")
+        for key, layout in state_layout({n: shapes[n] for n in trained}, state, array_dtype).items():
+            _check_layout(f, path, f"adam/{key}", layout)
         if optimizer is not None and set(optimizer.m) != set(trained):
             raise MinisftError(f"{path}: the optimizer state does not fit this optimizer: the file has moments "
                                f"for {len(trained)} tensors (frozen: {sorted(frozen)}), the optimizer "
@@ -193,11 +203,11 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
         a = f["adam"].attrs
         if optimizer is None:
             optimizer = AdamW(model, lr=float(a["lr"]), betas=(float(a["beta1"]), float(a["beta2"])),
-                              eps=float(a["eps"]), weight_decay=float(a["weight_decay"]), decay=str(a["decay"]))
-        for key in ("m", "v"):
-            moments = getattr(optimizer, key)
+                              eps=float(a["eps"]), weight_decay=float(a["weight_decay"]), decay=str(a["decay"]),
+                              state=state)
+        for key, arrays in optimizer.groups().items():
             for n in trained:
-                moments[n] = model.B.from_numpy(_read(f, path, f"adam/{key}/{n}"))
+                arrays[n] = optimizer.from_host(_read(f, path, f"adam/{key}/{n}"))
         optimizer.step_count = int(a["step"])
     return model, (optimizer if restore_adam else None), train_state
 
@@ -223,13 +233,14 @@ def _json(f, path, name):
         raise MinisftError(f"{path}: dataset {name!r} is not valid JSON text: {e}") from None
 
 
-def _check_group(f, path, group: str, shapes: dict, dtype: np.dtype) -> None:
-    """The datasets of group must be exactly the expected names, shapes and dtype (metadata only)."""
+def _check_layout(f, path, group: str, layout: dict) -> None:
+    """The datasets of group must be exactly the layout's names, shapes and dtypes (metadata only):
+    {name: (shape, dtype)}."""
     if group not in f:
         raise MinisftError(f"{path}: group {group!r} is missing")
     g = f[group]
-    check_tensors(f"{path}: group {group}/", {n: g[n].shape for n in g}, shapes)
-    for name in shapes:
+    check_tensors(f"{path}: group {group}/", {n: g[n].shape for n in g}, {n: s for n, (s, _) in layout.items()})
+    for name, (_, dtype) in layout.items():
         if g[name].dtype != dtype:
             raise MinisftError(f"{path}: dataset {group}/{name} is {g[name].dtype}, expected {dtype}")
 

@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 
 from . import __version__, safetensors
-from .checkpoint import SHAPE_FIELDS, _check_group, _json, _plain, _read, _write_arrays, rng_from_state, rng_state
+from .checkpoint import SHAPE_FIELDS, _check_layout, _json, _plain, _read, _write_arrays, rng_from_state, rng_state
 from .config import GPTConfig
 from .errors import MinisftError
 from .files import write_json
@@ -539,7 +539,7 @@ def load_checkpoint(path, model: GPT, optimizer=None) -> dict:
         shapes = {n: tuple(model.params[n].shape) for p in lora.parts for n in (p.a, p.b)}
         dtype = np.dtype(f.attrs["array_dtype"])
         for group in ("params", "adam/m", "adam/v"):
-            _check_group(f, path, group, shapes, dtype)
+            _check_layout(f, path, group, {n: (shape, dtype) for n, shape in shapes.items()})
         train_state = _json(f, path, "train_state")
         rng = rng_from_state(json.loads(f["model"].attrs["rng"]))
         for n in shapes:

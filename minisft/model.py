@@ -28,19 +28,20 @@ from .config import GPTConfig, check_tensors, param_shapes
 from .pretrained import read_pretrained, save_pretrained
 
 
-def init_params(cfg: GPTConfig, rng) -> dict:
+def init_params(cfg: GPTConfig, rng, dtype=np.float64) -> dict:
     """GPT-2's initialisation: weights normal(0, 0.02), the two residual projections of each block
     scaled by 1/sqrt(2 n_layers) (so the residual stream's variance does not grow with depth),
-    biases 0, layernorm gains 1. Returns float64 numpy arrays."""
+    biases 0, layernorm gains 1. Returns numpy arrays in dtype, each drawn in float64 and cast on its
+    own (the same values as casting the float64 model, without ever holding it: 13 GB for gpt2-xl)."""
     params = {}
     for name, shape in param_shapes(cfg).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            params[name] = np.ones(shape)
+            params[name] = np.ones(shape, dtype=dtype)
         elif name.endswith(".bias"):
-            params[name] = np.zeros(shape)
+            params[name] = np.zeros(shape, dtype=dtype)
         else:
             std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
-            params[name] = rng.normal(0.0, std, size=shape)
+            params[name] = rng.normal(0.0, std, size=shape).astype(dtype, copy=False)
     return params
 
 
@@ -53,7 +54,17 @@ class GPT:
         self.rng = self.B.rng(seed)  # drives the initial values, then the dropout masks
         self.frozen = set()          # names that get no gradient (their dW is never computed)
         self.lora = None             # minisft.lora.Lora once adapters are attached (lora.attach)
-        self.load_state_dict(init_params(cfg, self.rng) if params is None else params)
+        # Activation checkpointing: the training forward keeps only each block's input (and the
+        # dropout RNG state there); the backward recomputes the block's activations from it.
+        self.grad_checkpoint = False
+        # Fused updates: on_grad(name, grad) is called as soon as a tensor's gradient is complete in
+        # the backward, and the gradient is not kept (None: accumulate into self.grads).
+        self.on_grad = None
+        if params is None:  # drawn straight into the weights' storage precision (float32 unless float64)
+            params = init_params(cfg, self.rng, np.float64 if self.dtype == "float64" else np.float32)
+            self.load_state_dict(params, consume=True)  # our own arrays: each freed once converted
+        else:
+            self.load_state_dict(params)
         # load_state_dict also starts self.grads: name -> gradient, accumulated by forward_backward
 
     @classmethod
@@ -85,11 +96,12 @@ class GPT:
         """HF name -> numpy array (a copy, in the model's dtype)."""
         return {n: self.B.to_numpy(p) for n, p in self.params.items()}
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Load every parameter by HF name; arrays are cast to the model's dtype."""
+    def load_state_dict(self, sd: dict, consume: bool = False) -> None:
+        """Load every parameter by HF name; arrays are cast to the model's dtype. consume: remove each
+        entry from sd as it is converted, so the peak is one copy of the model plus one tensor."""
         shapes = param_shapes(self.cfg)
         check_tensors("state dict", {n: np.shape(a) for n, a in sd.items()}, shapes)
-        self.params = {n: self.B.from_numpy(sd[n]) for n in shapes}
+        self.params = {n: self.B.from_numpy(sd.pop(n) if consume else sd[n]) for n in shapes}
         self.grads = {}
 
     def zero_grad(self) -> None:
@@ -99,10 +111,18 @@ class GPT:
         """Add a fresh gradient into self.grads (first contribution: just keep the array)."""
         if name in self.frozen:
             return
+        if self.on_grad is not None:  # every tensor passed here gets one contribution per backward
+            self.on_grad(name, g)
+            return
         if name in self.grads:
             self.B.add_(self.grads[name], g)
         else:
             self.grads[name] = g
+
+    def _complete(self, name) -> None:
+        """A scatter-added gradient buffer is final: hand it to on_grad, if set, and drop it."""
+        if self.on_grad is not None and name in self.grads:
+            self.on_grad(name, self.grads.pop(name))
 
     def _grad_buffer(self, name):
         """The accumulation buffer for kernels that scatter-add into it (embeddings, head)."""
@@ -186,15 +206,31 @@ class GPT:
         x, emb_mask = self._dropout(x, train)
         acts = []
         for i in range(cfg.n_layers):
+            if keep and self.grad_checkpoint:
+                kept = {"x": x, "rng": self.rng.bit_generator.state}  # the block's input, its masks' seed
+                x, _ = self._block(i, x, attend, train)                                    # (N, d)
+                acts.append(kept)
+                continue
             x, a = self._block(i, x, attend, train)                                        # (N, d)
             if keep:
                 acts.append(a)
         lnf, lnf_mean, lnf_rstd = B.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])  # (N, d)
         cache = dict(tokens=tokens, positions=positions, cu=cu, max_len=max_len, emb_mask=emb_mask,
-                     acts=acts, x=x, lnf_mean=lnf_mean, lnf_rstd=lnf_rstd) if keep else None
+                     acts=acts, x=x, lnf_mean=lnf_mean, lnf_rstd=lnf_rstd, attend=attend,
+                     train=train) if keep else None
         return lnf, cache
 
     # ---- backward ----------------------------------------------------------------------------------
+    def _recompute(self, i, kept, c) -> dict:
+        """Block i's activations again, from the input the checkpointed forward kept: the same
+        kernels on the same input, with the dropout RNG put back to where it stood then, so every
+        value (masks included) equals the first forward's and the gradients are the plain path's."""
+        now = self.rng.bit_generator.state
+        self.rng.bit_generator.state = kept["rng"]
+        _, a = self._block(i, kept["x"], c["attend"], c["train"])
+        self.rng.bit_generator.state = now
+        return a
+
     def _backward(self, dlnf, c) -> None:
         """dlnf (N, d): gradient at the final layernorm's output. Accumulates into self.grads."""
         B, P, H = self.B, self.params, self.cfg.n_heads
@@ -205,6 +241,8 @@ class GPT:
         self._acc("ln_f.bias", db)
         for i in reversed(range(self.cfg.n_layers)):
             h, a = f"h.{i}.", c["acts"][i]
+            if "rng" in a:  # checkpointed: only the input was kept
+                a = self._recompute(i, a, c)
             # next x = x2 + dropout(mlp(ln_2(x2)))
             dx2, dfcproj = B.residual_backward(dx)                                         # (N, d)
             if a["fcproj_mask"] is not None:
@@ -255,6 +293,8 @@ class GPT:
                                  dx, c["tokens"], c["positions"])
             for n in self.frozen & {"wte.weight", "wpe.weight"}:
                 del self.grads[n]
+            self._complete("wte.weight")
+            self._complete("wpe.weight")
 
     # ---- the entry points ------------------------------------------------------------------------------
     def forward_backward(self, batch: PackedBatch, grad_scale: float | None = None):
@@ -279,6 +319,8 @@ class GPT:
                                              need_dh=True, lora=lora)
         if lora is not None:
             self.lora.head_backward(self, cache, dlnf)
+        if not self.cfg.tie_embeddings:  # a tied head's gradient still gets the embeddings' share
+            self._complete(head)
         self._backward(dlnf, cache)
         return self.B.item(loss_sum), n_valid
 

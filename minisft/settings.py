@@ -15,7 +15,9 @@ from pathlib import Path
 
 from .backends import AUTO, BACKENDS
 from .config import PRESETS
+from .backends.quant import OPTIM_STATES
 from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
+from .distributed import world_size_from_env
 from .errors import MinisftError
 from .optim import DECAY_CHOICES, SCHEDULES
 from .prompts import MASKS, STYLES
@@ -99,6 +101,14 @@ class Settings:
     # Distributed runs (torchrun; see minisft.distributed).
     dist_timeout: float = _s(600.0, "seconds a rank waits in a collective before it gives up on the others "
                                     "(longer than rank 0's longest solo stretch: a checkpoint, a sample)")
+    # ---- memory (minisft.memory): what a step holds, and the options that shrink it ----
+    grad_checkpoint: bool = _s(False, "activation checkpointing: keep only each block's input, recompute the block "
+                                      "in the backward (same gradients, about one more forward of compute)")
+    optim_state: str = _s("fp32", "AdamW moments: fp32, bf16 (stochastic rounding) or 8bit (block-wise "
+                                  "quantized); master weights stay float32", OPTIM_STATES)
+    fused_update: bool = _s(False, "update each tensor as soon as its gradient is complete in the backward, so no "
+                                   "full set of gradients is held (needs --grad-accum 1, no --grad-clip)")
+    memory_check: bool = _s(True, "refuse to start when the estimated memory exceeds what is available")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,6 +221,17 @@ def validate(s: Settings) -> Settings:
         bad("dtype", "bfloat16 needs --backend numba, torch or auto")
     if s.device not in (None, "cpu") and s.backend not in ("torch", "auto"):
         bad("device", f"{s.device!r} needs --backend torch")
+    if s.optim_state != "fp32" and s.dtype == "float64":
+        bad("optim_state", f"{s.optim_state} moments need float32 master weights: use --dtype float32 (or bfloat16 "
+                           "on torch)")
+    if s.fused_update and (s.grad_accum != 1 or s.grad_clip is not None):
+        bad("fused_update", "needs --grad-accum 1 and no --grad-clip: both need every gradient before any update")
+    if s.lora_rank is not None and (s.fused_update or s.optim_state != "fp32"):
+        bad("fused_update" if s.fused_update else "optim_state", "does not apply to LoRA runs: their gradients "
+            "and moments are the adapters', a few MB at most")
+    if world_size_from_env() > 1 and (s.fused_update or s.optim_state != "fp32"):
+        bad("fused_update" if s.fused_update else "optim_state", "is not supported in a distributed run yet: the "
+            "ranks reduce a full set of fp32-state gradients; run it in one process")
     if s.weights is not None and not Path(s.weights).exists():
         bad("weights", f"{s.weights} does not exist")
     if s.early_stop is not None and s.early_stop < 1:

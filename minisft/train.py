@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import distributed, lora, tokenizer
+from . import distributed, lora, memory, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import Loader, collate_examples, encode_records, long_records, load_splits
@@ -47,7 +47,7 @@ from .generate import generate, generate_responses
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
-from .pretrained import read_pretrained
+from .pretrained import read_hf_config, read_pretrained
 from .prompts import get_style
 from .rundir import RunLock, checkpoints, plan_run, start
 from .settings import Settings
@@ -124,25 +124,27 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
 
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
-    try:
-        model = GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device, params=weights)
-    except ImportError as e:  # a backend whose library is not installed here
-        raise MinisftError(f"setting backend: {s.backend} cannot run here ({e})") from None
-    del weights  # the model holds its own copy
-    if s.lora_rank is not None:
-        base = s.weights or (s.model if s.init == "pretrained" else None)
-        lora.attach(model, lora.lora_config(s), seed=s.seed, base_path=base)
     style = get_style(s.prompt_style)
     collate = dist.shard(partial(collate_examples, packed=True, allowed_max_length=max_len))
     train_ex = encode_records(split.train, style, s.mask_prompt)
     val_ex = encode_records(split.val, style, s.mask_prompt)
     train_ex, val_ex = (report_long(name, ex, recs, style, max_len, s, log)
                         for name, ex, recs in (("train", train_ex, split.train), ("val", val_ex, split.val)))
+    mem_plan = memory_plan(s, cfg, train_ex, log)  # refuses before the model takes its memory
+    try:
+        model = GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device, params=weights)
+    except ImportError as e:  # a backend whose library is not installed here
+        raise MinisftError(f"setting backend: {s.backend} cannot run here ({e})") from None
+    del weights  # the model holds its own copy
+    model.grad_checkpoint = s.grad_checkpoint
+    if s.lora_rank is not None:
+        base = s.weights or (s.model if s.init == "pretrained" else None)
+        lora.attach(model, lora.lora_config(s), seed=s.seed, base_path=base)
     loader = Loader(train_ex, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed, collate=collate)
     eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
     if len(loader) == 0:
         raise MinisftError(f"setting batch_size: {s.batch_size} is more than the {len(train_ex)} training records")
-    opt = AdamW(model, lr=s.lr, weight_decay=s.weight_decay, decay=s.decay)
+    opt = AdamW(model, lr=s.lr, weight_decay=s.weight_decay, decay=s.decay, state=s.optim_state)
     steps_per_epoch = math.ceil(len(loader) / s.grad_accum)
     total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
     log(f"model: {s.model or s.weights} ({cfg.n_layers} layers, d={cfg.emb_dim}, context {cfg.context_length}; "
@@ -204,22 +206,26 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
                         break
                     continue
                 empty_batches += sum(not b.num_valid for b in window)  # a batch with none adds nothing
-                model.zero_grad()
-                loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window if b.num_valid)
-                loss = dist.reduce_gradients(model, loss) / n_valid
-                grad_norm = clip_grad_norm(model, s.grad_clip)
+                lr = lr_at(step + 1, s.lr, s.schedule, s.warmup_steps, total_steps, s.min_lr)
+                if s.fused_update:  # each tensor updated in the backward (a bad loss is seen after it)
+                    loss, grad_norm = opt.fused_step(window[0], lr=lr)
+                else:
+                    model.zero_grad()
+                    loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window if b.num_valid)
+                    loss = dist.reduce_gradients(model, loss) / n_valid
+                    grad_norm = clip_grad_norm(model, s.grad_clip)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     last = checkpoints(out)
                     raise MinisftError(f"the training loss became {loss} (gradient norm {grad_norm}) at step "
                                        f"{step + 1}; stopping without updating the weights. The last good "
                                        f"checkpoint is {last[-1] if last else 'none (no step was saved yet)'}")
-                lr = lr_at(step + 1, s.lr, s.schedule, s.warmup_steps, total_steps, s.min_lr)
-                opt.step(lr=lr)
+                if not s.fused_update:
+                    opt.step(lr=lr)
                 step += 1
                 train_time += time.perf_counter() - t0
                 tokens_seen += n_tokens
                 emit(dict(kind="step", step=step, epoch=epoch + 1, loss=loss, lr=lr, tokens_seen=tokens_seen,
-                          grad_norm=grad_norm))
+                          grad_norm=grad_norm, **measured_memory(model)))
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):,.0f}")
                 bar.update(1)
                 if (step - 1) % s.eval_freq == 0:  # the book's global_step % eval_freq == 0
@@ -267,7 +273,8 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
     if empty_batches:
         log(f"{empty_batches} batches had no trained target (every target masked or cut off) and contributed nothing")
     return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
-                  dict(run, empty_batches=empty_batches))
+                  dict(run, empty_batches=empty_batches,
+                       memory_estimate_mb=round(sum(mem_plan.values()) / 2**20, 1)))
 
 def report_long(name, examples, records, style, max_len, s, log) -> list:
     """Say how many records max_len cuts and how many lose their whole response; drop them with
@@ -308,6 +315,47 @@ def resume_from(candidates, model, opt, log):
                        "--overwrite")
 
 
+# ---- memory --------------------------------------------------------------------------------------------
+def memory_plan(s: Settings, cfg: GPTConfig, train_ex, log=print) -> dict:
+    """Log the estimated memory per part for these settings (minisft.memory) and, with memory_check,
+    refuse when it exceeds what is available. Needs only the tokenized data, not the model."""
+    max_len = min(s.max_length, cfg.context_length)
+    lengths = [len(e.tokens) + 1 for e in train_ex]  # + the end-of-text each row gets
+
+    def estimate_with(**changes):
+        t = {**s.to_dict(), **changes}
+        tokens = memory.batch_tokens_bound(lengths, t["batch_size"], max_len)
+        return memory.estimate(cfg, tokens, s.dtype, t["optim_state"], t["grad_checkpoint"], t["fused_update"])
+
+    parts = estimate_with()
+    log(f"{memory.format_plan(parts)}\n  (micro-batches of at most "
+        f"{memory.batch_tokens_bound(lengths, s.batch_size, max_len)} tokens)")
+    if s.memory_check:
+        if s.backend == "torch" and (s.device or "").startswith("cuda"):  # the arrays live on the GPU
+            where, available = s.device, memory.cuda_available_bytes(s.device)
+        else:
+            where, available = "this machine", memory.available_bytes()
+        memory.check_fits(parts, available, where, s, estimate_with)
+    return parts
+
+
+def dry_run(s: Settings, log=print) -> dict:
+    """`minisft finetune --dry-run`: the data tokenized, the memory plan printed (and checked); no
+    model, no run directory."""
+    _, split = load_splits(s.data, s.cache_dir)
+    cfg = (read_hf_config(Path(s.weights) / "config.json") if s.model is None
+           else GPTConfig.preset(s.model, drop_rate=s.drop_rate))
+    return memory_plan(s, cfg, encode_records(split.train, get_style(s.prompt_style), s.mask_prompt), log)
+
+
+def measured_memory(model: GPT) -> dict:
+    """The peak memory so far, in MiB: the process's resident set, and torch's on a CUDA device."""
+    rec = dict(peak_rss_mb=round(memory.peak_rss_bytes() / 2**20, 1))
+    cuda = memory.cuda_peak_bytes(model.B)
+    if cuda is not None:
+        rec["cuda_peak_mb"] = round(cuda / 2**20, 1)
+    return rec
+
 
 def sample_text(model: GPT, style, record) -> str:
     """The book's generate_and_print_sample: greedy continuation of val[0]'s prompt, one line."""
@@ -340,7 +388,8 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
                    tokens_per_second=round(tokens_seen / train_time, 1) if train_time else None,
                    final_train_loss=evals[-1]["train_loss"] if evals else None,
                    final_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n, **run)
+                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n, **run,
+                   **measured_memory(model))
     write_json(out / "summary.json", summary, indent=2)
     losses = ", ".join(f"{what} loss {summary[key]:.3f}" for what, key in (
         ("train", "final_train_loss"), ("val", "final_val_loss")) if summary[key] is not None)

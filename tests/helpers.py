@@ -91,8 +91,14 @@ def settings(tmp_path, shared_data, **kw):
     return validate(Settings(**{**base, **kw}))
 
 
-def read_metrics(out):
-    return [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+# What a step record measures about the process (peak memory), not the run: a resumed run's
+# differ, so comparisons of runs leave them out.
+MEASURED = ("peak_rss_mb", "cuda_peak_mb")
+
+
+def read_metrics(out, measured=True):
+    records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    return records if measured else [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
 
 
 def quiet(*_):

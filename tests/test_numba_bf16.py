@@ -193,3 +193,19 @@ def test_lora_in_bfloat16_matches_float32_with_every_linear_and_the_frozen_head_
     assert set(g16) == set(g32) and any(n.startswith("lm_head") for n in g16)
     for n in g32:  # bf16 operands (8-bit mantissa): a few percent of the gradient's norm
         assert np.linalg.norm(g16[n] - g32[n]) <= 5e-2 * np.linalg.norm(g32[n]), n
+
+
+@pytest.mark.parametrize("state", ["bf16", "8bit"])
+def test_lean_moments_rewrite_the_bf16_weight_copies_the_matmuls_read(state):
+    from minisft import GPT, AdamW, GPTConfig, pack_sequences
+
+    model = GPT(GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_layers=1, n_heads=4), backend="numba",
+                dtype="bfloat16", seed=1)
+    opt = AdamW(model, lr=1e-2, state=state)
+    rng = np.random.default_rng(0)
+    model.forward_backward(pack_sequences([rng.integers(0, 97, 16)], [rng.integers(0, 97, 16)]))  # makes the copies
+    opt.step()
+    copies = [(ref(), bits) for ref, bits in model.B._w16.values() if ref() is not None]
+    assert copies
+    for w, bits in copies:
+        np.testing.assert_array_equal(bits, bf16.to_bf16(w))

@@ -22,6 +22,7 @@ from minisft.cli import main
 from minisft.files import write_json
 from minisft.rundir import LOCK, RunLock
 from tests.conftest import ROOT
+from tests.helpers import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def saved(data, tmp_path_factory) -> Path:
 
 
 def stepwise(out):
-    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return read_metrics(out, measured=False)
 
 
 # ---- 1. --resume compares every result-changing setting ------------------------------------------------

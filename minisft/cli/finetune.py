@@ -2,7 +2,7 @@
 minisft.settings, the loop in minisft.train)."""
 from ..rundir import saved_settings
 from ..settings import Settings, add_arguments, given, resolve
-from ..train import finetune
+from ..train import dry_run, finetune
 
 
 def run(args) -> int:
@@ -10,6 +10,9 @@ def run(args) -> int:
     # checked against the checkpoint by minisft.rundir).
     mine = given(args)
     base = saved_settings(mine.get("out", Settings.out)) if mine.get("resume") else None
+    if args.dry_run:
+        dry_run(resolve(args, base))
+        return 0
     finetune(resolve(args, base))
     return 0
 
@@ -18,4 +21,6 @@ def register(sub) -> None:
     p = sub.add_parser("finetune", help="instruction fine-tuning (the book's chapter 7 recipe by default)",
                        description=__doc__)
     add_arguments(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the estimated memory per part and whether it fits, then stop (no model, no run)")
     p.set_defaults(func=run)

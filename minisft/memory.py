@@ -1,0 +1,148 @@
+"""Memory: what a fine-tuning step holds, estimated part by part before any work, and measured.
+
+The estimate counts the arrays the engine allocates (float32 unless the model is float64):
+
+    weights      every parameter
+    gradients    every trained parameter (the backward accumulates whole-tensor gradients); with
+                 --fused-update only the largest scatter-added buffer (the head, or wte + wpe) and
+                 one block's gradients at a time
+    moments      AdamW's m and v: 8 bytes per trained parameter in fp32, 4 in bf16, 2 in 8-bit
+                 (+ one float32 scale per block of 2048 values for each)
+    activations  what the forward keeps for the backward, at the largest micro-batch's token count
+                 N: per block and position 16 d floats (x, ln_1, qkv 3d, attention output, x2, ln_2,
+                 fc 4d, GELU 4d), +2 d with dropout masks; with --grad-checkpoint only the block's
+                 input (d) plus one recomputed block at a time
+    scratch      the backward's transients (one block's activation gradients, about 12 N d), the head's
+                 logit chunk and its weight-gradient scratch (V x d)
+    runtime      the interpreter, numpy/numba/BLAS and compiled kernels: a measured constant
+
+The measured figure is the whole process's peak resident set (getrusage), and on CUDA torch's peak
+allocated device memory.
+"""
+import math
+import os
+import resource
+import sys
+
+from .backends.quant import n_blocks
+from .config import GPTConfig
+from .errors import MinisftError
+from .model import param_shapes
+
+GB = 1e9
+RUNTIME_BYTES = 0.45e9      # measured: a gpt2-tiny numba run's peak RSS less its arrays
+ACT_FLOATS = 16             # floats per position per block kept for the backward (module doc)
+SCRATCH_FLOATS = 12         # floats per position in one block's backward transients
+HEAD_CHUNK_BYTES = 128 * 2**20  # the numba head's logit chunk (the numpy/torch heads use less)
+MOMENT_BYTES = {"fp32": None, "bf16": 2, "8bit": 1}  # bytes per moment value (fp32: the weights' size)
+
+
+def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", grad_checkpoint=False,
+             fused_update=False, trained=None) -> dict:
+    """Estimated bytes per part (module doc) for a step over `tokens` positions. trained: the names
+    that get gradients and moments (default: all)."""
+    shapes = param_shapes(cfg)
+    trained = list(shapes) if trained is None else list(trained)
+    width = 8 if dtype == "float64" else 4   # weights, gradients, activations (bfloat16 stores float32)
+    n_all = sum(math.prod(s) for s in shapes.values())
+    sizes = [math.prod(shapes[n]) for n in trained]
+    n_trained = sum(sizes)
+    if fused_update:
+        block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("h.0."))
+        buffers = max(math.prod(shapes["wte.weight"]) + math.prod(shapes["wpe.weight"]),
+                      math.prod(shapes.get("lm_head.weight", (0,))))
+        grads = min(n_trained, buffers + block)
+    else:
+        grads = n_trained
+    if optim_state == "fp32":
+        moments = 2 * n_trained * width
+    else:
+        moments = 2 * (n_trained * MOMENT_BYTES[optim_state]
+                       + (4 * sum(n_blocks(s) for s in sizes) if optim_state == "8bit" else 0))
+    d, L = cfg.emb_dim, cfg.n_layers
+    per_block = ACT_FLOATS + (2 if cfg.drop_rate > 0 else 0)
+    kept = L * tokens * d + tokens * d * per_block if grad_checkpoint else L * tokens * d * per_block
+    head = cfg.vocab_size * d * width + min(HEAD_CHUNK_BYTES, tokens * cfg.vocab_size * width)
+    return dict(weights=n_all * width, gradients=grads * width, moments=moments,
+                activations=(kept + 4 * tokens * d) * width,   # + embeddings, final layernorm, dh, dlnf
+                scratch=SCRATCH_FLOATS * tokens * d * width + head, runtime=RUNTIME_BYTES)
+
+
+def batch_tokens_bound(lengths, batch_size: int, max_len: int) -> int:
+    """The most positions any micro-batch can hold: its batch_size longest examples, each truncated
+    to max_len (packed batches hold no padding)."""
+    longest = sorted((min(n, max_len) for n in lengths), reverse=True)[:batch_size]
+    return int(sum(longest))
+
+
+def available_bytes() -> int | None:
+    """Memory a new allocation can get without swapping: MemAvailable on Linux, else physical RAM."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cuda_available_bytes(device: str) -> int:
+    import torch  # only for a torch run on CUDA
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return free
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cuda_peak_bytes(backend) -> int | None:
+    """torch's peak allocated memory on the backend's CUDA device, None for any other backend."""
+    device = getattr(backend, "device", None)
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def format_plan(parts: dict) -> str:
+    total = sum(parts.values())
+    rows = [f"  {name:<12} {b / GB:8.2f} GB" for name, b in parts.items()]
+    return "\n".join(["estimated memory per part:"] + rows + [f"  {'total':<12} {total / GB:8.2f} GB"])
+
+
+def check_fits(parts: dict, available: int | None, where: str, settings, estimate_with) -> None:
+    """Raise MinisftError naming what to change when the parts do not fit in `available` bytes.
+    estimate_with(**changes) re-estimates with other settings, for the suggestions."""
+    total = sum(parts.values())
+    if available is None or total <= available:
+        return
+    tips = []
+    if not settings.grad_checkpoint:
+        alt = estimate_with(grad_checkpoint=True)
+        tips.append(f"--grad-checkpoint (activations {parts['activations'] / GB:.1f} -> "
+                    f"{alt['activations'] / GB:.1f} GB, about 1/3 more compute)")
+    if not settings.fused_update and settings.grad_accum == 1 and settings.grad_clip is None:
+        alt = estimate_with(fused_update=True)
+        tips.append(f"--fused-update (gradients {parts['gradients'] / GB:.1f} -> {alt['gradients'] / GB:.1f} GB)")
+    if settings.optim_state != "8bit":
+        alt = estimate_with(optim_state="8bit")
+        tips.append(f"--optim-state 8bit (moments {parts['moments'] / GB:.1f} -> {alt['moments'] / GB:.1f} GB)")
+    if settings.batch_size > 1:
+        half = settings.batch_size // 2
+        alt = estimate_with(batch_size=half)
+        tips.append(f"--batch-size {half} --grad-accum {settings.grad_accum * 2} (the same optimizer step; "
+                    f"activations -> {alt['activations'] / GB:.1f} GB)")
+    fusable = settings.grad_accum == 1 and settings.grad_clip is None
+    best = estimate_with(grad_checkpoint=True, optim_state="8bit", fused_update=fusable or settings.fused_update)
+    tips.append(f"all of these but the batch split: {sum(best.values()) / GB:.1f} GB")
+    raise MinisftError(f"setting memory_check: the run needs an estimated {total / GB:.1f} GB ("
+                       + ", ".join(f"{k} {b / GB:.1f}" for k, b in parts.items())
+                       + f") but {where} has {available / GB:.1f} GB available. Try: " + "; ".join(tips)
+                       + ". Or pass --no-memory-check to start anyway")
