@@ -428,40 +428,29 @@ def _attention_bwd(dout, qkv, out, lse, cu, H, dqkv):
 
 # ---- fused softmax + cross-entropy over a chunk of logits rows -----------------------------------
 @njit(fastmath=FAST, **jit)
-def _row_max(row):
+def _softmax_row_(row, t):
+    # row <- exp(row - max(row)) in place (softmax's numerators) -> (loss, their sum): the row's
+    # cross-entropy logsumexp(row) - row[t] (float64) and the normaliser the gradient divides by.
+    lt = row[t]
     mx = row[0]
     for j in range(1, row.shape[0]):
         mx = max(mx, row[j])
-    return mx
-
-
-@njit(fastmath=FAST, **jit)
-def _exp_row_(row, mx):
-    # row <- exp(row - mx) in place (softmax's numerators); returns their sum (float64)
     tot = 0.0
     for j in range(row.shape[0]):
         e = _exp(row[j] - mx)
         row[j] = e
         tot += e
-    return tot
+    return math.log(tot) - (lt - mx), tot
 
 
 @njit(parallel=True, fastmath=FAST, **jit)
 def _xent(logits, targets, losses, grad, scale):
-    # losses[r] = logsumexp(logits_r) - logits_r[t_r] (float64). With grad, logits_r is overwritten
-    # in place by scale * (softmax(logits_r) - onehot(t_r)).
+    # losses[r] = logsumexp(logits_r) - logits_r[t_r] (float64). logits is scratch: with grad, logits_r
+    # ends as scale * (softmax(logits_r) - onehot(t_r)), without it as the softmax's numerators.
     R, V = logits.shape
     for r in prange(R):
         t = targets[r]
-        lt = logits[r, t]
-        mx = _row_max(logits[r])
-        if grad:
-            tot = _exp_row_(logits[r], mx)
-        else:
-            tot = 0.0
-            for j in range(V):
-                tot += _exp(logits[r, j] - mx)
-        losses[r] = math.log(tot) - (lt - mx)
+        losses[r], tot = _softmax_row_(logits[r], t)
         if grad:
             f = logits.dtype.type(scale / tot)
             for j in range(V):
@@ -476,10 +465,7 @@ def _xent_bf16(logits, targets, losses, scale, grad16):
     R, V = logits.shape
     for r in prange(R):
         t = targets[r]
-        lt = logits[r, t]
-        mx = _row_max(logits[r])
-        tot = _exp_row_(logits[r], mx)
-        losses[r] = math.log(tot) - (lt - mx)
+        losses[r], tot = _softmax_row_(logits[r], t)
         f = logits.dtype.type(scale / tot)
         for j in range(V):
             grad16[r, j] = bf16.bf16_round(logits[r, j] * f)

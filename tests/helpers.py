@@ -101,6 +101,23 @@ def read_metrics(out, measured=True):
     return records if measured else [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
 
 
+def interrupted_run(s, monkeypatch, at_step: int) -> None:
+    """Run finetune(s) and Ctrl-C it inside optimizer step at_step (the loop sees a KeyboardInterrupt)."""
+    from minisft.optim import AdamW
+    from minisft.train import finetune
+    real_step, calls = AdamW.step, []
+
+    def step_then_interrupt(self, *a, **k):
+        calls.append(1)
+        if len(calls) == at_step:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(AdamW, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(s, log=quiet)
+    monkeypatch.setattr(AdamW, "step", real_step)
+
+
 def quiet(*_):
     pass
 

@@ -16,10 +16,8 @@ from minisft import lora
 from minisft.errors import MinisftError
 from minisft.settings import Settings, validate
 from minisft.train import checkpoints, finetune
-from tests.helpers import ALL_BACKENDS, backend_or_skip, rel_err
-from tests.helpers import fd_check
-from tests.helpers import book_like_batch
-from tests.helpers import quiet, read_metrics, settings
+from tests.helpers import (ALL_BACKENDS, backend_or_skip, book_like_batch, fd_check, interrupted_run, quiet, read_metrics,
+                           rel_err, settings)
 
 CFG = dict(vocab_size=50257, context_length=32, emb_dim=32, n_layers=2, n_heads=4)
 EVERY_TARGET = ("c_attn.q", "c_attn.v", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head")
@@ -200,17 +198,7 @@ def test_lora_run_resumes_bitwise_and_its_checkpoints_hold_only_adapters(tmp_pat
     whole = settings(tmp_path / "whole", shared_data, **kw)
     finetune(whole, log=quiet)
     part = settings(tmp_path / "part", shared_data, **kw)
-    real_step, calls = AdamW.step, []
-
-    def step_then_interrupt(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 4:  # Ctrl-C in step 4: the last checkpoint is step 2
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-    monkeypatch.setattr(AdamW, "step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(part, log=quiet)
-    monkeypatch.setattr(AdamW, "step", real_step)
+    interrupted_run(part, monkeypatch, at_step=4)  # Ctrl-C in step 4: the last checkpoint is step 2
     finetune(validate(Settings(**{**part.to_dict(), "resume": True})), log=quiet)
     assert read_metrics(part.out, False) == read_metrics(whole.out, False)
 

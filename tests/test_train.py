@@ -15,7 +15,7 @@ from minisft.errors import MinisftError
 from minisft.settings import Settings, validate
 from minisft.train import checkpoints, finetune
 from tests.conftest import ROOT
-from tests.helpers import quiet, read_metrics, settings
+from tests.helpers import interrupted_run, quiet, read_metrics, settings
 
 
 def test_twenty_book_steps_match_a_pytorch_autograd_loop(tmp_path, shared_data):
@@ -73,18 +73,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, shared_d
     finetune(whole, log=quiet)
 
     part = settings(tmp_path / "part", shared_data, **kw)
-    from minisft.optim import AdamW
-    real_step, calls = AdamW.step, []
-
-    def step_then_interrupt(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 8:  # Ctrl-C in the middle of step 8: the last checkpoint is step 6
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-    monkeypatch.setattr(AdamW, "step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(part, log=quiet)
-    monkeypatch.setattr(AdamW, "step", real_step)
+    interrupted_run(part, monkeypatch, at_step=8)  # Ctrl-C in the middle of step 8: the last checkpoint is step 6
     assert [p.name for p in checkpoints(tmp_path / "part" / "run")] == ["step-000003.h5", "step-000006.h5"]
     assert len(read_metrics(part.out)) > len([r for r in read_metrics(part.out) if r["step"] <= 6])
 
