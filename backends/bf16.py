@@ -1,17 +1,22 @@
-"""bfloat16 GEMMs for the numba backend without torch: oneDNN's dnnl_gemm_bf16bf16f32 through ctypes.
+"""bfloat16 GEMMs for the numba backend without torch: oneDNN's matmul primitive through ctypes.
 
 bfloat16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa bits), so an array of them
 is a uint16 array here: `to_bf16` rounds float32 to nearest-even into those bits, and `gemm`
 multiplies two such arrays into a float32 result, with float32 accumulation (the library's
 contract). On a CPU with AVX512_BF16 (VDPBF16PS: 32 bf16 products per instruction, twice float32's
-16 FMAs) or AMX-BF16 tiles this runs 2-4x faster than float32 sgemm.
+16 FMAs) or AMX-BF16 tiles this runs 2-8x faster than float32 sgemm.
 
 Why oneDNN (pip extra minisft[bf16]: the `onednn-cpu-gomp` wheel, 39 MB, the library and nothing else,
 threaded by the system's GNU OpenMP): measured here (BENCHMARKS.md) on the step's shapes it ran at
 2-4x numpy's float32 sgemm, where oneMKL's cblas_gemm_bf16bf16f32 (the `mkl` wheel, 229 MB) ran
-slower than float32: on this AMD EPYC MKL takes no AVX512_BF16 code path, oneDNN picks its kernels
-from the CPU's feature bits whatever the vendor. dnnl_gemm_bf16bf16f32 is row-major and exported
-beside the documented dnnl_sgemm with the same argument order.
+slower than float32: on an AMD EPYC MKL takes no AVX512_BF16 code path, oneDNN picks its kernels
+from the CPU's feature bits whatever the vendor.
+
+Why the matmul primitive, not oneDNN's one-call dnnl_gemm_bf16bf16f32: the primitive runs the
+brgemm kernels (AMX tiles where the CPU has them), the gemm call an older path. Measured on a
+Sapphire Rapids-class Xeon, one thread, the step's shapes: 1.1-1.5 TFLOP/s against 0.5-1.4, and 2x
+on the weight gradients (x.T @ dy, a transposed left operand). A primitive is built once per shape,
+layout and beta (1-3 ms, JIT code included) and kept in a bounded cache.
 
 Nothing here runs at import: `problem()` says why bf16 cannot run (CPU, library), `gemm` loads the
 library on first use.
@@ -21,6 +26,7 @@ import ctypes.util
 import functools
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +58,90 @@ def _candidates() -> list:
     return [p for p in here if Path(p).exists()] + ([found] if found else [])
 
 
+# The few oneDNN C API values used here (oneapi/dnnl/dnnl_types.h, stable across oneDNN 3.x).
+DNNL_CPU, DNNL_STREAM_IN_ORDER = 1, 1           # dnnl_engine_kind_t, dnnl_stream_flags_t
+DNNL_BF16, DNNL_F32 = 2, 3                      # dnnl_data_type_t
+ARG_SRC, ARG_DST, ARG_WEIGHTS = 1, 17, 33       # DNNL_ARG_*
+DIMS = ctypes.c_int64 * 12                      # dnnl_dims_t (DNNL_MAX_NDIMS = 12)
+CACHE_SHAPES = 256                              # primitives kept: ~16 per distinct token count in a step
+
+
+class _ExecArg(ctypes.Structure):               # dnnl_exec_arg_t
+    _fields_ = [("arg", ctypes.c_int), ("memory", ctypes.c_void_p)]
+
+
+def _check(status, what):
+    if status != 0:
+        raise RuntimeError(f"oneDNN {what} failed with status {status}")
+
+
+class _Dnnl:
+    """The loaded library with one CPU engine and stream."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.engine, self.stream = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(lib.dnnl_engine_create(ctypes.byref(self.engine), DNNL_CPU, ctypes.c_size_t(0)), "engine_create")
+        _check(lib.dnnl_stream_create(ctypes.byref(self.stream), self.engine, ctypes.c_uint(DNNL_STREAM_IN_ORDER)),
+               "stream_create")
+        self.lock = threading.Lock()  # set_data_handle + execute on shared memory objects: one call at a time
+
+    def desc(self, shape, strides, dtype):
+        md = ctypes.c_void_p()
+        _check(self.lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), 2, DIMS(*shape), dtype, DIMS(*strides)),
+               "memory_desc_create_with_strides")
+        return md
+
+
+class _Matmul:
+    """One matmul primitive, dst (M, N) f32 = src (M, K) bf16 @ weights (K, N) bf16 [+ beta * dst],
+    for fixed shapes and element strides, with its three memory objects (their data pointers are set
+    per call)."""
+
+    def __init__(self, dn, a_shape, a_strides, b_shape, b_strides, c_shape, beta):
+        self.dn, lib = dn, dn.lib
+        descs = [dn.desc(a_shape, a_strides, DNNL_BF16), dn.desc(b_shape, b_strides, DNNL_BF16),
+                 dn.desc(c_shape, (c_shape[1], 1), DNNL_F32)]
+        attr, post_ops, pd = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "primitive_attr_create")
+        if beta:  # dst = a @ b + beta * dst: the "sum" post-op
+            _check(lib.dnnl_post_ops_create(ctypes.byref(post_ops)), "post_ops_create")
+            _check(lib.dnnl_post_ops_append_sum(post_ops, ctypes.c_float(beta), ctypes.c_int32(0), 0), "append_sum")
+            _check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops), "set_post_ops")
+        _check(lib.dnnl_matmul_primitive_desc_create(ctypes.byref(pd), dn.engine, descs[0], descs[1], None, descs[2],
+                                                     attr), "matmul_primitive_desc_create")
+        self.prim = ctypes.c_void_p()
+        _check(lib.dnnl_primitive_create(ctypes.byref(self.prim), pd), "primitive_create")
+        self.mems = []
+        for md in descs:
+            mem = ctypes.c_void_p()
+            _check(lib.dnnl_memory_create(ctypes.byref(mem), md, dn.engine, None), "memory_create")
+            self.mems.append(mem)
+        self.args = (_ExecArg * 3)(*(_ExecArg(k, m) for k, m in zip((ARG_SRC, ARG_WEIGHTS, ARG_DST), self.mems)))
+        lib.dnnl_primitive_desc_destroy(pd)  # the primitive keeps what it needs
+        lib.dnnl_primitive_attr_destroy(attr)
+        if post_ops:
+            lib.dnnl_post_ops_destroy(post_ops)
+        for md in descs:
+            lib.dnnl_memory_desc_destroy(md)
+
+    def __call__(self, a, b, out):
+        lib = self.dn.lib
+        with self.dn.lock:
+            for mem, x in zip(self.mems, (a, b, out)):
+                _check(lib.dnnl_memory_set_data_handle(mem, ctypes.c_void_p(x.ctypes.data)), "set_data_handle")
+            _check(lib.dnnl_primitive_execute(self.prim, self.dn.stream, 3, self.args), "primitive_execute")
+            _check(lib.dnnl_stream_wait(self.dn.stream), "stream_wait")
+
+    def __del__(self):
+        for mem in self.mems:
+            self.dn.lib.dnnl_memory_destroy(mem)
+        self.dn.lib.dnnl_primitive_destroy(self.prim)
+
+
 @functools.cache
 def _lib():
-    """The loaded library with gemm's signature set, or the reason it cannot be loaded (a str)."""
+    """The loaded library (a _Dnnl), or the reason it cannot be used (a str)."""
     paths = _candidates()
     if not paths:
         return f"oneDNN (libdnnl) is not installed: {INSTALL}"
@@ -63,13 +150,10 @@ def _lib():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         lib = ctypes.CDLL(paths[0])
-        fn = lib.dnnl_gemm_bf16bf16f32
-    except (OSError, AttributeError) as e:
+        lib.dnnl_matmul_primitive_desc_create  # noqa: B018 (raises AttributeError if absent: oneDNN < 3.0)
+        return _Dnnl(lib)
+    except (OSError, AttributeError, RuntimeError) as e:
         return f"oneDNN at {paths[0]} cannot be used ({e}): {INSTALL}"
-    i64, ptr, f32, ch = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_char
-    fn.argtypes = [ch, ch, i64, i64, i64, f32, ptr, i64, ptr, i64, f32, ptr, i64]
-    fn.restype = ctypes.c_int
-    return lib
 
 
 @functools.cache
@@ -83,31 +167,32 @@ def problem() -> str | None:
     return lib if isinstance(lib, str) else None
 
 
-def _operand(x):
-    """A 2-D bf16 operand as (transpose flag, leading dimension): row-major, or the transpose of one."""
+def _strides(x):
+    """A 2-D bf16 operand's element strides: row-major, or the transpose of a row-major array."""
     if x.dtype != np.uint16 or x.ndim != 2:
         raise ValueError(f"bf16 gemm: operands are 2-D uint16 bf16 bits, got {x.dtype} of shape {x.shape}")
     if x.flags.c_contiguous:
-        return b"N", x.shape[1]
+        return (x.shape[1], 1)
     if x.T.flags.c_contiguous:
-        return b"T", x.shape[0]
+        return (1, x.shape[0])
     raise ValueError(f"bf16 gemm: an operand must be contiguous or a transposed contiguous array, strides {x.strides}")
+
+
+@functools.lru_cache(maxsize=CACHE_SHAPES)
+def _matmul(a_shape, a_strides, b_shape, b_strides, c_shape, beta):
+    return _Matmul(_lib(), a_shape, a_strides, b_shape, b_strides, c_shape, beta)
 
 
 def gemm(a, b, out, beta: float = 0.0) -> None:
     """out = a @ b + beta * out, numpy semantics: a (M, K) and b (K, N) bf16 bits, either may be the
     .T view of a contiguous array; out (M, N) C-contiguous float32, written in place."""
-    lib = _lib()
-    if isinstance(lib, str):
-        raise RuntimeError(lib)
+    dn = _lib()
+    if isinstance(dn, str):
+        raise RuntimeError(dn)
     (M, K), (K2, N) = a.shape, b.shape
     if K != K2 or out.shape != (M, N) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"bf16 gemm: {a.shape} @ {b.shape} into {out.dtype} {out.shape}")
-    (ta, lda), (tb, ldb) = _operand(a), _operand(b)
-    status = lib.dnnl_gemm_bf16bf16f32(ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
-                                       beta, out.ctypes.data, N)
-    if status != 0:
-        raise RuntimeError(f"dnnl_gemm_bf16bf16f32 failed with status {status} on {a.shape} @ {b.shape}")
+    _matmul(a.shape, _strides(a), b.shape, _strides(b), out.shape, float(beta))(a, b, out)
 
 
 # ---- float32 <-> bfloat16 bits ------------------------------------------------------------------
