@@ -13,7 +13,8 @@ All kernels work on the packed layout of `minisft.batch.PackedBatch`: one flat s
 
 Backward kernels return fresh gradients (they do not accumulate), except `embedding_backward` and
 the head weight gradient of `head_loss`, which add into the buffers they are given, because the
-embeddings' gradient is a scatter and a tied head shares its weight with the token embedding.
+embeddings' gradient is a scatter and a tied head shares its weight with the token embedding. The
+head can also write its buffer outright (`dw_fresh`), so a new gradient needs no zeroing pass.
 
 This module documents the contract; `numpy_backend.NumpyBackend` is the reference implementation
 written to be read, and every other backend is tested against it.
@@ -32,6 +33,7 @@ class Backend(Protocol):
     def index(self, x) -> Array: ...                 # integer arrays (token ids, offsets)
     def to_numpy(self, x): ...                       # any array -> np.ndarray (float64 stays float64)
     def zeros_like(self, x) -> Array: ...
+    def empty_like(self, x) -> Array: ...            # uninitialised: for a buffer written before it is read
     def add_(self, dst, src) -> None: ...            # dst += src in place (gradient accumulation)
     def rng(self, seed: int): ...                    # a seeded RNG for init and dropout masks
     def item(self, x) -> float: ...                  # a 0-d array -> Python float (a host sync)
@@ -96,13 +98,14 @@ class Backend(Protocol):
 
     # ---- output head fused with cross-entropy ----------------------------------------------------
     def head_loss(self, h, w, targets, dw=None, grad_scale: float = 1.0, need_dh: bool = False,
-                  lora=None) -> tuple[Array, int, Array | None]:
+                  lora=None, dw_fresh: bool = False) -> tuple[Array, int, Array | None]:
         """h (N, d), w (V, d), targets (N,) with -100 ignored: a host (numpy) int array, as the model
         passes it, so a device backend finds and counts the valid rows without a device sync.
 
         Returns (loss_sum, n_valid, dh): the summed cross-entropy over valid targets (a 0-d array),
         their count, and dh (N, d) = grad_scale * d(loss_sum)/dh. When dw (V, d) is given, the
-        head weight gradient grad_scale * d(loss_sum)/dw is added into it; when dw is None no
+        head weight gradient grad_scale * d(loss_sum)/dw is added into it (dw_fresh: written into
+        it, whatever it held, as into a buffer from empty_like); when dw is None no
         gradient is computed at all (evaluation) and dh is None. Logits exist only for rows with a
         valid target, a chunk of rows at a time: the (N, V) matrix is never held.
 

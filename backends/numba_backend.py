@@ -700,16 +700,19 @@ class NumbaBackend(NumpyBackend):
         return dx
 
     # ---- fused head + cross-entropy ----------------------------------------------------------
-    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None):
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None, dw_fresh=False):
         rows = np.flatnonzero(targets != IGNORE)              # (M,) only these rows need logits
+        if dw is not None and dw_fresh and len(rows) == 0:
+            _fill(_flat(dw), dw.dtype.type(0.0))
         V = w.shape[0]
         chunk = max(1, HEAD_CHUNK_BYTES // (V * self.np_dtype.itemsize))
         grad = dw is not None or need_dh
         dh = np.zeros(h.shape, dtype=h.dtype) if grad else None  # (N, d)
         logits_buf = self._empty((min(chunk, len(rows)), V))  # (R, V) each chunk's logits, then their grads
         if self.bf16:
-            return self._head_loss_bf16(h, w, targets, rows, chunk, dw, dh, logits_buf, grad_scale, lora)
-        dw_part = self._empty(dw.shape) if dw is not None else None  # (V, d) one chunk's dW
+            return self._head_loss_bf16(h, w, targets, rows, chunk, dw, dh, logits_buf, grad_scale, lora, dw_fresh)
+        one_write = dw_fresh and len(rows) <= chunk          # one chunk writing a fresh dw: no partial
+        dw_part = self._empty(dw.shape) if dw is not None and not one_write else None  # (V, d) a chunk's dW
         loss_sum = 0.0
         for c in range(0, len(rows), chunk):
             r = rows[c:c + chunk]                             # (R,)
@@ -724,7 +727,9 @@ class NumbaBackend(NumpyBackend):
             if not grad:
                 continue
             dh[r] = logits @ w                                # (R, d)
-            if dw is not None:
+            if dw is not None and dw_fresh and c == 0:
+                np.matmul(logits.T, hr, out=dw)               # (V, d) the first chunk writes dw outright
+            elif dw is not None:
                 np.matmul(logits.T, hr, out=dw_part)          # (V, d)
                 _add_(_flat(dw), dw_part.ravel())
             if lora is not None:                              # undoes logits += u @ b
@@ -732,10 +737,11 @@ class NumbaBackend(NumpyBackend):
                 self.add_(lora[3], lora[0][r].T @ logits)     # db (r, V)
         return np.float64(loss_sum), len(rows), dh
 
-    def _head_loss_bf16(self, h, w, targets, rows, chunk, dw, dh, logits_buf, grad_scale, lora):
+    def _head_loss_bf16(self, h, w, targets, rows, chunk, dw, dh, logits_buf, grad_scale, lora, dw_fresh):
         # head_loss with bf16 matmuls: the gradient leaves _xent_bf16 as bf16 bits, and the weight
-        # gradient accumulates straight into dw (beta = 1), with no per-chunk dW buffer to add. The
-        # head's LoRA adapter (rank r, small) stays in float32 on both sides.
+        # gradient accumulates straight into dw (beta = 1; beta = 0 for a fresh dw's first chunk),
+        # with no per-chunk dW buffer to add. The head's LoRA adapter (rank r, small) stays in
+        # float32 on both sides.
         w16 = self._bf16_weight(w)                            # (V, d) bits
         grad16 = np.empty(logits_buf.shape, dtype=np.uint16) if dh is not None else None  # (R, V)
         loss_sum = 0.0
@@ -756,7 +762,7 @@ class NumbaBackend(NumpyBackend):
                 bf16.gemm(g16, w16, dhr)                      # dh = dlogits @ w
                 dh[r] = dhr
                 if dw is not None:
-                    bf16.gemm(g16.T, hr16, dw, beta=1.0)      # dw += dlogits.T @ h
+                    bf16.gemm(g16.T, hr16, dw, beta=0.0 if dw_fresh and c == 0 else 1.0)  # dw += dlogits.T @ h
                 if lora is not None:                          # undoes logits += u @ b
                     dlogits = bf16.from_bf16(g16)             # (R, V) float32
                     lora[2][r] = dlogits @ lora[1].T          # du (R, r)

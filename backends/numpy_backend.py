@@ -56,6 +56,9 @@ class NumpyBackend:
     def zeros_like(self, x):
         return np.zeros(x.shape, dtype=x.dtype)
 
+    def empty_like(self, x):
+        return np.empty(x.shape, dtype=x.dtype)
+
     def rng(self, seed):
         return np.random.default_rng(seed)
 
@@ -225,8 +228,10 @@ class NumpyBackend:
     # rows at a time goes logits -> softmax -> loss -> dlogits -> dh, dw, and only rows with a target.
     # need_dh: dh even without dw (a frozen head); lora = (u, b, du, db): the head's adapter,
     # logits += u @ b with u = dropout(h) @ A * scale computed by the caller (lora_down_forward).
-    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None):
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None, dw_fresh=False):
         rows = np.flatnonzero(targets != -100)        # (M,) only these rows need logits
+        if dw is not None and dw_fresh:
+            dw[...] = 0.0                             # a fresh buffer: here, simply cleared first
         loss_sum = 0.0
         grad = dw is not None or need_dh
         dh = np.zeros_like(h) if grad else None       # (N, d) ignored rows get no gradient

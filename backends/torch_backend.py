@@ -358,6 +358,9 @@ class TorchBackend:
     def zeros_like(self, x):
         return torch.zeros_like(x)
 
+    def empty_like(self, x):
+        return torch.empty_like(x)
+
     def rng(self, seed):
         return np.random.default_rng(seed)
 
@@ -517,7 +520,7 @@ class TorchBackend:
 
     # ---- fused output head + cross-entropy --------------------------------------------------------
     @torch.no_grad()
-    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None):
+    def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None, dw_fresh=False):
         if torch.is_tensor(targets):  # a device array costs a copy back (a sync): pass the host one
             targets = targets.cpu().numpy()
         targets = np.asarray(targets)
@@ -558,10 +561,14 @@ class TorchBackend:
                 ldb.add_((ur.T @ dlogits).to(ldb.dtype))          # (r, V)
             if dw is None:
                 continue
-            if dw.dtype == dlogits.dtype:
+            if dw_fresh and c == 0:                               # the first chunk writes dw outright
+                torch.mm(dlogits.T, hr, out=dw) if dw.dtype == dlogits.dtype else dw.copy_(dlogits.T @ hr)
+            elif dw.dtype == dlogits.dtype:
                 dw.addmm_(dlogits.T, hr)                          # (V, d)
             else:
                 dw.add_(dlogits.T @ hr)                           # bfloat16 product into float32
+        if dw is not None and dw_fresh and len(rows) == 0:
+            dw.zero_()
         return loss_sum, len(rows), dh
 
     @torch.no_grad()

@@ -312,11 +312,15 @@ class GPT:
         lnf, cache = self._forward(batch, train=True, keep=True)
         head = self.head_name
         # A frozen head still passes gradient to the hidden states (need_dh); its own dW is never computed.
-        dw = None if head in self.frozen else self._grad_buffer(head)
+        # A new gradient buffer is left uninitialised: the head writes it (dw_fresh), no zeroing pass.
+        dw_fresh = head not in self.frozen and head not in self.grads
+        if dw_fresh:
+            self.grads[head] = self.B.empty_like(self.params[head])
+        dw = None if head in self.frozen else self.grads[head]
         lora = self.lora.head_forward(self, lnf, cache) if self.lora is not None else None
         # The targets stay on the host: the backend picks the valid rows there, without a device sync.
         loss_sum, _, dlnf = self.B.head_loss(lnf, self.params[head], batch.targets, dw=dw, grad_scale=scale,
-                                             need_dh=True, lora=lora)
+                                             need_dh=True, lora=lora, dw_fresh=dw_fresh)
         if lora is not None:
             self.lora.head_backward(self, cache, dlnf)
         if not self.cfg.tie_embeddings:  # a tied head's gradient still gets the embeddings' share

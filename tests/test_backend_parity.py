@@ -181,6 +181,33 @@ def test_fused_head_loss_and_logits_match_numpy_with_ignored_targets(pair, rng, 
     check(R, B, *run_both(R, B, "head_logits", h, w, arrays=(0, 1)), "head_logits")
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_head_loss_writes_a_fresh_dw_outright_as_if_it_had_held_zeros(backend, dtype, rng, monkeypatch):
+    """dw_fresh: the buffer's old contents (NaN here) never reach the result, with one row chunk or
+    several (64 rows at a time), and the result is bit for bit the zero-initialised one's."""
+    from minisft.backends import numba_backend, numpy_backend
+    X = backend_or_skip(backend, dtype)
+    V, n_rows = 300, 250
+    h, w = rng.normal(size=(n_rows, D)), rng.normal(size=(V, D)) * 0.3
+    targets = rng.integers(0, V, n_rows)
+    targets[rng.random(n_rows) < 0.2] = -100                                              # ~200 valid rows
+    for rows_per_chunk in (n_rows, 64):
+        monkeypatch.setattr(numpy_backend, "HEAD_CHUNK_ROWS", rows_per_chunk)
+        monkeypatch.setattr(numba_backend, "HEAD_CHUNK_BYTES", rows_per_chunk * V * np.dtype(dtype).itemsize)
+        if backend == "torch":
+            X.head_chunk_rows = rows_per_chunk
+        got = []
+        for fill, fresh in ((0.0, False), (np.nan, True)):
+            dw = X.from_numpy(np.full((V, D), fill))                                      # (V, d)
+            X.head_loss(X.from_numpy(h), X.from_numpy(w), X.index(targets), dw=dw, grad_scale=0.5, dw_fresh=fresh)
+            got.append(X.to_numpy(dw))
+        assert np.isfinite(got[1]).all(), f"{rows_per_chunk} rows a chunk: the old contents leaked into dw"
+        np.testing.assert_array_equal(got[1], got[0])
+    dw = X.from_numpy(np.full((V, D), np.nan))             # no valid target at all: a fresh dw is zeros
+    X.head_loss(X.from_numpy(h), X.from_numpy(w), X.index(np.full(n_rows, -100)), dw=dw, need_dh=True, dw_fresh=True)
+    assert not X.to_numpy(dw).any()
+
+
 def test_adamw_global_norm_and_scale_match_numpy(pair, rng):
     R, B = pair
     shape = (37, 29)
