@@ -26,10 +26,8 @@ weight's bfloat16 copy is made on its first use and rewritten by the AdamW pass 
 weight, in the same loop: weights must change only through adamw_step (or be new arrays, as
 load_state_dict makes). Activations and gradients are rounded to bfloat16 as each matmul takes them.
 """
-import ctypes
 import math
 import os
-import platform
 import weakref
 
 import numba
@@ -38,7 +36,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from . import bf16, quant
+from . import bf16, heap, quant
 from ..config import LN_EPS
 from .numpy_backend import GELU_C, NumpyBackend
 
@@ -57,25 +55,6 @@ jit = dict(cache=True, nogil=True, error_model="numpy")  # numpy: no zero-divisi
 # that comes next (measured: BLAS 1.5-3x slower). An explicit NUMBA_THREADING_LAYER still wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
-
-
-def _keep_freed_memory():
-    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
-
-    A training step allocates and frees the same ~1-2 GB of activations and gradients every step
-    (on gpt2-small). By default glibc serves every block above 32 MB, and many smaller ones, with a
-    fresh mmap and unmaps it on free, so each step pays again for page faults, the kernel zeroing
-    every page and assembling transparent huge pages: measured 20k faults and 1.5-3 s of system
-    time per gpt2-small step on 2 cores. With mmap off and heap trimming off, freed blocks go back
-    to malloc's free lists and the next step reuses them: no faults, no system time after the first
-    step. The cost is that the process keeps its peak heap. Process-wide and glibc-only (elsewhere
-    a no-op); set by every NumbaBackend() (idempotent)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                  # <malloc.h>
-    libc = ctypes.CDLL(None)
-    libc.mallopt(M_TRIM_THRESHOLD, -1)                     # never trim the heap (-1 = SIZE_MAX)
-    libc.mallopt(M_MMAP_MAX, 0)                            # serve big blocks from the heap too
 
 
 def _flat(a):
@@ -586,7 +565,7 @@ class NumbaBackend(NumpyBackend):
         self.dtype = dtype
         self.bf16 = dtype == "bfloat16"
         self._w16 = {}  # id(weight) -> (weakref to it, its bf16 copy): bfloat16 only
-        _keep_freed_memory()
+        heap.keep_freed_memory()
 
     def _bf16_weight(self, w):
         """The bf16 copy of weight w (same shape), made on first use; adamw_step keeps it current."""

@@ -8,7 +8,9 @@ recipe), on B sequences of T random tokens with every target valid. The contende
     peer        minisft.peer.TorchGPT, PyTorch autograd written the ordinary way, with the book's
                 attention (masked softmax) and torch.optim.AdamW at its defaults: the book's loop
     peer-fused  the strongest float32 PyTorch a user would pick on a CPU: the same model with
-                F.scaled_dot_product_attention (fused flash kernel) and torch.optim.AdamW(fused=True)
+                F.scaled_dot_product_attention (fused flash kernel) and torch.optim.AdamW(fused=True),
+                and the heap keeping freed memory (PyTorch's advice of a caching allocator; the same
+                setting minisft's CPU backends make, backends/heap.py): 25% off a step here
     peer-bf16   peer-fused under torch.autocast("cpu", torch.bfloat16): bfloat16 matmuls and attention
                 through oneDNN, float32 master weights and optimizer
     matmuls     only the step's matmuls, numpy float32 on preallocated operands: the floor no
@@ -150,7 +152,10 @@ def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: in
     if kind.startswith("peer"):
         import torch  # the peers only: minisft itself never needs torch
 
+        from .backends import heap
         from .peer import TorchGPT
+        if kind != "peer":  # the book's loop stays as the book runs it
+            heap.keep_freed_memory()
         model = TorchGPT(cfg, attention="math" if kind == "peer" else "sdpa")
         model.load_numpy({n: a.astype(np.float32) for n, a in init_params(cfg, rng).items()})
         fused = {} if kind == "peer" else {"fused": True}
