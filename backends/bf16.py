@@ -34,6 +34,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from . import threads  # noqa: F401 (the pool to_bf16 and the GEMMs share, set before either runs)
+
 CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the bf16 dot-product units
 INSTALL = "pip install 'minisft[bf16]' (the onednn-cpu-gomp wheel)"
 ENV_LIB = "MINISFT_DNNL"                 # a libdnnl.so to use instead of the one found
@@ -145,9 +147,8 @@ def _lib():
     paths = _candidates()
     if not paths:
         return f"oneDNN (libdnnl) is not installed: {INSTALL}"
-    # GNU OpenMP threads spin after each parallel region by default, taking the cores the numba
-    # kernel that comes next needs; passive threads sleep at once. Read when libgomp loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # GNU OpenMP's threads, shared with numba's kernels: how long they spin is set where numba's
+    # threads are (numba_backend.py), before libgomp loads.
     try:
         lib = ctypes.CDLL(paths[0])
         lib.dnnl_matmul_primitive_desc_create  # noqa: B018 (raises AttributeError if absent: oneDNN < 3.0)

@@ -27,16 +27,14 @@ weight, in the same loop: weights must change only through adamw_step (or be new
 load_state_dict makes). Activations and gradients are rounded to bfloat16 as each matmul takes them.
 """
 import math
-import os
 import weakref
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from . import bf16, heap, quant
+from . import bf16, heap, quant, threads  # noqa: F401 (threads: the pool, set before any kernel runs)
 from ..config import LN_EPS
 from .numpy_backend import GELU_C, NumpyBackend
 
@@ -50,11 +48,6 @@ IGNORE = -100
 
 jit = dict(cache=True, nogil=True, error_model="numpy")  # numpy: no zero-division check per division
 
-# numba's workqueue thread pool sleeps between parallel regions. The OpenMP layer's threads spin
-# after each region instead, and on a small machine they steal the cores BLAS needs for the matmul
-# that comes next (measured: BLAS 1.5-3x slower). An explicit NUMBA_THREADING_LAYER still wins.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
 
 
 def _flat(a):
