@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .backends import resolve
 from .config import GPTConfig, check_tensors, param_shapes
 from .errors import MinisftError
 from .model import GPT
@@ -192,7 +193,10 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
     # final size (model + two moments) rather than twice that.
     if model is None:
         params = {n: _read(f, path, f"params/{n}") for n in shapes}
-        model = GPT(cfg, backend=backend, dtype=dtype or str(f.attrs["dtype"]), device=device, params=params)
+        saved = str(f.attrs["dtype"])
+        if dtype is None and saved == "bfloat16" and resolve(backend, device)[0] == "numpy":
+            saved = "float32"  # a bfloat16 run stores float32 master weights; numpy computes in float32
+        model = GPT(cfg, backend=backend, dtype=dtype or saved, device=device, params=params)
         del params
     else:
         for n in shapes:

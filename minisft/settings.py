@@ -50,7 +50,10 @@ class Settings:
     backend: str = _s(AUTO, "engine backend: auto (torch on a CUDA GPU, else numba), numpy (the readable "
                             "reference), numba (fast on CPUs), torch", (AUTO,) + BACKENDS)
     device: str | None = _s(None, "torch device: cpu, cuda, mps")
-    dtype: str = _s("float32", "compute dtype (bfloat16: torch only)", DTYPES)
+    dtype: str = _s(AUTO, "compute dtype: auto (bfloat16 on the numba backend where the CPU has bf16 units and "
+                          "oneDNN is installed, pip install 'minisft[bf16]'; else float32), float32, float64, "
+                          "bfloat16 (bf16 matmuls, float32 master weights and optimizer: numba, torch)",
+                    (AUTO,) + DTYPES)
     epochs: int = _s(2, "passes over the training split")
     batch_size: int = _s(8, "sequences per micro-batch")
     grad_accum: int = _s(1, "micro-batches per optimizer step; the loss is normalised by the valid target "

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import distributed, lora, memory, tokenizer
+from . import backends, distributed, lora, memory, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import Loader, collate_examples, encode_records, long_records, load_splits
@@ -92,6 +92,8 @@ def finetune(s: Settings, log=print) -> dict:
     """Run (or resume) a fine-tuning job, owning its folder (minisft.rundir); returns the summary dict.
     Under torchrun each process is one rank of a data-parallel run (minisft.distributed): rank 0
     alone holds the folder's lock, logs and writes; its checks are every rank's."""
+    # The run records the dtype "auto" stands for here, so that a resume elsewhere cannot change it.
+    s = dataclasses.replace(s, dtype=backends.resolve_dtype(s.dtype, backends.resolve(s.backend, s.device)[0]))
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise MinisftError(f"setting out: {out} is a file, not a folder")
@@ -148,7 +150,7 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
     steps_per_epoch = math.ceil(len(loader) / s.grad_accum)
     total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
     log(f"model: {s.model or s.weights} ({cfg.n_layers} layers, d={cfg.emb_dim}, context {cfg.context_length}; "
-        f"{model.num_params():,} parameters, {s.init} init), backend {model.B.name} {s.dtype}; "
+        f"{model.num_params():,} parameters, {s.init} init), backend {model.B.name} {model.dtype}; "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
     log(lora.trainable_parameters(model))
 

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
+from minisft.backends import resolve_dtype
 from minisft.cli import main
 from minisft.files import write_json
 from minisft.rundir import LOCK, RunLock
@@ -71,7 +72,7 @@ def stepwise(out):
     ("--prompt-style", "chatml", "--prompt-style was 'alpaca', now 'chatml'"),
     ("--grad-accum", "2", "--grad-accum was 1, now 2"),
     ("--max-length", "128", "--max-length was 1024, now 128"),
-    ("--dtype", "float64", "--dtype was 'float32', now 'float64'"),
+    ("--dtype", "float64", f"--dtype was '{resolve_dtype('auto', 'numba')}', now 'float64'"),  # auto, as resolved
     ("--batch-size", "4", "--batch-size was 2, now 4"),
     ("--drop-long", None, "--drop-long was False, now True"),
 ])
