@@ -28,6 +28,7 @@ GPU the numpy RNG seeds a device generator, because drawing N x d numbers on the
 them over would cost more than the step's matmuls. Either way a saved RNG state replays the masks.
 """
 import math
+import weakref
 
 import numpy as np
 
@@ -321,6 +322,7 @@ class TorchBackend:
         self._paths = {}            # head size -> (attention path, why)
         self._generator = None      # device generator for dropout masks, seeded from the numpy RNG
         self._step = (None, None)   # (step, float32 tensor on the device) the fused AdamW reads
+        self._wc = {}               # bfloat16: id(weight) -> (weakref to it, its compute-dtype copy)
 
     def attention_path(self, head_dim: int) -> tuple[str, str]:
         """(path, why) for this backend's device, dtype and a head size."""
@@ -401,10 +403,23 @@ class TorchBackend:
             dout, x.to(self.store), (d,), mean.view(N, 1), rstd.view(N, 1), w, None, [True, True, False])
         return dx, dw, dout.sum(0)
 
+    def _weight(self, w):
+        """w in the compute dtype. Under bfloat16 the copy is made on first use and reused by every
+        matmul until the AdamW step that updates w drops it (as the numba backend's bf16 copies:
+        weights change only through adamw_step, or are new tensors), instead of a cast at each use."""
+        if w.dtype == self.compute:
+            return w
+        entry = self._wc.get(id(w))
+        if entry is None or entry[0]() is not w:
+            entry = (weakref.ref(w), w.to(self.compute))
+            self._wc[id(w)] = entry
+            weakref.finalize(w, self._wc.pop, id(w), None)
+        return entry[1]
+
     # ---- linear (Conv1D layout: w is (in, out)); matmuls in the compute dtype ---------------------
     @torch.no_grad()
     def linear_forward(self, x, w, b):
-        x, w = x.to(self.compute), w.to(self.compute)
+        x, w = x.to(self.compute), self._weight(w)
         if b is None:
             return x @ w                                          # (N, out)
         return torch.addmm(b.to(self.compute), x, w)
@@ -412,7 +427,7 @@ class TorchBackend:
     @torch.no_grad()
     def linear_backward(self, dy, x, w, need_dw=True):
         dyc = dy.to(self.compute)
-        dx = dyc @ w.to(self.compute).T                           # (N, in)
+        dx = dyc @ self._weight(w).T                              # (N, in)
         dw = (x.to(self.compute).T @ dyc).to(self.store) if need_dw else None  # (in, out)
         db = dy.sum(0, dtype=self.store)                          # (out,)
         return dx, dw, db
@@ -534,7 +549,7 @@ class TorchBackend:
         if t_host.size and (t_host.min() < 0 or t_host.max() >= V):
             raise ValueError(f"head_loss: targets must lie in [0, {V}) or be -100")
         rows_d, t_d = self.index(rows), self.index(t_host)        # (M,) each, on the device
-        wc = w.to(self.compute)                                   # (V, d)
+        wc = self._weight(w)                                      # (V, d)
         loss_sum = torch.zeros((), dtype=self.store, device=self.device)
         grad = dw is not None or need_dh
         dh = torch.zeros_like(h) if grad else None                # (N, d)
@@ -611,6 +626,7 @@ class TorchBackend:
     # ---- AdamW (float32 moments and master weights under bfloat16) --------------------------------
     @torch.no_grad()
     def adamw_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        self._wc.pop(id(p), None)  # p changes: its compute-dtype copy is made again at its next use
         if self.adamw_problem is None:
             if self._step[0] != step:  # the fused kernel reads the step count from a device tensor
                 self._step = (step, torch.full((), float(step), dtype=torch.float32, device=self.device))
@@ -666,6 +682,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def adamw_step_bf16(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, key):
+        self._wc.pop(id(p), None)  # p changes: its compute-dtype copy is made again at its next use
         P, G = p.view(-1), g.reshape(-1)
         salt_m, salt_v = quant.round_salt(step, key, 0), quant.round_salt(step, key, 1)
         for lo in range(0, P.numel(), LEAN_CHUNK):
@@ -687,6 +704,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def adamw_step_8bit(self, p, g, qm, sm, qv, sv, lr, beta1, beta2, eps, weight_decay, step):
+        self._wc.pop(id(p), None)  # p changes: its compute-dtype copy is made again at its next use
         m_code, m_mid, v_code, v_mid = self._codes()
         P, G, nb = p.view(-1), g.reshape(-1), LEAN_CHUNK // quant.BLOCK
         for lo in range(0, P.numel(), LEAN_CHUNK):

@@ -2,7 +2,7 @@
 
 The estimate counts the arrays the engine allocates (float32 unless the model is float64):
 
-    weights      every parameter
+    weights      every parameter (and, under bfloat16, its bf16 copy for the matmuls)
     gradients    every trained parameter (the backward accumulates whole-tensor gradients); with
                  --fused-update only the largest scatter-added buffer (the head, or wte + wpe) and
                  one block's gradients at a time
@@ -63,7 +63,8 @@ def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", g
     per_block = ACT_FLOATS + (2 if cfg.drop_rate > 0 else 0)
     kept = L * tokens * d + tokens * d * per_block if grad_checkpoint else L * tokens * d * per_block
     head = cfg.vocab_size * d * width + min(HEAD_CHUNK_BYTES, tokens * cfg.vocab_size * width)
-    return dict(weights=n_all * width, gradients=grads * width, moments=moments,
+    copies = 2 * n_all if dtype == "bfloat16" else 0  # each weight's bf16 copy, kept between its updates
+    return dict(weights=n_all * width + copies, gradients=grads * width, moments=moments,
                 activations=(kept + 4 * tokens * d) * width,   # + embeddings, final layernorm, dh, dlnf
                 scratch=SCRATCH_FLOATS * tokens * d * width + head, runtime=RUNTIME_BYTES)
 

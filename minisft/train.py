@@ -88,12 +88,17 @@ def best_checkpoint(out: Path) -> Path:
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
+def resolved_dtype(s: Settings) -> str:
+    """The dtype these settings run in ("auto" decided for their backend on this machine)."""
+    return backends.resolve_dtype(s.dtype, backends.resolve(s.backend, s.device)[0])
+
+
 def finetune(s: Settings, log=print) -> dict:
     """Run (or resume) a fine-tuning job, owning its folder (minisft.rundir); returns the summary dict.
     Under torchrun each process is one rank of a data-parallel run (minisft.distributed): rank 0
     alone holds the folder's lock, logs and writes; its checks are every rank's."""
     # The run records the dtype "auto" stands for here, so that a resume elsewhere cannot change it.
-    s = dataclasses.replace(s, dtype=backends.resolve_dtype(s.dtype, backends.resolve(s.backend, s.device)[0]))
+    s = dataclasses.replace(s, dtype=resolved_dtype(s))
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise MinisftError(f"setting out: {out} is a file, not a folder")
@@ -327,7 +332,8 @@ def memory_plan(s: Settings, cfg: GPTConfig, train_ex, log=print) -> dict:
     def estimate_with(**changes):
         t = {**s.to_dict(), **changes}
         tokens = memory.batch_tokens_bound(lengths, t["batch_size"], max_len)
-        return memory.estimate(cfg, tokens, s.dtype, t["optim_state"], t["grad_checkpoint"], t["fused_update"])
+        return memory.estimate(cfg, tokens, resolved_dtype(s), t["optim_state"], t["grad_checkpoint"],
+                               t["fused_update"])
 
     parts = estimate_with()
     log(f"{memory.format_plan(parts)}\n  (micro-batches of at most "

@@ -185,6 +185,36 @@ def test_adamw_matches_numpy_fused_and_not(device, dtype, fused):
         check(T, ours, ref, tol, f"adamw {name}")
 
 
+@pytest.mark.parametrize("state", ["fp32", "bf16", "8bit"])
+def test_bfloat16_matmuls_use_the_weight_as_every_adamw_step_left_it(state):
+    """The bf16 weight copies the matmuls reuse are remade after each AdamW update (every optimizer
+    state), so the forward and backward always multiply by the current weight."""
+    T = tb.TorchBackend("bfloat16", "cpu")
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(5, 7)).astype(np.float32)                                      # (N, in)
+    model_w = T.from_numpy(rng.normal(size=(7, 3)))                                     # (in, out)
+    xt, dy = T.from_numpy(x), T.from_numpy(rng.normal(size=(5, 3)))
+    n = model_w.numel()
+    if state == "fp32":
+        m, v = T.zeros_like(model_w), T.zeros_like(model_w)
+    for step in (1, 2, 3):
+        T.linear_forward(xt, model_w, None)                                             # makes the copy
+        g = T.from_numpy(rng.normal(size=(7, 3)))
+        if state == "fp32":
+            T.adamw_step(model_w, g, m, v, 0.1, 0.9, 0.95, 1e-8, 0.0, step)
+        elif state == "bf16":
+            m, v = T.optim_state_zeros(n, "bf16"), T.optim_state_zeros(n, "bf16")
+            T.adamw_step_bf16(model_w, g, m, v, 0.1, 0.9, 0.95, 1e-8, 0.0, step, 0)
+        else:
+            blocks = -(-n // tb.quant.BLOCK)
+            qm, qv = T.optim_state_zeros(n, "u8"), T.optim_state_zeros(n, "u8")
+            sm, sv = T.optim_state_zeros(blocks, "scale"), T.optim_state_zeros(blocks, "scale")
+            T.adamw_step_8bit(model_w, g, qm, sm, qv, sv, 0.1, 0.9, 0.95, 1e-8, 0.0, step)
+        w16 = model_w.to(torch.bfloat16)
+        assert torch.equal(T.linear_forward(xt, model_w, None), xt.to(torch.bfloat16) @ w16)
+        assert torch.equal(T.linear_backward(dy, xt, model_w)[0], dy.to(torch.bfloat16) @ w16.T)
+
+
 def test_dropout_masks_on_the_cpu_are_the_numpy_backends():
     T, R = tb.TorchBackend("float64", "cpu"), NumpyBackend("float64")
     x = np.random.default_rng(4).normal(size=(50, 12))
