@@ -49,8 +49,9 @@ class Backend(Protocol):
     def layernorm_forward(self, x, w, b) -> tuple[Array, Array, Array]:
         """(N, d) -> out (N, d), mean (N,), rstd (N,); the last two are kept for the backward."""
 
-    def layernorm_backward(self, dout, x, w, mean, rstd) -> tuple[Array, Array, Array]:
-        """-> dx (N, d), dw (d,), db (d,)"""
+    def layernorm_backward(self, dout, x, w, mean, rstd, dskip=None) -> tuple[Array, Array, Array]:
+        """-> dx (N, d), dw (d,), db (d,). dskip (N, d): the gradient x also gets by the residual's skip
+        path, added into dx in the same pass (a pre-norm block's x feeds both)."""
 
     # ---- linear, Hugging Face Conv1D layout: y = x @ W + b, W is (in, out) -----------------------
     def linear_forward(self, x, w, b) -> Array:

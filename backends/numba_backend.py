@@ -151,9 +151,10 @@ def _layernorm_fwd(x, w, b, out, mean, rstd):
 
 
 @njit(parallel=True, fastmath=FAST, **jit)
-def _layernorm_bwd(dout, x, w, mean, rstd, dx, dw_part, db_part):
-    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * w;
+def _layernorm_bwd(dout, x, w, mean, rstd, dskip, dx, dw_part, db_part):
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) [+ dskip], dxhat = dout * w;
     # dw, db: each chunk of ROW_CHUNK rows sums into its own row of dw_part, db_part (float64).
+    # dskip None compiles a version without the add.
     N, d = x.shape
     for c in prange(dw_part.shape[0]):
         for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
@@ -171,7 +172,8 @@ def _layernorm_bwd(dout, x, w, mean, rstd, dx, dw_part, db_part):
             a2 = x.dtype.type(s2 / d)
             for j in range(d):
                 xhat = (x[n, j] - m) * r
-                dx[n, j] = r * (dout[n, j] * w[j] - a1 - xhat * a2)
+                g = r * (dout[n, j] * w[j] - a1 - xhat * a2)
+                dx[n, j] = g if dskip is None else dskip[n, j] + g
 
 
 # ---- bias add / bias gradient / residual ---------------------------------------------------------
@@ -596,12 +598,12 @@ class NumbaBackend(NumpyBackend):
         _layernorm_fwd(x, w, b, out, mean, rstd)
         return out, mean, rstd
 
-    def layernorm_backward(self, dout, x, w, mean, rstd):
+    def layernorm_backward(self, dout, x, w, mean, rstd, dskip=None):
         N, d = x.shape
         dx = self._empty(x.shape)                             # (N, d)
         n_chunks = (N + ROW_CHUNK - 1) // ROW_CHUNK
         dw_part, db_part = np.zeros((n_chunks, d)), np.zeros((n_chunks, d))  # float64 partials
-        _layernorm_bwd(dout, x, w, mean, rstd, dx, dw_part, db_part)
+        _layernorm_bwd(dout, x, w, mean, rstd, dskip, dx, dw_part, db_part)
         return dx, dw_part.sum(axis=0).astype(self.np_dtype), db_part.sum(axis=0).astype(self.np_dtype)
 
     # ---- linear ------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class NumpyBackend:
         out = xhat * w + b                            # (N, d)
         return out, mean, rstd.astype(x.dtype)
 
-    def layernorm_backward(self, dout, x, w, mean, rstd):
+    def layernorm_backward(self, dout, x, w, mean, rstd, dskip=None):
         xhat = (x - mean[:, None]) * rstd[:, None]    # (N, d) recomputed from the forward's mean and rstd
         # forward: out = xhat * w + b
         dw = (dout * xhat).sum(axis=0)                # (d,)
@@ -99,6 +99,8 @@ class NumpyBackend:
         #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         dx = rstd[:, None] * (dxhat - dxhat.mean(axis=-1, keepdims=True)
                               - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))  # (N, d)
+        if dskip is not None:                         # x also took the skip path: both gradients add
+            dx = dskip + dx
         return dx, dw, db
 
     # ---- linear (Conv1D layout: w is (in, out)) ------------------------------------------------

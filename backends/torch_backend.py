@@ -396,11 +396,13 @@ class TorchBackend:
         return out.to(self.compute), mean.view(N), rstd.view(N)
 
     @torch.no_grad()
-    def layernorm_backward(self, dout, x, w, mean, rstd):
+    def layernorm_backward(self, dout, x, w, mean, rstd, dskip=None):
         N, d = x.shape
         dout = dout.to(self.store)
         dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
             dout, x.to(self.store), (d,), mean.view(N, 1), rstd.view(N, 1), w, None, [True, True, False])
+        if dskip is not None:
+            dx.add_(dskip)                                        # the skip path's gradient, in place
         return dx, dw, dout.sum(0)
 
     def _weight(self, w):

@@ -258,11 +258,11 @@ class GPT:
             self._adapt_backward(h + "mlp.c_fc", dfch, a, dln2)
             self._acc(h + "mlp.c_fc.weight", dw)
             self._acc(h + "mlp.c_fc.bias", db)
-            dx2_ln, dw, db = B.layernorm_backward(dln2, a["x2"], P[h + "ln_2.weight"],
-                                                  a["ln2_mean"], a["ln2_rstd"])            # (N, d)
+            # x2 feeds both the skip path and ln_2: the skip path's dx2 is added in ln_2's backward
+            dx2, dw, db = B.layernorm_backward(dln2, a["x2"], P[h + "ln_2.weight"],
+                                               a["ln2_mean"], a["ln2_rstd"], dskip=dx2)    # (N, d)
             self._acc(h + "ln_2.weight", dw)
             self._acc(h + "ln_2.bias", db)
-            dx2 = B.residual_forward(dx2, dx2_ln)  # x2 feeds both the skip path and ln_2: add both
 
             # x2 = x + dropout(attn(ln_1(x)))
             dx, dattproj = B.residual_backward(dx2)                                        # (N, d)
@@ -281,11 +281,10 @@ class GPT:
             self._acc(h + "attn.c_attn.weight", dw)
             if self.cfg.qkv_bias:
                 self._acc(h + "attn.c_attn.bias", db)
-            dx_ln, dw, db = B.layernorm_backward(dln1, a["x"], P[h + "ln_1.weight"],
-                                                 a["ln1_mean"], a["ln1_rstd"])             # (N, d)
+            dx, dw, db = B.layernorm_backward(dln1, a["x"], P[h + "ln_1.weight"],
+                                              a["ln1_mean"], a["ln1_rstd"], dskip=dx)      # (N, d)
             self._acc(h + "ln_1.weight", dw)
             self._acc(h + "ln_1.bias", db)
-            dx = B.residual_forward(dx, dx_ln)
         if c["emb_mask"] is not None:
             dx = B.dropout_backward(dx, c["emb_mask"])
         if need("wte.weight") or need("wpe.weight"):

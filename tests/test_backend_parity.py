@@ -91,11 +91,16 @@ def test_layernorm_forward_and_backward_match_numpy(pair, rng):
     w, b = rng.normal(size=D), rng.normal(size=D)
     fwd = run_both(R, B, "layernorm_forward", x, w, b, arrays=(0, 1, 2))
     check(R, B, *fwd, "layernorm_forward")
-    dout = rng.normal(size=x.shape)
+    dout, dskip = rng.normal(size=x.shape), rng.normal(size=x.shape)
     # Each backend's backward gets its own forward's saved statistics.
     bwd = [X.layernorm_backward(X.from_numpy(dout), X.from_numpy(x), X.from_numpy(w), f[1], f[2])
            for X, f in zip((R, B), fwd)]
     check(R, B, *bwd, "layernorm_backward")
+    # The skip path's gradient, added in the same pass: dx grows by exactly dskip.
+    with_skip = [X.layernorm_backward(X.from_numpy(dout), X.from_numpy(x), X.from_numpy(w), f[1], f[2],
+                                      dskip=X.from_numpy(dskip)) for X, f in zip((R, B), fwd)]
+    check(R, B, *with_skip, "layernorm_backward with dskip")
+    np.testing.assert_array_equal(R.to_numpy(with_skip[0][0]), R.to_numpy(bwd[0][0]) + R.to_numpy(R.from_numpy(dskip)))
 
 
 @pytest.mark.parametrize("bias", [True, False])
