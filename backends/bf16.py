@@ -147,8 +147,8 @@ def _lib():
     paths = _candidates()
     if not paths:
         return f"oneDNN (libdnnl) is not installed: {INSTALL}"
-    # GNU OpenMP's threads, shared with numba's kernels: how long they spin is set where numba's
-    # threads are (numba_backend.py), before libgomp loads.
+    # The library runs on GNU OpenMP's threads, shared with numba's kernels: how long they spin is
+    # set in backends/threads.py, imported above, before libgomp loads.
     try:
         lib = ctypes.CDLL(paths[0])
         lib.dnnl_matmul_primitive_desc_create  # noqa: B018 (raises AttributeError if absent: oneDNN < 3.0)

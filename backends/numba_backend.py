@@ -49,7 +49,6 @@ IGNORE = -100
 jit = dict(cache=True, nogil=True, error_model="numpy")  # numpy: no zero-division check per division
 
 
-
 def _flat(a):
     """A 1-D view of a C-contiguous array, never a copy: in-place kernels write through it."""
     if not a.flags.c_contiguous:

@@ -79,7 +79,7 @@ def main():
           f"{(r1.ru_minflt - r0.ru_minflt) / args.steps:.0f} page faults, "
           f"{(r1.ru_utime - r0.ru_utime) / args.steps:.2f} s user and {(r1.ru_stime - r0.ru_stime) / args.steps:.2f} s "
           f"system CPU\n")
-    print(f"| kernel | calls/step | ms/step | share |\n|---|---:|---:|---:|")
+    print("| kernel | calls/step | ms/step | share |\n|---|---:|---:|---:|")
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {counts[name] // args.steps} | {t / args.steps * 1000:.1f} | {t / args.steps / wall:.1%} |")
     print(f"| model + Python | | {(wall - kernels) * 1000:.1f} | {(wall - kernels) / wall:.1%} |")
