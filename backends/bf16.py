@@ -21,6 +21,7 @@ layout and beta (1-3 ms, JIT code included) and kept in a bounded cache.
 Nothing here runs at import: `problem()` says why bf16 cannot run (CPU, library), `gemm` loads the
 library on first use.
 """
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -29,6 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -82,11 +84,29 @@ class _Dnnl:
 
     def __init__(self, lib):
         self.lib = lib
+        # libgomp's, found through libdnnl's own dependencies: the runtime its threads come from
+        self.omp_get, self.omp_set = (getattr(lib, f"omp_{op}_threads", None) for op in ("get_max", "set_num"))
         self.engine, self.stream = ctypes.c_void_p(), ctypes.c_void_p()
         _check(lib.dnnl_engine_create(ctypes.byref(self.engine), DNNL_CPU, ctypes.c_size_t(0)), "engine_create")
         _check(lib.dnnl_stream_create(ctypes.byref(self.stream), self.engine, ctypes.c_uint(DNNL_STREAM_IN_ORDER)),
                "stream_create")
         self.lock = threading.Lock()  # set_data_handle + execute on shared memory objects: one call at a time
+
+    @contextlib.contextmanager
+    def on_threads(self, n):
+        """oneDNN splits a GEMM for OpenMP's thread count when the primitive is built (omp_get_max_threads),
+        a count anyone in the process may change: torch.set_num_threads sets it in the same libgomp.
+        Set it to n for the call and give the caller's back, so a GEMM runs on the numba kernels'
+        threads, and splits its work the same way, in any process."""
+        if self.omp_set is None:  # a libdnnl on another threading runtime
+            yield
+            return
+        before = self.omp_get()
+        self.omp_set(n)
+        try:
+            yield
+        finally:
+            self.omp_set(before)
 
     def desc(self, shape, strides, dtype):
         md = ctypes.c_void_p()
@@ -100,8 +120,8 @@ class _Matmul:
     for fixed shapes and element strides, with its three memory objects (their data pointers are set
     per call)."""
 
-    def __init__(self, dn, a_shape, a_strides, b_shape, b_strides, c_shape, beta):
-        self.dn, lib = dn, dn.lib
+    def __init__(self, dn, a_shape, a_strides, b_shape, b_strides, c_shape, beta, nthreads):
+        self.dn, self.nthreads, lib = dn, nthreads, dn.lib
         descs = [dn.desc(a_shape, a_strides, DNNL_BF16), dn.desc(b_shape, b_strides, DNNL_BF16),
                  dn.desc(c_shape, (c_shape[1], 1), DNNL_F32)]
         attr, post_ops, pd = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
@@ -110,10 +130,11 @@ class _Matmul:
             _check(lib.dnnl_post_ops_create(ctypes.byref(post_ops)), "post_ops_create")
             _check(lib.dnnl_post_ops_append_sum(post_ops, ctypes.c_float(beta), ctypes.c_int32(0), 0), "append_sum")
             _check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops), "set_post_ops")
-        _check(lib.dnnl_matmul_primitive_desc_create(ctypes.byref(pd), dn.engine, descs[0], descs[1], None, descs[2],
-                                                     attr), "matmul_primitive_desc_create")
         self.prim = ctypes.c_void_p()
-        _check(lib.dnnl_primitive_create(ctypes.byref(self.prim), pd), "primitive_create")
+        with dn.on_threads(nthreads):  # the work split is fixed here, for this many threads
+            _check(lib.dnnl_matmul_primitive_desc_create(ctypes.byref(pd), dn.engine, descs[0], descs[1], None,
+                                                         descs[2], attr), "matmul_primitive_desc_create")
+            _check(lib.dnnl_primitive_create(ctypes.byref(self.prim), pd), "primitive_create")
         self.mems = []
         for md in descs:
             mem = ctypes.c_void_p()
@@ -129,7 +150,7 @@ class _Matmul:
 
     def __call__(self, a, b, out):
         lib = self.dn.lib
-        with self.dn.lock:
+        with self.dn.lock, self.dn.on_threads(self.nthreads):
             for mem, x in zip(self.mems, (a, b, out)):
                 _check(lib.dnnl_memory_set_data_handle(mem, ctypes.c_void_p(x.ctypes.data)), "set_data_handle")
             _check(lib.dnnl_primitive_execute(self.prim, self.dn.stream, 3, self.args), "primitive_execute")
@@ -180,8 +201,8 @@ def _strides(x):
 
 
 @functools.lru_cache(maxsize=CACHE_SHAPES)
-def _matmul(a_shape, a_strides, b_shape, b_strides, c_shape, beta):
-    return _Matmul(_lib(), a_shape, a_strides, b_shape, b_strides, c_shape, beta)
+def _matmul(a_shape, a_strides, b_shape, b_strides, c_shape, beta, nthreads):
+    return _Matmul(_lib(), a_shape, a_strides, b_shape, b_strides, c_shape, beta, nthreads)
 
 
 def gemm(a, b, out, beta: float = 0.0) -> None:
@@ -193,7 +214,7 @@ def gemm(a, b, out, beta: float = 0.0) -> None:
     (M, K), (K2, N) = a.shape, b.shape
     if K != K2 or out.shape != (M, N) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"bf16 gemm: {a.shape} @ {b.shape} into {out.dtype} {out.shape}")
-    _matmul(a.shape, _strides(a), b.shape, _strides(b), out.shape, float(beta))(a, b, out)
+    _matmul(a.shape, _strides(a), b.shape, _strides(b), out.shape, float(beta), numba.get_num_threads())(a, b, out)
 
 
 # ---- float32 <-> bfloat16 bits ------------------------------------------------------------------

@@ -65,6 +65,39 @@ def test_gemm_matches_float64_within_bf16_rounding_bounds(ta, tb):
     assert np.all(np.abs(c - c0 - ab @ bb) <= K * F32 * (np.abs(ab) @ np.abs(bb)) + F32 * np.abs(c0) * 2)
 
 
+def test_gemm_runs_on_numbas_threads_whatever_openmp_count_another_library_left():
+    """torch.set_num_threads sets OpenMP's thread count in the libgomp it shares with oneDNN, and a
+    primitive built under another count splits the work another way (where the split reaches the long
+    K of a weight gradient, other bits). The GEMM sets numba's count for itself and gives the caller's back."""
+    numba = pytest.importorskip("numba")
+    dn = bf16._lib()
+    if dn.omp_get is None:
+        pytest.skip("this libdnnl does not run on GNU OpenMP")
+    rng = np.random.default_rng(4)
+    shapes = [(64, 4000, 64), (768, 520, 768), (130, 64, 3072)]  # weight-gradient shapes: long K, small M x N
+    operands = [(bf16.to_bf16(rng.standard_normal((K, M)).astype(np.float32)).T,                 # (M, K)
+                 bf16.to_bf16(rng.standard_normal((K, N)).astype(np.float32))) for M, K, N in shapes]
+
+    def run():
+        bf16._matmul.cache_clear()  # every primitive built now, under the count set
+        outs = [np.empty((a.shape[0], b.shape[1]), np.float32) for a, b in operands]      # (M, N)
+        for (a, b), out in zip(operands, outs):
+            bf16.gemm(a, b, out)
+        return outs
+
+    n = numba.get_num_threads()
+    dn.omp_set(n)
+    want = run()
+    dn.omp_set(1)  # as torch.set_num_threads(1) leaves it
+    try:
+        got = run()
+        assert dn.omp_get() == 1
+    finally:
+        dn.omp_set(n)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_gemm_refuses_mismatched_shapes_with_a_clear_error():
     a = bf16.to_bf16(np.ones((4, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"bf16 gemm: \(4, 3\) @ \(4, 3\)"):
