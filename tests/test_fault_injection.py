@@ -1,7 +1,9 @@
 """SIGKILL at points of a tiny run (in its first checkpoint write, between steps, during the export, at a
 random moment): the folder always recovers. With a checkpoint on disk `--resume` continues it, without
 one the plain command starts it afresh (the dead run's lock is stale, its temp files strays); either
-way the run completes to the uninterrupted result, bit for bit, and leaves no stray file."""
+way the run completes to the uninterrupted result, bit for bit, and leaves no stray file. Every run is a
+fresh `python -m minisft`, as a user's is, so nothing the test process holds (torch imported, the OpenMP
+settings other tests left) can tell the runs apart."""
 import json
 import signal
 import subprocess
@@ -12,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minisft.cli import main
 from minisft.rundir import LOCK, checkpoints
 from tests.conftest import ROOT
 from tests.helpers import read_metrics
@@ -31,10 +32,19 @@ def argv(data, out):
             "--drop-rate", "0.1", "--out", str(out)]
 
 
+def command(data, out):
+    return [sys.executable, "-m", "minisft", *argv(data, out)]
+
+
+def run(args):
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def whole(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("whole") / "run"
-    assert main(argv(data, out)) == 0
+    run(command(data, out))
     return out
 
 
@@ -60,7 +70,7 @@ def at_random(seed):
                          ids=["first-checkpoint-write", "between-steps", "during-export", "random"])
 def test_a_killed_run_recovers_to_the_uninterrupted_result(data, whole, tmp_path, when):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "minisft", *argv(data, out)], cwd=ROOT,
+    proc = subprocess.Popen(command(data, out), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and not when(out):
         time.sleep(0.002)
@@ -71,7 +81,7 @@ def test_a_killed_run_recovers_to_the_uninterrupted_result(data, whole, tmp_path
         assert (out / LOCK).exists()  # left behind: the dead run never released it
 
     resume = ["--resume"] if checkpoints(out) else []
-    assert main(argv(data, out) + resume) == 0
+    run(command(data, out) + resume)
 
     assert read_metrics(out, False) == read_metrics(whole, False)
     assert (out / "hf" / "model.safetensors").read_bytes() == (whole / "hf" / "model.safetensors").read_bytes()
