@@ -23,7 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minisft import GPT, AdamW, GPTConfig, pack_padded  # noqa: E402
 
 
-def instrument(B, totals, counts, clock):
+def page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def instrument(B, totals, counts, faults, clock):
     for name in dir(B):
         fn = getattr(B, name)
         if name.startswith("_") or not callable(fn) or name in ("rng",):
@@ -31,12 +35,13 @@ def instrument(B, totals, counts, clock):
 
         @functools.wraps(fn)
         def timed(*a, _fn=fn, _name=name, **k):
-            t0 = clock()
+            f0, t0 = page_faults(), clock()
             try:
                 return _fn(*a, **k)
             finally:
                 totals[_name] += clock() - t0
                 counts[_name] += 1
+                faults[_name] += page_faults() - f0
         setattr(B, name, timed)
 
 
@@ -56,7 +61,7 @@ def main():
     model = GPT(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     opt = AdamW(model)
     rng = np.random.default_rng(0)
-    totals, counts = collections.defaultdict(float), collections.defaultdict(int)
+    totals, counts, faults = collections.defaultdict(float), collections.defaultdict(int), collections.defaultdict(int)
 
     def step():
         x = rng.integers(0, cfg.vocab_size, size=(args.batch_size, args.seq_len))  # (B, T)
@@ -66,7 +71,7 @@ def main():
         opt.step()
 
     step()  # warm-up: compilation, first-touch of every buffer
-    instrument(model.B, totals, counts, clock)
+    instrument(model.B, totals, counts, faults, clock)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = clock()
     for _ in range(args.steps):
@@ -79,10 +84,13 @@ def main():
           f"{(r1.ru_minflt - r0.ru_minflt) / args.steps:.0f} page faults, "
           f"{(r1.ru_utime - r0.ru_utime) / args.steps:.2f} s user and {(r1.ru_stime - r0.ru_stime) / args.steps:.2f} s "
           f"system CPU\n")
-    print("| kernel | calls/step | ms/step | share |\n|---|---:|---:|---:|")
+    # Page faults per kernel: a block the heap handed back to the kernel costs one fault per 4 kB page
+    # at its next first touch (backends/heap.py), time the ms column shows and this one explains.
+    print("| kernel | calls/step | ms/step | share | page faults/step |\n|---|---:|---:|---:|---:|")
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"| {name} | {counts[name] // args.steps} | {t / args.steps * 1000:.1f} | {t / args.steps / wall:.1%} |")
-    print(f"| model + Python | | {(wall - kernels) * 1000:.1f} | {(wall - kernels) / wall:.1%} |")
+        print(f"| {name} | {counts[name] // args.steps} | {t / args.steps * 1000:.1f} | {t / args.steps / wall:.1%} "
+              f"| {faults[name] / args.steps:.0f} |")
+    print(f"| model + Python | | {(wall - kernels) * 1000:.1f} | {(wall - kernels) / wall:.1%} | |")
 
 
 if __name__ == "__main__":
