@@ -43,14 +43,19 @@ INSTALL = "pip install 'minisft[bf16]' (the onednn-cpu-gomp wheel)"
 ENV_LIB = "MINISFT_DNNL"                 # a libdnnl.so to use instead of the one found
 
 
-def cpu_bf16_flags() -> list:
-    """Which of CPU_FLAGS this CPU reports (Linux: /proc/cpuinfo; elsewhere none are known)."""
+def cpuinfo(field: str) -> str:
+    """The first CPU's value of a /proc/cpuinfo field ("flags", "model name"); "" where unknown (not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    flags = set(line.split(":", 1)[-1].split())
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.split(":", 1)[0].strip() == field), "")
+    return line.split(":", 1)[-1].strip()
+
+
+def cpu_bf16_flags() -> list:
+    """Which of CPU_FLAGS this CPU reports (Linux: /proc/cpuinfo; elsewhere none are known)."""
+    flags = set(cpuinfo("flags").split())
     return [f for f in CPU_FLAGS if f in flags]
 
 

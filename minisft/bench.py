@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+from .backends import bf16
 from .batch import pack_padded
 from .config import GPTConfig
 from .model import GPT, init_params
@@ -209,7 +210,6 @@ def bf16_rates(cfg: GPTConfig, n: int, library: str, reps: int = 3, seed: int = 
             at, bt = (at.T if ta else at), (bt.T if tb else bt)
             fn = lambda: at @ bt  # noqa: E731
         else:
-            from .backends import bf16
             ab, bb, out = bf16.to_bf16(a), bf16.to_bf16(b), np.empty((M, N), dtype=np.float32)
             ab, bb = (ab.T if ta else ab), (bb.T if tb else bb)
             fn = lambda: bf16.gemm(ab, bb, out)  # noqa: E731
@@ -296,7 +296,8 @@ def table(contenders, model="gpt2-small", batch_size=8, seq_len=64, rounds=1, st
     tokens = batch_size * seq_len
     loaded = max(load_before, load_after) > 0.5 * (os.cpu_count() or 1)
     lines = [f"### {model} train step, B={batch_size} T={seq_len}, AdamW ({datetime.date.today().isoformat()})", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average "
+             f"Machine: {bf16.cpuinfo('model name') or platform.processor() or platform.machine()}, {os.cpu_count()} "
+             f"cores, bf16 units: {', '.join(bf16.cpu_bf16_flags()) or 'none'}; load average "
              f"{load_before:.1f} before, {load_after:.1f} after "
              f"({'LOADED: other work was running' if loaded else 'quiet'}). Median over {rounds} round(s) x "
              f"{steps} steps per contender, each in a fresh process; threads: {threads or 'library defaults'}.", "",
