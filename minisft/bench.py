@@ -265,6 +265,22 @@ def run_one(args: list, env=None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+OTHER_WORK_LOADED = 0.10  # other processes' share of the cores above which the table says LOADED
+
+
+def cpu_seconds() -> tuple:
+    """(every process's busy CPU seconds since boot, this process's and its children's): their growth
+    over a table apart is what other work took. (None, ...) where /proc/stat is missing (not Linux)."""
+    mine = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+    try:
+        fields = open("/proc/stat").readline().split()[1:]  # cpu user nice system idle iowait irq softirq steal ...
+    except OSError:
+        return None, mine
+    busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK"), mine
+
+
 def table(contenders, model="gpt2-small", batch_size=8, seq_len=64, rounds=1, steps=3, warmup=1,
           threads=None, progress=None) -> str:
     """A markdown table of whole-step times for every contender that can run here, each in a fresh
@@ -277,7 +293,7 @@ def table(contenders, model="gpt2-small", batch_size=8, seq_len=64, rounds=1, st
     skipped = {k: available(k) for k in contenders if available(k)}
     common = ["--model", model, "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
     dtypes = {CONTENDERS[k][1] for k in kinds}
-    load_before = os.getloadavg()[0]
+    load_before, (busy0, mine0), wall0 = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
     times, rss, peaks = {k: [] for k in kinds}, {k: 0.0 for k in kinds}, {"float32": [], "bfloat16": []}
     gflop = step_gflop(model, batch_size, seq_len)
     for r in range(rounds):
@@ -290,14 +306,19 @@ def table(contenders, model="gpt2-small", batch_size=8, seq_len=64, rounds=1, st
             rss[k] = max(rss[k], res["peak_rss_mb"])
             if progress:
                 progress(f"round {r + 1}/{rounds} {k}: {np.median(res['step_times']) * 1e3:,.0f} ms/step")
-    load_after = os.getloadavg()[0]
+    load_after, (busy1, mine1), wall = os.getloadavg()[0], cpu_seconds(), time.perf_counter() - wall0
+    # other processes' share of the cores: the load average alone counts the contenders themselves
+    other = None if busy0 is None else max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (wall * (os.cpu_count() or 1))
     peak = {dt: float(np.median(v)) for dt, v in peaks.items() if v and None not in v}
     sec = {k: float(np.median(v)) for k, v in times.items()}
     tokens = batch_size * seq_len
-    loaded = max(load_before, load_after) > 0.5 * (os.cpu_count() or 1)
+    if other is None:
+        loaded, said = max(load_before, load_after) > 0.5 * (os.cpu_count() or 1), ""
+    else:
+        loaded, said = other > OTHER_WORK_LOADED, f"other processes used {other:.0%} of the cores during the table; "
     lines = [f"### {model} train step, B={batch_size} T={seq_len}, AdamW ({datetime.date.today().isoformat()})", "",
              f"Machine: {bf16.cpuinfo('model name') or platform.processor() or platform.machine()}, {os.cpu_count()} "
-             f"cores, bf16 units: {', '.join(bf16.cpu_bf16_flags()) or 'none'}; load average "
+             f"cores, bf16 units: {', '.join(bf16.cpu_bf16_flags()) or 'none'}; {said}load average "
              f"{load_before:.1f} before, {load_after:.1f} after "
              f"({'LOADED: other work was running' if loaded else 'quiet'}). Median over {rounds} round(s) x "
              f"{steps} steps per contender, each in a fresh process; threads: {threads or 'library defaults'}.", "",

@@ -1,10 +1,11 @@
 """`minisft bench`'s table, the user-facing benchmark: the machine it ran on (the CPU and its bf16
-units, which decide the bf16 rows), one row per contender with its ratio against the PyTorch peer
+units, which decide the bf16 rows, and how much of it other processes took meanwhile), one row per contender with its ratio against the PyTorch peer
 run in the same table and its MFU against the peak measured for its dtype. Timings are not checked
 (tests never time): only that every figure is there and the ratios are those of the times shown."""
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,8 @@ def test_the_table_names_the_machine_and_gives_each_contender_its_ratio_and_mfu(
     if bf16.cpuinfo("model name"):
         assert f"Machine: {bf16.cpuinfo('model name')}, " in text
     assert "threads: 1." in text
+    if Path("/proc/stat").exists():  # what other processes took of the cores, the contenders' own work left out
+        assert re.search(r"; other processes used \d+% of the cores during the table; load average", text)
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
