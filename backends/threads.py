@@ -13,7 +13,8 @@ cores, ms per step:
                shared pool + libgomp's default spins 2,976
 
 Where numba has no OpenMP layer (no libgomp) it keeps the workqueue. NUMBA_THREADING_LAYER,
-GOMP_SPINCOUNT and OMP_WAIT_POLICY set in the environment win.
+GOMP_SPINCOUNT and OMP_WAIT_POLICY set in the environment win. How many threads: numba's count
+(NUMBA_NUM_THREADS, default every core) for the kernels and, set around each call in bf16.py, the GEMMs.
 """
 import os
 
