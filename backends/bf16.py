@@ -16,7 +16,7 @@ Why the matmul primitive, not oneDNN's one-call dnnl_gemm_bf16bf16f32: the primi
 brgemm kernels (AMX tiles where the CPU has them), the gemm call an older path. Measured on a
 Sapphire Rapids-class Xeon, one thread, the step's shapes: 1.1-1.5 TFLOP/s against 0.5-1.4, and 2x
 on the weight gradients (x.T @ dy, a transposed left operand). A primitive is built once per shape,
-layout and beta (1-3 ms, JIT code included) and kept in a bounded cache.
+layout, beta and thread count (1-3 ms, JIT code included) and kept in a bounded cache.
 
 Nothing here runs at import: `problem()` says why bf16 cannot run (CPU, library), `gemm` loads the
 library on first use.
