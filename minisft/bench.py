@@ -37,6 +37,7 @@ import importlib.util
 import os
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -273,8 +274,8 @@ def cpu_seconds() -> tuple:
     over a table apart is what other work took. (None, ...) where /proc/stat is missing (not Linux)."""
     mine = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                for f in ("ru_utime", "ru_stime"))
-    try:
-        fields = open("/proc/stat").readline().split()[1:]  # cpu user nice system idle iowait irq softirq steal ...
+    try:  # the first line: cpu user nice system idle iowait irq softirq steal ...
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     except OSError:
         return None, mine
     busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))  # all but idle and iowait

@@ -1,6 +1,7 @@
 """`minisft bench`'s table, the user-facing benchmark: the machine it ran on (the CPU and its bf16
-units, which decide the bf16 rows, and how much of it other processes took meanwhile), one row per contender with its ratio against the PyTorch peer
-run in the same table and its MFU against the peak measured for its dtype. Timings are not checked
+units, which decide the bf16 rows, and how much of it other processes took meanwhile), one row per
+contender with its ratio against the PyTorch peer run in the same table and its MFU against the peak
+measured for its dtype. Timings are not checked
 (tests never time): only that every figure is there and the ratios are those of the times shown."""
 import re
 import subprocess
