@@ -17,8 +17,10 @@ Where torch has a fused kernel for one step of that math, it is used behind a ch
                 else the numpy backend's sequence of in-place ops.
 
 dtype "bfloat16" is mixed precision: parameters, gradients, AdamW moments and the residual stream
-stay float32 (the "store" dtype); matmuls and attention run in bfloat16 (the "compute" dtype);
-layernorm statistics, softmax/cross-entropy and every reduction run in float32.
+stay float32 (the "store" dtype); matmuls and attention run in bfloat16 (the "compute" dtype), except
+attention on the CPU over sequences of up to CPU_FLASH_F32_MAX_LEN tokens, which takes its bfloat16
+inputs in float32 (torch's CPU flash kernel is faster there in float32); layernorm statistics,
+softmax/cross-entropy and every reduction run in float32.
 
 Host syncs: a step moves its batch to the device once (`index` copies from pinned memory without
 waiting for the device) and reads back only the loss (`item`). `head_loss` takes the targets as a
@@ -52,6 +54,11 @@ DTYPES = {"float32": (torch.float32, torch.float32),
 # bfloat16: 128 rows 531 ms, 256 rows 384 ms, 512 rows 299 ms for 512 rows); a GPU needs bigger
 # matmuls to be busy: 2048 rows = 412 MB.
 HEAD_CHUNK_ROWS = {"cpu": 512, "cuda": 2048, "mps": 1024}
+# torch's CPU flash attention on bfloat16 inputs runs in float32 up to this max_seqlen: measured on an
+# AMD EPYC (AVX512_BF16, 2 threads, 12 heads of 64, forward + backward, kernel alone) the bfloat16
+# kernel takes 1.8x float32's time at 64 and 128 tokens (8.7 vs 4.8 ms for 8 sequences of 64), 0.98x
+# at 384 and 0.77x at 768, where its bfloat16 matmuls start to pay; 256 leaves room for the casts.
+CPU_FLASH_F32_MAX_LEN = 256
 # The lean optimizer state's tensors (bfloat16 moments held as bfloat16; numpy sees their uint16 bits).
 LEAN_DTYPES = {"bf16": torch.bfloat16, "u8": torch.uint8, "scale": torch.float32}
 LEAN_CHUNK = 512 * quant.BLOCK  # elements per pass of the lean AdamW: bounds its float32 temporaries to 4 MB each
@@ -462,6 +469,14 @@ class TorchBackend:
         return dx, da
 
     # ---- causal self-attention over packed sequences ---------------------------------------------
+    def _padded_dtype(self, path, max_seqlen):
+        """The dtype a padded path computes in. padded-math: the store dtype (float32 under bfloat16).
+        torch's CPU flash kernel: float32 too for sequences up to CPU_FLASH_F32_MAX_LEN, where its
+        bfloat16 variant is the slower one (and float32 is exact to the bf16 output's last bit)."""
+        if path == "cpu-flash-padded" and max_seqlen > CPU_FLASH_F32_MAX_LEN:
+            return self.compute
+        return self.store
+
     @torch.no_grad()
     def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
         N, three_d = qkv.shape
@@ -475,11 +490,11 @@ class TorchBackend:
             return out, (path, cu32, saved)
         S, L = cu_seqlens.shape[0] - 1, max_seqlen
         idx = pad_index(cu_seqlens, N, L)
-        q, k, v = padded_heads(qkv, idx, S, L, 3, n_heads)       # (S, H, L, hd) each
+        q, k, v = padded_heads(qkv.to(self._padded_dtype(path, L)), idx, S, L, 3, n_heads)  # (S, H, L, hd) each
         if path == "cpu-flash-padded":
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-        else:  # padded-math, in the store dtype (float32 under bfloat16)
-            o, lse = math_attention_forward(q.to(self.store), k.to(self.store), v.to(self.store), scale)
+        else:
+            o, lse = math_attention_forward(q, k, v, scale)
         return merge_heads(o, idx).to(qkv.dtype), (path, idx, lse)
 
     @torch.no_grad()
@@ -493,14 +508,15 @@ class TorchBackend:
         if path == "efficient-varlen":
             return efficient_varlen_backward(dout, qkv, out, saved, a, n_heads, max_seqlen, scale)
         idx, lse, S, L = a, saved, cu_seqlens.shape[0] - 1, max_seqlen
-        q, k, v = padded_heads(qkv, idx, S, L, 3, n_heads)       # (S, H, L, hd) each
-        do = padded_heads(dout, idx, S, L, 1, n_heads)[0]         # (S, H, L, hd), 0 on padding rows
+        dt = self._padded_dtype(path, L)
+        q, k, v = padded_heads(qkv.to(dt), idx, S, L, 3, n_heads)  # (S, H, L, hd) each
+        do = padded_heads(dout.to(dt), idx, S, L, 1, n_heads)[0]   # (S, H, L, hd), 0 on padding rows
         if path == "cpu-flash-padded":
-            o = padded_heads(out, idx, S, L, 1, n_heads)[0]
+            o = padded_heads(out.to(dt), idx, S, L, 1, n_heads)[0]
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 do, q, k, v, o, lse, 0.0, True, scale=scale)
         else:
-            grads = math_attention_backward(*(t.to(self.store) for t in (do, q, k, v)), lse, scale)
+            grads = math_attention_backward(do, q, k, v, lse, scale)
         # dq, dk, dv (S, H, L, hd) -> (S, L, 3, H, hd) in one copy -> packed (N, 3d)
         dqkv = torch.stack([g.transpose(1, 2) for g in grads], dim=2).view(S * L, three_d)
         return from_padded(dqkv, idx).to(qkv.dtype)

@@ -116,11 +116,12 @@ def test_attention_matches_numpy_on_every_path(device, dtype, lengths):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_bfloat16_attention_matches_float32_numpy_on_every_path(device):
+@pytest.mark.parametrize("lengths", [[33, 5, 20], [tb.CPU_FLASH_F32_MAX_LEN + 9, 7]])  # CPU flash: f32, bf16
+def test_bfloat16_attention_matches_float32_numpy_on_every_path(device, lengths):
     """bf16 inputs (as the bf16 linear layers hand them over): each path's output and gradient
     within 1e-2 of the float32 reference on the same rounded inputs (bf16 keeps ~3 digits)."""
     rng = np.random.default_rng(11)
-    H, hd, lengths = 4, 16, [33, 5, 20]
+    H, hd = 4, 16
     cu = np.concatenate([[0], np.cumsum(lengths)])
     N, L = int(cu[-1]), max(lengths)
     bf16 = lambda a: torch.from_numpy(a).to(torch.bfloat16).float().numpy()  # noqa: E731
@@ -136,6 +137,25 @@ def test_bfloat16_attention_matches_float32_numpy_on_every_path(device):
         assert out.dtype == dqkv.dtype == torch.bfloat16
         check(T, out, out_ref, 1e-2, f"{path} bf16 out")
         check(T, dqkv, dqkv_ref, 1e-2, f"{path} bf16 dqkv")
+
+
+def test_cpu_bfloat16_attention_output_is_float32_attention_rounded_once():
+    """On the CPU both padded paths run bf16 inputs in float32 for sequences up to CPU_FLASH_F32_MAX_LEN
+    (faster there, and exact to the last bit kept): each output element is within half a bf16 spacing (|x| * 2^-8) of the float64 attention
+    of the same inputs, plus float32's own error near zero. torch's CPU flash kernel in bfloat16 misses
+    this by hundreds of spacings."""
+    rng = np.random.default_rng(12)
+    H, hd, lengths = 4, 16, [33, 5, 20]
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    N, L = int(cu[-1]), max(lengths)
+    qkv = torch.from_numpy(rng.normal(size=(N, 3 * H * hd))).to(torch.bfloat16)    # (N, 3d)
+    R = NumpyBackend("float64")
+    ref, _ = R.attention_forward(qkv.double().numpy(), cu, H, L)                   # (N, d)
+    for path in attention_paths("cpu", "bfloat16", hd):
+        T = tb.TorchBackend("bfloat16", "cpu", attention=path)
+        out, _ = T.attention_forward(qkv, T.index(cu), H, L)
+        err = np.abs(out.double().numpy() - ref)
+        assert np.all(err <= np.abs(ref) * 2.0**-8 + 1e-6 * np.abs(ref).max()), f"{path}: {err.max():.2e}"
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
