@@ -18,8 +18,9 @@ Where torch has a fused kernel for one step of that math, it is used behind a ch
 
 dtype "bfloat16" is mixed precision: parameters, gradients, AdamW moments and the residual stream
 stay float32 (the "store" dtype); matmuls and attention run in bfloat16 (the "compute" dtype), except
-attention on the CPU over sequences of up to CPU_FLASH_F32_MAX_LEN tokens, which takes its bfloat16
-inputs in float32 (torch's CPU flash kernel is faster there in float32); layernorm statistics,
+the padded attention paths: padded-math always, and torch's CPU flash kernel while a batch's longest
+sequence has at most CPU_FLASH_F32_MAX_LEN tokens, take their bfloat16 inputs in float32 (the flash
+kernel measured faster there in float32 on a CPU without AMX); layernorm statistics,
 softmax/cross-entropy and every reduction run in float32.
 
 Host syncs: a step moves its batch to the device once (`index` copies from pinned memory without
@@ -54,11 +55,13 @@ DTYPES = {"float32": (torch.float32, torch.float32),
 # bfloat16: 128 rows 531 ms, 256 rows 384 ms, 512 rows 299 ms for 512 rows); a GPU needs bigger
 # matmuls to be busy: 2048 rows = 412 MB.
 HEAD_CHUNK_ROWS = {"cpu": 512, "cuda": 2048, "mps": 1024}
-# torch's CPU flash attention on bfloat16 inputs runs in float32 up to this max_seqlen: measured on an
-# AMD EPYC (AVX512_BF16, 2 threads, 12 heads of 64, forward + backward, kernel alone) the bfloat16
-# kernel takes 1.8x float32's time at 64 and 128 tokens (8.7 vs 4.8 ms for 8 sequences of 64), 0.98x
-# at 384 and 0.77x at 768, where its bfloat16 matmuls start to pay; 256 leaves room for the casts.
-CPU_FLASH_F32_MAX_LEN = 256
+# torch's CPU flash attention on bfloat16 inputs runs in float32 while the batch's longest sequence
+# has at most this many tokens. Measured through attention_forward + attention_backward (casts
+# included) on an AMD EPYC without AMX (AVX512_BF16, 2 threads, 12 heads of 64), float32 against
+# bfloat16: 8 x 64 tokens 6.8-7.0 vs 13.7-17.2 ms, 2 x 256 13.5-16.1 vs 18.1-19.2, 2 x 320 22-27 vs
+# 30, 2 x 384 31-33 vs 35-37 and 1 x 384 16-18 vs 18 (even), 2 x 512 50-55 vs 41-56 (bfloat16's
+# matmuls start to pay). Not measured on a CPU with AMX.
+CPU_FLASH_F32_MAX_LEN = 384
 # The lean optimizer state's tensors (bfloat16 moments held as bfloat16; numpy sees their uint16 bits).
 LEAN_DTYPES = {"bf16": torch.bfloat16, "u8": torch.uint8, "scale": torch.float32}
 LEAN_CHUNK = 512 * quant.BLOCK  # elements per pass of the lean AdamW: bounds its float32 temporaries to 4 MB each
@@ -470,9 +473,10 @@ class TorchBackend:
 
     # ---- causal self-attention over packed sequences ---------------------------------------------
     def _padded_dtype(self, path, max_seqlen):
-        """The dtype a padded path computes in. padded-math: the store dtype (float32 under bfloat16).
-        torch's CPU flash kernel: float32 too for sequences up to CPU_FLASH_F32_MAX_LEN, where its
-        bfloat16 variant is the slower one (and float32 is exact to the bf16 output's last bit)."""
+        """The dtype a padded path computes in. padded-math: the store dtype (float32 under bfloat16),
+        at any length. torch's CPU flash kernel: float32 too while max_seqlen <= CPU_FLASH_F32_MAX_LEN,
+        where its bfloat16 variant is the slower one (and the forward's bf16 output is then float32
+        attention rounded once)."""
         if path == "cpu-flash-padded" and max_seqlen > CPU_FLASH_F32_MAX_LEN:
             return self.compute
         return self.store

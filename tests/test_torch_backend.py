@@ -139,15 +139,16 @@ def test_bfloat16_attention_matches_float32_numpy_on_every_path(device, lengths)
         check(T, dqkv, dqkv_ref, 1e-2, f"{path} bf16 dqkv")
 
 
-def test_cpu_bfloat16_attention_output_is_float32_attention_rounded_once():
-    """On the CPU both padded paths run bf16 inputs in float32 for sequences up to CPU_FLASH_F32_MAX_LEN
-    (faster there, and exact to the last bit kept): each output element is within half a bf16 spacing (|x| * 2^-8) of the float64 attention
-    of the same inputs, plus float32's own error near zero. torch's CPU flash kernel in bfloat16 misses
-    this by hundreds of spacings."""
+def test_cpu_bfloat16_attention_up_to_the_f32_length_is_float32_attention_rounded_once():
+    """On the CPU, bf16 attention over sequences up to CPU_FLASH_F32_MAX_LEN runs its bf16 inputs in
+    float32 on both padded paths: each output element is within bf16's unit roundoff (|x| * 2^-8) of
+    the float64 attention of the same inputs, plus float32's own error near zero. torch's CPU flash
+    kernel in bfloat16 misses this by hundreds of units."""
     rng = np.random.default_rng(12)
     H, hd, lengths = 4, 16, [33, 5, 20]
     cu = np.concatenate([[0], np.cumsum(lengths)])
     N, L = int(cu[-1]), max(lengths)
+    assert L <= tb.CPU_FLASH_F32_MAX_LEN
     qkv = torch.from_numpy(rng.normal(size=(N, 3 * H * hd))).to(torch.bfloat16)    # (N, 3d)
     R = NumpyBackend("float64")
     ref, _ = R.attention_forward(qkv.double().numpy(), cu, H, L)                   # (N, d)
@@ -156,6 +157,15 @@ def test_cpu_bfloat16_attention_output_is_float32_attention_rounded_once():
         out, _ = T.attention_forward(qkv, T.index(cu), H, L)
         err = np.abs(out.double().numpy() - ref)
         assert np.all(err <= np.abs(ref) * 2.0**-8 + 1e-6 * np.abs(ref).max()), f"{path}: {err.max():.2e}"
+
+
+def test_cpu_flash_attention_under_bfloat16_computes_in_float32_up_to_the_length_then_bfloat16():
+    T = tb.TorchBackend("bfloat16", "cpu")
+    n = tb.CPU_FLASH_F32_MAX_LEN
+    assert T._padded_dtype("cpu-flash-padded", n) == torch.float32
+    assert T._padded_dtype("cpu-flash-padded", n + 1) == torch.bfloat16
+    assert T._padded_dtype("padded-math", 4 * n) == torch.float32     # math: the store dtype at any length
+    assert tb.TorchBackend("float32", "cpu")._padded_dtype("cpu-flash-padded", 4 * n) == torch.float32
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
