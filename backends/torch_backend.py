@@ -56,11 +56,10 @@ DTYPES = {"float32": (torch.float32, torch.float32),
 # matmuls to be busy: 2048 rows = 412 MB.
 HEAD_CHUNK_ROWS = {"cpu": 512, "cuda": 2048, "mps": 1024}
 # torch's CPU flash attention on bfloat16 inputs runs in float32 while the batch's longest sequence
-# has at most this many tokens. Measured through attention_forward + attention_backward (casts
-# included) on an AMD EPYC without AMX (AVX512_BF16, 2 threads, 12 heads of 64), float32 against
-# bfloat16: 8 x 64 tokens 6.8-7.0 vs 13.7-17.2 ms, 2 x 256 13.5-16.1 vs 18.1-19.2, 2 x 320 22-27 vs
-# 30, 2 x 384 31-33 vs 35-37 and 1 x 384 16-18 vs 18 (even), 2 x 512 50-55 vs 41-56 (bfloat16's
-# matmuls start to pay). Not measured on a CPU with AMX.
+# has at most this many tokens. tools/attention_dtype.py on an AMD EPYC without AMX (AVX512_BF16, 2
+# threads, 12 heads of 64, attention_forward + attention_backward, casts included): bfloat16 takes
+# 2.4-2.6x float32's time at 8 x 64 tokens, 1.2x at 2 x 256, 1.0x at 2 x 384, 0.8x at 2 x 512, where
+# its bfloat16 matmuls start to pay. Not measured on a CPU with AMX.
 CPU_FLASH_F32_MAX_LEN = 384
 # The lean optimizer state's tensors (bfloat16 moments held as bfloat16; numpy sees their uint16 bits).
 LEAN_DTYPES = {"bf16": torch.bfloat16, "u8": torch.uint8, "scale": torch.float32}

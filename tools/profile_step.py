@@ -4,6 +4,8 @@
 
 Every method of the backend is wrapped with a timer (the model calls nothing else that does work),
 so the table accounts for the whole step; "model + Python" is the step's time outside kernels.
+With `--backend numba --dtype bfloat16` the bf16 GEMMs and roundings those kernels call get rows of
+their own at the end (time already counted in the kernels' rows): the step's GEMM floor.
 On a machine shared with other work, `--clock cpu` counts the process's CPU time instead of wall
 time: run it single-threaded (NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1) for a profile that other
 processes barely disturb.
@@ -21,17 +23,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minisft import GPT, AdamW, GPTConfig, pack_padded  # noqa: E402
+from minisft.backends import bf16  # noqa: E402
 
 
 def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def instrument(B, totals, counts, faults, clock):
-    for name in dir(B):
-        fn = getattr(B, name)
-        if name.startswith("_") or not callable(fn) or name in ("rng",):
-            continue
+def instrument(obj, names, totals, counts, faults, clock):
+    """Replace each named function of obj (a backend, or a module) with a timer around it."""
+    for name in names:
+        fn = getattr(obj, name)
 
         @functools.wraps(fn)
         def timed(*a, _fn=fn, _name=name, **k):
@@ -42,7 +44,7 @@ def instrument(B, totals, counts, faults, clock):
                 totals[_name] += clock() - t0
                 counts[_name] += 1
                 faults[_name] += page_faults() - f0
-        setattr(B, name, timed)
+        setattr(obj, name, timed)
 
 
 def main():
@@ -61,7 +63,9 @@ def main():
     model = GPT(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     opt = AdamW(model)
     rng = np.random.default_rng(0)
-    totals, counts, faults = collections.defaultdict(float), collections.defaultdict(int), collections.defaultdict(int)
+    # the backend's kernels, and the bf16 GEMMs and roundings the numba backend's kernels call inside them
+    (totals, counts, faults), inner = ([collections.defaultdict(float), collections.defaultdict(int),
+                                        collections.defaultdict(int)] for _ in range(2))
 
     def step():
         x = rng.integers(0, cfg.vocab_size, size=(args.batch_size, args.seq_len))  # (B, T)
@@ -71,7 +75,10 @@ def main():
         opt.step()
 
     step()  # warm-up: compilation, first-touch of every buffer
-    instrument(model.B, totals, counts, faults, clock)
+    methods = [n for n in dir(model.B) if not n.startswith("_") and n != "rng" and callable(getattr(model.B, n))]
+    instrument(model.B, methods, totals, counts, faults, clock)
+    if args.backend == "numba" and args.dtype == "bfloat16":
+        instrument(bf16, ("gemm", "to_bf16"), *inner, clock)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = clock()
     for _ in range(args.steps):
@@ -91,6 +98,9 @@ def main():
         print(f"| {name} | {counts[name] // args.steps} | {t / args.steps * 1000:.1f} | {t / args.steps / wall:.1%} "
               f"| {faults[name] / args.steps:.0f} |")
     print(f"| model + Python | | {(wall - kernels) * 1000:.1f} | {(wall - kernels) / wall:.1%} | |")
+    for name, t in sorted(inner[0].items(), key=lambda kv: -kv[1]):  # already counted in the rows above
+        print(f"| (inside those) bf16.{name} | {inner[1][name] // args.steps} | {t / args.steps * 1000:.1f} "
+              f"| {t / args.steps / wall:.1%} | {inner[2][name] / args.steps:.0f} |")
 
 
 if __name__ == "__main__":
