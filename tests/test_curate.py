@@ -184,8 +184,8 @@ def test_lsh_banding_meets_its_recall_at_the_threshold():
         assert 1 - (1 - t ** (rows + 1)) ** (perms // (rows + 1)) < curate.LSH_RECALL  # the most rows that do
 
 
-def test_convert_alpaca_to_openai_and_back_is_byte_exact(tmp_path, shared_data):
-    book = shared_data / "instruction-data.json"
+def test_convert_alpaca_to_openai_and_back_is_byte_exact(tmp_path, book_data):
+    book = book_data
     openai, back = tmp_path / "openai.json", tmp_path / "back.json"
     convert_file(book, "openai", openai)
     first = json.loads(openai.read_text())[0]

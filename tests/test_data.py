@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import tiktoken
 
 from minisft import GPT, GPTConfig, pack_padded
 from minisft.data import (Example, Loader, collate_examples, collate_packed, collate_padded, encode_record,
@@ -15,18 +14,13 @@ from tests.helpers import book_format_input, book_training_text
 # ---- the book's definitions, written out from the chapter's text, to check against ----------------------
 
 @pytest.fixture(scope="module")
-def raw(shared_data):
-    return json.loads((shared_data / "instruction-data.json").read_text(encoding="utf-8"))
+def raw(book_data):
+    return json.loads(book_data.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
-def records(shared_data):
-    return load_records(shared_data / "instruction-data.json")
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return tiktoken.get_encoding("gpt2")
+def records(book_data):
+    return load_records(book_data)
 
 
 # ---- prompts ----------------------------------------------------------------------------------------
@@ -57,29 +51,29 @@ def test_book_strings_data_50_and_999_byte_exact(raw, records):
     assert alpaca.prompt(records[999]["messages"]) == want_999 + "\n\n### Response:\n"
 
 
-def test_every_record_renders_and_tokenizes_as_the_book(raw, records, gpt2):
+def test_every_record_renders_and_tokenizes_as_the_book(raw, records, tiktoken_gpt2):
     from minisft.prompts import STYLES
     assert len(records) == len(raw) == 1100
     for entry, rec in zip(raw, records):
         text = STYLES["alpaca"].training_text(rec["messages"])
         assert format_input(entry) == book_format_input(entry)
         assert text == book_training_text(entry)
-        assert encode_record(rec).tokens.tolist() == gpt2.encode(text)
+        assert encode_record(rec).tokens.tolist() == tiktoken_gpt2.encode(text)
 
 
-def test_masks_match_the_books_token_counts_on_every_record(raw, records, gpt2):
+def test_masks_match_the_books_token_counts_on_every_record(raw, records, tiktoken_gpt2):
     """input: the book's exercise 7.2 masks len(encode(format_input)) tokens; header: TRL's
     convention masks through the response header, len(encode(format_input + header))."""
     for entry, rec in zip(raw, records):
-        n_input = len(gpt2.encode(book_format_input(entry)))
-        n_header = len(gpt2.encode(book_format_input(entry) + "\n\n### Response:\n"))
+        n_input = len(tiktoken_gpt2.encode(book_format_input(entry)))
+        n_header = len(tiktoken_gpt2.encode(book_format_input(entry) + "\n\n### Response:\n"))
         positions = np.arange(len(encode_record(rec).tokens))
         assert encode_record(rec, mask="input").trained.tolist() == (positions >= n_input).tolist()
         assert encode_record(rec, mask="header").trained.tolist() == (positions >= n_header).tolist()
         assert encode_record(rec, mask="none").trained.tolist() == (positions >= 1).tolist()
 
 
-def test_masking_both_ways_on_data_50_token_by_token(records, gpt2):
+def test_masking_both_ways_on_data_50_token_by_token(records, tiktoken_gpt2):
     tokens = encode_record(records[50], mask="none").tokens
     assert len(tokens) == 57
     for mask, n_masked, trained_text in [
@@ -90,9 +84,9 @@ def test_masking_both_ways_on_data_50_token_by_token(records, gpt2):
         ex = encode_record(records[50], mask=mask)
         assert ex.tokens.tolist() == tokens.tolist()  # masking never changes the tokens
         assert ex.trained.tolist() == [False] * n_masked + [True] * (57 - n_masked)
-        assert [gpt2.decode([t]) for t in ex.tokens[ex.trained]] == trained_text
+        assert [tiktoken_gpt2.decode([t]) for t in ex.tokens[ex.trained]] == trained_text
     # the prompt part is exactly the book's format_input, token for token
-    assert gpt2.decode(tokens[:43].tolist()) == format_input(records[50])
+    assert tiktoken_gpt2.decode(tokens[:43].tolist()) == format_input(records[50])
 
 
 # ---- split ------------------------------------------------------------------------------------------
@@ -141,13 +135,13 @@ def test_book_collate_quirk_pad_id_inside_the_text():
     assert targets.tolist() == [[50256, 2, -100, -100, -100], [4, 5, 6, 7, 50256]]
 
 
-def test_masked_collate_is_the_books_exercise_7_2(raw, records, gpt2):
+def test_masked_collate_is_the_books_exercise_7_2(raw, records, tiktoken_gpt2):
     batch = list(range(20, 28))
     exs = [encode_record(records[i], mask="input") for i in batch]
     inputs, targets = collate_padded([e.tokens for e in exs], trained=[e.trained for e in exs])
-    plain_inputs, want = collate_padded([gpt2.encode(book_training_text(raw[i])) for i in batch])
+    plain_inputs, want = collate_padded([tiktoken_gpt2.encode(book_training_text(raw[i])) for i in batch])
     for row, i in enumerate(batch):  # exercise 7.2: targets[:instruction_length - 1] = -100
-        want[row, :len(gpt2.encode(book_format_input(raw[i]))) - 1] = -100
+        want[row, :len(tiktoken_gpt2.encode(book_format_input(raw[i]))) - 1] = -100
     assert np.array_equal(inputs, plain_inputs)
     assert np.array_equal(targets, want)
 
@@ -379,10 +373,10 @@ def test_malformed_input_names_file_record_and_field(tmp_path, capsys, name, con
     assert err.strip() == f"minisft: error: {message}" and "Traceback" not in err
 
 
-def test_real_file_with_a_null_instruction(shared_data):
+def test_real_file_with_a_null_instruction(data_dir):
     with pytest.raises(MinisftError, match=r"instruction-data-llama3-7b\.json: record 2: field 'instruction': "
                                            r"expected a string, got null"):
-        load_records(shared_data / "instruction-data-llama3-7b.json")
+        load_records(data_dir / "instruction-data-llama3-7b.json")
 
 
 def test_missing_file():

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tiktoken
 
 from tests.helpers import book_training_text
 
@@ -17,15 +16,15 @@ def minisft(*args):
                           text=True, timeout=120)
 
 
-def test_stats_on_the_book_data(shared_data):
-    r = minisft("data", "stats", shared_data / "instruction-data.json", "--max-length", "80")
+def test_stats_on_the_book_data(book_data, tiktoken_gpt2):
+    r = minisft("data", "stats", book_data, "--max-length", "80")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "1100 records (1100 single-turn, 0 multi-turn; 0 with a system message; 325 Alpaca inputs)" in out
     assert "split (file order): train 935, val 55, test 110" in out
     assert "min 40, median 55, mean 56.4, max 91" in out
-    entries = json.loads((shared_data / "instruction-data.json").read_text(encoding="utf-8"))
-    over_80 = sum(len(tiktoken.get_encoding("gpt2").encode(book_training_text(e))) > 80 for e in entries)
+    entries = json.loads(book_data.read_text(encoding="utf-8"))
+    over_80 = sum(len(tiktoken_gpt2.encode(book_training_text(e))) > 80 for e in entries)
     assert 0 < over_80 < 1100
     assert f"longer than 80 tokens (gpt2-medium's context 1024, --max-length 80; truncated in training): {over_80}" \
         in out
@@ -36,11 +35,11 @@ def test_stats_on_the_book_data(shared_data):
     assert sum(int(h[-1]) for h in histogram) == 1100
 
 
-def test_stats_counts_overlong_records_against_the_chosen_models_context(shared_data):
-    r = minisft("data", "stats", shared_data / "instruction-data.json", "--model", "gpt2-tiny", "--max-length", "4096")
+def test_stats_counts_overlong_records_against_the_chosen_models_context(book_data, tiktoken_gpt2):
+    r = minisft("data", "stats", book_data, "--model", "gpt2-tiny", "--max-length", "4096")
     assert r.returncode == 0, r.stderr
-    entries = json.loads((shared_data / "instruction-data.json").read_text(encoding="utf-8"))
-    over = sum(len(tiktoken.get_encoding("gpt2").encode(book_training_text(e))) > 256 for e in entries)
+    entries = json.loads(book_data.read_text(encoding="utf-8"))
+    over = sum(len(tiktoken_gpt2.encode(book_training_text(e))) > 256 for e in entries)
     assert f"longer than 256 tokens (gpt2-tiny's context 256, --max-length 4096; truncated in training): {over}" in r.stdout
 
 def test_stats_counts_duplicates_and_overlap(tmp_path):
@@ -57,8 +56,8 @@ def test_stats_counts_duplicates_and_overlap(tmp_path):
     assert "test records whose prompt (case and whitespace normalised) is also in train: 0" in r.stdout
 
 
-def test_inspect_shows_each_token_and_its_mask(shared_data):
-    r = minisft("data", "inspect", shared_data / "instruction-data.json", "--index", 50, "--mask-prompt", "header")
+def test_inspect_shows_each_token_and_its_mask(book_data):
+    r = minisft("data", "inspect", book_data, "--index", 50, "--mask-prompt", "header")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "== record 50 of 1100: alpaca style, mask=header ==" in lines
@@ -71,12 +70,12 @@ def test_inspect_shows_each_token_and_its_mask(shared_data):
     assert lines[-1] == "9 of 57 targets trained"
 
 
-def test_errors_exit_2_without_traceback(tmp_path, shared_data):
+def test_errors_exit_2_without_traceback(tmp_path, book_data):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": ""}]))
     for args, message in [
         (("data", "stats", bad), f"minisft: error: {bad}: record 0: field 'output': empty output"),
-        (("data", "inspect", shared_data / "instruction-data.json", "--index", 1100),
+        (("data", "inspect", book_data, "--index", 1100),
          "--index 1100 is out of range: the file has 1100 records (0 to 1099)"),
         (("data", "stats", tmp_path / "nope.json"), "no such file"),
     ]:

@@ -26,8 +26,8 @@ pytest.importorskip("torch", reason="distributed runs go through torch.distribut
 STEPS = 3
 
 
-def base(shared_data, **kw) -> dict:
-    return dict(dict(model="gpt2-tiny", init="random", data=str(shared_data / "instruction-data.json"),
+def base(data, **kw) -> dict:
+    return dict(dict(model="gpt2-tiny", init="random", data=str(data),
                      responses=0, eval_freq=2, eval_iter=2, max_steps=STEPS, lr=1e-3, mask_prompt="header"), **kw)
 
 
@@ -96,10 +96,10 @@ def assert_same_run(got, want, rtol, atol):
 @pytest.mark.parametrize("backend, dtype, lr, tol", [("numpy", "float64", 1e-3, 1e-12),
                                                      ("numba", "float32", 5e-5, 1e-5),
                                                      ("torch", "float64", 1e-3, 1e-12)])
-def test_two_gloo_ranks_train_exactly_as_one_process(tmp_path, shared_data, backend, dtype, lr, tol):
+def test_two_gloo_ranks_train_exactly_as_one_process(tmp_path, book_data, backend, dtype, lr, tol):
     """3 steps of batch 8 (4 sequences per rank, uneven lengths, prompt masking), evaluation sharded:
     every logged loss within tol relative, every weight within tol absolute of one process."""
-    settings = base(shared_data, backend=backend, dtype=dtype, lr=lr)
+    settings = base(book_data, backend=backend, dtype=dtype, lr=lr)
     want = one_process(tmp_path, settings)
     procs = launch([dict(settings, out=tmp_path / "two")] * 2, tmp_path)
     codes, errs = wait_all(procs, tmp_path)
@@ -117,11 +117,11 @@ def test_two_gloo_ranks_train_exactly_as_one_process(tmp_path, shared_data, back
 
 
 def test_a_killed_rank_stops_the_other_naming_it_and_the_run_resumes_to_the_uninterrupted_result(
-        tmp_path, shared_data):
+        tmp_path, book_data):
     """Rank 1 is SIGKILLed after step 3 of 6 (checkpoints every 2 steps); rank 0 must exit non-zero
     within 60 s naming rank 1. The run then resumes from its last checkpoint with 2 ranks and,
     separately, with 1 (the data position is global): both end within 1e-12 of a run never killed."""
-    settings = base(shared_data, backend="numpy", dtype="float64", max_steps=6, ckpt_every=2, eval_freq=3)
+    settings = base(book_data, backend="numpy", dtype="float64", max_steps=6, ckpt_every=2, eval_freq=3)
     want = one_process(tmp_path, settings)
     run = tmp_path / "run"
     procs = launch([dict(settings, out=run)] * 2, tmp_path)
@@ -152,9 +152,9 @@ def test_a_killed_rank_stops_the_other_naming_it_and_the_run_resumes_to_the_unin
                                              "batch_size=8"),
     (dict(batch_size=3), dict(batch_size=3), "setting batch_size: 3 sequences cannot be split evenly over 2 ranks"),
 ])
-def test_settings_that_cannot_hold_are_refused_on_every_rank_before_any_work(tmp_path, shared_data, rank0, rank1,
+def test_settings_that_cannot_hold_are_refused_on_every_rank_before_any_work(tmp_path, book_data, rank0, rank1,
                                                                               message):
-    settings = dict(base(shared_data, backend="numpy"), out=tmp_path / "run")
+    settings = dict(base(book_data, backend="numpy"), out=tmp_path / "run")
     procs = launch([dict(settings, **rank0), dict(settings, **rank1)], tmp_path)
     codes, errs = wait_all(procs, tmp_path)
     assert codes == [2, 2]

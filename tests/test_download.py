@@ -15,8 +15,8 @@ from tests.file_server import FileServer
 
 
 @pytest.fixture(scope="module")
-def body(shared_data):
-    return (shared_data / "instruction-data.json").read_bytes()
+def body(book_data):
+    return book_data.read_bytes()
 
 
 @pytest.fixture
@@ -134,8 +134,8 @@ def test_unreachable_server_is_reported(tmp_path):
         fetch(f"http://127.0.0.1:{port}/x.json", cache_dir=tmp_path, retries=1, progress=False, backoff=0)
 
 
-def test_local_paths_skip_the_download(shared_data, body, tmp_path):
-    local = shared_data / "instruction-data.json"
+def test_local_paths_skip_the_download(book_data, body, tmp_path):
+    local = book_data
     assert fetch(local, cache_dir=tmp_path) == local
     assert fetch(str(local), sha256=hashlib.sha256(body).hexdigest().upper()) == local
     with pytest.raises(MinisftError, match="sha256 is"):
@@ -155,11 +155,11 @@ def test_records_and_cli_from_a_url(serve, tmp_path, capsys):
     assert files_in(tmp_path / "cli") == ["instruction-data.json"]
 
 
-def test_the_default_data_is_the_bundled_copy_of_the_books_file_and_never_downloads(shared_data, body,
+def test_the_default_data_is_the_bundled_copy_of_the_books_file_and_never_downloads(book_data, body,
                                                                                     monkeypatch):
     asked = []
     monkeypatch.setattr(minisft.data, "fetch", lambda source, *args: asked.append(source) or source)
-    assert load_records() == load_records(shared_data / "instruction-data.json")
-    assert asked == [shared_data / "instruction-data.json"]  # only the local file went through fetch
+    assert load_records() == load_records(book_data)
+    assert asked == [book_data]  # only the local file went through fetch
     assert hashlib.sha256(Path(minisft.data.BUNDLED_DATA).read_bytes()).hexdigest() == DEFAULT_DATA_SHA256
     assert hashlib.sha256(body).hexdigest() == DEFAULT_DATA_SHA256

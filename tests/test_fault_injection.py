@@ -20,9 +20,9 @@ from tests.helpers import read_metrics
 
 
 @pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory) -> Path:
+def data(book_data, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "forty.json"
-    path.write_text(json.dumps(json.loads((shared_data / "instruction-data.json").read_text())[:40]))
+    path.write_text(json.dumps(json.loads(book_data.read_text())[:40]))
     return path
 
 

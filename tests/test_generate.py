@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import tiktoken
 
 from minisft import GPT, GPTConfig, pack_sequences
 from minisft.generate import (_TextStream, chat_loop, extract_book_response, generate, generate_responses,
@@ -235,10 +234,10 @@ def test_top_p_keeps_the_nucleus():
 
 
 # ---- text ----------------------------------------------------------------------------------------------------
-def test_book_extraction_recovers_the_responses(shared_data):
+def test_book_extraction_recovers_the_responses(data_dir):
     """The book's fine-tuned model wrote "prompt + \\n\\n### Response:\\n + answer"; extraction must give
     back exactly the answers stored in instruction-data-with-response.json."""
-    entries = json.loads((shared_data / "instruction-data-with-response.json").read_text())
+    entries = json.loads((data_dir / "instruction-data-with-response.json").read_text())
     assert len(entries) == 110
     for e in entries:
         prompt = format_input(e)
@@ -247,39 +246,34 @@ def test_book_extraction_recovers_the_responses(shared_data):
     assert extract_book_response("Q\n\n### Response:\n  ", "Q") == ""
 
 
-@pytest.fixture(scope="module")
-def gpt2_tok():
-    return tiktoken.get_encoding("gpt2")
-
-
-def test_generate_responses_batches_and_decodes(gpt2_tok):
+def test_generate_responses_batches_and_decodes(tiktoken_gpt2):
     model = random_model("numpy", vocab_size=50257, context_length=64, seed=3)
-    enc = lambda s: gpt2_tok.encode(s, allowed_special={"<|endoftext|>"})  # noqa: E731
+    enc = lambda s: tiktoken_gpt2.encode(s, allowed_special={"<|endoftext|>"})  # noqa: E731
     prompts = ["### Instruction:\nName a color.\n\n### Response:\n", "Hi", "A longer prompt, with more words in it."]
-    out = generate_responses(model, prompts, enc, gpt2_tok.decode, 6, batch_size=2, eos_id=None, progress=False)
+    out = generate_responses(model, prompts, enc, tiktoken_gpt2.decode, 6, batch_size=2, eos_id=None, progress=False)
     ids = generate(model, [enc(p) for p in prompts], 6, eos_id=None)
-    assert out == [gpt2_tok.decode(i).strip() for i in ids]
-    book = generate_responses(model, prompts, enc, gpt2_tok.decode, 6, batch_size=3, book_prompt=True,
+    assert out == [tiktoken_gpt2.decode(i).strip() for i in ids]
+    book = generate_responses(model, prompts, enc, tiktoken_gpt2.decode, 6, batch_size=3, book_prompt=True,
                               eos_id=None, progress=False)
-    assert book == [extract_book_response(gpt2_tok.decode(enc(p) + i), p) for p, i in zip(prompts, ids)]
+    assert book == [extract_book_response(tiktoken_gpt2.decode(enc(p) + i), p) for p, i in zip(prompts, ids)]
 
 
-def test_stream_holds_back_split_characters(gpt2_tok):
+def test_stream_holds_back_split_characters(tiktoken_gpt2):
     text = "naïve 日本語 🙂"
-    ids = gpt2_tok.encode(text)
-    assert any("\ufffd" in gpt2_tok.decode(ids[:k]) for k in range(1, len(ids)))  # a character spans tokens
+    ids = tiktoken_gpt2.encode(text)
+    assert any("\ufffd" in tiktoken_gpt2.decode(ids[:k]) for k in range(1, len(ids)))  # a character spans tokens
     out = io.StringIO()
-    s = _TextStream(gpt2_tok.decode, out)
+    s = _TextStream(tiktoken_gpt2.decode, out)
     for t in ids:
         s.add(t)
         assert "\ufffd" not in out.getvalue()
     assert s.finish() == text and out.getvalue() == text + "\n"
 
 
-def test_chat_loop_streams_each_reply(gpt2_tok):
+def test_chat_loop_streams_each_reply(tiktoken_gpt2):
     model = random_model("numpy", vocab_size=50257, context_length=64, seed=5)
     render = lambda m: f"### Instruction:\n{m}\n\n### Response:\n"  # noqa: E731
-    replies = [gpt2_tok.decode(generate(model, [gpt2_tok.encode(render(m))], 5, eos_id=None)[0])
+    replies = [tiktoken_gpt2.decode(generate(model, [tiktoken_gpt2.encode(render(m))], 5, eos_id=None)[0])
                for m in ["hello", "again"]]  # greedy: what chat_loop must print
     inputs = iter(["hello", "  ", "again", "/quit", "never read"])
     asked, out = [], io.StringIO()
@@ -287,7 +281,7 @@ def test_chat_loop_streams_each_reply(gpt2_tok):
     def fake_input(prompt):
         asked.append(prompt)
         return next(inputs)
-    chat_loop(model, render, gpt2_tok.encode, gpt2_tok.decode, input_fn=fake_input, output=out,
+    chat_loop(model, render, tiktoken_gpt2.encode, tiktoken_gpt2.decode, input_fn=fake_input, output=out,
               max_new_tokens=5, eos_id=None)
     assert out.getvalue() == replies[0] + "\n" + replies[1] + "\n" + "\n"  # stdin is no terminal here: the
     # "> " of /quit was not echoed, so its line is ended
@@ -296,5 +290,5 @@ def test_chat_loop_streams_each_reply(gpt2_tok):
     def eof(prompt):
         raise EOFError
     out = io.StringIO()
-    chat_loop(model, render, gpt2_tok.encode, gpt2_tok.decode, input_fn=eof, output=out)
+    chat_loop(model, render, tiktoken_gpt2.encode, tiktoken_gpt2.decode, input_fn=eof, output=out)
     assert out.getvalue() == "\n"

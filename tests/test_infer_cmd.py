@@ -27,9 +27,9 @@ def minisft(*argv, stdin=None):
                           text=True, input=stdin)
 
 
-def test_generate_writes_the_books_response_format(ckpt, shared_data, tmp_path):
+def test_generate_writes_the_books_response_format(ckpt, book_data, tmp_path):
     path, model = ckpt
-    data = shared_data / "instruction-data.json"
+    data = book_data
     out = tmp_path / "responses.json"
     r = minisft("generate", "--checkpoint", path, "--data", data, "--split", "test", "--limit", 3,
                 "--max-new-tokens", 4, "--out", out)
@@ -44,26 +44,26 @@ def test_generate_writes_the_books_response_format(ckpt, shared_data, tmp_path):
         assert e["model_response"] == tokenizer.decode(ids).strip()
 
 
-def test_generate_book_prompt_mode(ckpt, shared_data, tmp_path):
+def test_generate_book_prompt_mode(ckpt, book_data, tmp_path):
     path, model = ckpt
     out = tmp_path / "book.json"
-    r = minisft("generate", "--checkpoint", path, "--data", shared_data / "instruction-data.json", "--limit", 1,
+    r = minisft("generate", "--checkpoint", path, "--data", book_data, "--limit", 1,
                 "--max-new-tokens", 3, "--book-prompt", "--out", out)
     assert r.returncode == 0, r.stderr
-    rec = split_dataset(load_records(shared_data / "instruction-data.json")).test[0]
+    rec = split_dataset(load_records(book_data)).test[0]
     prompt = get_style("alpaca").format_input(rec["messages"])  # no response header: the book's prompt
     ids = tokenizer.encode(prompt)
     text = tokenizer.decode(ids + generate(model, [ids], 3)[0])
     assert json.loads(out.read_text())[0]["model_response"] == text[len(prompt):].replace("### Response:", "").strip()
 
 
-def test_eval_reports_the_token_weighted_loss(ckpt, shared_data):
+def test_eval_reports_the_token_weighted_loss(ckpt, book_data):
     path, model = ckpt
-    r = minisft("eval", "--checkpoint", path, "--data", shared_data / "instruction-data.json", "--split", "val",
+    r = minisft("eval", "--checkpoint", path, "--data", book_data, "--split", "val",
                 "--backend", "numpy")  # the same engine as the reference loop below: equal to 1e-12
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    val = encode_records(split_dataset(load_records(shared_data / "instruction-data.json")).val)
+    val = encode_records(split_dataset(load_records(book_data)).val)
     loss_sum, n = 0.0, 0
     for batch in Loader(val, 8, shuffle=False, drop_last=False, collate=collate_examples):
         s, k = model.loss(batch)

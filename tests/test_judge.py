@@ -185,9 +185,9 @@ def test_bad_responses_file_names_record_and_field(tmp_path, capsys):
     assert f"{path}: record 1: field 'model_response' is missing" in capsys.readouterr().err
 
 
-def test_the_books_responses_file_loads(shared_data):
+def test_the_books_responses_file_loads(data_dir):
     """The real 110-entry file passes validation and gives the book's prompts."""
-    entries = load_responses(shared_data / "instruction-data-with-response.json")
+    entries = load_responses(data_dir / "instruction-data-with-response.json")
     assert len(entries) == 110
     assert score_prompt(entries[0]).startswith("Given the input `Below is an instruction that describes a task.")
     assert ("score the model response `The car is as fast as a bullet.` on a scale from 0 to 100"

@@ -192,12 +192,12 @@ def test_merge_folds_every_adapter_into_the_weights():
 
 
 # ---- runs: adapter-only checkpoints, exact resume -----------------------------------------------------------
-def test_lora_run_resumes_bitwise_and_its_checkpoints_hold_only_adapters(tmp_path, shared_data, monkeypatch):
+def test_lora_run_resumes_bitwise_and_its_checkpoints_hold_only_adapters(tmp_path, book_data, monkeypatch):
     kw = dict(max_steps=4, ckpt_every=2, lr=1e-3, batch_size=4, drop_rate=0.1, lora_rank=4,
               lora_targets="c_attn.q,c_attn.v,c_fc", lora_dropout=0.1, grad_clip=1.0)
-    whole = settings(tmp_path / "whole", shared_data, **kw)
+    whole = settings(tmp_path / "whole", book_data, **kw)
     finetune(whole, log=quiet)
-    part = settings(tmp_path / "part", shared_data, **kw)
+    part = settings(tmp_path / "part", book_data, **kw)
     interrupted_run(part, monkeypatch, at_step=4)  # Ctrl-C in step 4: the last checkpoint is step 2
     finetune(validate(Settings(**{**part.to_dict(), "resume": True})), log=quiet)
     assert read_metrics(part.out, False) == read_metrics(whole.out, False)
@@ -216,8 +216,8 @@ def test_lora_run_resumes_bitwise_and_its_checkpoints_hold_only_adapters(tmp_pat
     assert not (tmp_path / "whole" / "run" / "hf").exists()
 
 
-def test_a_checkpoint_of_other_base_weights_is_refused(tmp_path, shared_data):
-    s = settings(tmp_path, shared_data, max_steps=1, lora_rank=2, batch_size=2)
+def test_a_checkpoint_of_other_base_weights_is_refused(tmp_path, book_data):
+    s = settings(tmp_path, book_data, max_steps=1, lora_rank=2, batch_size=2)
     finetune(s, log=quiet)
     other = GPT(GPTConfig.preset("gpt2-tiny"), seed=s.seed + 1)
     lora.attach(other, lora.lora_config(s))
@@ -235,17 +235,17 @@ def test_a_checkpoint_of_other_base_weights_is_refused(tmp_path, shared_data):
     (dict(lora_rank=4, lora_dropout=1.0), "setting lora-dropout"),
     (dict(lora_preset="book-7.5"), "setting lora-preset: unknown preset"),
 ])
-def test_bad_lora_settings_are_refused_by_name(tmp_path, shared_data, kw, message):
+def test_bad_lora_settings_are_refused_by_name(tmp_path, book_data, kw, message):
     with pytest.raises(MinisftError, match=message):
-        settings(tmp_path, shared_data, **kw)
+        settings(tmp_path, book_data, **kw)
     assert not (tmp_path / "run").exists()
 
 
-def test_the_book_preset_adapts_every_linear_layer_at_rank_16(tmp_path, shared_data):
-    s = settings(tmp_path, shared_data, lora_preset="book-7.4")
+def test_the_book_preset_adapts_every_linear_layer_at_rank_16(tmp_path, book_data):
+    s = settings(tmp_path, book_data, lora_preset="book-7.4")
     lc = lora.lora_config(s)
     assert (lc.rank, lc.alpha, lc.targets) == (16, 16.0, lora.MODULES)
-    assert lora.lora_config(settings(tmp_path, shared_data, lora_preset="book-7.4", lora_rank=8)).rank == 8
+    assert lora.lora_config(settings(tmp_path, book_data, lora_preset="book-7.4", lora_rank=8)).rank == 8
 
 
 def test_an_adapter_for_another_base_is_refused_and_the_model_is_left_alone(tmp_path):
@@ -266,7 +266,7 @@ def test_an_adapter_for_another_base_is_refused_and_the_model_is_left_alone(tmp_
         lora.load_adapter(same_shape, tmp_path / "ad")
 
 
-def test_cli_lora_run_then_generate_and_eval_with_its_adapter(tmp_path, shared_data):
+def test_cli_lora_run_then_generate_and_eval_with_its_adapter(tmp_path, book_data):
     """finetune --lora-preset book-7.4 on a local base prints PEFT's trainable-parameter line and writes
     the adapter; eval --weights BASE --adapter DIR equals eval of the run's LoRA checkpoint."""
     import subprocess
@@ -279,7 +279,7 @@ def test_cli_lora_run_then_generate_and_eval_with_its_adapter(tmp_path, shared_d
                               text=True)
     GPT(GPTConfig.preset("gpt2-tiny"), seed=5).save_pretrained(tmp_path / "base")
     data, out = tmp_path / "data.json", tmp_path / "run"
-    data.write_text(json.dumps(json.loads((shared_data / "instruction-data.json").read_text())[:60]))
+    data.write_text(json.dumps(json.loads(book_data.read_text())[:60]))
     r = minisft("finetune", "--model", "gpt2-tiny", "--weights", tmp_path / "base", "--data", data, "--max-steps", 2,
                 "--batch-size", 2, "--lr", 1e-3, "--responses", 0, "--lora-preset", "book-7.4", "--out", out)
     assert r.returncode == 0, r.stderr

@@ -228,16 +228,16 @@ def test_lean_state_saved_and_resumed_continues_bitwise(tmp_path, backend, state
         assert ("adam/m_scale" in f) == (state == "8bit")
 
 
-def test_a_finetune_run_with_lean_state_resumes_bitwise_and_records_its_peak_memory(tmp_path, shared_data):
+def test_a_finetune_run_with_lean_state_resumes_bitwise_and_records_its_peak_memory(tmp_path, book_data):
     """The settings reach the model and optimizer, and a resumed run restores them: 2 steps + resume
     to 4 == 4 steps straight (8-bit moments, activation checkpointing, dropout; the book's first 60
     records). Every step record and the summary carry the peak RSS so far."""
     data = tmp_path / "data.json"
-    data.write_text(json.dumps(json.loads((shared_data / "instruction-data.json").read_text())[:60]))
+    data.write_text(json.dumps(json.loads(book_data.read_text())[:60]))
     kw = dict(lr=1e-3, drop_rate=0.1, optim_state="8bit", grad_checkpoint=True, ckpt_every=2,
               data=str(data))
-    summary = finetune(settings(tmp_path / "whole", shared_data, max_steps=4, **kw), log=quiet)
-    part = settings(tmp_path / "part", shared_data, max_steps=2, **kw)
+    summary = finetune(settings(tmp_path / "whole", book_data, max_steps=4, **kw), log=quiet)
+    part = settings(tmp_path / "part", book_data, max_steps=2, **kw)
     finetune(part, log=quiet)
     finetune(validate(Settings(**{**part.to_dict(), "max_steps": 4, "resume": True})), log=quiet)
     a = load_checkpoint(checkpoints(tmp_path / "whole" / "run")[-1])
@@ -267,13 +267,13 @@ def test_the_estimate_counts_each_part_by_its_formula():
     assert lean["activations"] == 4 * (L * 1000 * d + 1000 * 16 * d + 4 * 1000 * d)
 
 
-def test_dry_run_refuses_before_building_the_model_naming_the_options(tmp_path, shared_data, monkeypatch):
+def test_dry_run_refuses_before_building_the_model_naming_the_options(tmp_path, book_data, monkeypatch):
     """With too little memory available: a one-line refusal naming the estimate, what is available,
     and the settings that would shrink it; no model is built and no run directory is made."""
     import minisft.train as train
     monkeypatch.setattr(memory, "available_bytes", lambda: 10**7)
     monkeypatch.setattr(train, "GPT", lambda *a, **k: pytest.fail("the model was built before the refusal"))
-    s = settings(tmp_path, shared_data)
+    s = settings(tmp_path, book_data)
     for run in (train.dry_run, train.finetune):
         with pytest.raises(MinisftError) as e:
             run(s, log=quiet)
@@ -320,6 +320,6 @@ def test_fused_updates_in_the_backward_equal_backward_then_step_bitwise(backend,
     (dict(optim_state="8bit", dtype="float64"), "setting optim-state: 8bit moments need float32 master weights"),
     (dict(optim_state="int4"), "setting optim-state: 'int4' is not one of fp32, bf16, 8bit"),
 ])
-def test_memory_settings_that_cannot_work_are_refused_naming_the_setting(tmp_path, shared_data, bad, words):
+def test_memory_settings_that_cannot_work_are_refused_naming_the_setting(tmp_path, book_data, bad, words):
     with pytest.raises(MinisftError, match=words.replace("-", "[-]")):
-        settings(tmp_path, shared_data, **bad)
+        settings(tmp_path, book_data, **bad)

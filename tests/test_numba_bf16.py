@@ -180,7 +180,7 @@ def test_adamw_pass_writes_the_weights_bf16_copy_and_the_same_float32_update(bac
 
 
 # ---- the whole recipe ---------------------------------------------------------------------------------
-def test_fifty_book_steps_in_bf16_track_float32_within_one_percent(tmp_path, shared_data):
+def test_fifty_book_steps_in_bf16_track_float32_within_one_percent(tmp_path, book_data):
     # The book's loop and data (gpt2-tiny: the real vocabulary, a tiny body), sequences cut to 48
     # tokens to keep the test short; per-step training loss compared step by step.
     import json
@@ -189,7 +189,7 @@ def test_fifty_book_steps_in_bf16_track_float32_within_one_percent(tmp_path, sha
     from minisft.train import finetune
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        s = validate(Settings(model="gpt2-tiny", init="random", data=str(shared_data / "instruction-data.json"),
+        s = validate(Settings(model="gpt2-tiny", init="random", data=str(book_data),
                               out=str(tmp_path / dtype), responses=0, eval_freq=1000, eval_iter=1,
                               backend="numba", dtype=dtype, max_steps=50, max_length=48))
         finetune(s, log=lambda *_: None)

@@ -18,12 +18,12 @@ from tests.conftest import ROOT
 from tests.helpers import interrupted_run, quiet, read_metrics, settings
 
 
-def test_twenty_book_steps_match_a_pytorch_autograd_loop(tmp_path, shared_data):
+def test_twenty_book_steps_match_a_pytorch_autograd_loop(tmp_path, book_data):
     torch = pytest.importorskip("torch", reason="torch is not installed: the autograd peer needs it")
     from minisft.data import collate_padded
     from minisft.peer import TorchGPT
 
-    s = settings(tmp_path, shared_data, max_steps=20)
+    s = settings(tmp_path, book_data, max_steps=20)
     finetune(s, log=quiet)
     ours = [r["loss"] for r in read_metrics(s.out) if r["kind"] == "step"]
 
@@ -48,12 +48,12 @@ def test_twenty_book_steps_match_a_pytorch_autograd_loop(tmp_path, shared_data):
     assert ours[-1] < ours[0]  # it learns
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, shared_data):
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, book_data):
     """batch 8 vs 4 micro-batches of 2: the same 8 examples per step (one shuffled order), uneven
     lengths, prompt masking; float64, per-step loss and final weights within 1e-6."""
     kw = dict(dtype="float64", mask_prompt="header", max_steps=3, lr=1e-3)
-    big = settings(tmp_path / "a", shared_data, batch_size=8, **kw)
-    small = settings(tmp_path / "b", shared_data, batch_size=2, grad_accum=4, **kw)
+    big = settings(tmp_path / "a", book_data, batch_size=8, **kw)
+    small = settings(tmp_path / "b", book_data, batch_size=2, grad_accum=4, **kw)
     finetune(big, log=quiet)
     finetune(small, log=quiet)
     a = [r for r in read_metrics(big.out) if r["kind"] == "step"]
@@ -66,13 +66,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, shared_data):
         np.testing.assert_allclose(wb[name], wa[name], rtol=1e-6, atol=1e-12, err_msg=name)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, shared_data, monkeypatch):
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, book_data, monkeypatch):
     kw = dict(max_steps=9, ckpt_every=3, eval_freq=4, schedule="cosine", warmup_steps=2, lr=1e-3, grad_clip=1.0,
               drop_rate=0.1)
-    whole = settings(tmp_path / "whole", shared_data, **kw)
+    whole = settings(tmp_path / "whole", book_data, **kw)
     finetune(whole, log=quiet)
 
-    part = settings(tmp_path / "part", shared_data, **kw)
+    part = settings(tmp_path / "part", book_data, **kw)
     interrupted_run(part, monkeypatch, at_step=8)  # Ctrl-C in the middle of step 8: the last checkpoint is step 6
     assert [p.name for p in checkpoints(tmp_path / "part" / "run")] == ["step-000003.h5", "step-000006.h5"]
     assert len(read_metrics(part.out)) > len([r for r in read_metrics(part.out) if r["step"] <= 6])
@@ -88,7 +88,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, shared_d
             assert w.tobytes() == b[1].state_dict()[key][name].tobytes(), name
 
 
-def test_clipping_scales_every_gradient_to_the_max_norm_and_keeps_directions(shared_data):
+def test_clipping_scales_every_gradient_to_the_max_norm_and_keeps_directions():
     model = GPT(GPTConfig(vocab_size=31, context_length=12, emb_dim=8, n_layers=2, n_heads=2), dtype="float64")
     rng = np.random.default_rng(5)
     model.forward_backward(pack_sequences([rng.integers(0, 31, 9), rng.integers(0, 31, 5)],
@@ -104,8 +104,8 @@ def test_clipping_scales_every_gradient_to_the_max_norm_and_keeps_directions(sha
     np.testing.assert_array_equal(model.B.to_numpy(model.grads["wte.weight"]), after["wte.weight"])
 
 
-def test_schedule_and_clipping_show_in_the_metrics(tmp_path, shared_data):
-    s = settings(tmp_path, shared_data, max_steps=6, schedule="linear", warmup_steps=2, lr=1e-3, min_lr=1e-4,
+def test_schedule_and_clipping_show_in_the_metrics(tmp_path, book_data):
+    s = settings(tmp_path, book_data, max_steps=6, schedule="linear", warmup_steps=2, lr=1e-3, min_lr=1e-4,
                  grad_clip=0.5)
     finetune(s, log=quiet)
     steps = [r for r in read_metrics(s.out) if r["kind"] == "step"]
@@ -113,8 +113,8 @@ def test_schedule_and_clipping_show_in_the_metrics(tmp_path, shared_data):
     assert all(r["grad_norm"] > 0.5 for r in steps)  # recorded before clipping; each step was clipped
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shared_data, monkeypatch):
-    s = settings(tmp_path, shared_data, max_steps=8, ckpt_every=2)
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, book_data, monkeypatch):
+    s = settings(tmp_path, book_data, max_steps=8, ckpt_every=2)
     real, calls = GPT.forward_backward, []
 
     def poisoned(self, batch, grad_scale=None):
@@ -128,7 +128,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, s
     assert state["step"] == 4 and all(np.isfinite(a).all() for a in model.state_dict().values())
 
 
-def test_early_stopping_keeps_the_best_checkpoint_and_exports_it(tmp_path, shared_data, monkeypatch):
+def test_early_stopping_keeps_the_best_checkpoint_and_exports_it(tmp_path, book_data, monkeypatch):
     import minisft.train as train
     val_losses = iter([5.0, 4.0, 4.5, 4.2, 9.9, 9.9])  # best at the 2nd evaluation, then 2 without improving
     real = train.mean_batch_loss
@@ -138,7 +138,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_exports_it(tmp_path, share
         calls.append(1)
         return next(val_losses) if len(calls) % 2 == 0 else real(model, loader, num_batches, dist)
     monkeypatch.setattr(train, "mean_batch_loss", scripted)
-    s = settings(tmp_path, shared_data, max_steps=20, eval_freq=2, early_stop=2, export="best", ckpt_every=100)
+    s = settings(tmp_path, book_data, max_steps=20, eval_freq=2, early_stop=2, export="best", ckpt_every=100)
     summary = finetune(s, log=quiet)
     evals = [r for r in read_metrics(s.out) if r["kind"] == "eval"]
     assert [e["val_loss"] for e in evals] == [5.0, 4.0, 4.5, 4.2] and summary["steps"] == 7  # evals at 1, 3, 5, 7
@@ -149,10 +149,10 @@ def test_early_stopping_keeps_the_best_checkpoint_and_exports_it(tmp_path, share
         np.testing.assert_array_equal(exported.state_dict()[n], a)
 
 
-def test_weights_folder_gives_the_architecture_without_model(tmp_path, shared_data):
+def test_weights_folder_gives_the_architecture_without_model(tmp_path, book_data):
     src = GPT(GPTConfig.preset("gpt2-tiny", n_layers=1), seed=4)
     src.save_pretrained(tmp_path / "w")
-    s = validate(Settings(weights=str(tmp_path / "w"), data=str(shared_data / "instruction-data.json"),
+    s = validate(Settings(weights=str(tmp_path / "w"), data=str(book_data),
                           out=str(tmp_path / "run"), responses=0, eval_freq=1000, eval_iter=1, max_steps=1))
     assert s.model is None
     finetune(s, log=quiet)
@@ -160,17 +160,17 @@ def test_weights_folder_gives_the_architecture_without_model(tmp_path, shared_da
     assert model.cfg.n_layers == 1 and model.cfg.emb_dim == 64
 
 
-def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, shared_data):
-    s = settings(tmp_path, shared_data, max_steps=1)
+def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, book_data):
+    s = settings(tmp_path, book_data, max_steps=1)
     finetune(s, log=quiet)
     with pytest.raises(MinisftError, match=r"already holds a run \(newest checkpoint step-000001.h5\); pass --resume"):
         finetune(s, log=quiet)
 
 
-def test_cli_smoke_run_writes_every_output(tmp_path, shared_data):
+def test_cli_smoke_run_writes_every_output(tmp_path, book_data):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "minisft", "finetune", "--model", "gpt2-tiny", "--init", "random",
-           "--data", str(shared_data / "instruction-data.json"), "--max-steps", "4", "--eval-freq", "2",
+           "--data", str(book_data), "--max-steps", "4", "--eval-freq", "2",
            "--eval-iter", "2", "--responses", "2", "--max-new-tokens", "4", "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -184,7 +184,7 @@ def test_cli_smoke_run_writes_every_output(tmp_path, shared_data):
     assert [p.name for p in checkpoints(out)] == ["step-000004.h5"]
     assert (out / "hf" / "model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
     responses = json.loads((out / "instruction-data-with-response.json").read_text())
-    test0 = json.loads((shared_data / "instruction-data.json").read_text())[935]
+    test0 = json.loads(book_data.read_text())[935]
     assert len(responses) == 2 and {**test0, "model_response": responses[0]["model_response"]} == responses[0]
     assert (out / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
@@ -197,19 +197,19 @@ def test_cli_refuses_bad_settings_before_any_work(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
 
 
-def test_a_killed_run_resumes_to_the_same_result(tmp_path, shared_data):
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, book_data):
     """SIGKILL (no chance to clean up) while training: the checkpoints on disk are whole, and
     --resume reaches bitwise the result of a run that was never stopped."""
     import signal
     import time
 
     kw = dict(max_steps=12, ckpt_every=2, eval_freq=5)
-    whole = settings(tmp_path / "whole", shared_data, **kw)
+    whole = settings(tmp_path / "whole", book_data, **kw)
     finetune(whole, log=quiet)
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "minisft", "finetune", "--model", "gpt2-tiny", "--init", "random",
-           "--data", str(shared_data / "instruction-data.json"), "--max-steps", "12", "--ckpt-every", "2",
+           "--data", str(book_data), "--max-steps", "12", "--ckpt-every", "2",
            "--eval-freq", "5", "--eval-iter", "1", "--responses", "0", "--out", str(out),
            "--backend", "numpy"]  # the engine of the uninterrupted run it is compared with bit for bit
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
