@@ -9,18 +9,15 @@ handful of prompts on two CPU cores, so every variant runs the same SUBSET of th
 cached batched run over all 110 is reported on its own, without a baseline. Results: BENCHMARKS.md.
 """
 import json
-import os
 
 import numpy as np
 import pytest
 
-from minisft import GPT, GPTConfig
+from minisft import GPT, GPTConfig, tokenizer
 from minisft.generate import generate, generate_uncached
 from minisft.judge import format_input
+from tests.conftest import BOOK_DATA
 from tests.helpers import backend_or_skip
-from tests.conftest import SHARED_DATA
-
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
 
 NEW_TOKENS = 32
 SUBSET = slice(None, None, 11)  # 10 of the 110 test prompts, spread over the set
@@ -28,10 +25,8 @@ SUBSET = slice(None, None, 11)  # 10 of the 110 test prompts, spread over the se
 
 @pytest.fixture(scope="module")
 def prompts():
-    import tiktoken
-    tok = tiktoken.get_encoding("gpt2")
-    entries = json.loads((SHARED_DATA / "instruction-data.json").read_text())[935:1045]
-    return [tok.encode(format_input(e) + "\n\n### Response:\n") for e in entries]
+    entries = json.loads(BOOK_DATA.read_text())[935:1045]
+    return [tokenizer.encode(format_input(e) + "\n\n### Response:\n") for e in entries]
 
 
 @pytest.fixture(scope="module", params=["numpy", "numba"])

@@ -88,8 +88,8 @@ def fd_check(f, inputs: dict, analytic: dict, rng):
 
 
 # ---- runs and commands ------------------------------------------------------------------------------
-def settings(tmp_path, data, **kw):
-    base = dict(model="gpt2-tiny", init="random", data=str(data),
+def settings(tmp_path, data_file, **kw):
+    base = dict(model="gpt2-tiny", init="random", data=str(data_file),
                 out=str(tmp_path / "run"), responses=0, eval_freq=1000, eval_iter=1, backend="numpy",
                 dtype="float32")  # pinned: "auto" would differ between machines with and without bf16 units
     return validate(Settings(**{**base, **kw}))

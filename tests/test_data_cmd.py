@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from tests.helpers import book_training_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from minisft.config import PRESETS, GPTConfig  # noqa: E402
 from minisft.model import param_shapes  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "instruction-data.json"
+DATA = ROOT / "minisft" / "assets" / "instruction-data.json"  # the book's records, as bundled
 CONTENDERS = {  # name -> (launcher argv before `-m minisft`, threads per process)
     "1 process x 2 threads": ([sys.executable], 2),
     "2 processes x 1 thread (torchrun, gloo)": ([sys.executable, "-m", "torch.distributed.run",
@@ -58,7 +58,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(DATA.parent / "tiktoken_cache"))
     print(f"{datetime.date.today()}, {os.cpu_count()} CPUs, {args.steps} steady-state steps of batch 8\n")
     print("| model | backend | contender | tokens/s | step (s) | vs 1 process |")
     print("|---|---|---|---:|---:|---:|")

@@ -36,7 +36,7 @@ from minisft.data import load_splits  # noqa: E402
 from minisft.generate import generate  # noqa: E402
 from minisft.prompts import get_style  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "instruction-data.json"
+DATA = ROOT / "minisft" / "assets" / "instruction-data.json"  # the book's records, as bundled
 
 
 def stream_one(url, prompt, tokens, out, i):

@@ -42,10 +42,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minisft import GPT, AdamW, GPTConfig, pack_padded  # noqa: E402
+from minisft import GPT, AdamW, GPTConfig, pack_padded, tokenizer  # noqa: E402
+from minisft.data import BUNDLED_DATA  # noqa: E402
 from minisft.generate import generate  # noqa: E402
 
-DATA = Path(os.environ.get("MINISFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 EOT, BATCH, EPOCHS, SEED, LR, WEIGHT_DECAY = 50256, 8, 2, 123, 5e-5, 0.1
 EVAL_FREQ, EVAL_ITER, SAMPLE_TOKENS = 5, 5, 50  # the book's train_model_simple arguments in chapter 7
 
@@ -59,10 +59,8 @@ def format_input(entry: dict) -> str:
 
 def token_ids() -> tuple:
     """(train sequences, validation sequences, the first validation entry's prompt), token ids."""
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(DATA / "tiktoken_cache"))
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    data = json.loads((DATA / "instruction-data.json").read_text())
+    enc = tokenizer.gpt2()  # tiktoken's "gpt2" encoding, from the bundled vocabulary
+    data = json.loads(BUNDLED_DATA.read_text())
     n_train, n_test = int(len(data) * 0.85), int(len(data) * 0.1)  # the book's split, in file order
     train, val = data[:n_train], data[n_train + n_test:]
     full = lambda e: enc.encode(format_input(e) + f"\n\n### Response:\n{e['output']}")  # noqa: E731
