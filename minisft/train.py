@@ -314,7 +314,8 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
                 tokens_seen += n_tokens
                 emit(dict(kind="step", step=step, epoch=epoch + 1, loss=loss, lr=lr, tokens_seen=tokens_seen,
                           grad_norm=grad_norm, **measured_memory(model)))
-                bar.set_postfix(loss=f"{loss:.3f}", **({"tok_s": f"{times.tokens_per_s():,.0f}"} if times.steady_s else {}))
+                rate = {"tok_s": f"{times.tokens_per_s():,.0f}"} if times.steady_s else {}  # steady steps only
+                bar.set_postfix(loss=f"{loss:.3f}", **rate)
                 bar.update(1)
                 if (step - 1) % s.eval_freq == 0:  # the book's global_step % eval_freq == 0
                     evaluate(epoch + 1)
