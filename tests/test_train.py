@@ -276,8 +276,8 @@ def test_the_first_step_is_timed_apart_from_the_steady_rate(tmp_path, book_data,
     steps = [r for r in read_metrics(s.out) if r["kind"] == "step"]
     steady_s = summary["train_seconds"] - summary["first_step_seconds"]
     assert summary["first_step_seconds"] >= 0.5 and steady_s > 0
-    assert summary["tokens_per_second"] == pytest.approx((steps[-1]["tokens_seen"] - steps[0]["tokens_seen"]) /
-                                                         steady_s, rel=0.01)
+    steady_tokens = steps[-1]["tokens_seen"] - steps[0]["tokens_seen"]  # summary's seconds are rounded to 1 ms
+    assert steady_tokens / (steady_s + 2e-3) - 0.1 <= summary["tokens_per_second"] <= steady_tokens / (steady_s - 2e-3) + 0.1
     assert f"first step (compiling/warm-up) {summary['first_step_seconds']:.1f} s, then " \
            f"{summary['tokens_per_second']:,.0f} tokens/s" in lines[-1]
 
