@@ -37,6 +37,28 @@ def resolve_dtype(dtype: str, name: str) -> str:
     return "float32"
 
 
+def dtype_problem(dtype: str, name: str) -> str | None:
+    """Why a resolved backend cannot run dtype here (one line), or None: the numba backend's bfloat16
+    needs the CPU's bf16 units and oneDNN (backends/bf16.py)."""
+    if dtype == "bfloat16" and name == "numba":
+        from . import bf16
+        return bf16.problem()
+    return None
+
+
+def dtype_warning(dtype: str, name: str, device: str | None) -> str | None:
+    """Why dtype would run slowly here (one line), or None: torch runs CPU bfloat16 on a CPU without
+    bf16 units in emulation (4.9 s a gpt2-tiny step on one such CPU, issue 26). Said only where
+    /proc/cpuinfo lists the CPU's features, so that their absence is known."""
+    if dtype != "bfloat16" or name != "torch" or device not in (None, "cpu"):
+        return None
+    from . import bf16
+    if not bf16.cpuinfo("flags") or bf16.cpu_bf16_flags():
+        return None
+    return (f"torch emulates bfloat16 on this CPU (none of {', '.join(bf16.CPU_FLAGS)} in /proc/cpuinfo): many "
+            f"times slower than --dtype float32")
+
+
 def get_backend(name: str = "numpy", dtype: str = "float32", device: str | None = None):
     """Resolve a backend by name: "numpy", "numba", "torch" (device "cpu", "cuda", "mps") or "auto";
     dtype "float32", "float64", "bfloat16" or "auto" (resolve_dtype)."""

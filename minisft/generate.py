@@ -18,11 +18,10 @@ then one draw per sequence in prompt order.
 import sys
 
 import numpy as np
-from tqdm import tqdm
 
 from .batch import pack_sequences
+from .progress import progress as progress_bar
 from .tokenizer import EOT
-
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ def generate_responses(model, prompts, encode, decode, max_new_tokens=256, *, ba
     extract_book_response). sampling: temperature, top_k, top_p."""
     rng = np.random.default_rng(rng)
     responses = []
-    with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress) as bar:
+    with progress_bar(len(prompts), "generating", "prompt", enabled=progress) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             ids = [encode(p) for p in chunk]

@@ -35,8 +35,6 @@ from functools import partial
 from itertools import islice
 from pathlib import Path
 
-from tqdm import tqdm
-
 from . import backends, distributed, lora, memory, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
@@ -48,11 +46,13 @@ from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
 from .pretrained import read_hf_config, read_pretrained
+from .progress import progress
 from .prompts import get_style
 from .rundir import RunLock, checkpoints, plan_run, start
 from .settings import Settings
 
 SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
+ESTIMATE_AFTER = 3  # steady steps timed before the run's length is estimated from them
 
 
 # ---- setup -------------------------------------------------------------------------------------------
@@ -87,10 +87,62 @@ def best_checkpoint(out: Path) -> Path:
     return out / "checkpoints" / "best.h5"
 
 
+@dataclasses.dataclass
+class StepTimes:
+    """Seconds in optimizer steps, with each start's first step apart: it compiles numba's kernels
+    (or loads them from numba's cache) and warms every cache, so it says nothing of the speed of
+    the steps after it. A resumed run has one first step per start."""
+    first_s: float = 0.0
+    starts: int = 0
+    steady_s: float = 0.0
+    steady_tokens: int = 0
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StepTimes":
+        if "step_times" in state:
+            return cls(**state["step_times"])
+        return cls(steady_s=state["train_time"], steady_tokens=state["tokens_seen"])  # an older checkpoint's
+
+    @property
+    def total_s(self) -> float:
+        return self.first_s + self.steady_s
+
+    def tokens_per_s(self) -> float | None:
+        return self.steady_tokens / self.steady_s if self.steady_s else None
+
+    def describe(self) -> str:
+        """`36.1 s of training: first step (compiling/warm-up) 24.0 s, then 480 tokens/s`"""
+        if not self.starts:
+            return f"{self.total_s:.1f} s of training"
+        first = "first step" if self.starts == 1 else f"first step of each of {self.starts} starts"
+        rate = f", then {self.tokens_per_s():,.0f} tokens/s" if self.steady_s else ""
+        return f"{self.total_s:.1f} s of training: {first} (compiling/warm-up) {self.first_s:.1f} s{rate}"
+
+
+def estimate_line(steps: int, step_times: list) -> str:
+    """The run's length from its first steady steps (step_times[0] is the first step, not steady)."""
+    per = sum(step_times[1:]) / (len(step_times) - 1)
+    return (f"estimated: {steps} steps x {per:.3f} s = {steps * per / 60:.1f} min of training steps "
+            f"(evaluations not counted)")
+
+
 # ---- the loop ------------------------------------------------------------------------------------------
 def resolved_dtype(s: Settings) -> str:
     """The dtype these settings run in ("auto" decided for their backend on this machine)."""
     return backends.resolve_dtype(s.dtype, backends.resolve(s.backend, s.device)[0])
+
+
+def check_dtype(s: Settings, log=print) -> None:
+    """Refuse a dtype that its backend cannot run here, before any work; warn about one that it would
+    run emulated."""
+    name, device = backends.resolve(s.backend, s.device)
+    dtype = backends.resolve_dtype(s.dtype, name)
+    problem = backends.dtype_problem(dtype, name)
+    if problem:
+        raise MinisftError(f"setting dtype: {dtype} on the {name} backend cannot run here: {problem}")
+    warning = backends.dtype_warning(dtype, name, device)
+    if warning:
+        log(f"warning: {warning}")
 
 
 def finetune(s: Settings, log=print) -> dict:
@@ -107,6 +159,7 @@ def finetune(s: Settings, log=print) -> dict:
     dist = distributed.start(s)
     if not dist.main:
         log = lambda *_: None  # noqa: E731 (rank 0 alone reports)
+    check_dtype(s, log)
     if dist.world_size > 1:
         log(f"distributed: {dist.describe()}; each rank trains on {s.batch_size // dist.world_size} of every "
             f"batch's {s.batch_size} sequences")
@@ -159,19 +212,22 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
         f"{steps_per_epoch} steps per epoch, {total_steps} steps")
     log(lora.trainable_parameters(model))
 
-    step, tokens_seen, records, train_time, empty_batches = 0, 0, [], 0.0, 0
+    step, tokens_seen, records, times, empty_batches = 0, 0, [], StepTimes(), 0
     best = dict(val_loss=math.inf, step=None, since=0)  # early stopping: the best eval and evals since
     if s.resume and dist.main:
         path, state = resume_from(plan.checkpoints, model, opt, log)
         step, tokens_seen, records = state["step"], state["tokens_seen"], state["records"]
-        train_time, empty_batches = state["train_time"], state.get("empty_batches", 0)
+        times, empty_batches = StepTimes.from_state(state), state.get("empty_batches", 0)
         best = state.get("best", best)
         loader.load_state_dict(state["loader"])
         log(f"resuming from {path} at step {step}")
     if dist.main:
         start(s, plan, log, dist.record())  # every check passed: the folder is written from here on
+    last_eval = max((r["step"] for r in records if r["kind"] == "eval"), default=0)
     # rank 0's resumed position (and early-stopping record) on every rank, so every rank decides alike
-    step, tokens_seen, train_time, best = dist.sync_start(model, opt, loader, (step, tokens_seen, train_time, best))
+    step, tokens_seen, times, best, last_eval = dist.sync_start(model, opt, loader,
+                                                                (step, tokens_seen, times, best, last_eval))
+    first_step, here = step, []  # the step this start begins at; the seconds of each step it times
     # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
     # records written after its checkpoint, so every step appears once).
     if dist.main:
@@ -184,7 +240,8 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
         (lora.save_checkpoint if model.lora is not None else save_checkpoint)(
             path or out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
             dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
-                 train_time=train_time, best=best, settings=s.to_dict(), empty_batches=empty_batches))
+                 step_times=dataclasses.asdict(times), best=best, settings=s.to_dict(),
+                 empty_batches=empty_batches))
         for old in checkpoints(out)[:-s.keep_last]:
             old.unlink()
 
@@ -193,8 +250,26 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
 
-    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=None if dist.main else True)
+    def evaluate(epoch) -> None:
+        """The book's evaluation; with early stopping, a val loss below the best so far saved as best.h5."""
+        nonlocal best, last_eval
+        train_loss = mean_batch_loss(model, eval_loader(train_ex), s.eval_iter, dist)
+        val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter, dist)
+        emit(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss, val_loss=val_loss,
+                  tokens_seen=tokens_seen))
+        last_eval = step
+        if dist.main:
+            bar.write(f"Ep {epoch} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        if s.early_stop is not None:  # the reduced val loss: every rank decides alike
+            improved = val_loss < best["val_loss"]
+            best = dict(val_loss=val_loss, step=step, since=0) if improved else {**best, "since": best["since"] + 1}
+            if improved:
+                save(step, best_checkpoint(out))
+
     stopped = s.early_stop is not None and best["since"] >= s.early_stop  # resumed after it stopped
+    if model.B.name == "numba" and step < total_steps and not stopped:
+        log("numba: the first step compiles the kernels, or loads them from numba's cache after the first run ...")
+    bar = progress(total_steps, "finetune", "step", initial=step, enabled=dist.main)
     try:
         while step < total_steps and not stopped:
             epoch = loader.epoch
@@ -229,37 +304,36 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
                 if not s.fused_update:
                     opt.step(lr=lr)
                 step += 1
-                train_time += time.perf_counter() - t0
+                here.append(time.perf_counter() - t0)
+                if len(here) == 1:
+                    times.first_s, times.starts = times.first_s + here[0], times.starts + 1
+                else:
+                    times.steady_s, times.steady_tokens = times.steady_s + here[-1], times.steady_tokens + n_tokens
+                if len(here) == 1 + ESTIMATE_AFTER and dist.main:
+                    bar.write(estimate_line(total_steps - first_step, here))
                 tokens_seen += n_tokens
                 emit(dict(kind="step", step=step, epoch=epoch + 1, loss=loss, lr=lr, tokens_seen=tokens_seen,
                           grad_norm=grad_norm, **measured_memory(model)))
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):,.0f}")
+                rate = {"tok_s": f"{times.tokens_per_s():,.0f}"} if times.steady_s else {}  # steady steps only
+                bar.set_postfix(loss=f"{loss:.3f}", **rate)
                 bar.update(1)
                 if (step - 1) % s.eval_freq == 0:  # the book's global_step % eval_freq == 0
-                    train_loss = mean_batch_loss(model, eval_loader(train_ex), s.eval_iter, dist)
-                    val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter, dist)
-                    emit(dict(kind="eval", step=step, epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
-                              tokens_seen=tokens_seen))
-                    if dist.main:
-                        bar.write(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, "
-                                  f"Val loss {val_loss:.3f}")
-                    if s.early_stop is not None:  # the reduced val loss: every rank decides alike
-                        improved = val_loss < best["val_loss"]
-                        best = dict(val_loss=val_loss, step=step, since=0) if improved else {
-                            **best, "since": best["since"] + 1}
-                        if improved:
-                            save(step, best_checkpoint(out))
-                        stopped = best["since"] >= s.early_stop
-                        if stopped and dist.main:
-                            bar.write(f"early stop: the val loss has not improved for {s.early_stop} evaluations; "
-                                      f"the best, {best['val_loss']:.3f} at step {best['step']}, is in "
-                                      f"{best_checkpoint(out)}")
+                    evaluate(epoch + 1)
+                    stopped = s.early_stop is not None and best["since"] >= s.early_stop
+                    if stopped and dist.main:
+                        bar.write(f"early stop: the val loss has not improved for {s.early_stop} evaluations; "
+                                  f"the best, {best['val_loss']:.3f} at step {best['step']}, is in "
+                                  f"{best_checkpoint(out)}")
                 if step % s.ckpt_every == 0 or step == total_steps or stopped:
                     save(step)
                 if step == total_steps or stopped:
                     break
             if dist.main and (loader.epoch > epoch or loader.batch == len(loader)):  # the epoch is complete
                 bar.write(sample_text(model, style, split.val[0]))
+        # The reported losses are the last weights': evaluate them unless the last step just did.
+        # The last step's checkpoint is already written: a longer run resumed from it has no such evaluation.
+        if last_eval != step:
+            evaluate((step - 1) // steps_per_epoch + 1)
     except KeyboardInterrupt:
         last = checkpoints(out)
         log(f"interrupted at step {step}; the last checkpoint is {last[-1] if last else 'none'}: "
@@ -279,7 +353,7 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
         log(f"export: the best checkpoint (val loss {best['val_loss']:.3f} at step {best['step']})")
     if empty_batches:
         log(f"{empty_batches} batches had no trained target (every target masked or cut off) and contributed nothing")
-    return finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log,
+    return finish(s, out, model, style, raw_split, split, records, times, tokens_seen, step, log,
                   dict(run, empty_batches=empty_batches,
                        memory_estimate_mb=round(sum(mem_plan.values()) / 2**20, 1)))
 
@@ -350,6 +424,7 @@ def memory_plan(s: Settings, cfg: GPTConfig, train_ex, log=print) -> dict:
 def dry_run(s: Settings, log=print) -> dict:
     """`minisft finetune --dry-run`: the data tokenized, the memory plan printed (and checked); no
     model, no run directory."""
+    check_dtype(s, log)
     _, split = load_splits(s.data, s.cache_dir)
     cfg = (read_hf_config(Path(s.weights) / "config.json") if s.model is None
            else GPTConfig.preset(s.model, drop_rate=s.drop_rate))
@@ -373,7 +448,7 @@ def sample_text(model: GPT, style, record) -> str:
     return tokenizer.decode(ids + new).replace("\n", " ")
 
 
-def finish(s, out, model, style, raw_split, split, records, train_time, tokens_seen, step, log, run) -> dict:
+def finish(s, out, model, style, raw_split, split, records, times, tokens_seen, step, log, run) -> dict:
     """The end of a run: HF export (a LoRA run: the adapter in PEFT's layout), test-set responses, the
     loss plot, the summary (with run: world_size, the target tokens each rank trained on, the batches
     that had no trained target)."""
@@ -389,18 +464,19 @@ def finish(s, out, model, style, raw_split, split, records, train_time, tokens_s
         write_json(out / "instruction-data-with-response.json", entries)
     evals = [r for r in records if r["kind"] == "eval"]
     steps = [r for r in records if r["kind"] == "step"]
-    note = plot_losses(evals, steps[-1]["epoch"] if steps else 0, out / "loss-plot.png") if evals else None
+    note = plot_losses(evals, steps[-1]["epoch"] if steps else 0, out / "loss-plot.png")
     if note:
         log(note)
-    summary = dict(steps=step, train_seconds=round(train_time, 3), tokens_seen=tokens_seen,
-                   tokens_per_second=round(tokens_seen / train_time, 1) if train_time else None,
-                   final_train_loss=evals[-1]["train_loss"] if evals else None,
-                   final_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_step_loss=steps[-1]["loss"] if steps else None, responses=n, **run,
-                   **measured_memory(model))
+    rate = times.tokens_per_s()
+    # tokens_per_second: the steps after each start's first (compiling/warm-up) step, timed apart
+    summary = dict(steps=step, train_seconds=round(times.total_s, 3),
+                   first_step_seconds=round(times.first_s, 3), tokens_seen=tokens_seen,
+                   tokens_per_second=round(rate, 1) if rate else None,
+                   final_eval_step=evals[-1]["step"], final_train_loss=evals[-1]["train_loss"],
+                   final_val_loss=evals[-1]["val_loss"], last_step_loss=steps[-1]["loss"] if steps else None,
+                   responses=n, **run, **measured_memory(model))
     write_json(out / "summary.json", summary, indent=2)
-    losses = ", ".join(f"{what} loss {summary[key]:.3f}" for what, key in (
-        ("train", "final_train_loss"), ("val", "final_val_loss")) if summary[key] is not None)
-    log(f"done: {step} steps in {train_time:.1f} s of training ({summary['tokens_per_second'] or 0:,.0f} tokens/s)"
-        f"{'; ' + losses + ' (estimates on --eval-iter batches)' if losses else ''}; outputs in {out}")
+    log(f"done: {step} steps in {times.describe()}; train loss {summary['final_train_loss']:.3f}, val loss "
+        f"{summary['final_val_loss']:.3f} at step {summary['final_eval_step']} (estimates on --eval-iter batches); "
+        f"outputs in {out}")
     return summary

@@ -292,3 +292,15 @@ def test_chat_loop_streams_each_reply(tiktoken_gpt2):
     out = io.StringIO()
     chat_loop(model, render, tiktoken_gpt2.encode, tiktoken_gpt2.decode, input_fn=eof, output=out)
     assert out.getvalue() == "\n"
+
+
+def test_generate_responses_off_a_terminal_writes_plain_progress_lines(tiktoken_gpt2, capsys, monkeypatch):
+    """Captured stderr is no terminal (a log file, CI): plain lines, no tqdm bar's carriage returns."""
+    import minisft.progress
+    monkeypatch.setattr(minisft.progress, "PLAIN_EVERY_S", 0.0)  # a line at every update
+    model = random_model("numpy", vocab_size=50257, context_length=64, seed=3)
+    generate_responses(model, ["Hi", "Name a color.", "A third prompt."], tiktoken_gpt2.encode, tiktoken_gpt2.decode,
+                       3, batch_size=2, eos_id=None)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [ln.split(" (")[0] for ln in err.splitlines()] == ["generating: 2/3 prompts", "generating: 3/3 prompts"]

@@ -178,7 +178,7 @@ def test_cli_smoke_run_writes_every_output(tmp_path, book_data):
     assert "batch_size = 8" in r.stdout  # every resolved setting printed
     assert json.loads((out / "settings.json").read_text())["max_steps"] == 4
     kinds = [m["kind"] for m in read_metrics(out)]
-    assert kinds == ["step", "eval", "step", "step", "eval", "step"]
+    assert kinds == ["step", "eval", "step", "step", "eval", "step", "eval"]  # the last: the end's evaluation
     assert set(read_metrics(out)[0]) == {"kind", "step", "epoch", "loss", "lr", "tokens_seen", "grad_norm",
                                          "peak_rss_mb"}
     assert [p.name for p in checkpoints(out)] == ["step-000004.h5"]
@@ -227,3 +227,94 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, book_data):
     a = load_checkpoint(checkpoints(tmp_path / "whole" / "run")[-1])[0].state_dict()
     b = load_checkpoint(checkpoints(out)[-1])[0].state_dict()
     assert all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+# ---- what a run reports: its last weights' losses, its speed, its progress, its length ----------------
+def cli_finetune(tmp_path, book_data, *flags) -> int:
+    """`minisft finetune` in this process (so that monkeypatches apply): gpt2-tiny, random init, numpy."""
+    from minisft.cli import main
+    return main(["finetune", "--model", "gpt2-tiny", "--init", "random", "--data", str(book_data), "--out",
+                 str(tmp_path / "run"), "--responses", "0", "--eval-iter", "1", "--backend", "numpy", "--dtype",
+                 "float32", *map(str, flags)])
+
+
+@pytest.mark.parametrize("eval_freq, evals", [(4, [1, 5, 7]), (3, [1, 4, 7])])
+def test_the_reported_losses_are_an_evaluation_of_the_last_step(tmp_path, book_data, eval_freq, evals):
+    """A 7-step run evaluates once more at its end, unless its last step just did; metrics.jsonl,
+    summary.json and the done line all have that evaluation, named by its step."""
+    lines = []
+    s = settings(tmp_path, book_data, max_steps=7, eval_freq=eval_freq)
+    summary = finetune(s, log=lines.append)
+    records = [r for r in read_metrics(s.out) if r["kind"] == "eval"]
+    assert [r["step"] for r in records] == evals
+    last = records[-1]
+    assert (summary["final_eval_step"], summary["final_train_loss"], summary["final_val_loss"]) == (
+        7, last["train_loss"], last["val_loss"])
+    assert f"train loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f} at step 7 (estimates on " \
+           "--eval-iter batches)" in lines[-1] and lines[-1].startswith("done: 7 steps in ")
+    # the evaluation reads the weights the last checkpoint holds, and leaves them so
+    saved = load_checkpoint(checkpoints(tmp_path / "run")[-1])[0].state_dict()
+    exported = GPT.from_pretrained(tmp_path / "run" / "hf").state_dict()
+    assert all(saved[n].tobytes() == exported[n].tobytes() for n in saved)
+
+
+def test_the_first_step_is_timed_apart_from_the_steady_rate(tmp_path, book_data, monkeypatch):
+    """The first step (numba compiling, caches warming: here a planted 0.5 s) is reported on its
+    own; tokens/s counts only the steps after it."""
+    import time
+    real, calls = GPT.forward_backward, []
+
+    def slow_first(self, batch, grad_scale=None):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.5)
+        return real(self, batch, grad_scale)
+    monkeypatch.setattr(GPT, "forward_backward", slow_first)
+    lines = []
+    s = settings(tmp_path, book_data, max_steps=3)
+    summary = finetune(s, log=lines.append)
+    steps = [r for r in read_metrics(s.out) if r["kind"] == "step"]
+    steady_s = summary["train_seconds"] - summary["first_step_seconds"]
+    assert summary["first_step_seconds"] >= 0.5 and steady_s > 0
+    steady_tokens = steps[-1]["tokens_seen"] - steps[0]["tokens_seen"]  # summary's seconds are rounded to 1 ms
+    rate = summary["tokens_per_second"]
+    assert steady_tokens / (steady_s + 2e-3) - 0.1 <= rate <= steady_tokens / (steady_s - 2e-3) + 0.1
+    assert f"first step (compiling/warm-up) {summary['first_step_seconds']:.1f} s, then " \
+           f"{summary['tokens_per_second']:,.0f} tokens/s" in lines[-1]
+
+
+def test_the_numba_backend_says_it_compiles_before_the_first_step(tmp_path, book_data):
+    lines = []
+    finetune(settings(tmp_path, book_data, max_steps=1, backend="numba"), log=lines.append)
+    said = [i for i, ln in enumerate(lines) if ln.startswith("numba: the first step compiles the kernels, or "
+                                                             "loads them from numba's cache")]
+    assert len(said) == 1 and said[0] > next(i for i, ln in enumerate(lines) if ln.startswith("model: "))
+    quiet_numpy = []
+    finetune(settings(tmp_path / "np", book_data, max_steps=1), log=quiet_numpy.append)
+    assert not any(ln.startswith("numba:") for ln in quiet_numpy)
+
+
+def test_training_off_a_terminal_writes_plain_progress_lines(tmp_path, book_data, capsys, monkeypatch):
+    """Captured stderr is no terminal (a log file, CI): a plain line per interval, no carriage returns."""
+    import minisft.progress
+    monkeypatch.setattr(minisft.progress, "PLAIN_EVERY_S", 0.0)  # a line at every update
+    assert cli_finetune(tmp_path, book_data, "--max-steps", 3) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    progress = [ln for ln in err.splitlines() if ln.startswith("finetune: ")]
+    assert [ln.split(" (")[0] for ln in progress] == [f"finetune: {i}/3 steps" for i in (1, 2, 3)]
+    assert "elapsed, about " in progress[0] and "; loss=" in progress[0]
+
+
+def test_the_time_estimate_comes_once_after_the_first_steady_steps(tmp_path, book_data, capsys):
+    """Measured, never guessed: the estimate needs the first step and ESTIMATE_AFTER (3) steady ones,
+    so it is printed once, after step 4 (and before step 4's evaluation)."""
+    import re
+    assert cli_finetune(tmp_path, book_data, "--max-steps", 6, "--eval-freq", 1) == 0
+    out = capsys.readouterr().out.splitlines()
+    estimates = [i for i, ln in enumerate(out) if ln.startswith("estimated: ")]
+    assert len(estimates) == 1
+    assert re.fullmatch(r"estimated: 6 steps x \d+\.\d{3} s = \d+\.\d min of training steps \(evaluations not "
+                        r"counted\)", out[estimates[0]])
+    evals = {int(m.group(1)): i for i, ln in enumerate(out) if (m := re.match(r"Ep 1 \(Step (\d+)\)", ln))}
+    assert evals[3] < estimates[0] < evals[4]

@@ -1,9 +1,10 @@
 """Arguments shared by the commands that run a trained model (generate, chat, eval): where the model
 comes from, how to sample, which split; and loading the model they name."""
 import math
+import sys
 
 from .. import lora
-from ..backends import AUTO, BACKENDS
+from ..backends import AUTO, BACKENDS, dtype_warning
 from ..checkpoint import load_checkpoint
 from ..config import PRESETS
 from ..data import DEFAULT_DATA_URL
@@ -59,6 +60,9 @@ def load_model(args):
                                         cache_dir=args.cache_dir, device=args.device, model=args.model)
     except (ValueError, ImportError) as e:  # a backend or device that cannot run here
         raise MinisftError(str(e)) from None
+    warning = dtype_warning(model.dtype, model.B.name, model.B.device.type if model.B.name == "torch" else None)
+    if warning:
+        print(f"minisft: warning: {warning}", file=sys.stderr)
     if args.adapter:
         lora.load_adapter(model, args.adapter)
     return model
