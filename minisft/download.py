@@ -23,9 +23,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import requests
-from tqdm import tqdm
 
 from .errors import MinisftError
+from .progress import progress as progress_bar
 
 CACHE_ENV = "MINISFT_CACHE_DIR"
 CHUNK = 1 << 20  # bytes per read
@@ -147,8 +147,8 @@ def _fetch_into(url, part: Path, timeout, progress) -> None:
         # A connection that drops early then ends the body instead of raising: urllib3 would
         # discard the bytes of the chunk in flight, which we keep and count against `total`.
         r.raw.enforce_content_length = False
-        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                                         desc=part.name.removesuffix(".part"), disable=not progress) as bar:
+        with open(part, mode) as f, progress_bar(total, part.name.removesuffix(".part"), "B", initial=have,
+                                                 enabled=progress, unit_scale=True) as bar:
             for chunk in r.iter_content(CHUNK):
                 f.write(chunk)
                 bar.update(len(chunk))

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import requests
-from tqdm import tqdm
 
 from .data import format_input
 from .errors import MinisftError
+from .progress import tracked
 
 DEFAULT_URL = "http://localhost:11434"
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the book's: a deterministic judge
@@ -144,7 +144,7 @@ def judge_responses(entries, model, url=DEFAULT_URL, progress=True, timeout=DEFA
     junk, failure, saved = 0, None, time.monotonic()
     ordered = lambda: [results[i] for i in sorted(results)]  # noqa: E731
     try:
-        for i in tqdm(todo, desc="scoring", unit="entry", disable=not progress):
+        for i in tracked(todo, "scoring", "entry", enabled=progress):
             result = {"index": i, "key": entry_key(entries[i])}
             try:
                 reply, j = query_model(score_prompt(entries[i]), model, url, timeout)

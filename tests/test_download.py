@@ -163,3 +163,13 @@ def test_the_default_data_is_the_bundled_copy_of_the_books_file_and_never_downlo
     assert asked == [book_data]  # only the local file went through fetch
     assert hashlib.sha256(Path(minisft.data.BUNDLED_DATA).read_bytes()).hexdigest() == DEFAULT_DATA_SHA256
     assert hashlib.sha256(body).hexdigest() == DEFAULT_DATA_SHA256
+
+
+def test_a_download_off_a_terminal_writes_plain_progress_lines_in_bytes(serve, tmp_path, capsys, monkeypatch):
+    """Captured stderr is no terminal (a log file, CI): plain lines with scaled byte counts, no carriage returns."""
+    import minisft.progress
+    monkeypatch.setattr(minisft.progress, "PLAIN_EVERY_S", 0.0)  # a line at every chunk
+    fetch(serve().url, cache_dir=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()
+    assert err.splitlines()[-1].startswith("instruction-data.json: 199kB/199kB (100%)")

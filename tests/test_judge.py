@@ -192,3 +192,16 @@ def test_the_books_responses_file_loads(data_dir):
     assert score_prompt(entries[0]).startswith("Given the input `Below is an instruction that describes a task.")
     assert ("score the model response `The car is as fast as a bullet.` on a scale from 0 to 100"
             in score_prompt(entries[0]))
+
+
+def test_judging_off_a_terminal_writes_plain_progress_lines(server, tmp_path, capsys, monkeypatch):
+    """Captured stderr is no terminal (a log file, CI): plain lines, no tqdm bar's carriage returns."""
+    import minisft.progress
+    monkeypatch.setattr(minisft.progress, "PLAIN_EVERY_S", 0.0)  # a line at every update
+    _, url = server
+    write_entries(tmp_path / "responses.json", ["r0", "r1", "r2"])
+    assert main(["judge", "--responses", str(tmp_path / "responses.json"), "--url", url,
+                 "--out", str(tmp_path / "scores.json")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [ln.split(" (")[0] for ln in err.splitlines()] == [f"scoring: {i}/3 entries" for i in (1, 2, 3)]
