@@ -11,6 +11,8 @@ import argparse
 import errno
 import functools
 import importlib
+import os
+import signal
 import sys
 
 from .. import __version__
@@ -46,6 +48,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader that left (`| head`) is met by the handler below
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except MinisftError as e:
         print(f"minisft: error: {e}", file=sys.stderr)
         return 2
@@ -60,6 +65,15 @@ def main(argv=None) -> int:
         print(f"minisft: error: {os_error(e)}", file=sys.stderr)
         return 1
     return int(code or 0)
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout has gone (`minisft study softmax | head`): end without a word, as git
+    does, with the status of a process killed by SIGPIPE. stdout goes to /dev/null first, so the
+    interpreter's own flush at exit finds nowhere to fail (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 # What to do about the errors of the machine, by errno.
