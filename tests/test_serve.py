@@ -22,7 +22,7 @@ from minisft.checkpoint import save_checkpoint
 from minisft.generate import generate
 from minisft.prompts import get_style
 from minisft.scheduler import Job, Scheduler
-from minisft.serve import Server
+from minisft.serve import Server, kv_cache_bytes
 from tests.helpers import ALL_BACKENDS, backend_or_skip
 from tests.cdp import CHROMIUM, Browser
 from tests.conftest import ROOT
@@ -84,6 +84,19 @@ def test_kv_cache_extend_matches_a_fresh_prefill(backend):
     both = model.decode(cache, [11, 13])                                       # (2, V)
     alone_a = model.logits_last(pack_sequences([a + [7, 11]]))
     assert np.allclose(both, np.concatenate([alone_a, model.decode(fresh, [13])]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in ALL_BACKENDS for d in ("float32", "float64", "bfloat16")])
+def test_the_printed_kv_cache_size_is_the_bytes_the_backend_allocates(backend, dtype):
+    try:
+        B = backend_or_skip(backend, dtype)
+    except ValueError as e:  # a dtype this backend or machine does not have
+        pytest.skip(str(e))
+    model = GPT(GPTConfig.preset("gpt2-tiny"), backend=B, dtype=dtype, seed=0)
+    cache = model.kv_cache(3, model.cfg.context_length)
+    arrays = [a for layer in cache.layers for a in layer]
+    allocated = sum(a.nbytes for a in arrays)  # numpy arrays and torch tensors alike
+    assert kv_cache_bytes(model, 3) == allocated
 
 
 def job(text, n, **kw):
