@@ -36,8 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import tokenizer
-from .data import (TURN_KEYS, normalize_record, read_records_layout, record_format, split_dataset,
-                   write_records)
+from .data import TURN_KEYS, normalize_record, read_source, record_format, split_dataset, write_records
 from .errors import MinisftError
 from .files import output_file, write_json
 from .prompts import get_style
@@ -357,10 +356,11 @@ def _histogram(values, edges) -> list:
     return np.histogram(values, bins=edges)[0].tolist() if len(values) else [0] * (len(edges) - 1)
 
 
-def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
-    """Clean a data file into `out` (the same file layout and record formats; kept records are
-    written unchanged but for truncation) and return the report (also written to report_path).
-    Everything is read and validated before anything is written."""
+def clean(path, out, settings: CleanSettings, report_path=None, cache_dir=None, sha256=None) -> dict:
+    """Clean a data source (a file, a URL or the book's URL, as every command reads data: see
+    data.read_source; the evaluation files alike) into `out` (the same file layout and record
+    formats; kept records are written unchanged but for truncation) and return the report (also
+    written to report_path). Everything is read and validated before anything is written."""
     s = settings
     s.check()
     output_file(out)
@@ -372,11 +372,11 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
         now = time.perf_counter()
         seconds[name], clock[0] = round(now - clock[0], 3), now
 
-    pairs, jsonl = read_records_layout(path)
+    pairs, jsonl = read_source(path, cache_dir, sha256)
     records = [normalize_record(rec, where, allow_empty=True)["messages"] for where, rec in pairs]
     evals = []
     for f in s.against:
-        epairs, _ = read_records_layout(f)
+        epairs, _ = read_source(f, cache_dir)
         evals += [(where, normalize_record(rec, where, allow_empty=True)["messages"]) for where, rec in epairs]
     n = len(records)
     candidates = list(range(n))  # the records the steps apply to

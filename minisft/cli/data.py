@@ -1,14 +1,16 @@
 """`minisft data stats FILE` and `minisft data inspect FILE --index I`: look at a dataset before
-training on it. FILE is a local path or a URL (downloaded into the cache); it defaults to the
-book's instruction-data.json. `minisft data clean IN --out OUT` filters, decontaminates and
-deduplicates a local file; `minisft data convert IN --to FORMAT --out OUT` changes its format."""
+training on it. `minisft data clean IN --out OUT` filters, decontaminates and deduplicates it;
+`minisft data convert IN --to FORMAT --out OUT` changes its record format. Every one reads its data
+as `finetune --data` does: a local path or a URL (downloaded into the cache), by default the book's
+instruction-data.json (its URL, read from the copy bundled with minisft)."""
 import argparse
 
 import numpy as np
 
 from .. import curate
 from ..config import PRESETS, GPTConfig
-from ..data import DEFAULT_DATA_URL, FORMATS, convert_file, encode_record, encode_records, load_records, split_dataset
+from ..data import (DEFAULT_DATA_URL, FORMATS, LAYOUTS, convert_file, encode_record, encode_records, load_records,
+                    split_dataset)
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
 from ..tokenizer import EOT, token_bytes
@@ -96,13 +98,13 @@ def clean(args) -> int:
         phrases=curate.read_phrases(args.phrases) if args.phrases else curate.DEFAULT_PHRASES,
         threshold=args.threshold, shingle=args.shingle, num_perm=args.num_perm, ngram=args.ngram,
         against=tuple(args.against), against_own_split=args.against_own_split, seed=args.seed)
-    report = curate.clean(args.file, args.out, settings, args.report)
+    report = curate.clean(args.file, args.out, settings, args.report, args.cache_dir, args.sha256)
     print("\n".join(curate.summary(report)))
     return 0
 
 
 def convert(args) -> int:
-    n = convert_file(args.file, args.to, args.out)
+    n = convert_file(args.file, args.to, args.out, args.layout, args.cache_dir, args.sha256)
     print(f"{args.file}: {n} records written as {args.to} to {args.out}")
     return 0
 
@@ -112,13 +114,17 @@ def register(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
 
-    def common(q):
-        q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar="FILE",
-                       help="a JSON/JSONL file or URL (default: the book's instruction-data.json)")
-        q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
+    def source(q, metavar="FILE"):  # every data command reads its data as `finetune --data` does
+        q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar=metavar,
+                       help="a JSON/JSONL file or URL, downloaded into the cache (default: the book's "
+                            "instruction-data.json, read from the copy bundled with minisft)")
         q.add_argument("--cache-dir", default=None, help="download cache (default $MINISFT_CACHE_DIR or "
                        "~/.cache/minisft)")
         q.add_argument("--sha256", default=None, help="expected sha256 of the file")
+
+    def common(q):
+        source(q)
+        q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
 
     q = dsub.add_parser("stats", help="counts, token lengths, duplicates, train/test overlap")
     common(q)
@@ -139,7 +145,7 @@ def register(sub) -> None:
     d = curate.CleanSettings()
     q = dsub.add_parser("clean", help="filter, decontaminate and deduplicate a data file, with a report",
                         description=curate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("file", metavar="IN", help="a local JSON/JSONL file (Alpaca, ShareGPT or OpenAI records)")
+    source(q, "IN")
     q.add_argument("--out", required=True, help="the cleaned file (same layout and record formats)")
     q.add_argument("--report", default=None, help="write the report as JSON here")
     q.add_argument("--skip", action="append", default=[], choices=curate.STEPS, metavar="STEP",
@@ -167,7 +173,9 @@ def register(sub) -> None:
     q.set_defaults(func=clean)
 
     q = dsub.add_parser("convert", help="write a data file in another record format")
-    q.add_argument("file", metavar="IN", help="a local JSON/JSONL file")
+    source(q, "IN")
     q.add_argument("--to", required=True, choices=FORMATS, help="the record format to write")
-    q.add_argument("--out", required=True, help="the converted file (same JSON or JSONL layout)")
+    q.add_argument("--out", required=True, help="the converted file: .json a JSON list, .jsonl one record per line")
+    q.add_argument("--layout", default=None, choices=LAYOUTS,
+                   help="the output's layout whatever --out's extension (default: from the extension)")
     q.set_defaults(func=convert)
