@@ -7,25 +7,28 @@ record has exactly one reason (the first step that drops it):
     empty            an empty or whitespace-only instruction, user turn, output or assistant turn
     control-chars    C0/C1 control characters other than tab, newline and carriage return, lone
                      surrogates, or U+FFFD (what a decoding error leaves behind)
-    non-text         fewer than min_alpha of the record's non-space characters are letters
+    non-text         fewer than --min-alpha of the record's non-space characters are letters
     boilerplate      a response containing a refusal or boilerplate phrase ("As an AI language model")
-    response-length  a response shorter or longer than the token bounds (GPT-2 tokens, each turn alone)
-    too-long         the training text (prompt style rendered, GPT-2 tokens) longer than max_length:
-                     dropped, or with too_long="truncate" its last response cut to fit
-    contaminated     shares an n-gram of ngram words (13, as GPT-3's decontamination) with a record of
-                     the evaluation data; a record of fewer words contributes its whole text as one gram
+    response-length  a response shorter or longer than --min/--max-response-tokens (GPT-2 tokens,
+                     each turn alone)
+    too-long         the training text (--prompt-style rendered, GPT-2 tokens) longer than
+                     --max-length: dropped, or with --too-long truncate its last response cut to fit
+    contaminated     shares an n-gram of --ngram words (13, as GPT-3's decontamination) with a
+                     record of the evaluation data (--against, --against-own-split); a record of
+                     fewer words contributes its whole text as one gram
     exact-duplicate  the same text as an earlier kept record after normalisation
-    near-duplicate   word-shingle Jaccard similarity >= threshold with an earlier kept record
+    near-duplicate   word-shingle (--shingle words) Jaccard similarity >= --threshold with an
+                     earlier kept record
 
 Filters and decontamination come before deduplication so that a record a filter would drop is
 never the one kept for its duplicates. Normalisation (for duplicates, shingles and n-grams): case
 folded, punctuation and symbols dropped, whitespace collapsed: the words are the runs of \\w.
 
-Near duplicates: MinHash signatures over the set of word shingles, LSH banding to find candidate
-pairs, then the exact Jaccard similarity of every candidate pair, so no pair under the threshold is
-ever reported. Records are visited in file order and each is compared only with the earlier records
+Near duplicates: MinHash signatures (--num-perm) over the set of word shingles, LSH banding to find
+candidate pairs, then the exact Jaccard similarity of every candidate pair, so no pair under the
+threshold is ever reported. Records are visited in file order and each is compared only with the earlier records
 that were kept: the first record of every cluster is kept, and a dropped record names the kept
-record it is most similar to. Output is a function of the input, the settings and the seed.
+record it is most similar to. Output is a function of the input, the settings and --seed.
 """
 import hashlib
 import re

@@ -26,17 +26,25 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, unless the help already says it or there is none."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default is None or action.default is False:
+        if "default" in (action.help or "") or action.default is None or action.default is False \
+                or action.default == []:
             return action.help
         return super()._get_help_string(action)
+
+
+class RawDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """DefaultsHelpFormatter, with the description's lines kept as written (a table, say)."""
+
+
+# The parser of every subcommand, at any depth: every option shows its default.
+SUBPARSER = functools.partial(argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minisft", description="Instruction fine-tuning of GPT-2-class models "
                                      "with a hand-written engine (numpy, numba, torch backends).")
     parser.add_argument("--version", action="version", version=f"minisft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=functools.partial(
-        argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SUBPARSER)
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"minisft.cli.{name}").register(sub)
