@@ -5,6 +5,7 @@ to ~1e-15 and greedy choices cannot flip between them); greedy outputs are compa
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -152,6 +153,48 @@ def test_cli_chat_completions_equal_minisft_generate_greedy(model, tmp_path):
                 streamed, finish = stream_text(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=10,
                                                                          temperature=0, stream=True))
                 assert streamed == text and finish == reply.choices[0].finish_reason == "length"
+        finally:
+            proc.terminate()
+            proc.wait(DEADLINE)
+
+
+def readme_serve_examples():
+    """From README.md's serving section: the serve command the examples go with (the first
+    `minisft serve --checkpoint CKPT` line), the curl commands, and the openai-client snippet."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Serving"):]
+    section = section[:section.index("\n### ", 1)]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.DOTALL)
+    serve = next(line for kind, body in blocks for line in body.splitlines()
+                 if line.startswith("minisft serve --checkpoint CKPT"))
+    curls = [c.strip() for kind, body in blocks if "curl " in body for c in re.split(r"\n(?=curl )", body)]
+    python = next(body for kind, body in blocks if kind == "python" and "OpenAI(" in body)
+    return shlex.split(serve, comments=True), curls, python
+
+
+def test_the_readmes_serve_examples_run_as_written(model, tmp_path):
+    serve, curls, python = readme_serve_examples()
+    assert len(curls) == 2
+    ckpt = tmp_path / "step-000232.h5"  # CKPT is a training run's checkpoint: named as finetune names them
+    save_checkpoint(ckpt, model)
+    argv = [ckpt if a == "CKPT" else a for a in serve[1:]]
+    # Any free port (8000 may be taken), and the numpy engine: no numba compile for a tiny model.
+    cmd = [sys.executable, "-m", "minisft", *map(str, argv), "--port", "0", "--backend", "numpy"]
+    env = {**os.environ, "NO_PROXY": "127.0.0.1"}
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            url = re.search(r"(http://\S+)/v1", proc.stdout.readline()).group(1)
+
+            def run(*command):
+                r = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE, env=env, check=False)
+                assert r.returncode == 0, (command, r.stderr)
+                return r.stdout
+            whole = json.loads(run("bash", "-c", curls[0].replace("http://127.0.0.1:8000", url)))
+            assert "error" not in whole and whole["choices"][0]["message"]["role"] == "assistant", whole
+            events = run("bash", "-c", curls[1].replace("http://127.0.0.1:8000", url)).split("\n\n")
+            assert events[-2] == "data: [DONE]" and all('"error"' not in e for e in events), events
+            run(sys.executable, "-c", python.replace("http://127.0.0.1:8000", url))  # a 404 raises
         finally:
             proc.terminate()
             proc.wait(DEADLINE)
