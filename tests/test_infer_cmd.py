@@ -86,13 +86,18 @@ def test_eval_prints_a_readable_line_naming_the_model_and_the_split(ckpt, book_d
                         r"loss \d+\.\d{4}, perplexity \d+\.\d\d", line), line
 
 
-def test_chat_streams_a_reply_per_message(ckpt):
+def test_chat_answers_each_message_in_the_conversation_so_far_and_keeps_commands_from_the_model(ckpt):
     path, model = ckpt
-    r = minisft("chat", "--checkpoint", path, "--max-new-tokens", 5, stdin="Name a color.\n\n/quit\n")
+    r = minisft("chat", "--checkpoint", path, "--max-new-tokens", 5,
+                stdin="/help\nName a color.\n\nAnother one?\n/quit\n")
     assert r.returncode == 0, r.stderr
-    prompt = get_style("alpaca").prompt([{"role": "user", "content": "Name a color."}])
-    reply = tokenizer.decode(generate(model, [tokenizer.encode(prompt)], 5)[0])
-    assert reply in r.stdout
+    style, conversation, at = get_style("alpaca"), [], 0
+    for message in ("Name a color.", "Another one?"):  # /help never became a turn
+        conversation.append({"role": "user", "content": message})
+        reply = tokenizer.decode(generate(model, [tokenizer.encode(style.prompt(conversation))], 5)[0])
+        at = r.stdout.index(reply, at) + len(reply)
+        conversation.append({"role": "assistant", "content": reply.strip()})
+    assert "/reset" in r.stdout.split(reply)[0]  # /help listed the commands before the first reply
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
