@@ -359,7 +359,7 @@ def _histogram(values, edges) -> list:
     return np.histogram(values, bins=edges)[0].tolist() if len(values) else [0] * (len(edges) - 1)
 
 
-def clean(path, out, settings: CleanSettings, report_path=None, cache_dir=None, sha256=None) -> dict:
+def clean(source, out, settings: CleanSettings, report_path=None, cache_dir=None, sha256=None) -> dict:
     """Clean a data source (a file, a URL or the book's URL, as every command reads data: see
     data.read_source; the evaluation files alike) into `out` (the same file layout and record
     formats; kept records are written unchanged but for truncation) and return the report (also
@@ -375,7 +375,7 @@ def clean(path, out, settings: CleanSettings, report_path=None, cache_dir=None, 
         now = time.perf_counter()
         seconds[name], clock[0] = round(now - clock[0], 3), now
 
-    pairs, jsonl = read_source(path, cache_dir, sha256)
+    pairs, jsonl = read_source(source, cache_dir, sha256)
     records = [normalize_record(rec, where, allow_empty=True)["messages"] for where, rec in pairs]
     evals = []
     for f in s.against:
@@ -513,7 +513,7 @@ def clean(path, out, settings: CleanSettings, report_path=None, cache_dir=None, 
         edges = np.append(edges, before.max() + 1)
     counts = {step: sum(d["reason"] == step for d in dropped.values()) for step in STEPS}
     report = {
-        "input": str(path), "output": str(out), "layout": "jsonl" if jsonl else "json",
+        "input": str(source), "output": str(out), "layout": "jsonl" if jsonl else "json",
         "formats": {f: sum(record_format(r) == f for r in raws) for f in ("alpaca", "sharegpt", "openai")},
         "settings": s.to_dict(), "steps": [step for step in STEPS if on(step)],
         "records": n, "checked": len(candidates), "kept": len(kept), "dropped_total": len(dropped),
