@@ -129,8 +129,10 @@ class Backend(Protocol):
         """x[rows] along the first axis, any trailing shape: the last position of each packed sequence
         (N, d) -> (S, d), or the cache rows of the sequences still generating (S, H, T, hd) -> (S', H, T, hd)."""
 
+    kv_dtype: Any  # the KV cache's element type (numpy or torch dtype; .itemsize = bytes per element)
+
     def kv_cache_alloc(self, n_seqs: int, n_heads: int, max_len: int, head_dim: int) -> tuple[Array, Array]:
-        """-> k_cache, v_cache, each (S, H, T, hd) zeros in the compute dtype."""
+        """-> k_cache, v_cache, each (S, H, T, hd) zeros of kv_dtype."""
 
     def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions) -> None:
         """qkv (N, 3d) = [q | k | v]; seq_ids, positions (N,). In place, for every row n and head h:

@@ -272,9 +272,13 @@ class NumpyBackend:
     def take_rows(self, x, rows):
         return x[rows]                                # (R, ...)
 
+    @property
+    def kv_dtype(self):
+        return self.np_dtype  # the store dtype: numba's bfloat16 keeps float32 activations, so its cache too
+
     def kv_cache_alloc(self, n_seqs, n_heads, max_len, head_dim):
         shape = (n_seqs, n_heads, max_len, head_dim)  # (S, H, T, hd)
-        return np.zeros(shape, dtype=self.np_dtype), np.zeros(shape, dtype=self.np_dtype)
+        return np.zeros(shape, dtype=self.kv_dtype), np.zeros(shape, dtype=self.kv_dtype)
 
     def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions):
         N, three_d = qkv.shape

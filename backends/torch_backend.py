@@ -620,10 +620,14 @@ class TorchBackend:
     def take_rows(self, x, rows):
         return x.index_select(0, rows)                            # (R, ...)
 
+    @property
+    def kv_dtype(self):
+        return self.compute  # keys and values are written as the attention computes them
+
     def kv_cache_alloc(self, n_seqs, n_heads, max_len, head_dim):
-        shape = (n_seqs, n_heads, max_len, head_dim)              # (S, H, T, hd), in the compute dtype
-        return (torch.zeros(shape, dtype=self.compute, device=self.device),
-                torch.zeros(shape, dtype=self.compute, device=self.device))
+        shape = (n_seqs, n_heads, max_len, head_dim)              # (S, H, T, hd)
+        return (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
 
     @torch.no_grad()
     def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions):

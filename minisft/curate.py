@@ -7,25 +7,28 @@ record has exactly one reason (the first step that drops it):
     empty            an empty or whitespace-only instruction, user turn, output or assistant turn
     control-chars    C0/C1 control characters other than tab, newline and carriage return, lone
                      surrogates, or U+FFFD (what a decoding error leaves behind)
-    non-text         fewer than min_alpha of the record's non-space characters are letters
+    non-text         fewer than --min-alpha of the record's non-space characters are letters
     boilerplate      a response containing a refusal or boilerplate phrase ("As an AI language model")
-    response-length  a response shorter or longer than the token bounds (GPT-2 tokens, each turn alone)
-    too-long         the training text (prompt style rendered, GPT-2 tokens) longer than max_length:
-                     dropped, or with too_long="truncate" its last response cut to fit
-    contaminated     shares an n-gram of ngram words (13, as GPT-3's decontamination) with a record of
-                     the evaluation data; a record of fewer words contributes its whole text as one gram
+    response-length  a response shorter or longer than --min/--max-response-tokens (GPT-2 tokens,
+                     each turn alone)
+    too-long         the training text (--prompt-style rendered, GPT-2 tokens) longer than
+                     --max-length: dropped, or with --too-long truncate its last response cut to fit
+    contaminated     shares an n-gram of --ngram words (13, as GPT-3's decontamination) with a
+                     record of the evaluation data (--against, --against-own-split); a record of
+                     fewer words contributes its whole text as one gram
     exact-duplicate  the same text as an earlier kept record after normalisation
-    near-duplicate   word-shingle Jaccard similarity >= threshold with an earlier kept record
+    near-duplicate   word-shingle (--shingle words) Jaccard similarity >= --threshold with an
+                     earlier kept record
 
 Filters and decontamination come before deduplication so that a record a filter would drop is
 never the one kept for its duplicates. Normalisation (for duplicates, shingles and n-grams): case
 folded, punctuation and symbols dropped, whitespace collapsed: the words are the runs of \\w.
 
-Near duplicates: MinHash signatures over the set of word shingles, LSH banding to find candidate
-pairs, then the exact Jaccard similarity of every candidate pair, so no pair under the threshold is
-ever reported. Records are visited in file order and each is compared only with the earlier records
+Near duplicates: MinHash signatures (--num-perm) over the set of word shingles, LSH banding to find
+candidate pairs, then the exact Jaccard similarity of every candidate pair, so no pair under the
+threshold is ever reported. Records are visited in file order and each is compared only with the earlier records
 that were kept: the first record of every cluster is kept, and a dropped record names the kept
-record it is most similar to. Output is a function of the input, the settings and the seed.
+record it is most similar to. Output is a function of the input, the settings and --seed.
 """
 import hashlib
 import re
@@ -36,8 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import tokenizer
-from .data import (TURN_KEYS, normalize_record, read_records_layout, record_format, split_dataset,
-                   write_records)
+from .data import TURN_KEYS, normalize_record, read_source, record_format, split_dataset, write_records
 from .errors import MinisftError
 from .files import output_file, write_json
 from .prompts import get_style
@@ -357,10 +359,11 @@ def _histogram(values, edges) -> list:
     return np.histogram(values, bins=edges)[0].tolist() if len(values) else [0] * (len(edges) - 1)
 
 
-def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
-    """Clean a data file into `out` (the same file layout and record formats; kept records are
-    written unchanged but for truncation) and return the report (also written to report_path).
-    Everything is read and validated before anything is written."""
+def clean(source, out, settings: CleanSettings, report_path=None, cache_dir=None, sha256=None) -> dict:
+    """Clean a data source (a file, a URL or the book's URL, as every command reads data: see
+    data.read_source; the evaluation files alike) into `out` (the same file layout and record
+    formats; kept records are written unchanged but for truncation) and return the report (also
+    written to report_path). Everything is read and validated before anything is written."""
     s = settings
     s.check()
     output_file(out)
@@ -372,11 +375,11 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
         now = time.perf_counter()
         seconds[name], clock[0] = round(now - clock[0], 3), now
 
-    pairs, jsonl = read_records_layout(path)
+    pairs, jsonl = read_source(source, cache_dir, sha256)
     records = [normalize_record(rec, where, allow_empty=True)["messages"] for where, rec in pairs]
     evals = []
     for f in s.against:
-        epairs, _ = read_records_layout(f)
+        epairs, _ = read_source(f, cache_dir)
         evals += [(where, normalize_record(rec, where, allow_empty=True)["messages"]) for where, rec in epairs]
     n = len(records)
     candidates = list(range(n))  # the records the steps apply to
@@ -510,7 +513,7 @@ def clean(path, out, settings: CleanSettings, report_path=None) -> dict:
         edges = np.append(edges, before.max() + 1)
     counts = {step: sum(d["reason"] == step for d in dropped.values()) for step in STEPS}
     report = {
-        "input": str(path), "output": str(out), "layout": "jsonl" if jsonl else "json",
+        "input": str(source), "output": str(out), "layout": "jsonl" if jsonl else "json",
         "formats": {f: sum(record_format(r) == f for r in raws) for f in ("alpaca", "sharegpt", "openai")},
         "settings": s.to_dict(), "steps": [step for step in STEPS if on(step)],
         "records": n, "checked": len(candidates), "kept": len(kept), "dropped_total": len(dropped),

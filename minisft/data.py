@@ -182,12 +182,20 @@ def normalize_record(rec, where="record", need_output=True, allow_empty=False) -
                        "(instruction, input, output), ShareGPT (conversations) or OpenAI (messages)")
 
 
-def _read_source(source, cache_dir, sha256) -> list:
+def source_path(source, cache_dir=None, sha256=None) -> Path:
+    """The local file of a data source: for the book's URL the bundled copy (the same bytes that URL
+    serves: no download), for another URL its download in the cache, else the path as given."""
     if source == DEFAULT_DATA_URL and sha256 in (None, DEFAULT_DATA_SHA256):
-        return read_records(BUNDLED_DATA)  # the same bytes that URL serves: no download
-    path = fetch(source, cache_dir, sha256)
+        return Path(str(BUNDLED_DATA))
+    return fetch(source, cache_dir, sha256)
+
+
+def read_source(source, cache_dir=None, sha256=None) -> tuple:
+    """read_records_layout of a data source (a file, a URL, the book's URL: see source_path), as
+    every command that reads data reads it."""
+    path = source_path(source, cache_dir, sha256)
     try:
-        return read_records(path)
+        return read_records_layout(path)
     except MinisftError as e:
         if not is_url(source):
             raise
@@ -200,13 +208,13 @@ def _read_source(source, cache_dir, sha256) -> list:
 
 def load_records(source=DEFAULT_DATA_URL, cache_dir=None, sha256=None) -> list:
     """Load and validate every record of a file, or of a URL downloaded into the cache."""
-    return [normalize_record(rec, where) for where, rec in _read_source(source, cache_dir, sha256)]
+    return [normalize_record(rec, where) for where, rec in read_source(source, cache_dir, sha256)[0]]
 
 
 def load_splits(source=DEFAULT_DATA_URL, cache_dir=None, sha256=None, shuffle_seed=None):
     """The book's split twice over, entry for entry: (raw records as in the file, validated
     records). Results such as model responses are written beside the raw ones."""
-    pairs = _read_source(source, cache_dir, sha256)
+    pairs = read_source(source, cache_dir, sha256)[0]
     records = [normalize_record(rec, where) for where, rec in pairs]
     return split_dataset([rec for _, rec in pairs], shuffle_seed), split_dataset(records, shuffle_seed)
 
@@ -220,6 +228,7 @@ def format_input(entry, style="alpaca") -> str:
 # ---- writing and converting files ---------------------------------------------------------------
 
 FORMATS = ("alpaca", "sharegpt", "openai")
+LAYOUTS = ("json", "jsonl")  # a JSON list of records, JSON Lines
 # Each format's record keys: (the list of turns, its role key, its text key); Alpaca has no turns.
 TURN_KEYS = {"sharegpt": ("conversations", "from", "value"), "openai": ("messages", "role", "content")}
 ALPACA_KEYS = ("instruction", "input", "output")
@@ -293,13 +302,27 @@ def convert_record(rec, to, where="record") -> dict:
     return {field: out, **extra}
 
 
-def convert_file(path, to, out) -> int:
-    """Convert every record of a file (JSON list or JSON Lines, kept) to `to`; all are converted
-    before anything is written. Returns the number of records."""
+def output_layout(path, layout=None) -> bool:
+    """Whether to write `path` as JSON Lines: as `layout` says ("json" or "jsonl"), else as the
+    file's extension says (.jsonl: one record per line, .json: a JSON list)."""
+    if layout is None:
+        layout = {".json": "json", ".jsonl": "jsonl"}.get(Path(path).suffix.lower())
+        if layout is None:
+            raise MinisftError(f"--out {path}: the extension names no layout: end the name in .json (a JSON "
+                               "list) or .jsonl (one record per line), or pass --layout json|jsonl")
+    if layout not in LAYOUTS:
+        raise MinisftError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout == "jsonl"
+
+
+def convert_file(source, to, out, layout=None, cache_dir=None, sha256=None) -> int:
+    """Convert every record of a data source (see read_source) to `to`, written in `layout` (see
+    output_layout); all are converted before anything is written. Returns the number of records."""
     if to not in FORMATS:
         raise MinisftError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    jsonl = output_layout(out, layout)
     output_file(out)
-    pairs, jsonl = read_records_layout(path)
+    pairs, _ = read_source(source, cache_dir, sha256)
     records = [convert_record(rec, to, where) for where, rec in tqdm(pairs, desc="converting", unit="rec",
                                                                       disable=None, leave=False)]
     write_records(out, records, jsonl)

@@ -197,25 +197,62 @@ class _TextStream:
         return text
 
 
-def chat_loop(model, render_prompt, encode, decode, input_fn=input, output=sys.stdout,
+CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation and start a new one",
+                 "/quit": "end the chat (so does end of input)"}
+
+
+def fit_conversation(style, messages, encode, budget) -> tuple:
+    """A conversation (user and assistant turns, ending with the user's) rendered as the prompt in
+    the style's multi-turn form (style.prompt, as `serve` renders /v1/chat/completions), its oldest
+    exchanges dropped until the prompt has at most `budget` tokens; the last message always stays.
+    -> (the messages kept, the prompt's token ids, how many exchanges were dropped)."""
+    dropped = 0
+    while True:
+        ids = encode(style.prompt(messages))
+        if len(ids) <= budget or len(messages) == 1:
+            return messages, ids, dropped
+        messages, dropped = messages[2:], dropped + 1  # a user turn and the assistant's answer to it
+
+
+def chat_loop(model, style, encode, decode, input_fn=input, output=sys.stdout,
               max_new_tokens=256, eos_id=EOT, rng=0, **sampling) -> None:
-    """Interactive: read a message, render it as a prompt (render_prompt(message) -> str), stream the
-    reply token by token. Each turn stands alone (the prompt styles are single-turn). Ends at end of
-    input or on "/quit"; empty lines are skipped."""
+    """Interactive and multi-turn: read a message, render the conversation so far in the prompt
+    style (fit_conversation), stream the reply token by token. The commands of CHAT_COMMANDS are
+    never sent to the model; empty lines are skipped."""
     rng = np.random.default_rng(rng)
+    context = model.cfg.context_length
+    # Room for the reply: all of max_new_tokens, but at most half the context, so that a long
+    # --max-new-tokens still leaves the conversation room.
+    budget = context - min(max_new_tokens, context // 2)
+    messages = []
     while True:
         try:
             message = input_fn("> ")
         except EOFError:
             output.write("\n")
             return
-        if message.strip() == "/quit":
+        command = message.strip()
+        if command == "/quit":
             if not sys.stdin.isatty():  # piped input is not echoed: end the last "> " line ourselves
                 output.write("\n")
             return
-        if not message.strip():
+        if not command:
             continue
+        if command.startswith("/") and len(command.split()) == 1:  # one word: a command, never a message
+            if command == "/help":
+                output.write("".join(f"  {name:8s}{what}\n" for name, what in CHAT_COMMANDS.items()))
+            elif command == "/reset":
+                messages = []
+                output.write("(a new conversation)\n")
+            else:
+                output.write(f"unknown command {command}; /help lists the commands\n")
+            continue
+        messages, ids, dropped = fit_conversation(style, messages + [{"role": "user", "content": message}],
+                                                  encode, budget)
+        if dropped:
+            output.write(f"(the conversation outgrew the {context}-token context: its oldest {dropped} "
+                         f"exchange{'s' * (dropped > 1)} dropped)\n")
         stream = _TextStream(decode, output)
-        generate(model, [encode(render_prompt(message))], max_new_tokens, eos_id=eos_id, rng=rng,
-                 on_token=lambda i, t: stream.add(t), **sampling)
-        stream.finish()
+        generate(model, [ids], max_new_tokens, eos_id=eos_id, rng=rng, on_token=lambda i, t, s=stream: s.add(t),
+                 **sampling)
+        messages.append({"role": "assistant", "content": stream.finish().strip()})

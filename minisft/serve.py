@@ -415,8 +415,8 @@ def is_loopback(host) -> bool:
 
 
 def kv_cache_bytes(model, n_seqs) -> int:
-    """The KV cache of n_seqs full-context sequences (keys and values, every layer)."""
+    """The KV cache of n_seqs full-context sequences (keys and values, every layer), in the element
+    type the backend allocates it in."""
     cfg = model.cfg
-    itemsize = {"float64": 8, "float32": 4, "bfloat16": 2}.get(model.dtype, 4)
-    return 2 * cfg.n_layers * n_seqs * cfg.context_length * cfg.emb_dim * itemsize
+    return 2 * cfg.n_layers * n_seqs * cfg.context_length * cfg.emb_dim * model.B.kv_dtype.itemsize
 

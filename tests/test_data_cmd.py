@@ -1,18 +1,100 @@
 """`minisft data stats` and `minisft data inspect`, run as real processes."""
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from minisft.data import DEFAULT_DATA_URL
+from tests.file_server import FileServer
 from tests.helpers import book_training_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def minisft(*args):
-    return subprocess.run([sys.executable, "-m", "minisft", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+def minisft(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "-m", "minisft", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=env, check=False)
+
+
+@pytest.fixture
+def served(tmp_path, book_data):
+    """The URL of a small data file on a loopback HTTP server."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    recs = json.loads(book_data.read_text(encoding="utf-8"))[:20]
+    (root / "small.json").write_text(json.dumps(recs, indent=4))
+    server = FileServer(root)
+    yield f"{server.url}/small.json"
+    server.close()
+
+
+def offline_env(tmp_path):
+    """No proxy for loopback, and a download cache of the test's own."""
+    return {**os.environ, "NO_PROXY": "127.0.0.1", "MINISFT_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def test_every_data_command_reads_a_url_as_finetune_does(tmp_path, served):
+    env = offline_env(tmp_path)
+    for args in (("stats", served), ("inspect", served, "--index", 3),
+                 ("clean", served, "--out", tmp_path / "clean.json"),
+                 ("convert", served, "--to", "openai", "--out", tmp_path / "small.jsonl")):
+        r = minisft("data", *args, env=env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+    assert len(json.loads((tmp_path / "clean.json").read_text())) == 20
+    assert len((tmp_path / "small.jsonl").read_text().splitlines()) == 20
+
+
+def test_every_data_command_reads_the_books_url_from_the_bundled_copy(tmp_path, book_data):
+    env = {**offline_env(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9"}  # a download would fail
+    for args in (("stats",), ("inspect", "--index", 0), ("clean", "--out", tmp_path / "clean.json"),
+                 ("convert", DEFAULT_DATA_URL, "--to", "alpaca", "--out", tmp_path / "same.json")):
+        r = minisft("data", *args, env=env)
+        assert r.returncode == 0, (args, r.stderr)
+    assert (tmp_path / "same.json").read_bytes() == book_data.read_bytes()
+
+
+def test_convert_writes_the_layout_the_out_extension_names_or_the_flag_says(tmp_path, book_data):
+    lines, listed, flagged = tmp_path / "a.jsonl", tmp_path / "a.json", tmp_path / "a.data"
+    for args in ((lines,), (listed,), (flagged, "--layout", "jsonl")):
+        r = minisft("data", "convert", book_data, "--to", "openai", "--out", *args)
+        assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in lines.read_text().splitlines()] == json.loads(listed.read_text())
+    assert flagged.read_bytes() == lines.read_bytes()
+    r = minisft("data", "convert", book_data, "--to", "openai", "--out", tmp_path / "a.txt")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "a.txt" in r.stderr and "--layout" in r.stderr
+    assert not (tmp_path / "a.txt").exists()
+
+
+def readme_data_examples():
+    """The `minisft data` commands of README.md, in order, each with the output block shown under
+    it when it is one ("$ minisft data ..." then the lines it prints, up to the block's end)."""
+    examples, lines = [], (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        command = line.removeprefix("$ ")
+        if command.startswith("minisft data "):
+            shown = None
+            if line.startswith("$ "):
+                end = lines.index("```", i)
+                shown = lines[i + 1:end]
+            examples.append((shlex.split(command, comments=True), shown))
+    return examples
+
+
+def test_the_readmes_data_examples_run_as_written(tmp_path):
+    examples = readme_data_examples()
+    for argv, shown in examples:
+        r = minisft(*argv[1:], cwd=tmp_path, env=offline_env(tmp_path))
+        assert r.returncode == 0, (argv, r.stderr)
+        if shown is not None:  # the same lines, but for the seconds it took
+            def untimed(text):
+                return [re.sub(r"\(\d+\.\d s\)$", "(_ s)", line) for line in text]
+            assert untimed(r.stdout.splitlines()[:len(shown)]) == untimed(shown), argv
+    assert any(shown for _, shown in examples) and {argv[2] for argv, _ in examples} >= {"stats", "clean", "convert"}
 
 
 def test_stats_on_the_book_data(book_data, tiktoken_gpt2):

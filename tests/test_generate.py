@@ -15,6 +15,7 @@ from minisft import GPT, GPTConfig, pack_sequences
 from minisft.generate import (_TextStream, chat_loop, extract_book_response, generate, generate_responses,
                               generate_uncached, sample_next)
 from minisft.judge import format_input  # the book's alpaca format_input
+from minisft.prompts import get_style
 from tests.helpers import ALL_BACKENDS, backend_or_skip, rel_err
 
 TINY = dict(vocab_size=37, context_length=12, emb_dim=16, n_layers=2, n_heads=4)
@@ -270,19 +271,21 @@ def test_stream_holds_back_split_characters(tiktoken_gpt2):
     assert s.finish() == text and out.getvalue() == text + "\n"
 
 
-def test_chat_loop_streams_each_reply(tiktoken_gpt2):
-    model = random_model("numpy", vocab_size=50257, context_length=64, seed=5)
-    render = lambda m: f"### Instruction:\n{m}\n\n### Response:\n"  # noqa: E731
-    replies = [tiktoken_gpt2.decode(generate(model, [tiktoken_gpt2.encode(render(m))], 5, eos_id=None)[0])
-               for m in ["hello", "again"]]  # greedy: what chat_loop must print
+def test_chat_loop_streams_each_reply_to_the_conversation_so_far(tiktoken_gpt2):
+    model = random_model("numpy", vocab_size=50257, context_length=128, seed=5)
+    style, enc, dec = get_style("alpaca"), tiktoken_gpt2.encode, tiktoken_gpt2.decode
+    conversation, replies = [], []
+    for m in ["hello", "again"]:  # greedy: what chat_loop must print, each reply to the whole conversation
+        conversation.append({"role": "user", "content": m})
+        replies.append(dec(generate(model, [enc(style.prompt(conversation))], 5, eos_id=None)[0]))
+        conversation.append({"role": "assistant", "content": replies[-1].strip()})
     inputs = iter(["hello", "  ", "again", "/quit", "never read"])
     asked, out = [], io.StringIO()
 
     def fake_input(prompt):
         asked.append(prompt)
         return next(inputs)
-    chat_loop(model, render, tiktoken_gpt2.encode, tiktoken_gpt2.decode, input_fn=fake_input, output=out,
-              max_new_tokens=5, eos_id=None)
+    chat_loop(model, style, enc, dec, input_fn=fake_input, output=out, max_new_tokens=5, eos_id=None)
     assert out.getvalue() == replies[0] + "\n" + replies[1] + "\n" + "\n"  # stdin is no terminal here: the
     # "> " of /quit was not echoed, so its line is ended
     assert asked == ["> "] * 4
@@ -290,7 +293,7 @@ def test_chat_loop_streams_each_reply(tiktoken_gpt2):
     def eof(prompt):
         raise EOFError
     out = io.StringIO()
-    chat_loop(model, render, tiktoken_gpt2.encode, tiktoken_gpt2.decode, input_fn=eof, output=out)
+    chat_loop(model, style, enc, dec, input_fn=eof, output=out)
     assert out.getvalue() == "\n"
 
 
@@ -304,3 +307,42 @@ def test_generate_responses_off_a_terminal_writes_plain_progress_lines(tiktoken_
     err = capsys.readouterr().err
     assert "\r" not in err
     assert [ln.split(" (")[0] for ln in err.splitlines()] == ["generating: 2/3 prompts", "generating: 3/3 prompts"]
+
+
+def test_chat_commands_are_never_sent_to_the_model(tiktoken_gpt2):
+    model = random_model("numpy", vocab_size=50257, context_length=128, seed=5)
+    style, enc, dec = get_style("alpaca"), tiktoken_gpt2.encode, tiktoken_gpt2.decode
+    alone = dec(generate(model, [enc(style.prompt([{"role": "user", "content": "again"}]))], 5, eos_id=None)[0])
+    inputs = iter(["/help", "hello", "/reset", "/nonsense", "again", "/quit"])
+    out = io.StringIO()
+    chat_loop(model, style, enc, dec, input_fn=lambda _: next(inputs), output=out, max_new_tokens=5, eos_id=None)
+    text = out.getvalue()
+    assert all(f"  {name}" in text for name in ("/help", "/reset", "/quit"))  # /help lists them
+    assert "(a new conversation)" in text and "unknown command /nonsense; /help lists the commands" in text
+    assert text.endswith(alone + "\n\n")  # after /reset, "again" is answered as if it came first
+
+
+def test_chat_drops_the_oldest_exchanges_to_fit_the_context_and_says_so(tiktoken_gpt2, monkeypatch):
+    import minisft.generate as gen
+
+    model = random_model("numpy", vocab_size=50257, context_length=128, seed=5)
+    style, enc, dec = get_style("alpaca"), tiktoken_gpt2.encode, tiktoken_gpt2.decode
+    said = ["Tell me about " + "cats " * 20, "Tell me about " + "dogs " * 20, "Tell me about " + "owls " * 20]
+    prompts, replies = [], []
+
+    def recording(model, ids, *args, **kw):  # what chat_loop feeds the model, and what it answers
+        new = generate(model, ids, *args, **kw)
+        prompts.append(ids[0])
+        replies.append(dec(new[0]).strip())
+        return new
+    monkeypatch.setattr(gen, "generate", recording)
+    inputs, out = iter([*said, "/quit"]), io.StringIO()
+    chat_loop(model, style, enc, dec, input_fn=lambda _: next(inputs), output=out, max_new_tokens=4, eos_id=None)
+    user = [{"role": "user", "content": m} for m in said]
+    answer = [{"role": "assistant", "content": r} for r in replies]
+    budget = 128 - 4
+    assert len(enc(style.prompt([user[0], answer[0], user[1], answer[1], user[2]]))) > budget  # all: too long
+    assert prompts == [enc(style.prompt(user[:1])), enc(style.prompt([user[0], answer[0], user[1]])),
+                       enc(style.prompt([user[1], answer[1], user[2]]))]  # the oldest exchange dropped
+    assert all(len(p) <= budget for p in prompts)
+    assert "(the conversation outgrew the 128-token context: its oldest 1 exchange dropped)" in out.getvalue()

@@ -1,5 +1,6 @@
 """`minisft generate`, `chat` and `eval` on a checkpoint: the output formats and the numbers."""
 import json
+import re
 import subprocess
 import sys
 
@@ -34,6 +35,7 @@ def test_generate_writes_the_books_response_format(ckpt, book_data, tmp_path):
     r = minisft("generate", "--checkpoint", path, "--data", data, "--split", "test", "--limit", 3,
                 "--max-new-tokens", 4, "--out", out)
     assert r.returncode == 0, r.stderr
+    assert f"wrote 3 responses to {out}" in r.stdout
     entries = json.loads(out.read_text())
     raw = json.loads(data.read_text())[935:938]
     assert [{k: e[k] for k in raw[0]} for e in entries] == raw  # each test entry, with model_response added
@@ -50,6 +52,7 @@ def test_generate_book_prompt_mode(ckpt, book_data, tmp_path):
     r = minisft("generate", "--checkpoint", path, "--data", book_data, "--limit", 1,
                 "--max-new-tokens", 3, "--book-prompt", "--out", out)
     assert r.returncode == 0, r.stderr
+    assert f"wrote 1 response to {out}" in r.stdout  # one response, not "1 responses"
     rec = split_dataset(load_records(book_data)).test[0]
     prompt = get_style("alpaca").format_input(rec["messages"])  # no response header: the book's prompt
     ids = tokenizer.encode(prompt)
@@ -59,10 +62,11 @@ def test_generate_book_prompt_mode(ckpt, book_data, tmp_path):
 
 def test_eval_reports_the_token_weighted_loss(ckpt, book_data):
     path, model = ckpt
-    r = minisft("eval", "--checkpoint", path, "--data", book_data, "--split", "val",
+    r = minisft("eval", "--checkpoint", path, "--data", book_data, "--split", "val", "--json",
                 "--backend", "numpy")  # the same engine as the reference loop below: equal to 1e-12
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["model"] == f"checkpoint {path}" and result["split"] == "val"
     val = encode_records(split_dataset(load_records(book_data)).val)
     loss_sum, n = 0.0, 0
     for batch in Loader(val, 8, shuffle=False, drop_last=False, collate=collate_examples):
@@ -73,13 +77,27 @@ def test_eval_reports_the_token_weighted_loss(ckpt, book_data):
     assert result["perplexity"] == pytest.approx(np.exp(loss_sum / n), rel=1e-12)
 
 
-def test_chat_streams_a_reply_per_message(ckpt):
-    path, model = ckpt
-    r = minisft("chat", "--checkpoint", path, "--max-new-tokens", 5, stdin="Name a color.\n\n/quit\n")
+def test_eval_prints_a_readable_line_naming_the_model_and_the_split(ckpt, book_data):
+    path, _ = ckpt
+    r = minisft("eval", "--checkpoint", path, "--data", book_data, "--split", "test", "--backend", "numpy")
     assert r.returncode == 0, r.stderr
-    prompt = get_style("alpaca").prompt([{"role": "user", "content": "Name a color."}])
-    reply = tokenizer.decode(generate(model, [tokenizer.encode(prompt)], 5)[0])
-    assert reply in r.stdout
+    line = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(rf"checkpoint {re.escape(str(path))}, test split \(110 records, \d+ targets\): "
+                        r"loss \d+\.\d{4}, perplexity \d+\.\d\d", line), line
+
+
+def test_chat_answers_each_message_in_the_conversation_so_far_and_keeps_commands_from_the_model(ckpt):
+    path, model = ckpt
+    r = minisft("chat", "--checkpoint", path, "--max-new-tokens", 5,
+                stdin="/help\nName a color.\n\nAnother one?\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    style, conversation, at = get_style("alpaca"), [], 0
+    for message in ("Name a color.", "Another one?"):  # /help never became a turn
+        conversation.append({"role": "user", "content": message})
+        reply = tokenizer.decode(generate(model, [tokenizer.encode(style.prompt(conversation))], 5)[0])
+        at = r.stdout.index(reply, at) + len(reply)
+        conversation.append({"role": "assistant", "content": reply.strip()})
+    assert "/reset" in r.stdout.split(reply)[0]  # /help listed the commands before the first reply
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

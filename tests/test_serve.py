@@ -5,6 +5,7 @@ to ~1e-15 and greedy choices cannot flip between them); greedy outputs are compa
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from minisft.checkpoint import save_checkpoint
 from minisft.generate import generate
 from minisft.prompts import get_style
 from minisft.scheduler import Job, Scheduler
-from minisft.serve import Server
+from minisft.serve import Server, kv_cache_bytes
 from tests.helpers import ALL_BACKENDS, backend_or_skip
 from tests.cdp import CHROMIUM, Browser
 from tests.conftest import ROOT
@@ -86,6 +87,19 @@ def test_kv_cache_extend_matches_a_fresh_prefill(backend):
     assert np.allclose(both, np.concatenate([alone_a, model.decode(fresh, [13])]), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in ALL_BACKENDS for d in ("float32", "float64", "bfloat16")])
+def test_the_printed_kv_cache_size_is_the_bytes_the_backend_allocates(backend, dtype):
+    try:
+        B = backend_or_skip(backend, dtype)
+    except ValueError as e:  # a dtype this backend or machine does not have
+        pytest.skip(str(e))
+    model = GPT(GPTConfig.preset("gpt2-tiny"), backend=B, dtype=dtype, seed=0)
+    cache = model.kv_cache(3, model.cfg.context_length)
+    arrays = [a for layer in cache.layers for a in layer]
+    allocated = sum(a.nbytes for a in arrays)  # numpy arrays and torch tensors alike
+    assert kv_cache_bytes(model, 3) == allocated
+
+
 def job(text, n, **kw):
     return Job(tokenizer.encode(STYLE.prompt(user(text))), n, tokenizer.decode, **kw)
 
@@ -139,6 +153,48 @@ def test_cli_chat_completions_equal_minisft_generate_greedy(model, tmp_path):
                 streamed, finish = stream_text(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=10,
                                                                          temperature=0, stream=True))
                 assert streamed == text and finish == reply.choices[0].finish_reason == "length"
+        finally:
+            proc.terminate()
+            proc.wait(DEADLINE)
+
+
+def readme_serve_examples():
+    """From README.md's serving section: the serve command the examples go with (the first
+    `minisft serve --checkpoint CKPT` line), the curl commands, and the openai-client snippet."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Serving"):]
+    section = section[:section.index("\n### ", 1)]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.DOTALL)
+    serve = next(line for kind, body in blocks for line in body.splitlines()
+                 if line.startswith("minisft serve --checkpoint CKPT"))
+    curls = [c.strip() for kind, body in blocks if "curl " in body for c in re.split(r"\n(?=curl )", body)]
+    python = next(body for kind, body in blocks if kind == "python" and "OpenAI(" in body)
+    return shlex.split(serve, comments=True), curls, python
+
+
+def test_the_readmes_serve_examples_run_as_written(model, tmp_path):
+    serve, curls, python = readme_serve_examples()
+    assert len(curls) == 2
+    ckpt = tmp_path / "step-000232.h5"  # CKPT is a training run's checkpoint: named as finetune names them
+    save_checkpoint(ckpt, model)
+    argv = [ckpt if a == "CKPT" else a for a in serve[1:]]
+    # Any free port (8000 may be taken), and the numpy engine: no numba compile for a tiny model.
+    cmd = [sys.executable, "-m", "minisft", *map(str, argv), "--port", "0", "--backend", "numpy"]
+    env = {**os.environ, "NO_PROXY": "127.0.0.1"}
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            url = re.search(r"(http://\S+)/v1", proc.stdout.readline()).group(1)
+
+            def run(*command):
+                r = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE, env=env, check=False)
+                assert r.returncode == 0, (command, r.stderr)
+                return r.stdout
+            whole = json.loads(run("bash", "-c", curls[0].replace("http://127.0.0.1:8000", url)))
+            assert "error" not in whole and whole["choices"][0]["message"]["role"] == "assistant", whole
+            events = run("bash", "-c", curls[1].replace("http://127.0.0.1:8000", url)).split("\n\n")
+            assert events[-2] == "data: [DONE]" and all('"error"' not in e for e in events), events
+            run(sys.executable, "-c", python.replace("http://127.0.0.1:8000", url))  # a 404 raises
         finally:
             proc.terminate()
             proc.wait(DEADLINE)

@@ -99,3 +99,31 @@ def test_every_setting_has_a_flag_whose_help_states_its_default_and_choices():
     assert actions["backend"].choices == ("auto", "numpy", "numba", "torch")
     help_text = p.format_help()
     assert "--lr LR" in help_text and "(default: 5e-05)" in help_text
+
+
+def subcommands(parser, prefix="minisft"):
+    """(name, parser) of every command and subcommand under a parser, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from subcommands(sub, f"{prefix} {name}")
+
+
+def test_every_subcommand_has_a_description_and_every_option_help_that_shows_its_default():
+    from minisft.cli import build_parser
+
+    commands = dict(subcommands(build_parser()))
+    assert {"minisft finetune", "minisft chat", "minisft data clean", "minisft data convert"} <= set(commands)
+    for name, p in commands.items():
+        assert p.description, f"{name}: no description"
+        formatter = p._get_formatter()
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert a.help, f"{name} {a.dest}: no help"
+            if "_" in a.dest:  # the description names a setting by its flag, never by its Python name
+                assert a.dest not in p.description, f"{name}: the description says {a.dest}, not its flag"
+            shown = formatter._expand_help(a)
+            if a.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in shown, f"{name} {a.dest}: the default {a.default!r} is not shown: {shown!r}"

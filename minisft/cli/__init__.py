@@ -11,6 +11,8 @@ import argparse
 import errno
 import functools
 import importlib
+import os
+import signal
 import sys
 
 from .. import __version__
@@ -24,17 +26,25 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, unless the help already says it or there is none."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default is None or action.default is False:
+        if "default" in (action.help or "") or action.default is None or action.default is False \
+                or action.default == []:
             return action.help
         return super()._get_help_string(action)
+
+
+class RawDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """DefaultsHelpFormatter, with the description's lines kept as written (a table, say)."""
+
+
+# The parser of every subcommand, at any depth: every option shows its default.
+SUBPARSER = functools.partial(argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minisft", description="Instruction fine-tuning of GPT-2-class models "
                                      "with a hand-written engine (numpy, numba, torch backends).")
     parser.add_argument("--version", action="version", version=f"minisft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=functools.partial(
-        argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SUBPARSER)
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"minisft.cli.{name}").register(sub)
@@ -46,6 +56,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader that left (`| head`) is met by the handler below
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except MinisftError as e:
         print(f"minisft: error: {e}", file=sys.stderr)
         return 2
@@ -60,6 +73,15 @@ def main(argv=None) -> int:
         print(f"minisft: error: {os_error(e)}", file=sys.stderr)
         return 1
     return int(code or 0)
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout has gone (`minisft study softmax | head`): end without a word, as git
+    does, with the status of a process killed by SIGPIPE. stdout goes to /dev/null first, so the
+    interpreter's own flush at exit finds nowhere to fail (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 # What to do about the errors of the machine, by errno.

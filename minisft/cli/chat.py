@@ -1,4 +1,7 @@
-"""`minisft chat`: talk to a trained model in its prompt style, tokens streamed as they are generated."""
+"""`minisft chat`: talk to a trained model in its prompt style, tokens streamed as they are generated.
+The conversation so far is the prompt (the style's multi-turn form); when it outgrows the context
+its oldest exchanges are dropped, and chat says so. /help lists the commands, /reset starts a new
+conversation, /quit (or end of input) ends it."""
 from .. import tokenizer
 from ..generate import chat_loop
 from ..prompts import get_style
@@ -10,14 +13,14 @@ def run(args) -> int:
     style = get_style(args.prompt_style)
     model = load_model(args)
     check_top_k(args, model)
-    print(f"chatting in the {style.name} style; /quit or end of input to stop")
-    chat_loop(model, lambda message: style.prompt([{"role": "user", "content": message}]), tokenizer.encode,
-              tokenizer.decode, max_new_tokens=args.max_new_tokens, rng=args.seed, **opts)
+    print(f"chatting in the {style.name} style; /help for the commands, /quit or end of input to stop")
+    chat_loop(model, style, tokenizer.encode, tokenizer.decode, max_new_tokens=args.max_new_tokens, rng=args.seed,
+              **opts)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("chat", help="talk to a model in its prompt style, tokens streamed as generated",
+    p = sub.add_parser("chat", help="a multi-turn conversation with a model, tokens streamed as generated",
                        description=__doc__)
     add_model_args(p)
     add_sampling_args(p)

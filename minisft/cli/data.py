@@ -1,17 +1,18 @@
 """`minisft data stats FILE` and `minisft data inspect FILE --index I`: look at a dataset before
-training on it. FILE is a local path or a URL (downloaded into the cache); it defaults to the
-book's instruction-data.json. `minisft data clean IN --out OUT` filters, decontaminates and
-deduplicates a local file; `minisft data convert IN --to FORMAT --out OUT` changes its format."""
-import argparse
-
+training on it. `minisft data clean IN --out OUT` filters, decontaminates and deduplicates it;
+`minisft data convert IN --to FORMAT --out OUT` changes its record format. Every one reads its data
+as `finetune --data` does: a local path or a URL (downloaded into the cache), by default the book's
+instruction-data.json (its URL, read from the copy bundled with minisft)."""
 import numpy as np
 
 from .. import curate
 from ..config import PRESETS, GPTConfig
-from ..data import DEFAULT_DATA_URL, FORMATS, convert_file, encode_record, encode_records, load_records, split_dataset
+from ..data import (DEFAULT_DATA_URL, FORMATS, LAYOUTS, convert_file, encode_record, encode_records, load_records,
+                    split_dataset)
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
 from ..tokenizer import EOT, token_bytes
+from . import SUBPARSER, RawDefaultsHelpFormatter
 from .checks import at_least
 
 
@@ -96,31 +97,38 @@ def clean(args) -> int:
         phrases=curate.read_phrases(args.phrases) if args.phrases else curate.DEFAULT_PHRASES,
         threshold=args.threshold, shingle=args.shingle, num_perm=args.num_perm, ngram=args.ngram,
         against=tuple(args.against), against_own_split=args.against_own_split, seed=args.seed)
-    report = curate.clean(args.file, args.out, settings, args.report)
+    report = curate.clean(args.file, args.out, settings, args.report, args.cache_dir, args.sha256)
     print("\n".join(curate.summary(report)))
     return 0
 
 
 def convert(args) -> int:
-    n = convert_file(args.file, args.to, args.out)
+    n = convert_file(args.file, args.to, args.out, args.layout, args.cache_dir, args.sha256)
     print(f"{args.file}: {n} records written as {args.to} to {args.out}")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("data", help="inspect, clean and convert an instruction dataset", description=__doc__)
-    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=SUBPARSER)
     dsub.required = True
 
-    def common(q):
-        q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar="FILE",
-                       help="a JSON/JSONL file or URL (default: the book's instruction-data.json)")
-        q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
+    def source(q, metavar="FILE"):  # every data command reads its data as `finetune --data` does
+        q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar=metavar,
+                       help="a JSON/JSONL file or URL, downloaded into the cache (default: the book's "
+                            "instruction-data.json, read from the copy bundled with minisft)")
         q.add_argument("--cache-dir", default=None, help="download cache (default $MINISFT_CACHE_DIR or "
                        "~/.cache/minisft)")
         q.add_argument("--sha256", default=None, help="expected sha256 of the file")
 
-    q = dsub.add_parser("stats", help="counts, token lengths, duplicates, train/test overlap")
+    def common(q):
+        source(q)
+        q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
+
+    q = dsub.add_parser("stats", help="counts, token lengths, duplicates, train/test overlap", description=(
+        "A dataset before training on it: records and turns, the book's 85/10/5 split, a histogram of tokens "
+        "per record, records longer than the model's context or --max-length, exact duplicates, and val and "
+        "test records whose prompt is also in train."))
     common(q)
     q.add_argument("--max-length", type=int, default=1024, help="report records longer than this (clamped to "
                    "the model's context)")
@@ -128,7 +136,9 @@ def register(sub) -> None:
     q.add_argument("--shuffle-seed", type=int, default=None, help="shuffle before the split")
     q.set_defaults(func=stats)
 
-    q = dsub.add_parser("inspect", help="one record rendered, token by token, with its loss mask")
+    q = dsub.add_parser("inspect", help="one record rendered, token by token, with its loss mask", description=(
+        "One record as training sees it: its training text, its inference prompt, and every token with "
+        "whether the loss is taken on predicting it (--mask-prompt)."))
     common(q)
     q.add_argument("--index", type=int, required=True, help="record index (0-based)")
     q.add_argument("--mask-prompt", default="none", choices=list(MASKS),
@@ -138,8 +148,8 @@ def register(sub) -> None:
 
     d = curate.CleanSettings()
     q = dsub.add_parser("clean", help="filter, decontaminate and deduplicate a data file, with a report",
-                        description=curate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("file", metavar="IN", help="a local JSON/JSONL file (Alpaca, ShareGPT or OpenAI records)")
+                        description=curate.__doc__, formatter_class=RawDefaultsHelpFormatter)
+    source(q, "IN")
     q.add_argument("--out", required=True, help="the cleaned file (same layout and record formats)")
     q.add_argument("--report", default=None, help="write the report as JSON here")
     q.add_argument("--skip", action="append", default=[], choices=curate.STEPS, metavar="STEP",
@@ -149,8 +159,10 @@ def register(sub) -> None:
     q.add_argument("--max-length", type=int, default=d.max_length, help="the context length, in tokens")
     q.add_argument("--too-long", default=d.too_long, choices=curate.TOO_LONG,
                    help="a record over --max-length: dropped, or its last response truncated to fit")
-    q.add_argument("--min-response-tokens", type=int, default=d.min_response_tokens)
-    q.add_argument("--max-response-tokens", type=int, default=d.max_response_tokens)
+    q.add_argument("--min-response-tokens", type=int, default=d.min_response_tokens,
+                   help="response-length: fewest GPT-2 tokens of each response")
+    q.add_argument("--max-response-tokens", type=int, default=d.max_response_tokens,
+                   help="response-length: most GPT-2 tokens of each response (default: no bound)")
     q.add_argument("--min-alpha", type=float, default=d.min_alpha,
                    help="non-text: least fraction of letters among the non-space characters")
     q.add_argument("--phrases", default=None, help="boilerplate phrases, one per line (replaces the default list)")
@@ -160,14 +172,20 @@ def register(sub) -> None:
     q.add_argument("--seed", type=int, default=d.seed, help="seed of the MinHash permutations")
     q.add_argument("--ngram", type=int, default=d.ngram, help="decontamination: n-gram length in words")
     q.add_argument("--against", action="append", default=[], metavar="FILE",
-                   help="evaluation data to decontaminate against (repeatable, any supported format)")
+                   help="evaluation data to decontaminate against, a file or URL (repeatable, any supported format)")
     q.add_argument("--against-own-split", action="store_true",
                    help="check the file's train part against its own test and val parts (minisft's 85/10/5 "
                         "file-order split) and leave those two untouched")
     q.set_defaults(func=clean)
 
-    q = dsub.add_parser("convert", help="write a data file in another record format")
-    q.add_argument("file", metavar="IN", help="a local JSON/JSONL file")
+    q = dsub.add_parser("convert", help="write a data file in another record format", description=(
+        "Every record of a data file in another record format (Alpaca, ShareGPT, OpenAI messages), losing "
+        "nothing: keys a format does not name travel along. The layout follows --out's extension (.json a "
+        "JSON list, .jsonl one record per line) unless --layout says. A record the target format cannot "
+        "hold stops the conversion, naming it, before anything is written."))
+    source(q, "IN")
     q.add_argument("--to", required=True, choices=FORMATS, help="the record format to write")
-    q.add_argument("--out", required=True, help="the converted file (same JSON or JSONL layout)")
+    q.add_argument("--out", required=True, help="the converted file: .json a JSON list, .jsonl one record per line")
+    q.add_argument("--layout", default=None, choices=LAYOUTS,
+                   help="the output's layout whatever --out's extension (default: from the extension)")
     q.set_defaults(func=convert)

@@ -27,7 +27,14 @@ def run(args) -> int:
     except ValueError:
         raise MinisftError(f"--max-length {args.max_length} with --mask-prompt {args.mask_prompt} leaves no "
                            f"target to score in the {args.split} split") from None
-    print(json.dumps(dict(split=args.split, records=len(records), targets=n, loss=loss, perplexity=ppl)))
+    model_name = f"{'checkpoint' if args.checkpoint else 'weights'} {args.checkpoint or args.weights}" + (
+        f" + adapter {args.adapter}" if args.adapter else "")
+    if args.json:
+        print(json.dumps({"model": model_name, "split": args.split, "records": len(records), "targets": n,
+                          "loss": loss, "perplexity": ppl}))
+    else:
+        print(f"{model_name}, {args.split} split ({len(records)} records, {n} targets): loss {loss:.4f}, "
+              f"perplexity {ppl:.2f}")
     return 0
 
 
@@ -38,4 +45,6 @@ def register(sub) -> None:
     p.add_argument("--mask-prompt", default="none", choices=MASKS, help="which prompt tokens get no loss")
     p.add_argument("--max-length", type=int, default=1024, help="truncate sequences (clamped to the context)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object (model, split, records, "
+                   "targets, loss, perplexity) instead of a sentence")
     p.set_defaults(func=run)

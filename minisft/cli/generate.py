@@ -24,7 +24,7 @@ def run(args) -> int:
     answers = generate_responses(model, prompts, tokenizer.encode, tokenizer.decode, args.max_new_tokens,
                                  batch_size=args.batch_size, book_prompt=args.book_prompt, rng=args.seed, **opts)
     write_json(args.out, [dict(entry, model_response=a) for entry, a in zip(raw[:n], answers)])
-    print(f"wrote {n} responses to {args.out}")
+    print(f"wrote {n} response{'s' * (n != 1)} to {args.out}")
     return 0
 
 
