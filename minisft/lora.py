@@ -40,6 +40,7 @@ from .config import GPTConfig
 from .errors import MinisftError
 from .files import write_json
 from .model import GPT, param_shapes
+from .settings import architecture
 
 MODULES = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head")   # every linear layer of GPT-2
 MODULE_NAMES = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
@@ -129,7 +130,7 @@ def lora_config(s) -> LoraConfig:
     cfg = LoraConfig(rank=s.lora_rank, alpha=float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank),
                      dropout=s.lora_dropout or 0.0, rslora=bool(s.lora_rslora),
                      targets=parse_targets(s.lora_targets) if s.lora_targets else DEFAULT_TARGETS)
-    plan(GPTConfig.preset(s.model), cfg)
+    plan(architecture(s), cfg)
     return cfg
 
 

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends import AUTO, BACKENDS
-from .config import PRESETS
 from .backends.quant import OPTIM_STATES
+from .config import PRESETS, GPTConfig
 from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
 from .distributed import world_size_from_env
 from .errors import MinisftError
 from .optim import DECAY_CHOICES, SCHEDULES
+from .pretrained import read_hf_config
 from .prompts import MASKS, STYLES
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -184,6 +185,13 @@ def read_toml(path) -> dict:
             raise MinisftError(f"config file {path}: setting {key!r} must be {kind.__name__}, got {value!r}")
         values[name] = value
     return values
+
+
+def architecture(s: Settings) -> GPTConfig:
+    """The model's shape: the --model preset's, or without one the --weights folder's config.json."""
+    if s.model is None:
+        return dataclasses.replace(read_hf_config(Path(s.weights) / "config.json"), drop_rate=s.drop_rate)
+    return GPTConfig.preset(s.model, drop_rate=s.drop_rate)
 
 
 def validate(s: Settings) -> Settings:

@@ -47,10 +47,10 @@ from .generate import generate, generate_responses
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
-from .pretrained import read_hf_config, read_pretrained
+from .pretrained import read_pretrained
 from .prompts import get_style
 from .rundir import RunLock, checkpoints, plan_run, start
-from .settings import Settings
+from .settings import Settings, architecture
 
 SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
 
@@ -59,10 +59,7 @@ SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
 def model_source(s: Settings) -> tuple[GPTConfig, dict | None]:
     """The model's shape and its starting weights (None: a random init). Without --model, a
     --weights folder's config.json gives the architecture."""
-    if s.model is None:
-        cfg, sd = read_pretrained(s.weights, cache_dir=s.cache_dir)
-        return dataclasses.replace(cfg, drop_rate=s.drop_rate), sd
-    cfg = GPTConfig.preset(s.model, drop_rate=s.drop_rate)
+    cfg = architecture(s)
     if s.init == "random":
         return cfg, None
     return read_pretrained(s.weights or s.model, cache_dir=s.cache_dir, model=cfg)
@@ -351,9 +348,7 @@ def dry_run(s: Settings, log=print) -> dict:
     """`minisft finetune --dry-run`: the data tokenized, the memory plan printed (and checked); no
     model, no run directory."""
     _, split = load_splits(s.data, s.cache_dir)
-    cfg = (read_hf_config(Path(s.weights) / "config.json") if s.model is None
-           else GPTConfig.preset(s.model, drop_rate=s.drop_rate))
-    return memory_plan(s, cfg, encode_records(split.train, get_style(s.prompt_style), s.mask_prompt), log)
+    return memory_plan(s, architecture(s), encode_records(split.train, get_style(s.prompt_style), s.mask_prompt), log)
 
 
 def measured_memory(model: GPT) -> dict:

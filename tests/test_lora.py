@@ -216,6 +216,19 @@ def test_lora_run_resumes_bitwise_and_its_checkpoints_hold_only_adapters(tmp_pat
     assert not (tmp_path / "whole" / "run" / "hf").exists()
 
 
+def test_lora_on_a_weights_folder_without_model_takes_the_architecture_from_its_config(tmp_path, book_data):
+    """--weights DIR --lora-rank 8 (or --lora-preset) without --model: the folder's config.json gives the
+    shape, as for full fine-tuning."""
+    GPT(GPTConfig.preset("gpt2-tiny", n_layers=1), seed=4).save_pretrained(tmp_path / "w")
+    folder = dict(model=None, init="pretrained", weights=str(tmp_path / "w"), max_steps=1, batch_size=2)
+    assert len(lora.lora_config(settings(tmp_path, book_data, **folder, lora_preset="book-7.4")).targets) == 5
+    s = settings(tmp_path, book_data, **folder, lora_rank=8)
+    assert s.model is None
+    finetune(s, log=quiet)
+    cfg, lc, _ = lora.read_checkpoint_header(checkpoints(tmp_path / "run")[-1])
+    assert (cfg.n_layers, cfg.emb_dim, lc.rank) == (1, 64, 8)
+
+
 def test_a_checkpoint_of_other_base_weights_is_refused(tmp_path, book_data):
     s = settings(tmp_path, book_data, max_steps=1, lora_rank=2, batch_size=2)
     finetune(s, log=quiet)
