@@ -321,25 +321,27 @@ def resume_from(candidates, model, opt, log):
 
 # ---- memory --------------------------------------------------------------------------------------------
 def memory_plan(s: Settings, cfg: GPTConfig, train_ex, log=print) -> dict:
-    """Log the estimated memory per part for these settings (minisft.memory) and, with memory_check,
-    refuse when it exceeds what is available. Needs only the tokenized data, not the model."""
+    """Log the estimated memory per part for these settings (minisft.memory) and whether it fits, and
+    with memory_check refuse when it does not. Needs only the tokenized data, not the model."""
     max_len = min(s.max_length, cfg.context_length)
     lengths = [len(e.tokens) + 1 for e in train_ex]  # + the end-of-text each row gets
+    adapters = lora.lora_config(s) if s.lora_rank is not None else None
 
     def estimate_with(**changes):
         t = {**s.to_dict(), **changes}
         tokens = memory.batch_tokens_bound(lengths, t["batch_size"], max_len)
         return memory.estimate(cfg, tokens, resolved_dtype(s), t["optim_state"], t["grad_checkpoint"],
-                               t["fused_update"])
+                               t["fused_update"], adapters)
 
     parts = estimate_with()
+    if s.backend == "torch" and (s.device or "").startswith("cuda"):  # the arrays live on the GPU
+        where, available = s.device, memory.cuda_available_bytes(s.device)
+    else:
+        where, available = "this machine", memory.available_bytes()
     log(f"{memory.format_plan(parts)}\n  (micro-batches of at most "
-        f"{memory.batch_tokens_bound(lengths, s.batch_size, max_len)} tokens)")
+        f"{memory.batch_tokens_bound(lengths, s.batch_size, max_len)} tokens)\n"
+        f"{memory.verdict(parts, available, where)}")
     if s.memory_check:
-        if s.backend == "torch" and (s.device or "").startswith("cuda"):  # the arrays live on the GPU
-            where, available = s.device, memory.cuda_available_bytes(s.device)
-        else:
-            where, available = "this machine", memory.available_bytes()
         memory.check_fits(parts, available, where, s, estimate_with)
     return parts
 
