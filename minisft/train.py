@@ -142,7 +142,8 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
     del weights  # the model holds its own copy
     model.grad_checkpoint = s.grad_checkpoint
     if s.lora_rank is not None:
-        base = s.weights or (s.model if s.init == "pretrained" else None)
+        # An absolute path: generate, chat, eval and export find the base from any folder.
+        base = str(Path(s.weights).resolve()) if s.weights else s.model
         lora.attach(model, lora.lora_config(s), seed=s.seed, base_path=base)
     loader = Loader(train_ex, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed, collate=collate)
     eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
