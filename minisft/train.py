@@ -49,7 +49,7 @@ from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
 from .pretrained import read_pretrained
 from .prompts import get_style
-from .rundir import RunLock, checkpoints, plan_run, start
+from .rundir import RunLock, checkpoints, plan_run, removed_if_refused, start
 from .settings import Settings, architecture
 
 SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
@@ -113,7 +113,7 @@ def finetune(s: Settings, log=print) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(out, log))
         plan[0] = plan_run(s, log)
-    with held:
+    with removed_if_refused(out), held:
         dist.agree(check)
         return _finetune(s, out, plan[0], log, dist)
 
