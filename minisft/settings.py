@@ -20,7 +20,7 @@ from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
 from .distributed import world_size_from_env
 from .errors import MinisftError
 from .optim import DECAY_CHOICES, SCHEDULES
-from .pretrained import read_hf_config
+from .pretrained import HF_REPOS, read_hf_config
 from .prompts import MASKS, STYLES
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -249,6 +249,9 @@ def validate(s: Settings) -> Settings:
         bad("early_stop", f"must be at least 1, got {s.early_stop}")
     if s.model is None and not (s.weights is not None and Path(s.weights).is_dir()):
         s = dataclasses.replace(s, model=DEFAULT_MODEL)  # a folder's config.json names its architecture
+    if s.init == "pretrained" and s.weights is None and s.model not in HF_REPOS:
+        bad("model", f"no pretrained weights exist for {s.model} (OpenAI's are {', '.join(HF_REPOS)}); pass "
+                     "--init random to train it from a random init")
     if "://" not in s.data and Path(s.data).is_dir():
         bad("data", f"{s.data} is a folder; give the data file in it")
     if "://" not in s.data and not Path(s.data).is_file():
