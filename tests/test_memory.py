@@ -234,10 +234,9 @@ def test_a_finetune_run_with_lean_state_resumes_bitwise_and_records_its_peak_mem
     records). Every step record and the summary carry the peak RSS so far."""
     data = tmp_path / "data.json"
     data.write_text(json.dumps(json.loads(book_data.read_text())[:60]))
-    kw = dict(lr=1e-3, drop_rate=0.1, optim_state="8bit", grad_checkpoint=True, ckpt_every=2,
-              data=str(data))
-    summary = finetune(settings(tmp_path / "whole", book_data, max_steps=4, **kw), log=quiet)
-    part = settings(tmp_path / "part", book_data, max_steps=2, **kw)
+    kw = dict(lr=1e-3, drop_rate=0.1, optim_state="8bit", grad_checkpoint=True, ckpt_every=2)
+    summary = finetune(settings(tmp_path / "whole", data, max_steps=4, **kw), log=quiet)
+    part = settings(tmp_path / "part", data, max_steps=2, **kw)
     finetune(part, log=quiet)
     finetune(validate(Settings(**{**part.to_dict(), "max_steps": 4, "resume": True})), log=quiet)
     a = load_checkpoint(checkpoints(tmp_path / "whole" / "run")[-1])
