@@ -40,6 +40,8 @@ from .config import GPTConfig
 from .errors import MinisftError
 from .files import write_json
 from .model import GPT, param_shapes
+from .pretrained import HF_REPOS
+from .settings import architecture
 
 MODULES = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head")   # every linear layer of GPT-2
 MODULE_NAMES = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
@@ -121,6 +123,9 @@ def check_settings(s):
     if s.lora_alpha is not None and s.lora_alpha <= 0:
         raise MinisftError(f"setting lora-alpha: must be positive, got {s.lora_alpha}")
     lora_config(s)  # targets and rank against the layers' shapes
+    if s.init == "random":  # refused rather than saving the base: a full copy of the model in every run folder
+        raise MinisftError("setting init: a LoRA run needs pretrained base weights (a preset or --weights): "
+                           "adapters trained on a random init are useless without that base, which is never saved")
     return s
 
 
@@ -129,7 +134,7 @@ def lora_config(s) -> LoraConfig:
     cfg = LoraConfig(rank=s.lora_rank, alpha=float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank),
                      dropout=s.lora_dropout or 0.0, rslora=bool(s.lora_rslora),
                      targets=parse_targets(s.lora_targets) if s.lora_targets else DEFAULT_TARGETS)
-    plan(GPTConfig.preset(s.model), cfg)
+    plan(architecture(s), cfg)
     return cfg
 
 
@@ -535,7 +540,8 @@ def load_checkpoint(path, model: GPT, optimizer=None) -> dict:
                                f"{_config_dict(lora.config) if lora else 'none'}")
         if meta["base"]["sha256"] != lora.base["sha256"]:
             raise MinisftError(f"{path}: the adapters were trained on other base weights ({meta['base']['path']}, "
-                               f"sha256 {meta['base']['sha256'][:12]}...; this base is {lora.base['sha256'][:12]}...)")
+                               f"sha256 {meta['base']['sha256'][:12]}...), not on {lora.base['path']} (sha256 "
+                               f"{lora.base['sha256'][:12]}...)")
         shapes = {n: tuple(model.params[n].shape) for p in lora.parts for n in (p.a, p.b)}
         dtype = np.dtype(f.attrs["array_dtype"])
         for group in ("params", "adam/m", "adam/v"):
@@ -553,17 +559,28 @@ def load_checkpoint(path, model: GPT, optimizer=None) -> dict:
 
 
 def model_from_checkpoint(path, backend="numpy", dtype=None, device=None, weights=None, cache_dir=None) -> GPT:
-    """A LoRA checkpoint -> its base model (weights: the base's path; default the one the checkpoint
-    records) with the checkpoint's adapters attached, for inference or export."""
+    """A LoRA checkpoint -> its base model (weights: the base's path, checked against the recorded
+    sha256; default the path the checkpoint records) with the checkpoint's adapters attached, for
+    inference or export."""
     cfg, lc, base = read_checkpoint_header(path)
-    source = weights or base["path"]
-    if source is None:
-        raise MinisftError(f"{path}: its base model was a random init, which cannot be rebuilt; pass --weights")
+    source = weights or recorded_base(path, base["path"])
     model = GPT.from_pretrained(source, backend=backend, dtype=dtype or "float32", cache_dir=cache_dir,
                                 device=device, model=cfg)
     attach(model, lc, base_path=source)
     load_checkpoint(path, model)
     return model
+
+
+def recorded_base(where, source: str | None) -> str:
+    """The base weights a LoRA checkpoint or adapter folder records, refused naming that file when
+    they are not there (before any loading)."""
+    if source is None:
+        raise MinisftError(f"{where}: records no base model; pass --weights BASE, the weights it was trained on")
+    if source not in HF_REPOS and not Path(source).exists():
+        relative = "" if Path(source).is_absolute() else " (a path relative to the folder its training ran in)"
+        raise MinisftError(f"{where}: the base weights it records, {source}{relative}, do not exist; pass "
+                           "--weights BASE, the weights it was trained on")
+    return source
 
 
 def base_of_adapter(adapter_dir) -> str | None:

@@ -13,6 +13,7 @@
 
 Nothing in the folder is written before these checks pass (the lock file aside).
 """
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -41,6 +42,24 @@ UNCOMPARED = ("out", "resume", "overwrite", "cache_dir")
 RUN_FILES = ("settings.json", "metrics.jsonl", "summary.json", "instruction-data-with-response.json",
              "loss-plot.png")
 RUN_DIRS = ("checkpoints", "hf")
+
+
+# ---- the folder -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def removed_if_refused(out: Path):
+    """`with removed_if_refused(out):` a run that fails while its folder is still empty removes the
+    folders it created (out and its new parents): a refused run leaves nothing behind. A folder that
+    existed before, or one the run wrote into, stays."""
+    new = [p for p in (out, *out.parents) if not p.exists()]  # out first, then the parents it creates
+    try:
+        yield
+    except BaseException:
+        for p in new:
+            try:
+                p.rmdir()
+            except OSError:  # not empty: the run wrote into it (or another process did)
+                break
+        raise
 
 
 # ---- the lock ------------------------------------------------------------------------------------------

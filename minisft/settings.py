@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends import AUTO, BACKENDS
-from .config import PRESETS
 from .backends.quant import OPTIM_STATES
+from .config import PRESETS, GPTConfig
 from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
 from .distributed import world_size_from_env
 from .errors import MinisftError
 from .optim import DECAY_CHOICES, SCHEDULES
+from .pretrained import HF_REPOS, read_hf_config
 from .prompts import MASKS, STYLES
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -186,6 +187,13 @@ def read_toml(path) -> dict:
     return values
 
 
+def architecture(s: Settings) -> GPTConfig:
+    """The model's shape: the --model preset's, or without one the --weights folder's config.json."""
+    if s.model is None:
+        return dataclasses.replace(read_hf_config(Path(s.weights) / "config.json"), drop_rate=s.drop_rate)
+    return GPTConfig.preset(s.model, drop_rate=s.drop_rate)
+
+
 def validate(s: Settings) -> Settings:
     """Refuse bad values before any work starts, naming the setting."""
     def bad(name, why):
@@ -241,6 +249,9 @@ def validate(s: Settings) -> Settings:
         bad("early_stop", f"must be at least 1, got {s.early_stop}")
     if s.model is None and not (s.weights is not None and Path(s.weights).is_dir()):
         s = dataclasses.replace(s, model=DEFAULT_MODEL)  # a folder's config.json names its architecture
+    if s.init == "pretrained" and s.weights is None and s.model not in HF_REPOS:
+        bad("model", f"no pretrained weights exist for {s.model} (OpenAI's are {', '.join(HF_REPOS)}); pass "
+                     "--init random to train it from a random init")
     if "://" not in s.data and Path(s.data).is_dir():
         bad("data", f"{s.data} is a folder; give the data file in it")
     if "://" not in s.data and not Path(s.data).is_file():

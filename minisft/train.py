@@ -45,11 +45,11 @@ from .generate import generate, generate_responses
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
-from .pretrained import read_hf_config, read_pretrained
+from .pretrained import read_pretrained
 from .progress import progress
 from .prompts import get_style
-from .rundir import RunLock, checkpoints, plan_run, start
-from .settings import Settings
+from .rundir import RunLock, checkpoints, plan_run, removed_if_refused, start
+from .settings import Settings, architecture
 
 SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
 ESTIMATE_AFTER = 3  # steady steps timed before the run's length is estimated from them
@@ -59,10 +59,7 @@ ESTIMATE_AFTER = 3  # steady steps timed before the run's length is estimated fr
 def model_source(s: Settings) -> tuple[GPTConfig, dict | None]:
     """The model's shape and its starting weights (None: a random init). Without --model, a
     --weights folder's config.json gives the architecture."""
-    if s.model is None:
-        cfg, sd = read_pretrained(s.weights, cache_dir=s.cache_dir)
-        return dataclasses.replace(cfg, drop_rate=s.drop_rate), sd
-    cfg = GPTConfig.preset(s.model, drop_rate=s.drop_rate)
+    cfg = architecture(s)
     if s.init == "random":
         return cfg, None
     return read_pretrained(s.weights or s.model, cache_dir=s.cache_dir, model=cfg)
@@ -169,7 +166,7 @@ def finetune(s: Settings, log=print) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(out, log))
         plan[0] = plan_run(s, log)
-    with held:
+    with removed_if_refused(out), held:
         dist.agree(check)
         return _finetune(s, out, plan[0], log, dist)
 
@@ -198,7 +195,8 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
     del weights  # the model holds its own copy
     model.grad_checkpoint = s.grad_checkpoint
     if s.lora_rank is not None:
-        base = s.weights or (s.model if s.init == "pretrained" else None)
+        # An absolute path: generate, chat, eval and export find the base from any folder.
+        base = str(Path(s.weights).resolve()) if s.weights else s.model
         lora.attach(model, lora.lora_config(s), seed=s.seed, base_path=base)
     loader = Loader(train_ex, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed, collate=collate)
     eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
@@ -398,25 +396,27 @@ def resume_from(candidates, model, opt, log):
 
 # ---- memory --------------------------------------------------------------------------------------------
 def memory_plan(s: Settings, cfg: GPTConfig, train_ex, log=print) -> dict:
-    """Log the estimated memory per part for these settings (minisft.memory) and, with memory_check,
-    refuse when it exceeds what is available. Needs only the tokenized data, not the model."""
+    """Log the estimated memory per part for these settings (minisft.memory) and whether it fits, and
+    with memory_check refuse when it does not. Needs only the tokenized data, not the model."""
     max_len = min(s.max_length, cfg.context_length)
     lengths = [len(e.tokens) + 1 for e in train_ex]  # + the end-of-text each row gets
+    adapters = lora.lora_config(s) if s.lora_rank is not None else None
 
     def estimate_with(**changes):
         t = {**s.to_dict(), **changes}
         tokens = memory.batch_tokens_bound(lengths, t["batch_size"], max_len)
         return memory.estimate(cfg, tokens, resolved_dtype(s), t["optim_state"], t["grad_checkpoint"],
-                               t["fused_update"])
+                               t["fused_update"], adapters)
 
     parts = estimate_with()
+    if s.backend == "torch" and (s.device or "").startswith("cuda"):  # the arrays live on the GPU
+        where, available = s.device, memory.cuda_available_bytes(s.device)
+    else:
+        where, available = "this machine", memory.available_bytes()
     log(f"{memory.format_plan(parts)}\n  (micro-batches of at most "
-        f"{memory.batch_tokens_bound(lengths, s.batch_size, max_len)} tokens)")
+        f"{memory.batch_tokens_bound(lengths, s.batch_size, max_len)} tokens)\n"
+        f"{memory.verdict(parts, available, where)}")
     if s.memory_check:
-        if s.backend == "torch" and (s.device or "").startswith("cuda"):  # the arrays live on the GPU
-            where, available = s.device, memory.cuda_available_bytes(s.device)
-        else:
-            where, available = "this machine", memory.available_bytes()
         memory.check_fits(parts, available, where, s, estimate_with)
     return parts
 
@@ -426,9 +426,7 @@ def dry_run(s: Settings, log=print) -> dict:
     model, no run directory."""
     check_dtype(s, log)
     _, split = load_splits(s.data, s.cache_dir)
-    cfg = (read_hf_config(Path(s.weights) / "config.json") if s.model is None
-           else GPTConfig.preset(s.model, drop_rate=s.drop_rate))
-    return memory_plan(s, cfg, encode_records(split.train, get_style(s.prompt_style), s.mask_prompt), log)
+    return memory_plan(s, architecture(s), encode_records(split.train, get_style(s.prompt_style), s.mask_prompt), log)
 
 
 def measured_memory(model: GPT) -> dict:

@@ -124,6 +124,15 @@ def adapted(backend, tie, targets=EVERY_TARGET, dtype="float32", rng=None, **kw)
     return model, ad
 
 
+def on_a_base(tmp_path, book_data, **kw):
+    """Validated settings of a LoRA run on a pretrained base: a gpt2-tiny HF folder under tmp_path (a
+    random init is refused for LoRA)."""
+    base = tmp_path / "base"
+    if not base.exists():
+        GPT(GPTConfig.preset("gpt2-tiny"), seed=5).save_pretrained(base)
+    return settings(tmp_path, book_data, init="pretrained", weights=str(base), **kw)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("tie,targets", [(False, EVERY_TARGET), (True, ("c_attn", "lm_head")), (False, ("c_attn.k",))])
 def test_adapted_model_matches_a_pytorch_autograd_lora_gpt(backend, tie, targets):
@@ -195,9 +204,9 @@ def test_merge_folds_every_adapter_into_the_weights():
 def test_lora_run_resumes_bitwise_and_its_checkpoints_hold_only_adapters(tmp_path, book_data, monkeypatch):
     kw = dict(max_steps=4, ckpt_every=2, lr=1e-3, batch_size=4, drop_rate=0.1, lora_rank=4,
               lora_targets="c_attn.q,c_attn.v,c_fc", lora_dropout=0.1, grad_clip=1.0)
-    whole = settings(tmp_path / "whole", book_data, **kw)
+    whole = on_a_base(tmp_path / "whole", book_data, **kw)
     finetune(whole, log=quiet)
-    part = settings(tmp_path / "part", book_data, **kw)
+    part = on_a_base(tmp_path / "part", book_data, **kw)
     interrupted_run(part, monkeypatch, at_step=4)  # Ctrl-C in step 4: the last checkpoint is step 2
     finetune(validate(Settings(**{**part.to_dict(), "resume": True})), log=quiet)
     assert read_metrics(part.out, False) == read_metrics(whole.out, False)
@@ -216,8 +225,21 @@ def test_lora_run_resumes_bitwise_and_its_checkpoints_hold_only_adapters(tmp_pat
     assert not (tmp_path / "whole" / "run" / "hf").exists()
 
 
+def test_lora_on_a_weights_folder_without_model_takes_the_architecture_from_its_config(tmp_path, book_data):
+    """--weights DIR --lora-rank 8 (or --lora-preset) without --model: the folder's config.json gives the
+    shape, as for full fine-tuning."""
+    GPT(GPTConfig.preset("gpt2-tiny", n_layers=1), seed=4).save_pretrained(tmp_path / "w")
+    folder = dict(model=None, init="pretrained", weights=str(tmp_path / "w"), max_steps=1, batch_size=2)
+    assert len(lora.lora_config(settings(tmp_path, book_data, **folder, lora_preset="book-7.4")).targets) == 5
+    s = settings(tmp_path, book_data, **folder, lora_rank=8)
+    assert s.model is None
+    finetune(s, log=quiet)
+    cfg, lc, _ = lora.read_checkpoint_header(checkpoints(tmp_path / "run")[-1])
+    assert (cfg.n_layers, cfg.emb_dim, lc.rank) == (1, 64, 8)
+
+
 def test_a_checkpoint_of_other_base_weights_is_refused(tmp_path, book_data):
-    s = settings(tmp_path, book_data, max_steps=1, lora_rank=2, batch_size=2)
+    s = on_a_base(tmp_path, book_data, max_steps=1, lora_rank=2, batch_size=2)
     finetune(s, log=quiet)
     other = GPT(GPTConfig.preset("gpt2-tiny"), seed=s.seed + 1)
     lora.attach(other, lora.lora_config(s))
@@ -242,10 +264,10 @@ def test_bad_lora_settings_are_refused_by_name(tmp_path, book_data, kw, message)
 
 
 def test_the_book_preset_adapts_every_linear_layer_at_rank_16(tmp_path, book_data):
-    s = settings(tmp_path, book_data, lora_preset="book-7.4")
+    s = on_a_base(tmp_path, book_data, lora_preset="book-7.4")
     lc = lora.lora_config(s)
     assert (lc.rank, lc.alpha, lc.targets) == (16, 16.0, lora.MODULES)
-    assert lora.lora_config(settings(tmp_path, book_data, lora_preset="book-7.4", lora_rank=8)).rank == 8
+    assert lora.lora_config(on_a_base(tmp_path, book_data, lora_preset="book-7.4", lora_rank=8)).rank == 8
 
 
 def test_an_adapter_for_another_base_is_refused_and_the_model_is_left_alone(tmp_path):
@@ -298,6 +320,59 @@ def test_cli_lora_run_then_generate_and_eval_with_its_adapter(tmp_path, book_dat
     r = minisft("generate", "--weights", tmp_path / "base", "--adapter", tmp_path / "nowhere", "--data", data,
                 "--out", tmp_path / "responses.json")
     assert r.returncode == 2 and "not a LoRA adapter folder" in r.stderr and not (tmp_path / "responses.json").exists()
+
+
+def minisft_in(cwd, *argv):
+    """The CLI run in folder cwd: paths relative to it, as a user's shell gives them."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "minisft", *map(str, argv)], cwd=cwd, capture_output=True, text=True)
+
+
+def test_a_lora_checkpoint_finds_its_base_from_any_folder_and_weights_overrides_it_by_sha256(tmp_path, book_data):
+    """Trained with a relative --weights, the checkpoint and adapter record the base's absolute path
+    (and sha256): eval runs from another folder. With the base moved, the error names the checkpoint
+    and the path it records; --weights BASE with --checkpoint gives the base, and other weights are
+    refused by name."""
+    GPT(GPTConfig.preset("gpt2-tiny"), seed=5).save_pretrained(tmp_path / "base")
+    GPT(GPTConfig.preset("gpt2-tiny"), seed=6).save_pretrained(tmp_path / "other")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(json.loads(book_data.read_text())[:60]))
+    r = minisft_in(tmp_path, "finetune", "--model", "gpt2-tiny", "--weights", "base", "--data", data, "--lora-rank", 2,
+                   "--max-steps", 1, "--batch-size", 2, "--responses", 0, "--backend", "numpy", "--out", "run")
+    assert r.returncode == 0, r.stderr
+    ckpt, adapter, elsewhere = checkpoints(tmp_path / "run")[-1], tmp_path / "run" / "adapter", tmp_path / "run"
+    _, _, base = lora.read_checkpoint_header(ckpt)
+    assert base["path"] == str(tmp_path / "base") and len(base["sha256"]) == 64
+    assert json.loads((adapter / lora.CONFIG_FILE).read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+    evaluate = ("eval", "--checkpoint", ckpt, "--data", data, "--split", "val", "--backend", "numpy")
+    first = minisft_in(elsewhere, *evaluate)
+    assert first.returncode == 0, first.stderr
+
+    (tmp_path / "base").rename(tmp_path / "moved")
+    for argv in (evaluate, ("export", ckpt, tmp_path / "m1", "--merge"), ("export", adapter, tmp_path / "m2", "--merge")):
+        r = minisft_in(elsewhere, *argv)
+        source = adapter if argv[1] == adapter else ckpt
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"minisft: error: {source}: the base weights it records, {tmp_path / 'base'}, "
+                                   "do not exist; pass --weights BASE"), r.stderr
+    moved = minisft_in(elsewhere, *evaluate, "--weights", tmp_path / "moved")
+    assert moved.returncode == 0 and moved.stdout == first.stdout, moved.stderr
+    r = minisft_in(elsewhere, "export", ckpt, tmp_path / "merged", "--merge", "--weights", tmp_path / "moved")
+    assert r.returncode == 0 and (tmp_path / "merged" / "model.safetensors").is_file(), r.stderr
+    r = minisft_in(elsewhere, *evaluate, "--weights", tmp_path / "other")
+    assert r.returncode == 2 and "trained on other base weights" in r.stderr and f"not on {tmp_path / 'other'}" \
+        in r.stderr, r.stderr
+
+
+def test_a_lora_run_on_a_random_init_is_refused_up_front(tmp_path, book_data):
+    """Adapters on a random base would be useless without that base, which is never saved: exit 2 with
+    one line, before any work (no run folder)."""
+    r = minisft_in(tmp_path, "finetune", "--model", "gpt2-tiny", "--init", "random", "--lora-rank", 8, "--data",
+                   book_data, "--max-steps", 1, "--batch-size", 2, "--responses", 0, "--backend", "numpy", "--out", "run")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("minisft: error: setting init: a LoRA run needs pretrained base weights")
+    assert not (tmp_path / "run").exists()
 
 
 def test_adapted_model_with_lora_dropout_matches_finite_differences(rng):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minisft import GPT, GPTConfig, pack_padded
-from minisft import memory
+from minisft import lora, memory
 from minisft.backends import quant
 from minisft.checkpoint import load_checkpoint, save_checkpoint
 from minisft.errors import MinisftError
@@ -234,10 +234,9 @@ def test_a_finetune_run_with_lean_state_resumes_bitwise_and_records_its_peak_mem
     records). Every step record and the summary carry the peak RSS so far."""
     data = tmp_path / "data.json"
     data.write_text(json.dumps(json.loads(book_data.read_text())[:60]))
-    kw = dict(lr=1e-3, drop_rate=0.1, optim_state="8bit", grad_checkpoint=True, ckpt_every=2,
-              data=str(data))
-    summary = finetune(settings(tmp_path / "whole", book_data, max_steps=4, **kw), log=quiet)
-    part = settings(tmp_path / "part", book_data, max_steps=2, **kw)
+    kw = dict(lr=1e-3, drop_rate=0.1, optim_state="8bit", grad_checkpoint=True, ckpt_every=2)
+    summary = finetune(settings(tmp_path / "whole", data, max_steps=4, **kw), log=quiet)
+    part = settings(tmp_path / "part", data, max_steps=2, **kw)
     finetune(part, log=quiet)
     finetune(validate(Settings(**{**part.to_dict(), "max_steps": 4, "resume": True})), log=quiet)
     a = load_checkpoint(checkpoints(tmp_path / "whole" / "run")[-1])
@@ -284,6 +283,46 @@ def test_dry_run_refuses_before_building_the_model_naming_the_options(tmp_path, 
     lines = []
     train.dry_run(validate(Settings(**{**s.to_dict(), "memory_check": False})), log=lines.append)
     assert "estimated memory per part:" in lines[0] and "moments" in lines[0]
+
+
+def test_a_lora_estimate_is_smaller_by_the_frozen_weights_gradients_and_moments():
+    """LoRA rank 8 on gpt2-medium: the adapters add their weights, gradients and moments; every base
+    weight's gradient and two moments (12 bytes per parameter) and the frozen head's dW scratch go."""
+    cfg, lc = GPTConfig.preset("gpt2-medium"), lora.LoraConfig(rank=8, alpha=8.0)
+    parts = lora.plan(cfg, lc)
+    n_base = sum(int(np.prod(s)) for s in param_shapes(cfg).values())
+    n_adapters = sum(p.rank * (p.n_in + p.n_out) for p in parts)
+    full, lean = memory.estimate(cfg, 1000), memory.estimate(cfg, 1000, lora_config=lc)
+    assert lean["weights"] == full["weights"] + 4 * n_adapters
+    assert lean["gradients"] == 4 * n_adapters and lean["moments"] == 8 * n_adapters
+    assert (full["gradients"] + full["moments"]) - (lean["gradients"] + lean["moments"]) == 12 * (n_base - n_adapters)
+    assert full["scratch"] - lean["scratch"] == 4 * cfg.vocab_size * cfg.emb_dim
+    assert lean["activations"] == full["activations"] + 4 * 1000 * sum(p.rank for p in parts)  # each (N, r)
+
+
+def test_gpt2_xl_with_lora_rank_8_fits_where_24_gb_are_available_and_the_dry_run_says_so(tmp_path, book_data,
+                                                                                        monkeypatch):
+    """The README's claim: gpt2-xl trains with LoRA on a 24 GB machine (measured peak 9.06 GB), while
+    full fine-tuning does not fit. The dry run's last line is the verdict with its margin."""
+    import minisft.train as train
+    monkeypatch.setattr(memory, "available_bytes", lambda: 24 * 10**9)
+    xl = dict(model="gpt2-xl", init="pretrained")
+    lines = []
+    parts = train.dry_run(settings(tmp_path, book_data, **xl, lora_rank=8), log=lines.append)
+    total = sum(parts.values()) / 1e9
+    assert total < 12
+    assert lines[-1].splitlines()[-1] == f"fits: {total:.1f} GB of 24.0 GB available on this machine, " \
+                                         f"{24 - total:.1f} GB to spare"
+    with pytest.raises(MinisftError, match="setting memory_check: the run needs an estimated 3"):
+        train.dry_run(settings(tmp_path, book_data, **xl), log=quiet)
+    lines = []
+    train.dry_run(settings(tmp_path, book_data, **xl, memory_check=False), log=lines.append)
+    assert lines[-1].splitlines()[-1].startswith("does not fit: ") and lines[-1].endswith("GB short")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
+    with pytest.raises(MinisftError) as e:  # the lean options do not apply to LoRA: not suggested
+        train.dry_run(settings(tmp_path, book_data, **xl, lora_rank=8), log=quiet)
+    assert "--grad-checkpoint" in str(e.value) and "--optim-state" not in str(e.value) and \
+        "--fused-update" not in str(e.value)
 
 
 # ---- fused updates ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_defaults_are_the_book_recipe():
 
 def test_toml_then_flags(tmp_path):
     cfg = tmp_path / "run.toml"
-    cfg.write_text('model = "gpt2-tiny"\nbatch-size = 4\nlr = 1\nshuffle = false\nschedule = "cosine"\n')
+    cfg.write_text('model = "gpt2-tiny"\ninit = "random"\nbatch-size = 4\nlr = 1\nshuffle = false\nschedule = "cosine"\n')
     s = parse("--config", str(cfg), "--batch-size", "2", "--no-shuffle")
     assert (s.model, s.batch_size, s.lr, s.shuffle, s.schedule) == ("gpt2-tiny", 2, 1.0, False, "cosine")
     assert parse("--config", str(cfg), "--shuffle").shuffle is True
@@ -43,6 +43,17 @@ def test_toml_then_flags(tmp_path):
 def test_bad_settings_are_refused_by_name(argv, message):
     with pytest.raises(MinisftError, match=message):
         parse(*argv)
+
+
+def test_a_preset_without_pretrained_weights_is_refused_suggesting_init_random(tmp_path, book_data):
+    """gpt2-tiny is a preset (a shape) with no OpenAI weights: one line saying so, exit 2, no folder."""
+    from tests.helpers import run_cli
+    r = run_cli("finetune", "--model", "gpt2-tiny", "--data", book_data, "--out", tmp_path / "run")
+    assert r.returncode == 2 and r.stderr == (
+        "minisft: error: setting model: no pretrained weights exist for gpt2-tiny (OpenAI's are gpt2-small, "
+        "gpt2-medium, gpt2-large, gpt2-xl); pass --init random to train it from a random init\n")
+    assert not (tmp_path / "run").exists()
+    assert parse("--model", "gpt2-tiny", "--init", "random").model == "gpt2-tiny"
 
 
 @pytest.mark.parametrize("line,message", [

@@ -160,6 +160,23 @@ def test_weights_folder_gives_the_architecture_without_model(tmp_path, book_data
     assert model.cfg.n_layers == 1 and model.cfg.emb_dim == 64
 
 
+def test_a_refused_finetune_leaves_no_new_out_folder_behind_and_an_old_one_stays(tmp_path, book_data, monkeypatch):
+    """Refused after the folder is locked (more batch than records; too little memory): the folders
+    this run created, --out and its new parents, are gone; a folder that existed before stays."""
+    data = tmp_path / "five.json"
+    data.write_text(json.dumps(json.loads(book_data.read_text())[:5]))
+    s = settings(tmp_path, data, out=str(tmp_path / "runs" / "new"))
+    with pytest.raises(MinisftError, match="setting batch_size"):
+        finetune(s, log=quiet)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "old").mkdir()
+    import minisft.memory as memory
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**7)
+    with pytest.raises(MinisftError, match="setting memory_check"):
+        finetune(settings(tmp_path, book_data, out=str(tmp_path / "old")), log=quiet)
+    assert (tmp_path / "old").is_dir() and not any((tmp_path / "old").iterdir())
+
+
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, book_data):
     s = settings(tmp_path, book_data, max_steps=1)
     finetune(s, log=quiet)

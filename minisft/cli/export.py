@@ -19,9 +19,7 @@ def run(args) -> int:
     src = Path(args.checkpoint)
     if src.is_dir() or lora.is_checkpoint(src):
         if src.is_dir():
-            base = args.weights or lora.base_of_adapter(src)
-            if base is None:
-                raise MinisftError(f"{src}: the adapter names no base model; pass --weights")
+            base = args.weights or lora.recorded_base(src, lora.base_of_adapter(src))
             model = GPT.from_pretrained(base, dtype="float32", model=args.model)
             lora.load_adapter(model, src)
         else:

@@ -16,10 +16,10 @@ SPLITS = ("train", "val", "test", "all")
 
 
 def add_model_args(p) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a minisft training checkpoint (.h5)")
-    src.add_argument("--weights", help="a preset (downloads OpenAI's weights), an HF GPT-2 folder or a "
-                                       ".safetensors file")
+    p.add_argument("--checkpoint", help="a minisft training checkpoint (.h5)")
+    p.add_argument("--weights", help="a preset (downloads OpenAI's weights), an HF GPT-2 folder or a "
+                                     ".safetensors file; with a LoRA --checkpoint, its base (default: the one "
+                                     "it records; checked against its sha256)")
     p.add_argument("--model", choices=list(PRESETS), help="the shape of a bare .safetensors file")
     p.add_argument("--backend", default=AUTO, choices=(AUTO,) + BACKENDS,
                    help="engine backend (default auto: torch on a CUDA GPU, else numba)")
@@ -46,12 +46,17 @@ def add_sampling_args(p) -> None:
 
 
 def load_model(args):
+    if not (args.checkpoint or args.weights):
+        raise MinisftError("one of --checkpoint or --weights is required")
     try:
         if args.checkpoint and lora.is_checkpoint(args.checkpoint):
             if args.adapter:
                 raise MinisftError("--adapter: a LoRA checkpoint already carries its adapter")
             return lora.model_from_checkpoint(args.checkpoint, backend=args.backend, dtype=args.dtype,
-                                              device=args.device, cache_dir=args.cache_dir)
+                                              device=args.device, weights=args.weights, cache_dir=args.cache_dir)
+        if args.checkpoint and args.weights:
+            raise MinisftError(f"--weights: {args.checkpoint} is a full fine-tuning checkpoint, it holds every "
+                               "weight; --weights goes with a LoRA checkpoint, as its base")
         if args.checkpoint:
             model = load_checkpoint(args.checkpoint, backend=args.backend, dtype=args.dtype, device=args.device,
                                     load_optimizer=False)[0]
