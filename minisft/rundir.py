@@ -41,7 +41,7 @@ UNCOMPARED = ("out", "resume", "overwrite", "cache_dir")
 # What a run writes into its folder, removed by --overwrite (any other file there is left alone).
 RUN_FILES = ("settings.json", "metrics.jsonl", "summary.json", "instruction-data-with-response.json",
              "loss-plot.png")
-RUN_DIRS = ("checkpoints", "hf")
+RUN_DIRS = ("checkpoints", "hf", "adapter")  # hf/: a full run's export; adapter/: a LoRA run's
 
 
 # ---- the folder -----------------------------------------------------------------------------------------

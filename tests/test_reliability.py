@@ -194,6 +194,8 @@ def test_a_finished_run_is_kept_unless_overwrite_is_asked_for(saved, data, tmp_p
     out = tmp_path / "run"
     shutil.copytree(saved, out)
     (out / "notes.txt").write_text("mine")
+    (out / "adapter").mkdir()  # what an earlier LoRA run in this folder exported
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"an old adapter")
     before = snapshot(out)
     code, _, err = run(base(data, out, "--max-steps", 1), capsys)
     assert code == 2 and "already holds a run (newest checkpoint step-000002.h5)" in err and "--overwrite" in err
@@ -202,6 +204,7 @@ def test_a_finished_run_is_kept_unless_overwrite_is_asked_for(saved, data, tmp_p
     assert code == 0 and "--overwrite: removing the earlier run's files" in printed
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001.h5"]
     assert (out / "notes.txt").read_text() == "mine"  # not a run file: left alone
+    assert not (out / "adapter").exists()  # the earlier run's export goes with its checkpoints
 
 
 def test_overwrite_and_resume_together_are_refused(saved, data, capsys):
