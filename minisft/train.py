@@ -116,11 +116,22 @@ class StepTimes:
         return f"{self.total_s:.1f} s of training: {first} (compiling/warm-up) {self.first_s:.1f} s{rate}"
 
 
-def estimate_line(steps: int, step_times: list) -> str:
-    """The run's length from its first steady steps (step_times[0] is the first step, not steady)."""
-    per = sum(step_times[1:]) / (len(step_times) - 1)
-    return (f"estimated: {steps} steps x {per:.3f} s = {steps * per / 60:.1f} min of training steps "
-            f"(evaluations not counted)")
+def evaluations_in(first: int, last: int, eval_freq: int) -> tuple:
+    """(evaluations a start running steps first+1 .. last makes, how many of them come before its last
+    step): the book's after steps 1, 1 + eval_freq, ..., and one of the last step's weights."""
+    before_last = sum(1 for k in range(first + 1, last) if (k - 1) % eval_freq == 0)
+    return before_last + (last > first), before_last
+
+
+def estimate_line(steps: int, step_times: list, evals: int, eval_times: list) -> str:
+    """This start's length from what it measured: its steady steps (step_times[0], the first step,
+    compiles and warms up: left out) and its evaluations (the first left out too where there are more)."""
+    per_step = sum(step_times[1:]) / (len(step_times) - 1)
+    timed = eval_times[1:] or eval_times
+    per_eval = sum(timed) / len(timed) if timed else 0.0
+    total = (steps * per_step + evals * per_eval) / 60
+    return (f"estimated: {steps} steps x {per_step:.3f} s + {evals} evaluations x {per_eval:.3f} s = {total:.1f} min "
+            "(the end's export and test responses not counted)")
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
@@ -226,6 +237,8 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
     step, tokens_seen, times, best, last_eval = dist.sync_start(model, opt, loader,
                                                                 (step, tokens_seen, times, best, last_eval))
     first_step, here = step, []  # the step this start begins at; the seconds of each step it times
+    eval_times, estimated = [], False
+    evals_planned, evals_before_last = evaluations_in(first_step, total_steps, s.eval_freq)
     # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
     # records written after its checkpoint, so every step appears once).
     if dist.main:
@@ -251,8 +264,10 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
     def evaluate(epoch) -> None:
         """The book's evaluation; with early stopping, a val loss below the best so far saved as best.h5."""
         nonlocal best, last_eval
+        t0 = time.perf_counter()
         train_loss = mean_batch_loss(model, eval_loader(train_ex), s.eval_iter, dist)
         val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter, dist)
+        eval_times.append(time.perf_counter() - t0)
         emit(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss, val_loss=val_loss,
                   tokens_seen=tokens_seen))
         last_eval = step
@@ -307,8 +322,6 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
                     times.first_s, times.starts = times.first_s + here[0], times.starts + 1
                 else:
                     times.steady_s, times.steady_tokens = times.steady_s + here[-1], times.steady_tokens + n_tokens
-                if len(here) == 1 + ESTIMATE_AFTER and dist.main:
-                    bar.write(estimate_line(total_steps - first_step, here))
                 tokens_seen += n_tokens
                 emit(dict(kind="step", step=step, epoch=epoch + 1, loss=loss, lr=lr, tokens_seen=tokens_seen,
                           grad_norm=grad_norm, **measured_memory(model)))
@@ -322,6 +335,11 @@ def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
                         bar.write(f"early stop: the val loss has not improved for {s.early_stop} evaluations; "
                                   f"the best, {best['val_loss']:.3f} at step {best['step']}, is in "
                                   f"{best_checkpoint(out)}")
+                # Once ESTIMATE_AFTER steady steps and, where there are two, an evaluation besides the first are timed.
+                if not estimated and len(here) > ESTIMATE_AFTER and len(eval_times) >= min(2, evals_before_last):
+                    estimated = True
+                    if dist.main:
+                        bar.write(estimate_line(total_steps - first_step, here, evals_planned, eval_times))
                 if step % s.ckpt_every == 0 or step == total_steps or stopped:
                     save(step)
                 if step == total_steps or stopped:

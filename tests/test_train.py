@@ -323,15 +323,28 @@ def test_training_off_a_terminal_writes_plain_progress_lines(tmp_path, book_data
     assert "elapsed, about " in progress[0] and "; loss=" in progress[0]
 
 
-def test_the_time_estimate_comes_once_after_the_first_steady_steps(tmp_path, book_data, capsys):
+def test_the_time_estimate_comes_once_after_the_first_steady_steps_and_evaluations(tmp_path, book_data, capsys):
     """Measured, never guessed: the estimate needs the first step and ESTIMATE_AFTER (3) steady ones,
-    so it is printed once, after step 4 (and before step 4's evaluation)."""
+    and an evaluation besides the first, so it is printed once, after step 4's evaluation; it counts
+    every step and evaluation of the run (6 steps, one evaluation after each)."""
     import re
     assert cli_finetune(tmp_path, book_data, "--max-steps", 6, "--eval-freq", 1) == 0
     out = capsys.readouterr().out.splitlines()
     estimates = [i for i, ln in enumerate(out) if ln.startswith("estimated: ")]
     assert len(estimates) == 1
-    assert re.fullmatch(r"estimated: 6 steps x \d+\.\d{3} s = \d+\.\d min of training steps \(evaluations not "
-                        r"counted\)", out[estimates[0]])
+    assert re.fullmatch(r"estimated: 6 steps x \d+\.\d{3} s \+ 6 evaluations x \d+\.\d{3} s = \d+\.\d min \(the end's "
+                        r"export and test responses not counted\)", out[estimates[0]])
     evals = {int(m.group(1)): i for i, ln in enumerate(out) if (m := re.match(r"Ep 1 \(Step (\d+)\)", ln))}
-    assert evals[3] < estimates[0] < evals[4]
+    assert evals[4] < estimates[0] < evals[5]
+
+
+@pytest.mark.parametrize("first, last, eval_freq, want", [
+    (0, 232, 5, (48, 47)),  # the book's run: after steps 1, 6, ..., 231, then the last step's weights
+    (0, 6, 1, (6, 5)),      # every step's, the last one's included once
+    (0, 232, 1000, (2, 1)),  # step 1's and the end's
+    (100, 232, 5, (28, 27)),  # a start resumed at step 100: after 101, 106, ..., 231, then the end's
+    (232, 232, 5, (0, 0)),  # nothing left to run
+])
+def test_the_estimate_counts_the_evaluations_the_run_will_make(first, last, eval_freq, want):
+    from minisft.train import evaluations_in
+    assert evaluations_in(first, last, eval_freq) == want
