@@ -288,7 +288,7 @@ def test_a_batch_with_every_target_masked_is_skipped_and_counted(long_data, tmp_
            "whole response (train records 0, 1); --drop-long drops them" in printed
     assert "1 batches had no trained target" in printed
     # batch 0 is records 0 and 1: its step makes no update (and so no evaluation)
-    assert [r["kind"] for r in stepwise(out)] == ["skip", "step", "step"]
+    assert [r["kind"] for r in stepwise(out)] == ["skip", "step", "step", "eval"]  # the end evaluates the last weights
     assert json.loads((out / "summary.json").read_text())["empty_batches"] == 1
 
 
@@ -297,7 +297,7 @@ def test_drop_long_drops_the_cut_records(long_data, tmp_path, capsys):
     code, printed, _ = run(base(long_data, out, "--max-steps", 2, "--max-length", 100, "--mask-prompt", "input",
                                 "--no-shuffle", "--drop-long"), capsys)
     assert code == 0 and "are dropped; 2 of them lose" in printed
-    assert [r["kind"] for r in stepwise(out)] == ["step", "eval", "step"]  # no batch left without a target
+    assert [r["kind"] for r in stepwise(out)] == ["step", "eval", "step", "eval"]  # no batch left without a target
 
 
 def test_a_max_length_that_leaves_no_target_anywhere_is_refused(data, tmp_path, capsys):
