@@ -1,6 +1,6 @@
-"""Progress of the long loops (training steps, generated responses, judged entries, downloads): tqdm's bar on a terminal;
-elsewhere (a log file, CI) a plain line every PLAIN_EVERY_S seconds, since a bar's carriage
-returns turn a log into one unreadable line and tqdm alone would show nothing there."""
+"""Progress of the long loops (training steps, generated responses, judged entries, downloads):
+tqdm's bar on a terminal; elsewhere (a log file, CI) a plain line every PLAIN_EVERY_S seconds, since
+a bar's carriage returns turn a log into one unreadable line and tqdm alone would show nothing there."""
 import sys
 import time
 
