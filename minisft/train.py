@@ -124,14 +124,15 @@ def evaluations_in(first: int, last: int, eval_freq: int) -> tuple:
 
 
 def estimate_line(steps: int, step_times: list, evals: int, eval_times: list) -> str:
-    """This start's length from what it measured: its steady steps (step_times[0], the first step,
-    compiles and warms up: left out) and its evaluations (the first left out too where there are more)."""
-    per_step = sum(step_times[1:]) / (len(step_times) - 1)
+    """This start's length from what it measured: its first step as timed (it compiles and warms
+    up), the other steps at the steady steps' mean, its evaluations at theirs (the first left out
+    too where there are more)."""
+    first, per_step = step_times[0], sum(step_times[1:]) / (len(step_times) - 1)
     timed = eval_times[1:] or eval_times
     per_eval = sum(timed) / len(timed) if timed else 0.0
-    total = (steps * per_step + evals * per_eval) / 60
-    return (f"estimated: {steps} steps x {per_step:.3f} s + {evals} evaluations x {per_eval:.3f} s = {total:.1f} min "
-            "(the end's export and test responses not counted)")
+    total = (first + (steps - 1) * per_step + evals * per_eval) / 60
+    return (f"estimated: first step {first:.1f} s + {steps - 1} steps x {per_step:.3f} s + {evals} evaluations x "
+            f"{per_eval:.3f} s = {total:.1f} min (the end's export and test responses not counted)")
 
 
 # ---- the loop ------------------------------------------------------------------------------------------

@@ -332,8 +332,8 @@ def test_the_time_estimate_comes_once_after_the_first_steady_steps_and_evaluatio
     out = capsys.readouterr().out.splitlines()
     estimates = [i for i, ln in enumerate(out) if ln.startswith("estimated: ")]
     assert len(estimates) == 1
-    assert re.fullmatch(r"estimated: 6 steps x \d+\.\d{3} s \+ 6 evaluations x \d+\.\d{3} s = \d+\.\d min \(the end's "
-                        r"export and test responses not counted\)", out[estimates[0]])
+    assert re.fullmatch(r"estimated: first step \d+\.\d s \+ 5 steps x \d+\.\d{3} s \+ 6 evaluations x \d+\.\d{3} s = "
+                        r"\d+\.\d min \(the end's export and test responses not counted\)", out[estimates[0]])
     evals = {int(m.group(1)): i for i, ln in enumerate(out) if (m := re.match(r"Ep 1 \(Step (\d+)\)", ln))}
     assert evals[4] < estimates[0] < evals[5]
 
