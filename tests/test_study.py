@@ -137,13 +137,15 @@ def test_fd_error_measures_a_wrong_gradient():
 BACKPROP_MD = Path(__file__).resolve().parents[1] / "docs" / "backprop.md"
 
 
-def test_backprop_md_links_point_at_the_lines_of_the_functions_they_name():
+def test_backprop_md_names_only_functions_the_numpy_backend_defines():
+    """The links name symbols, not line numbers, so that editing the backend cannot make them stale."""
     text = BACKPROP_MD.read_text(encoding="utf-8")
-    source = Path(nb.__file__).read_text(encoding="utf-8").splitlines()
-    links = re.findall(r"\[`(\w+)`\]\(\.\./backends/numpy_backend\.py#L(\d+)\)", text)
-    assert len({name for name, _ in links}) >= 10
-    for name, line in links:
-        assert re.match(rf"\s*def {name}\(", source[int(line) - 1]), f"backprop.md: {name} is not at line {line} (run python tools/relink_docs.py)"
+    source = Path(nb.__file__).read_text(encoding="utf-8")
+    names = re.findall(r"\[`(\w+)`\]\(\.\./backends/numpy_backend\.py\)", text)
+    assert len(set(names)) >= 10
+    assert "numpy_backend.py#L" not in text
+    for name in names:
+        assert re.search(rf"^\s*def {name}\(", source, re.M), f"backprop.md names {name}, which numpy_backend.py does not define"
 
 
 def test_backprop_md_gradient_check_example_runs_and_passes(capsys):
