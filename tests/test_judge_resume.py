@@ -1,4 +1,4 @@
-"""`minisft judge` never loses scores (issue 17, case 6): the scores file is saved as scoring goes, a re-run
+"""`minisft judge` never loses scores: the scores file is saved as scoring goes, a re-run
 continues where the last one stopped and never leaves fewer scores, replies of any shape are a counted
 failure, a hung server times out, an /api/tags of the wrong shape is named. A fake Ollama server on
 127.0.0.1 answers each model response as the test scripts it."""

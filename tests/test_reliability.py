@@ -1,4 +1,4 @@
-"""Issue 17, case by case: a run never lies, never loses work, and every bad input gets one clear line.
+"""Reliability, case by case: a run never lies, never loses work, and every bad input gets one clear line.
 
 Each test runs the CLI in-process (minisft.cli.main) on a tiny random-init gpt2-tiny run over 40
 records of the book's data (numpy backend, batch 2, a few steps) and checks the exit status, that
