@@ -170,13 +170,14 @@ class GPT:
     # backward(self, stage, h, a, dout, c, dskip) -> one gradient per input; dskip: the gradient the
     # stage's input already has from its other reader (the skip path), which a layernorm adds in.
     def _layernorm_forward(self, st, h, a, x, **_):
+        # out = layernorm(x; w, b)
         w, b = block.params(st, h)
         out, mean, rstd = self.B.layernorm_forward(x, self.params[w], self.params[b])        # (N, d)
         a.saved[st.out] = (mean, rstd)
         return out
 
     def _layernorm_backward(self, st, h, a, dout, c, dskip):
-        # out = layernorm(x; w, b), and x's other reader's gradient dskip added in
+        # undoes out = layernorm(x; w, b), and adds dskip, the gradient of x's other reader
         (x,), (w, b), (mean, rstd) = st.ins, block.params(st, h), a.saved[st.out]
         dx, dw, db = self.B.layernorm_backward(dout, a.values[x], self.params[w], mean, rstd, dskip=dskip)
         self._acc(w, dw)
@@ -184,6 +185,7 @@ class GPT:
         return (dx,)                                                                       # (N, d)
 
     def _linear_forward(self, st, h, a, x, train, **_):
+        # out = dropout(x @ w + b + the adapters' update of x)   (dropout: the stages marked so)
         w, b = block.params(st, h)
         y = self.B.linear_forward(x, self.params[w], self.params.get(b))                    # (N, out)
         self._adapt(h + st.module, x, y, a.lora, train)
@@ -192,7 +194,7 @@ class GPT:
         return y
 
     def _linear_backward(self, st, h, a, dout, c, dskip):
-        # out = dropout(x @ w + b + the adapters' update of x)
+        # undoes out = dropout(x @ w + b + the adapters' update of x)
         (x,), (w, b) = st.ins, block.params(st, h)
         if st.dropout and a.saved[st.out] is not None:
             dout = self.B.dropout_backward(dout, a.saved[st.out])
@@ -204,27 +206,30 @@ class GPT:
         return (dx,)
 
     def _attention_forward(self, st, h, a, qkv, attend, i, **_):
+        # out = attention(qkv)
         out, a.saved[st.out] = attend(i, qkv)                                                # (N, d)
         return out
 
     def _attention_backward(self, st, h, a, dout, c, dskip):
-        # out = attention(qkv)
+        # undoes out = attention(qkv)
         qkv = st.ins[0]
         return (self.B.attention_backward(dout, a.values[qkv], a.values[st.out], a.saved[st.out], c.cu,
                                           self.cfg.n_heads, c.max_len),)                       # (N, 3d)
 
     def _gelu_forward(self, st, h, a, x, **_):
+        # out = gelu(x)
         return self.B.gelu_forward(x)                                                       # (N, 4d)
 
     def _gelu_backward(self, st, h, a, dout, c, dskip):
-        # out = gelu(x)
+        # undoes out = gelu(x)
         return (self.B.gelu_backward(dout, a.values[st.ins[0]]),)                           # (N, 4d)
 
     def _residual_forward(self, st, h, a, x, y, **_):
+        # out = x + y
         return self.B.residual_forward(x, y)                                                # (N, d)
 
     def _residual_backward(self, st, h, a, dout, c, dskip):
-        # out = x + y: x's gradient goes on to the layernorm that read x too (its dskip)
+        # undoes out = x + y: dx = dy = dout; x's goes on to the layernorm that read x too (its dskip)
         return self.B.residual_backward(dout)
 
     _OPS = {"layernorm": (_layernorm_forward, _layernorm_backward), "linear": (_linear_forward, _linear_backward),

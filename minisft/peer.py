@@ -66,8 +66,8 @@ class TorchGPT(torch.nn.Module):
     def _ops(self, h, attention) -> dict:
         """The ops of block h (= "h.{i}.") for minisft.block.run."""
         def linear(st, x):
-            w, b = block.params(st, h)
-            return self.linear(h + st.module, x, b.replace(".", "__") in self.p)  # no c_attn bias: the book's config
+            bias = block.params(st, h)[1].replace(".", "__") in self.p  # no c_attn bias: the book's config
+            return self.linear(h + st.module, x, bias)
         return {"layernorm": lambda st, x: _layernorm(x, *(self.P(n) for n in block.params(st, h))),
                 "linear": linear, "attention": attention,
                 "gelu": lambda st, x: F.gelu(x, approximate="tanh"),
