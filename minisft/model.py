@@ -1,10 +1,11 @@
 """GPT-2 with a hand-written backward pass, running on any backend.
 
 The model owns its parameters under their Hugging Face GPT-2 names and layouts (linear weights are
-Conv1D-style (in, out)). `_forward` keeps, per block, every activation the backward needs;
-`_backward` walks the blocks in reverse through the backward kernels, in the mirror order of the
-forward. All arithmetic goes through the backend; numpy appears here only where arrays enter or
-leave the model (initial values, state dicts, returned logits and gradients).
+Conv1D-style (in, out)). The block is the list of stages in minisft/block.py: `_block` walks it
+forward, each stage through its op's forward here (layernorm, linear, attention, gelu, residual),
+keeping the activations the backward reads; `_block_backward` walks it in reverse through each op's
+backward, written beside its forward. All arithmetic goes through the backend; numpy appears here
+only where arrays enter or leave the model (initial values, state dicts, returned logits and gradients).
 
 One block, forward (shapes for a packed batch of N positions, width d):
 
@@ -17,10 +18,11 @@ Decoding (`prefill`, `decode`) runs the same `_block` code; only the attention d
 every layer's keys and values in a KV cache, and a new token attends over its sequence's cache.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import block
 from .backends import get_backend
 
 from .batch import IGNORE_INDEX, PackedBatch, pack_padded
@@ -148,32 +150,91 @@ class GPT:
     def _block(self, i, x, attend, train: bool):
         """Block i on x (N, d) -> (next x (N, d), the activations its backward needs).
 
-        attend(i, qkv) -> (out (N, d), ctx) is the attention: packed causal attention in training and
-        prefill, attention over the KV cache when decoding. Everything else is the same code."""
-        B, P, h = self.B, self.params, f"h.{i}."
-        a = {"x": x}                                                                       # (N, d)
-        a["ln1"], a["ln1_mean"], a["ln1_rstd"] = B.layernorm_forward(
-            x, P[h + "ln_1.weight"], P[h + "ln_1.bias"])                                   # (N, d)
-        a["qkv"] = B.linear_forward(a["ln1"], P[h + "attn.c_attn.weight"],
-                                    P.get(h + "attn.c_attn.bias"))                         # (N, 3d)
-        self._adapt(h + "attn.c_attn", a["ln1"], a["qkv"], a, train)
-        a["atty"], a["att_ctx"] = attend(i, a["qkv"])                                      # (N, d)
-        attproj = B.linear_forward(a["atty"], P[h + "attn.c_proj.weight"],
-                                   P[h + "attn.c_proj.bias"])                              # (N, d)
-        self._adapt(h + "attn.c_proj", a["atty"], attproj, a, train)
-        attproj, a["attproj_mask"] = self._dropout(attproj, train)
-        a["x2"] = x2 = B.residual_forward(x, attproj)                                      # (N, d)
-        a["ln2"], a["ln2_mean"], a["ln2_rstd"] = B.layernorm_forward(
-            x2, P[h + "ln_2.weight"], P[h + "ln_2.bias"])                                  # (N, d)
-        a["fch"] = B.linear_forward(a["ln2"], P[h + "mlp.c_fc.weight"],
-                                    P[h + "mlp.c_fc.bias"])                                # (N, 4d)
-        self._adapt(h + "mlp.c_fc", a["ln2"], a["fch"], a, train)
-        a["fch_gelu"] = B.gelu_forward(a["fch"])                                           # (N, 4d)
-        fcproj = B.linear_forward(a["fch_gelu"], P[h + "mlp.c_proj.weight"],
-                                  P[h + "mlp.c_proj.bias"])                                # (N, d)
-        self._adapt(h + "mlp.c_proj", a["fch_gelu"], fcproj, a, train)
-        fcproj, a["fcproj_mask"] = self._dropout(fcproj, train)
-        return B.residual_forward(x2, fcproj), a                                           # (N, d)
+        Walks the stages of minisft.block in order, each through its op's forward below. attend(i, qkv)
+        -> (out (N, d), ctx) is the attention: packed causal attention in training and prefill,
+        attention over the KV cache when decoding. Everything else is the same code."""
+        h, v, a = f"h.{i}.", {"x": x}, Activations({}, {}, {})
+        for st in block.stages():
+            v[st.out] = self._OPS[st.op][0](self, st, h, a, *[v[n] for n in st.ins], attend=attend, i=i,
+                                            train=train)
+        a.values = {n: v[n] for st in block.stages() for n in self._kept(st)}  # what the backward reads
+        return v["out"], a
+
+    @staticmethod
+    def _kept(st) -> tuple:
+        """The values a stage's backward reads: its inputs (a residual reads none), attention its output too."""
+        return () if st.op == "residual" else st.ins + ((st.out,) if st.op == "attention" else ())
+
+    # ---- the block's ops: each forward beside the backward that undoes it -----------------------------
+    # forward(self, stage, h, a, *inputs, attend, i, train) -> output; what it keeps goes in a.saved.
+    # backward(self, stage, h, a, dout, c, dskip) -> one gradient per input; dskip: the gradient the
+    # stage's input already has from its other reader (the skip path), which a layernorm adds in.
+    def _layernorm_forward(self, st, h, a, x, **_):
+        # out = layernorm(x; w, b)
+        w, b = block.params(st, h)
+        out, mean, rstd = self.B.layernorm_forward(x, self.params[w], self.params[b])        # (N, d)
+        a.saved[st.out] = (mean, rstd)
+        return out
+
+    def _layernorm_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = layernorm(x; w, b), and adds dskip, the gradient of x's other reader
+        (x,), (w, b), (mean, rstd) = st.ins, block.params(st, h), a.saved[st.out]
+        dx, dw, db = self.B.layernorm_backward(dout, a.values[x], self.params[w], mean, rstd, dskip=dskip)
+        self._acc(w, dw)
+        self._acc(b, db)
+        return (dx,)                                                                       # (N, d)
+
+    def _linear_forward(self, st, h, a, x, train, **_):
+        # out = dropout(x @ w + b + the adapters' update of x)   (dropout: the stages marked so)
+        w, b = block.params(st, h)
+        y = self.B.linear_forward(x, self.params[w], self.params.get(b))                    # (N, out)
+        self._adapt(h + st.module, x, y, a.lora, train)
+        if st.dropout:
+            y, a.saved[st.out] = self._dropout(y, train)
+        return y
+
+    def _linear_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = dropout(x @ w + b + the adapters' update of x)
+        (x,), (w, b) = st.ins, block.params(st, h)
+        if st.dropout and a.saved[st.out] is not None:
+            dout = self.B.dropout_backward(dout, a.saved[st.out])
+        dx, dw, db = self.B.linear_backward(dout, a.values[x], self.params[w], w not in self.frozen)  # (N, in)
+        self._adapt_backward(h + st.module, dout, a.lora, dx)
+        self._acc(w, dw)
+        if b in self.params:  # the book's config has no c_attn bias
+            self._acc(b, db)
+        return (dx,)
+
+    def _attention_forward(self, st, h, a, qkv, attend, i, **_):
+        # out = attention(qkv)
+        out, a.saved[st.out] = attend(i, qkv)                                                # (N, d)
+        return out
+
+    def _attention_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = attention(qkv)
+        qkv = st.ins[0]
+        return (self.B.attention_backward(dout, a.values[qkv], a.values[st.out], a.saved[st.out], c.cu,
+                                          self.cfg.n_heads, c.max_len),)                       # (N, 3d)
+
+    def _gelu_forward(self, st, h, a, x, **_):
+        # out = gelu(x)
+        return self.B.gelu_forward(x)                                                       # (N, 4d)
+
+    def _gelu_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = gelu(x)
+        return (self.B.gelu_backward(dout, a.values[st.ins[0]]),)                           # (N, 4d)
+
+    def _residual_forward(self, st, h, a, x, y, **_):
+        # out = x + y
+        return self.B.residual_forward(x, y)                                                # (N, d)
+
+    def _residual_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = x + y: dx = dy = dout; x's goes on to the layernorm that read x too (its dskip)
+        return self.B.residual_backward(dout)
+
+    _OPS = {"layernorm": (_layernorm_forward, _layernorm_backward), "linear": (_linear_forward, _linear_backward),
+            "attention": (_attention_forward, _attention_backward), "gelu": (_gelu_forward, _gelu_backward),
+            "residual": (_residual_forward, _residual_backward)}
 
     def _adapt(self, module, x, y, a, train) -> None:
         """y += module's LoRA update of x, in place (nothing without adapters); see minisft.lora."""
@@ -207,7 +268,7 @@ class GPT:
         acts = []
         for i in range(cfg.n_layers):
             if keep and self.grad_checkpoint:
-                kept = {"x": x, "rng": self.rng.bit_generator.state}  # the block's input, its masks' seed
+                kept = Checkpoint(x, self.rng.bit_generator.state)  # the block's input, its masks' seed
                 x, _ = self._block(i, x, attend, train)                                    # (N, d)
                 acts.append(kept)
                 continue
@@ -215,85 +276,54 @@ class GPT:
             if keep:
                 acts.append(a)
         lnf, lnf_mean, lnf_rstd = B.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])  # (N, d)
-        cache = dict(tokens=tokens, positions=positions, cu=cu, max_len=max_len, emb_mask=emb_mask,
-                     acts=acts, x=x, lnf_mean=lnf_mean, lnf_rstd=lnf_rstd, attend=attend,
-                     train=train) if keep else None
+        cache = ForwardCache(tokens, positions, cu, max_len, emb_mask, acts, x, lnf_mean, lnf_rstd, attend,
+                             train) if keep else None
         return lnf, cache
 
     # ---- backward ----------------------------------------------------------------------------------
-    def _recompute(self, i, kept, c) -> dict:
+    def _recompute(self, i, kept: "Checkpoint", c: "ForwardCache") -> "Activations":
         """Block i's activations again, from the input the checkpointed forward kept: the same
         kernels on the same input, with the dropout RNG put back to where it stood then, so every
         value (masks included) equals the first forward's and the gradients are the plain path's."""
         now = self.rng.bit_generator.state
-        self.rng.bit_generator.state = kept["rng"]
-        _, a = self._block(i, kept["x"], c["attend"], c["train"])
+        self.rng.bit_generator.state = kept.rng
+        _, a = self._block(i, kept.x, c.attend, c.train)
         self.rng.bit_generator.state = now
         return a
 
-    def _backward(self, dlnf, c) -> None:
+    def _backward(self, dlnf, c: "ForwardCache") -> None:
         """dlnf (N, d): gradient at the final layernorm's output. Accumulates into self.grads."""
-        B, P, H = self.B, self.params, self.cfg.n_heads
-        need = lambda name: name not in self.frozen  # noqa: E731
-
-        dx, dw, db = B.layernorm_backward(dlnf, c["x"], P["ln_f.weight"], c["lnf_mean"], c["lnf_rstd"])
+        B, P = self.B, self.params
+        dx, dw, db = B.layernorm_backward(dlnf, c.x, P["ln_f.weight"], c.lnf_mean, c.lnf_rstd)
         self._acc("ln_f.weight", dw)
         self._acc("ln_f.bias", db)
         for i in reversed(range(self.cfg.n_layers)):
-            h, a = f"h.{i}.", c["acts"][i]
-            if "rng" in a:  # checkpointed: only the input was kept
+            a = c.acts[i]
+            if isinstance(a, Checkpoint):  # only the input was kept
                 a = self._recompute(i, a, c)
-            # next x = x2 + dropout(mlp(ln_2(x2)))
-            dx2, dfcproj = B.residual_backward(dx)                                         # (N, d)
-            if a["fcproj_mask"] is not None:
-                dfcproj = B.dropout_backward(dfcproj, a["fcproj_mask"])
-            dfch_gelu, dw, db = B.linear_backward(dfcproj, a["fch_gelu"], P[h + "mlp.c_proj.weight"],
-                                                  need(h + "mlp.c_proj.weight"))           # (N, 4d)
-            self._adapt_backward(h + "mlp.c_proj", dfcproj, a, dfch_gelu)
-            self._acc(h + "mlp.c_proj.weight", dw)
-            self._acc(h + "mlp.c_proj.bias", db)
-            dfch = B.gelu_backward(dfch_gelu, a["fch"])                                    # (N, 4d)
-            dln2, dw, db = B.linear_backward(dfch, a["ln2"], P[h + "mlp.c_fc.weight"],
-                                             need(h + "mlp.c_fc.weight"))                  # (N, d)
-            self._adapt_backward(h + "mlp.c_fc", dfch, a, dln2)
-            self._acc(h + "mlp.c_fc.weight", dw)
-            self._acc(h + "mlp.c_fc.bias", db)
-            # x2 feeds both the skip path and ln_2: the skip path's dx2 is added in ln_2's backward
-            dx2, dw, db = B.layernorm_backward(dln2, a["x2"], P[h + "ln_2.weight"],
-                                               a["ln2_mean"], a["ln2_rstd"], dskip=dx2)    # (N, d)
-            self._acc(h + "ln_2.weight", dw)
-            self._acc(h + "ln_2.bias", db)
-
-            # x2 = x + dropout(attn(ln_1(x)))
-            dx, dattproj = B.residual_backward(dx2)                                        # (N, d)
-            if a["attproj_mask"] is not None:
-                dattproj = B.dropout_backward(dattproj, a["attproj_mask"])
-            datty, dw, db = B.linear_backward(dattproj, a["atty"], P[h + "attn.c_proj.weight"],
-                                              need(h + "attn.c_proj.weight"))              # (N, d)
-            self._adapt_backward(h + "attn.c_proj", dattproj, a, datty)
-            self._acc(h + "attn.c_proj.weight", dw)
-            self._acc(h + "attn.c_proj.bias", db)
-            dqkv = B.attention_backward(datty, a["qkv"], a["atty"], a["att_ctx"], c["cu"], H,
-                                        c["max_len"])                                      # (N, 3d)
-            dln1, dw, db = B.linear_backward(dqkv, a["ln1"], P[h + "attn.c_attn.weight"],
-                                             need(h + "attn.c_attn.weight"))               # (N, d)
-            self._adapt_backward(h + "attn.c_attn", dqkv, a, dln1)
-            self._acc(h + "attn.c_attn.weight", dw)
-            if self.cfg.qkv_bias:
-                self._acc(h + "attn.c_attn.bias", db)
-            dx, dw, db = B.layernorm_backward(dln1, a["x"], P[h + "ln_1.weight"],
-                                              a["ln1_mean"], a["ln1_rstd"], dskip=dx)      # (N, d)
-            self._acc(h + "ln_1.weight", dw)
-            self._acc(h + "ln_1.bias", db)
-        if c["emb_mask"] is not None:
-            dx = B.dropout_backward(dx, c["emb_mask"])
-        if need("wte.weight") or need("wpe.weight"):
+            dx = self._block_backward(i, dx, a, c)                                         # (N, d)
+        if c.emb_mask is not None:
+            dx = B.dropout_backward(dx, c.emb_mask)
+        if "wte.weight" not in self.frozen or "wpe.weight" not in self.frozen:
             B.embedding_backward(self._grad_buffer("wte.weight"), self._grad_buffer("wpe.weight"),
-                                 dx, c["tokens"], c["positions"])
+                                 dx, c.tokens, c.positions)
             for n in self.frozen & {"wte.weight", "wpe.weight"}:
                 del self.grads[n]
             self._complete("wte.weight")
             self._complete("wpe.weight")
+
+    def _block_backward(self, i, dout, a: "Activations", c: "ForwardCache"):
+        """dout (N, d) at block i's output -> the gradient at its input x: the stages of minisft.block
+        undone in reverse, each through its op's backward (beside its forward, above)."""
+        h, grads = f"h.{i}.", {"out": dout}
+        for st in reversed(block.stages()):
+            # x and x2 feed both a layernorm and the skip path: the skip path's gradient, there first,
+            # is added in the layernorm's backward (dskip)
+            dskip = grads.pop(st.ins[0], None)
+            assert dskip is None or st.op == "layernorm", f"{st.out}: only a layernorm adds a second gradient"
+            for n, g in zip(st.ins, self._OPS[st.op][1](self, st, h, a, grads.pop(st.out), c, dskip)):
+                grads[n] = g
+        return grads["x"]
 
     # ---- the entry points ------------------------------------------------------------------------------
     def forward_backward(self, batch: PackedBatch, grad_scale: float | None = None):
@@ -316,12 +346,12 @@ class GPT:
         if dw_fresh:
             self.grads[head] = self.B.empty_like(self.params[head])
         dw = None if head in self.frozen else self.grads[head]
-        lora = self.lora.head_forward(self, lnf, cache) if self.lora is not None else None
+        lora = self.lora.head_forward(self, lnf, cache.lora) if self.lora is not None else None
         # The targets stay on the host: the backend picks the valid rows there, without a device sync.
         loss_sum, _, dlnf = self.B.head_loss(lnf, self.params[head], batch.targets, dw=dw, grad_scale=scale,
                                              need_dh=True, lora=lora, dw_fresh=dw_fresh)
         if lora is not None:
-            self.lora.head_backward(self, cache, dlnf)
+            self.lora.head_backward(self, cache.lora, dlnf)
         if not self.cfg.tie_embeddings:  # a tied head's gradient still gets the embeddings' share
             self._complete(head)
         self._backward(dlnf, cache)
@@ -449,3 +479,35 @@ class KVCache:
     layers: list        # per layer (k_cache, v_cache), backend arrays (S, H, max_len, hd) each
     lens: np.ndarray    # (S,) int64
     max_len: int
+
+
+@dataclass
+class Activations:
+    """What block i's backward reads, kept by its forward (minisft.block names the values)."""
+    values: dict        # value name -> array: the inputs each stage's backward reads (model._kept)
+    saved: dict         # stage out -> what its op kept: layernorm (mean, rstd), attention ctx, dropout mask
+    lora: dict          # the adapters' inputs, by module (minisft.lora.Lora.forward fills it)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpointed block (--grad-checkpoint): only its input and the dropout RNG state there."""
+    x: object
+    rng: dict
+
+
+@dataclass
+class ForwardCache:
+    """Everything the training forward keeps for the backward."""
+    tokens: object
+    positions: object
+    cu: object
+    max_len: int
+    emb_mask: object    # the embeddings' dropout mask (None without dropout)
+    acts: list          # per block: Activations, or a Checkpoint
+    x: object           # the last block's output, ln_f's input
+    lnf_mean: object
+    lnf_rstd: object
+    attend: object      # the attention the blocks ran (see GPT._block)
+    train: bool
+    lora: dict = field(default_factory=dict)  # the head adapter's inputs (minisft.lora.Lora.head_forward)

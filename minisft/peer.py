@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import block
 from .batch import IGNORE_INDEX
 from .config import LN_EPS, param_shapes
 
@@ -48,10 +49,8 @@ class TorchGPT(torch.nn.Module):
         H, d = cfg.n_heads, cfg.emb_dim
         x = P("wte.weight")[idx] + P("wpe.weight")[torch.arange(T, device=idx.device)]
         mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=idx.device), diagonal=1)
-        for i in range(cfg.n_layers):
-            h = f"h.{i}."
-            a = _layernorm(x, P(h + "ln_1.weight"), P(h + "ln_1.bias"))
-            qkv = self.linear(h + "attn.c_attn", a, cfg.qkv_bias)
+
+        def attention(st, qkv):
             q, k, v = qkv.split(d, dim=-1)
             q, k, v = (t.view(Bsz, T, H, d // H).transpose(1, 2) for t in (q, k, v))
             if self.attention == "sdpa":
@@ -59,12 +58,20 @@ class TorchGPT(torch.nn.Module):
             else:
                 att = (q @ k.transpose(-2, -1)) / math.sqrt(d // H)                       # (B, H, T, T)
                 y = att.masked_fill(mask, float("-inf")).softmax(dim=-1) @ v              # (B, H, T, hd)
-            y = y.transpose(1, 2).reshape(Bsz, T, d)
-            x = x + self.linear(h + "attn.c_proj", y)
-            m = _layernorm(x, P(h + "ln_2.weight"), P(h + "ln_2.bias"))
-            m = F.gelu(self.linear(h + "mlp.c_fc", m), approximate="tanh")
-            x = x + self.linear(h + "mlp.c_proj", m)
+            return y.transpose(1, 2).reshape(Bsz, T, d)
+        for i in range(cfg.n_layers):  # minisft.block's stages, each through PyTorch's own op
+            x = block.run(self._ops(f"h.{i}.", attention), x)
         return _layernorm(x, P("ln_f.weight"), P("ln_f.bias"))
+
+    def _ops(self, h, attention) -> dict:
+        """The ops of block h (= "h.{i}.") for minisft.block.run."""
+        def linear(st, x):
+            bias = block.params(st, h)[1].replace(".", "__") in self.p  # no c_attn bias: the book's config
+            return self.linear(h + st.module, x, bias)
+        return {"layernorm": lambda st, x: _layernorm(x, *(self.P(n) for n in block.params(st, h))),
+                "linear": linear, "attention": attention,
+                "gelu": lambda st, x: F.gelu(x, approximate="tanh"),
+                "residual": lambda st, x, y: x + y}
 
     def linear(self, module, x, bias=True):
         """A Conv1D layer: x @ W (+ b)."""

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import block
 from .backends import numpy_backend as nb
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import GPTConfig
@@ -180,7 +181,7 @@ def attention_study(rng, lengths, H, hd) -> Study:
 
     def head(j, name):  # j = 0, 1, 2: q, k, v are column blocks j*d:(j+1)*d of qkv
         def f(qkv):
-            return [B._split_heads(qkv[a:e], H)[j].copy() for a, e in spans]     # (H, L, hd) per sequence
+            return [block.split_heads(qkv[a:e], H)[j].copy() for a, e in spans]  # (H, L, hd) per sequence
 
         def df(dh, out, qkv):
             dqkv = np.zeros_like(qkv)                                             # (N, 3d)
@@ -375,48 +376,25 @@ def cross_entropy_study(rng, lengths, H, hd) -> Study:
 
 # ---- block and model: stages are the backend's kernels ---------------------------------------------
 def _block_stages(B, p, x, cu, H, L_max):
-    """The stages of one GPT block, reading x and parameters named p + HF name, as model._block runs them.
-    Stage names are p + the activation names of model._block."""
-    def ln(name, src):
-        w, b = p + name + ".weight", p + name + ".bias"
-
-        def df(g, out, xx, ww, bb):
-            _, mean, rstd = B.layernorm_forward(xx, ww, bb)
-            return B.layernorm_backward(g, xx, ww, mean, rstd)
-        return (src, w, b), lambda xx, ww, bb: B.layernorm_forward(xx, ww, bb)[0], df
-
-    def lin(name, src):
-        def df(g, out, xx, ww, bb):
-            return B.linear_backward(g, xx, ww)
-        return (src, p + name + ".weight", p + name + ".bias"), B.linear_forward, df
-
-    def res(a, b):
-        return (a, b), B.residual_forward, lambda g, out, aa, bb: B.residual_backward(g)
+    """The stages of one GPT block, minisft.block's list, reading x and parameters named p + HF name,
+    each through the numpy backend's kernels as model._block runs them (no dropout).
+    Stage names are p + the names of minisft.block."""
+    def layernorm_df(g, out, xx, ww, bb):
+        _, mean, rstd = B.layernorm_forward(xx, ww, bb)
+        return B.layernorm_backward(g, xx, ww, mean, rstd)
 
     def att_df(g, out, qkv):
         y, ctx = B.attention_forward(qkv, cu, H, L_max)
         return (B.attention_backward(g, qkv, y, ctx, cu, H, L_max),)
-
-    spec = [
-        ("ln1", *ln("ln_1", x), "ln1 = layernorm(x; ln_1)", "dx, dw, db = layernorm_backward(dln1)"),
-        ("qkv", *lin("attn.c_attn", p + "ln1"), "qkv = ln1 @ c_attn.w + c_attn.b",
-         "dln1 = dqkv @ wT;  dw = ln1T @ dqkv;  db = sum_n dqkv"),
-        ("atty", (p + "qkv",), lambda qkv: B.attention_forward(qkv, cu, H, L_max)[0], att_df,
-         "atty = attention(qkv)   (causal, per packed sequence)", "dqkv = attention_backward(datty)"),
-        ("attproj", *lin("attn.c_proj", p + "atty"), "attproj = atty @ attn.c_proj.w + b",
-         "datty = dattproj @ wT;  dw = attyT @ dattproj;  db = sum_n dattproj"),
-        ("x2", *res(x, p + "attproj"), "x2 = x + attproj", "dx = dx2;  dattproj = dx2"),
-        ("ln2", *ln("ln_2", p + "x2"), "ln2 = layernorm(x2; ln_2)", "dx2, dw, db = layernorm_backward(dln2)"),
-        ("fch", *lin("mlp.c_fc", p + "ln2"), "fch = ln2 @ c_fc.w + c_fc.b   (N, 4d)",
-         "dln2 = dfch @ wT;  dw = ln2T @ dfch;  db = sum_n dfch"),
-        ("fch_gelu", (p + "fch",), B.gelu_forward, lambda g, out, fch: (B.gelu_backward(g, fch),),
-         "fch_gelu = gelu(fch)", "dfch = dfch_gelu * gelu'(fch)"),
-        ("fcproj", *lin("mlp.c_proj", p + "fch_gelu"), "fcproj = fch_gelu @ mlp.c_proj.w + b",
-         "dfch_gelu = dfcproj @ wT;  dw = fch_geluT @ dfcproj;  db = sum_n dfcproj"),
-        ("out", *res(p + "x2", p + "fcproj"), "out = x2 + fcproj   (the next block's x)",
-         "dx2 = dout;  dfcproj = dout"),
-    ]
-    return [Stage(p + out, ins, fwd, bwd, f, df) for out, ins, f, df, fwd, bwd in spec]
+    ops = {  # op -> (f(*ins), df(dout, out, *ins))
+        "layernorm": (lambda xx, ww, bb: B.layernorm_forward(xx, ww, bb)[0], layernorm_df),
+        "linear": (B.linear_forward, lambda g, out, xx, ww, bb: B.linear_backward(g, xx, ww)),
+        "attention": (lambda qkv: B.attention_forward(qkv, cu, H, L_max)[0], att_df),
+        "gelu": (B.gelu_forward, lambda g, out, fch: (B.gelu_backward(g, fch),)),
+        "residual": (B.residual_forward, lambda g, out, aa, bb: B.residual_backward(g)),
+    }
+    return [Stage(p + st.out, tuple(x if n == "x" else p + n for n in st.ins) + block.params(st, p),
+                  st.forward, st.backward, *ops[st.op]) for st in block.stages()]
 
 
 def _tiny_config(lengths, H, hd, n_layers) -> GPTConfig:
@@ -654,12 +632,13 @@ def torch_gradients(s: Study) -> dict:
             a += L
         return torch.cat(outs)                                                     # (N, d)
 
-    def block(x, p):
-        h = x + attention(layernorm(x, T[p + "ln_1.weight"], T[p + "ln_1.bias"]) @ T[p + "attn.c_attn.weight"]
-                          + T[p + "attn.c_attn.bias"], False) @ T[p + "attn.c_proj.weight"] + T[p + "attn.c_proj.bias"]
-        fc = F.gelu(layernorm(h, T[p + "ln_2.weight"], T[p + "ln_2.bias"]) @ T[p + "mlp.c_fc.weight"]
-                    + T[p + "mlp.c_fc.bias"], approximate="tanh")
-        return h + fc @ T[p + "mlp.c_proj.weight"] + T[p + "mlp.c_proj.bias"]
+    def torch_block(x, p):  # minisft.block's stages, each through PyTorch's own op
+        ops = {"layernorm": lambda st, xx: layernorm(xx, *(T[n] for n in block.params(st, p))),
+               "linear": lambda st, xx: xx @ T[p + st.module + ".weight"] + T[p + st.module + ".bias"],
+               "attention": lambda st, qkv: attention(qkv, False),
+               "gelu": lambda st, xx: F.gelu(xx, approximate="tanh"),
+               "residual": lambda st, a, b: a + b}
+        return block.run(ops, x)
 
     op = s.op
     if op == "attention":
@@ -675,12 +654,12 @@ def torch_gradients(s: Study) -> dict:
     elif op == "cross-entropy":
         out = F.cross_entropy(T["h"] @ T["w"].T, torch.tensor(m["targets"]), ignore_index=IGNORE_INDEX)
     elif op == "block":
-        out = block(T["x"], "h.0.")
+        out = torch_block(T["x"], "h.0.")
     else:  # model
         positions = torch.tensor(np.concatenate([np.arange(L) for L in lengths]))
         x = T["wte.weight"][torch.tensor(m["tokens"])] + T["wpe.weight"][positions]
         for i in range(m["cfg"].n_layers):
-            x = block(x, f"h.{i}.")
+            x = torch_block(x, f"h.{i}.")
         logits = layernorm(x, T["ln_f.weight"], T["ln_f.bias"]) @ T["lm_head.weight"].T
         out = F.cross_entropy(logits, torch.tensor(m["targets"]), ignore_index=IGNORE_INDEX)
     out.backward(torch.as_tensor(np.asarray(s.dout, dtype=np.float64)))
