@@ -45,7 +45,7 @@ class Backend(Protocol):
     def embedding_backward(self, dwte, dwpe, dx, tokens, positions) -> None:
         """Scatter-add: dwte[tokens[n]] += dx[n], dwpe[positions[n]] += dx[n] (in place)."""
 
-    # ---- layernorm (eps 1e-5, biased variance) ---------------------------------------------------
+    # ---- layernorm (eps constants.LN_EPS, biased variance) ---------------------------------------
     def layernorm_forward(self, x, w, b) -> tuple[Array, Array, Array]:
         """(N, d) -> out (N, d), mean (N,), rstd (N,); the last two are kept for the backward."""
 
@@ -100,8 +100,8 @@ class Backend(Protocol):
     # ---- output head fused with cross-entropy ----------------------------------------------------
     def head_loss(self, h, w, targets, dw=None, grad_scale: float = 1.0, need_dh: bool = False,
                   lora=None, dw_fresh: bool = False) -> tuple[Array, int, Array | None]:
-        """h (N, d), w (V, d), targets (N,) with -100 ignored: a host (numpy) int array, as the model
-        passes it, so a device backend finds and counts the valid rows without a device sync.
+        """h (N, d), w (V, d), targets (N,) with constants.IGNORE_INDEX ignored: a host (numpy) int array, as
+        the model passes it, so a device backend finds and counts the valid rows without a device sync.
 
         Returns (loss_sum, n_valid, dh): the summed cross-entropy over valid targets (a 0-d array),
         their count, and dh (N, d) = grad_scale * d(loss_sum)/dh. When dw (V, d) is given, the

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from . import quant
-from ..config import LN_EPS
+from .constants import IGNORE_INDEX, LN_EPS
 
 # Python floats, not numpy float64 scalars, so that float32 arrays times a constant stay float32.
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU constant
@@ -231,7 +231,7 @@ class NumpyBackend:
     # need_dh: dh even without dw (a frozen head); lora = (u, b, du, db): the head's adapter,
     # logits += u @ b with u = dropout(h) @ A * scale computed by the caller (lora_down_forward).
     def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None, dw_fresh=False):
-        rows = np.flatnonzero(targets != -100)        # (M,) only these rows need logits
+        rows = np.flatnonzero(targets != IGNORE_INDEX)  # (M,) only these rows need logits
         if dw is not None and dw_fresh:
             dw[...] = 0.0                             # a fresh buffer: here, simply cleared first
         loss_sum = 0.0

@@ -27,6 +27,7 @@ import resource
 import sys
 
 from . import lora
+from .backends.constants import HEAD_CHUNK_BYTES, STORE_BYTES
 from .backends.quant import n_blocks
 from .config import GPTConfig
 from .errors import MinisftError
@@ -36,7 +37,6 @@ GB = 1e9
 RUNTIME_BYTES = 0.45e9      # measured: a gpt2-tiny numba run's peak RSS less its arrays
 ACT_FLOATS = 16             # floats per position per block kept for the backward (module doc)
 SCRATCH_FLOATS = 12         # floats per position in one block's backward transients
-HEAD_CHUNK_BYTES = 128 * 2**20  # the numba head's logit chunk (the numpy/torch heads use less)
 MOMENT_BYTES = {"fp32": None, "bf16": 2, "8bit": 1}  # bytes per moment value (fp32: the weights' size)
 
 
@@ -48,7 +48,7 @@ def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", g
     adapters = lora.plan(cfg, lora_config) if lora_config is not None else []
     trained = [p.n_in * p.rank for p in adapters] + [p.rank * p.n_out for p in adapters]  # each A, B
     sizes = trained or [math.prod(s) for s in shapes.values()]
-    width = 8 if dtype == "float64" else 4   # weights, gradients, activations (bfloat16 stores float32)
+    width = STORE_BYTES[dtype]   # weights, gradients, activations (bfloat16 stores float32)
     n_base = sum(math.prod(s) for s in shapes.values())
     n_all = n_base + sum(trained)
     n_trained = sum(sizes)
