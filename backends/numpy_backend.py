@@ -11,6 +11,7 @@ import numpy as np
 
 from . import quant
 from .constants import IGNORE_INDEX, LN_EPS
+from .interface import Backend
 
 # Python floats, not numpy float64 scalars, so that float32 arrays times a constant stay float32.
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU constant
@@ -34,7 +35,7 @@ def softmax_backward(dp, p):
     return p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # (..., L)
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     name = "numpy"
 
     def __init__(self, dtype="float32"):

@@ -44,6 +44,7 @@ except ImportError as e:
 
 from . import heap, quant
 from .constants import IGNORE_INDEX, LN_EPS
+from .interface import Backend
 
 # dtype name -> (store dtype: parameters, gradients, optimizer state, residual stream;
 #                compute dtype: matmul and attention inputs and outputs)
@@ -307,7 +308,7 @@ def _fused_adamw_problem(device, dtype):
     return None
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, dtype="float32", device="cpu", attention=None):
