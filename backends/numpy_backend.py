@@ -12,11 +12,10 @@ import numpy as np
 from . import quant
 from .constants import IGNORE_INDEX, LN_EPS
 from .interface import Backend
+from .optim_state import HOST_DTYPES
 
 # Python floats, not numpy float64 scalars, so that float32 arrays times a constant stay float32.
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU constant
-# The lean optimizer state's arrays: bfloat16 moments as their uint16 bit patterns, 8-bit codes, block scales.
-LEAN_DTYPES = {"bf16": np.uint16, "u8": np.uint8, "scale": np.float32}
 HEAD_CHUNK_ROWS = 256  # rows of logits held at once by the fused head: 256 x 50257 x 4 B = 51 MB, never (N, V)
 
 
@@ -322,7 +321,7 @@ class NumpyBackend(Backend):
 
     # ---- lean AdamW state: bf16 or 8-bit moments, float32 master weights (formats: quant.py) -----
     def optim_state_zeros(self, n, kind):
-        return np.zeros(n, dtype=LEAN_DTYPES[kind])
+        return np.zeros(n, dtype=HOST_DTYPES[kind])  # numpy holds the lean state in its checkpoint form
 
     def optim_state_from_numpy(self, x):
         return np.array(x)  # a copy, dtype kept: the state's bits exactly

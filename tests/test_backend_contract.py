@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minisft.backends import dtype_problem, interface, quant
-from minisft.backends.constants import IGNORE_INDEX
+from minisft.backends.constants import IGNORE_INDEX, STORE_DTYPES
 from minisft.backends.numpy_backend import NumpyBackend
 from tests.helpers import backend_or_skip
 
@@ -226,10 +226,6 @@ def describe(B, out):
     return "array", host.shape, host.dtype
 
 
-def store_dtype(dtype):
-    return "float64" if dtype == "float64" else "float32"  # bfloat16 stores float32
-
-
 def test_every_declared_method_has_a_call_here():
     assert set(calls(NumpyBackend())) == set(METHODS)
 
@@ -260,7 +256,7 @@ def test_every_method_runs_and_returns_what_the_reference_returns(name, dtype):
     problem = dtype_problem(dtype, name)
     if problem:
         pytest.skip(problem)
-    B, ref = backend_or_skip(name, dtype), NumpyBackend(store_dtype(dtype))
+    B, ref = backend_or_skip(name, dtype), NumpyBackend(STORE_DTYPES[dtype])
     assert B.name == name and B.dtype == dtype
     got, want = calls(B), calls(ref)
     for method in METHODS:
