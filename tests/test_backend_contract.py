@@ -9,7 +9,7 @@ import inspect
 import numpy as np
 import pytest
 
-from minisft.backends import dtype_problem, interface, quant
+from minisft.backends import dtype_problem, interface, optim_state, quant
 from minisft.backends.constants import IGNORE_INDEX, STORE_DTYPES
 from minisft.backends.numpy_backend import NumpyBackend
 from tests.helpers import backend_or_skip
@@ -185,7 +185,8 @@ def calls(B) -> dict:
         "dropout_backward": dropout_backward,
         "head_loss": head_loss,
         "head_logits": lambda: B.head_logits(f("x"), f("wte")),
-        "take_rows": lambda: (B.take_rows(f("x"), i("rows")), B.take_rows(B.kv_cache_alloc(S, H, C, HD)[0], B.index([1]))),
+        "take_rows": lambda: (B.take_rows(f("x"), i("rows")),
+                              B.take_rows(B.kv_cache_alloc(S, H, C, HD)[0], B.index([1]))),
         "kv_dtype": lambda: isinstance(B.kv_dtype.itemsize, int),
         "kv_cache_alloc": kv_cache_alloc,
         "kv_cache_write": kv_cache_write,
@@ -246,7 +247,8 @@ def test_every_backend_implements_every_method_with_the_declared_signature(name)
 
 def test_a_backend_missing_a_method_cannot_be_built():
     """The interface's methods are abstract: a backend lacking one fails when built, naming it."""
-    Partial = type("Partial", (interface.Backend,), {m: getattr(NumpyBackend, m) for m in METHODS if m != "head_logits"})
+    methods = {m: getattr(NumpyBackend, m) for m in METHODS if m != "head_logits"}
+    Partial = type("Partial", (interface.Backend,), methods)
     with pytest.raises(TypeError, match="head_logits"):
         Partial()
 
@@ -263,3 +265,26 @@ def test_every_method_runs_and_returns_what_the_reference_returns(name, dtype):
         if method in LEAN and dtype == "float64":
             continue  # lean AdamW state needs float32 master weights (backends/quant.py)
         assert describe(B, got[method]()) == describe(ref, want[method]()), method
+
+
+@pytest.mark.parametrize("name, dtype", CASES)
+@pytest.mark.parametrize("state", optim_state.OPTIM_STATES)
+def test_every_optimizer_state_format_runs_on_every_backend_as_its_layout_says(name, dtype, state):
+    """Each format's zeros come back from to_host as its checkpoint layout says, from_host returns
+    them exactly, and one step through the format updates the weights and keeps the layout."""
+    fmt = optim_state.FORMATS[state]
+    if problem := dtype_problem(dtype, name):
+        pytest.skip(problem)
+    if fmt.lean and dtype == "float64":
+        pytest.skip("lean AdamW state needs float32 master weights")
+    B, a = backend_or_skip(name, dtype), host_inputs()
+    p, g = B.from_numpy(a["p"].reshape(-1, 3)), B.from_numpy(a["g"].reshape(-1, 3))    # (P / 3, 3): a matrix
+    s = fmt.zeros(B, p)
+    layout = fmt.layout(p.shape, STORE_DTYPES[dtype])
+    assert tuple(s) == tuple(layout) == fmt.groups
+    fmt.step(B, p, g, s, 1e-2, 0.9, 0.999, 1e-8, 0.1, 1, 4)
+    assert not np.array_equal(B.to_numpy(p), a["p"].reshape(-1, 3).astype(B.to_numpy(p).dtype))
+    for k, x in s.items():
+        host = fmt.to_host(B, x)
+        assert type(host) is np.ndarray and (host.shape, host.dtype) == layout[k], k
+        np.testing.assert_array_equal(fmt.to_host(B, fmt.from_host(B, host)), host)
