@@ -193,11 +193,13 @@ class Backend(ABC):
                    weight_decay: float, step: int) -> None:
         """One AdamW update of p in place (m, v updated too); step counts from 1 (bias correction)."""
 
-    # ---- lean AdamW state (formats in backends/quant.py): float32 master weights p, moments kept
-    # as flat (n,) arrays of bfloat16 or of 8-bit codes with one float32 scale per block of 2048 --
+    # ---- lean AdamW state (number formats: backends/quant.py; each --optim-state's arrays and kernel:
+    # backends/optim_state.py): float32 master weights p, moments kept as flat (n,) arrays of bfloat16
+    # or of 8-bit codes with one float32 scale per block of 2048 ----------------------------------
     @abstractmethod
     def optim_state_zeros(self, n: int, kind: str) -> Array:
-        """n zeros of kind "bf16" (bfloat16), "u8" (uint8 codes) or "scale" (float32)."""
+        """n zeros of kind "bf16" (bfloat16), "u8" (uint8 codes) or "scale" (float32); their numpy form
+        is optim_state.HOST_DTYPES[kind]."""
 
     @abstractmethod
     def optim_state_from_numpy(self, x) -> Array:
