@@ -35,7 +35,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import bf16, heap, quant, threads  # noqa: F401 (threads: the pool, set before any kernel runs)
-from ..config import LN_EPS
+from .constants import HEAD_CHUNK_BYTES, IGNORE_INDEX, LN_EPS
 from .numpy_backend import GELU_C, NumpyBackend
 
 # Fast-math without 'nnan'/'ninf': reassociation lets reductions vectorise, but no kernel may
@@ -43,8 +43,6 @@ from .numpy_backend import GELU_C, NumpyBackend
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 ROW_CHUNK = 32          # rows per partial sum in the column reductions (layernorm dw/db, bias grads)
 EMB_TASKS = 64          # tasks in the embedding scatter (each owns the rows with index = task mod 64)
-HEAD_CHUNK_BYTES = 128 * 2**20  # logits held at once by the fused head: 128 MiB (652 rows x 50257 f32)
-IGNORE = -100
 
 jit = dict(cache=True, nogil=True, error_model="numpy")  # numpy: no zero-division check per division
 
@@ -674,7 +672,7 @@ class NumbaBackend(NumpyBackend):
 
     # ---- fused head + cross-entropy ----------------------------------------------------------
     def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None, dw_fresh=False):
-        rows = np.flatnonzero(targets != IGNORE)              # (M,) only these rows need logits
+        rows = np.flatnonzero(targets != IGNORE_INDEX)        # (M,) only these rows need logits
         if dw is not None and dw_fresh and len(rows) == 0:
             _fill(_flat(dw), dw.dtype.type(0.0))
         V = w.shape[0]

@@ -10,12 +10,12 @@ import math
 import numpy as np
 
 from . import quant
-from ..config import LN_EPS
+from .constants import IGNORE_INDEX, LN_EPS
+from .interface import Backend
+from .optim_state import HOST_DTYPES
 
 # Python floats, not numpy float64 scalars, so that float32 arrays times a constant stay float32.
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU constant
-# The lean optimizer state's arrays: bfloat16 moments as their uint16 bit patterns, 8-bit codes, block scales.
-LEAN_DTYPES = {"bf16": np.uint16, "u8": np.uint8, "scale": np.float32}
 HEAD_CHUNK_ROWS = 256  # rows of logits held at once by the fused head: 256 x 50257 x 4 B = 51 MB, never (N, V)
 
 
@@ -34,7 +34,7 @@ def softmax_backward(dp, p):
     return p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # (..., L)
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     name = "numpy"
 
     def __init__(self, dtype="float32"):
@@ -231,7 +231,7 @@ class NumpyBackend:
     # need_dh: dh even without dw (a frozen head); lora = (u, b, du, db): the head's adapter,
     # logits += u @ b with u = dropout(h) @ A * scale computed by the caller (lora_down_forward).
     def head_loss(self, h, w, targets, dw=None, grad_scale=1.0, need_dh=False, lora=None, dw_fresh=False):
-        rows = np.flatnonzero(targets != -100)        # (M,) only these rows need logits
+        rows = np.flatnonzero(targets != IGNORE_INDEX)  # (M,) only these rows need logits
         if dw is not None and dw_fresh:
             dw[...] = 0.0                             # a fresh buffer: here, simply cleared first
         loss_sum = 0.0
@@ -321,7 +321,7 @@ class NumpyBackend:
 
     # ---- lean AdamW state: bf16 or 8-bit moments, float32 master weights (formats: quant.py) -----
     def optim_state_zeros(self, n, kind):
-        return np.zeros(n, dtype=LEAN_DTYPES[kind])
+        return np.zeros(n, dtype=HOST_DTYPES[kind])  # numpy holds the lean state in its checkpoint form
 
     def optim_state_from_numpy(self, x):
         return np.array(x)  # a copy, dtype kept: the state's bits exactly

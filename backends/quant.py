@@ -26,7 +26,6 @@ and 0.71% of the decade's top value inside each lower decade.
 import numpy as np
 
 BLOCK = 2048            # values per quantization block: one float32 scale each
-OPTIM_STATES = ("fp32", "bf16", "8bit")
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B1     # odd multiplier spreading element indices (2^32 / golden ratio)
 ROUND_BITS = 16         # float32 bits below the bfloat16 mantissa: the stochastic rounding's draw

@@ -35,8 +35,6 @@ import weakref
 
 import numpy as np
 
-from ..config import LN_EPS
-
 try:
     import torch
     import torch.nn.functional as F
@@ -45,6 +43,9 @@ except ImportError as e:
                       "pip install 'minisft[torch]' (or a torch build for your GPU from pytorch.org)") from e
 
 from . import heap, quant
+from .constants import IGNORE_INDEX, LN_EPS
+from .interface import Backend
+
 # dtype name -> (store dtype: parameters, gradients, optimizer state, residual stream;
 #                compute dtype: matmul and attention inputs and outputs)
 DTYPES = {"float32": (torch.float32, torch.float32),
@@ -307,7 +308,7 @@ def _fused_adamw_problem(device, dtype):
     return None
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, dtype="float32", device="cpu", attention=None):
@@ -564,11 +565,11 @@ class TorchBackend:
         if torch.is_tensor(targets):  # a device array costs a copy back (a sync): pass the host one
             targets = targets.cpu().numpy()
         targets = np.asarray(targets)
-        rows = np.flatnonzero(targets != -100)                    # (M,) found on the host: no sync
+        rows = np.flatnonzero(targets != IGNORE_INDEX)            # (M,) found on the host: no sync
         t_host = targets[rows]
         V = w.shape[0]
         if t_host.size and (t_host.min() < 0 or t_host.max() >= V):
-            raise ValueError(f"head_loss: targets must lie in [0, {V}) or be -100")
+            raise ValueError(f"head_loss: targets must lie in [0, {V}) or be {IGNORE_INDEX}")
         rows_d, t_d = self.index(rows), self.index(t_host)        # (M,) each, on the device
         wc = self._weight(w)                                      # (V, d)
         loss_sum = torch.zeros((), dtype=self.store, device=self.device)

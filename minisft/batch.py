@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from .backends.constants import IGNORE_INDEX  # noqa: F401 (the batch layout's name for it)
 
 
 @dataclass(frozen=True)

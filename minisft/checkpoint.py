@@ -31,7 +31,7 @@ from .backends import resolve
 from .config import GPTConfig, check_tensors, param_shapes
 from .errors import MinisftError
 from .model import GPT
-from .optim import OPTIM_STATES, AdamW, state_layout
+from .optim import DEFAULT, OPTIM_STATES, AdamW, state_layout
 
 FORMAT = "minisft-checkpoint"
 FORMAT_VERSION = 1
@@ -88,7 +88,7 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_stat
                 g.attrs.update(step=optimizer.step_count, lr=optimizer.lr, beta1=optimizer.betas[0],
                                beta2=optimizer.betas[1], eps=optimizer.eps,
                                weight_decay=optimizer.weight_decay, decay=optimizer.decay, state=optimizer.state)
-                for key, arrays in optimizer.groups().items():  # one array at a time on the host
+                for key, arrays in optimizer.moments.items():  # one array at a time on the host
                     group = g.create_group(key)
                     for name, a in arrays.items():
                         group.create_dataset(name, data=optimizer.to_host(a))
@@ -175,7 +175,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
     if optimizer is not None and not restore_adam:
         raise MinisftError(f"{path}: the checkpoint holds no optimizer state to restore")
     trained = [n for n in shapes if n not in frozen]
-    state = str(f["adam"].attrs.get("state", "fp32")) if restore_adam else None
+    state = str(f["adam"].attrs.get("state", DEFAULT)) if restore_adam else None
     if restore_adam:
         if optimizer is not None and optimizer.state != state:
             raise MinisftError(f"{path}: the checkpoint's AdamW state is {state!r}, this run keeps "
@@ -209,7 +209,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
             optimizer = AdamW(model, lr=float(a["lr"]), betas=(float(a["beta1"]), float(a["beta2"])),
                               eps=float(a["eps"]), weight_decay=float(a["weight_decay"]), decay=str(a["decay"]),
                               state=state)
-        for key, arrays in optimizer.groups().items():
+        for key, arrays in optimizer.moments.items():
             for n in trained:
                 arrays[n] = optimizer.from_host(_read(f, path, f"adam/{key}/{n}"))
         optimizer.step_count = int(a["step"])

@@ -171,7 +171,7 @@ class Ranks(Local):
     def sync_start(self, model, opt, loader, position: tuple) -> tuple:
         """Rank 0's weights, Adam moments and loop position on every rank (a resume reads the
         checkpoint on rank 0 only)."""
-        for group in (model.params, opt.m, opt.v):
+        for group in (model.params, *opt.moments.values()):
             for name, a in group.items():
                 self._call(f"broadcasting {name}", self.dist.broadcast, self._tensor(a), src=0)
         state = [(position, loader.state_dict(), opt.step_count)]

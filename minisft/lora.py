@@ -552,8 +552,8 @@ def load_checkpoint(path, model: GPT, optimizer=None) -> dict:
             model.params[n] = model.B.from_numpy(_read(f, path, f"params/{n}"))
         model.rng, model.grads = rng, {}
         if optimizer is not None:
-            optimizer.m = {n: model.B.from_numpy(_read(f, path, f"adam/m/{n}")) for n in shapes}
-            optimizer.v = {n: model.B.from_numpy(_read(f, path, f"adam/v/{n}")) for n in shapes}
+            for key in ("m", "v"):  # LoRA runs keep fp32 moments
+                optimizer.moments[key] = {n: model.B.from_numpy(_read(f, path, f"adam/{key}/{n}")) for n in shapes}
             optimizer.step_count = int(f["adam"].attrs["step"])
     return train_state
 

@@ -26,8 +26,11 @@ import os
 import resource
 import sys
 
+import numpy as np
+
 from . import lora
-from .backends.quant import n_blocks
+from .backends.constants import HEAD_CHUNK_BYTES, STORE_DTYPES
+from .backends.optim_state import DEFAULT, FORMATS
 from .config import GPTConfig
 from .errors import MinisftError
 from .model import param_shapes
@@ -36,11 +39,9 @@ GB = 1e9
 RUNTIME_BYTES = 0.45e9      # measured: a gpt2-tiny numba run's peak RSS less its arrays
 ACT_FLOATS = 16             # floats per position per block kept for the backward (module doc)
 SCRATCH_FLOATS = 12         # floats per position in one block's backward transients
-HEAD_CHUNK_BYTES = 128 * 2**20  # the numba head's logit chunk (the numpy/torch heads use less)
-MOMENT_BYTES = {"fp32": None, "bf16": 2, "8bit": 1}  # bytes per moment value (fp32: the weights' size)
 
 
-def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", grad_checkpoint=False,
+def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state=DEFAULT, grad_checkpoint=False,
              fused_update=False, lora_config: lora.LoraConfig | None = None) -> dict:
     """Estimated bytes per part (module doc) for a step over `tokens` positions. lora_config: a LoRA
     run's adapters (the base weights frozen: only the adapters get gradients and moments)."""
@@ -48,7 +49,8 @@ def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", g
     adapters = lora.plan(cfg, lora_config) if lora_config is not None else []
     trained = [p.n_in * p.rank for p in adapters] + [p.rank * p.n_out for p in adapters]  # each A, B
     sizes = trained or [math.prod(s) for s in shapes.values()]
-    width = 8 if dtype == "float64" else 4   # weights, gradients, activations (bfloat16 stores float32)
+    store = np.dtype(STORE_DTYPES[dtype])  # weights, gradients, activations (bfloat16 stores float32)
+    width = store.itemsize
     n_base = sum(math.prod(s) for s in shapes.values())
     n_all = n_base + sum(trained)
     n_trained = sum(sizes)
@@ -59,11 +61,7 @@ def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state="fp32", g
         grads = min(n_trained, buffers + block)
     else:
         grads = n_trained
-    if optim_state == "fp32":
-        moments = 2 * n_trained * width
-    else:
-        moments = 2 * (n_trained * MOMENT_BYTES[optim_state]
-                       + (4 * sum(n_blocks(s) for s in sizes) if optim_state == "8bit" else 0))
+    moments = sum(FORMATS[optim_state].nbytes(s, store) for s in sizes)
     d, L = cfg.emb_dim, cfg.n_layers
     per_block = ACT_FLOATS + (2 if cfg.drop_rate > 0 else 0)
     kept = L * tokens * d + tokens * d * per_block if grad_checkpoint else L * tokens * d * per_block

@@ -6,14 +6,15 @@ decides which tensors decay.
 
 The moments can be kept lean (`state`): "fp32" holds them like the weights (8 bytes per trained
 parameter), "bf16" as stochastically rounded bfloat16 (4 bytes), "8bit" block-wise quantized (2 bytes
-+ 8 bytes per block of 2048); the formats are in backends/quant.py. Lean state needs float32 master
-weights (dtype float32, or torch's bfloat16 mixed precision); the update always runs in float32.
++ 8 bytes per block of 2048), each a format object of backends/optim_state.py (the number formats are
+in backends/quant.py). Lean state needs float32 master weights (dtype float32, or bfloat16 mixed
+precision); the update always runs in float32.
 """
 import math
 
 import numpy as np
 
-from .backends.quant import OPTIM_STATES, n_blocks
+from .backends.optim_state import DEFAULT, FORMATS, OPTIM_STATES
 from .config import check_tensors
 from .model import GPT
 
@@ -31,48 +32,40 @@ def decays(name: str, shape, decay: str) -> bool:
 def state_layout(shapes: dict, state: str, array_dtype) -> dict:
     """group -> {name: (shape, numpy dtype)} of AdamW's arrays as stored, for trained tensors of the
     given shapes: fp32 moments like the weights (array_dtype), lean ones as they are held."""
-    if state == "fp32":
-        return {k: {n: (tuple(s), np.dtype(array_dtype)) for n, s in shapes.items()} for k in ("m", "v")}
-    size = {n: math.prod(s) for n, s in shapes.items()}
-    code = np.dtype(np.uint16 if state == "bf16" else np.uint8)
-    out = {k: {n: ((size[n],), code) for n in shapes} for k in ("m", "v")}
-    if state == "8bit":
-        out.update({k: {n: ((n_blocks(size[n]),), np.dtype(np.float32)) for n in shapes}
-                    for k in ("m_scale", "v_scale")})
-    return out
+    fmt = FORMATS[state]
+    layouts = {n: fmt.layout(s, array_dtype) for n, s in shapes.items()}
+    return {k: {n: layouts[n][k] for n in shapes} for k in fmt.groups}
 
 
 class AdamW:
     def __init__(self, model: GPT, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, decay="all",
-                 state="fp32"):
+                 state=DEFAULT):
         if decay not in DECAY_CHOICES:
             raise ValueError(f"AdamW decay must be one of {DECAY_CHOICES}, got {decay!r}")
         if state not in OPTIM_STATES:
             raise ValueError(f"AdamW state must be one of {OPTIM_STATES}, got {state!r}")
-        if state != "fp32" and model.dtype == "float64":
+        if FORMATS[state].lean and model.dtype == "float64":
             raise ValueError(f"AdamW state {state!r} needs float32 master weights, not {model.dtype}")
         if lr < 0 or weight_decay < 0 or eps <= 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW: invalid hyperparameters lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
         self.model, self.lr, self.betas, self.eps = model, lr, tuple(betas), eps
         self.weight_decay, self.decay = weight_decay, decay
-        B = model.B
-        self.state = state
+        self.state, self.format = state, FORMATS[state]  # the setting's name (checkpoints record it), its format
         trained = [n for n in model.params if n not in model.frozen]
-        size = {n: math.prod(model.params[n].shape) for n in trained}
-        if state == "fp32":
-            self.m = {n: B.zeros_like(model.params[n]) for n in trained}  # first moments
-            self.v = {n: B.zeros_like(model.params[n]) for n in trained}  # second moments
-        else:  # flat (n,): bfloat16 moments, or 8-bit codes of m and sqrt(v)
-            kind = "bf16" if state == "bf16" else "u8"
-            self.m = {n: B.optim_state_zeros(size[n], kind) for n in trained}
-            self.v = {n: B.optim_state_zeros(size[n], kind) for n in trained}
-        # 8-bit: each block's scale, (n_blocks,) float32 per tensor; empty otherwise
-        scaled = trained if state == "8bit" else []
-        self.m_scale = {n: B.optim_state_zeros(n_blocks(size[n]), "scale") for n in scaled}
-        self.v_scale = {n: B.optim_state_zeros(n_blocks(size[n]), "scale") for n in scaled}
+        zeros = {n: self.format.zeros(model.B, model.params[n]) for n in trained}
+        # group -> {name: array}: m and v (first and second moments; 8-bit: their codes, and m_scale, v_scale)
+        self.moments = {k: {n: zeros[n][k] for n in trained} for k in self.format.groups}
         self.keys = {n: k for k, n in enumerate(trained)}  # each tensor's number in the bf16 rounding hash
         self.step_count = 0
+
+    @property
+    def m(self) -> dict:
+        return self.moments["m"]
+
+    @property
+    def v(self) -> dict:
+        return self.moments["v"]
 
     def step(self, grads=None, lr=None) -> None:
         """One update of every trained parameter. grads: {name: numpy array} or None for the
@@ -91,16 +84,10 @@ class AdamW:
 
     def _update(self, n, g, lr) -> None:
         """The update of tensor n by its gradient g, at step self.step_count."""
-        B, P, (b1, b2) = self.model.B, self.model.params, self.betas
+        P, (b1, b2) = self.model.params, self.betas
         wd = self.weight_decay if decays(n, P[n].shape, self.decay) else 0.0
-        if self.state == "fp32":
-            B.adamw_step(P[n], g, self.m[n], self.v[n], lr, b1, b2, self.eps, wd, self.step_count)
-        elif self.state == "bf16":  # key: the tensor's number in the rounding hash
-            B.adamw_step_bf16(P[n], g, self.m[n], self.v[n], lr, b1, b2, self.eps, wd, self.step_count,
-                              self.keys[n])
-        else:
-            B.adamw_step_8bit(P[n], g, self.m[n], self.m_scale[n], self.v[n], self.v_scale[n],
-                              lr, b1, b2, self.eps, wd, self.step_count)
+        self.format.step(self.model.B, P[n], g, {k: a[n] for k, a in self.moments.items()},
+                         lr, b1, b2, self.eps, wd, self.step_count, self.keys[n])
 
     def fused_step(self, batch, lr=None) -> tuple[float, float]:
         """Forward, backward and update in one pass: each trained tensor is updated as soon as its
@@ -123,31 +110,24 @@ class AdamW:
             self.model.on_grad = None
         return loss_sum / n_valid, math.sqrt(sum(sumsq))
 
-    def groups(self) -> dict:
-        """The state's arrays by group: m, v (+ m_scale, v_scale for 8-bit), each {name: array}."""
-        g = {"m": self.m, "v": self.v}
-        return {**g, "m_scale": self.m_scale, "v_scale": self.v_scale} if self.state == "8bit" else g
-
     def to_host(self, a) -> np.ndarray:
         """One state array as numpy, exactly (bfloat16 as its uint16 bits)."""
-        B = self.model.B
-        return B.to_numpy(a) if self.state == "fp32" else B.optim_state_to_numpy(a)
+        return self.format.to_host(self.model.B, a)
 
     def from_host(self, a: np.ndarray):
-        B = self.model.B
-        return B.from_numpy(a) if self.state == "fp32" else B.optim_state_from_numpy(a)
+        return self.format.from_host(self.model.B, a)
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "state": self.state,
-                **{k: {n: self.to_host(a) for n, a in g.items()} for k, g in self.groups().items()}}
+                **{k: {n: self.to_host(a) for n, a in g.items()} for k, g in self.moments.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd.get("state", "fp32") != self.state:
-            raise ValueError(f"AdamW state is {sd.get('state', 'fp32')!r}, this optimizer keeps {self.state!r}")
-        for key, g in self.groups().items():
+        if sd.get("state", DEFAULT) != self.state:
+            raise ValueError(f"AdamW state is {sd.get('state', DEFAULT)!r}, this optimizer keeps {self.state!r}")
+        for key, g in self.moments.items():
             check_tensors(f"AdamW state {key!r}", {n: a.shape for n, a in sd[key].items()},
                           {n: tuple(a.shape) for n, a in g.items()})
-        for key, g in self.groups().items():
+        for key, g in self.moments.items():
             g.update({n: self.from_host(a) for n, a in sd[key].items()})
         self.step_count = int(sd["step"])
 

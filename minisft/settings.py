@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends import AUTO, BACKENDS
-from .backends.quant import OPTIM_STATES
+from .backends.optim_state import DEFAULT, FORMATS, OPTIM_STATES
 from .config import PRESETS, GPTConfig
 from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
 from .distributed import world_size_from_env
@@ -108,7 +108,7 @@ class Settings:
     # ---- memory (minisft.memory): what a step holds, and the options that shrink it ----
     grad_checkpoint: bool = _s(False, "activation checkpointing: keep only each block's input, recompute the block "
                                       "in the backward (same gradients, about one more forward of compute)")
-    optim_state: str = _s("fp32", "AdamW moments: fp32, bf16 (stochastic rounding) or 8bit (block-wise "
+    optim_state: str = _s(DEFAULT, "AdamW moments: fp32, bf16 (stochastic rounding) or 8bit (block-wise "
                                   "quantized); master weights stay float32", OPTIM_STATES)
     fused_update: bool = _s(False, "update each tensor as soon as its gradient is complete in the backward, so no "
                                    "full set of gradients is held (needs --grad-accum 1, no --grad-clip)")
@@ -232,15 +232,16 @@ def validate(s: Settings) -> Settings:
         bad("dtype", "bfloat16 needs --backend numba, torch or auto")
     if s.device not in (None, "cpu") and s.backend not in ("torch", "auto"):
         bad("device", f"{s.device!r} needs --backend torch")
-    if s.optim_state != "fp32" and s.dtype == "float64":
+    lean_state = FORMATS[s.optim_state].lean  # a known name: the choices are checked first
+    if lean_state and s.dtype == "float64":
         bad("optim_state", f"{s.optim_state} moments need float32 master weights: use --dtype float32 (or bfloat16 "
                            "on torch)")
     if s.fused_update and (s.grad_accum != 1 or s.grad_clip is not None):
         bad("fused_update", "needs --grad-accum 1 and no --grad-clip: both need every gradient before any update")
-    if s.lora_rank is not None and (s.fused_update or s.optim_state != "fp32"):
+    if s.lora_rank is not None and (s.fused_update or lean_state):
         bad("fused_update" if s.fused_update else "optim_state", "does not apply to LoRA runs: their gradients "
             "and moments are the adapters', a few MB at most")
-    if world_size_from_env() > 1 and (s.fused_update or s.optim_state != "fp32"):
+    if world_size_from_env() > 1 and (s.fused_update or lean_state):
         bad("fused_update" if s.fused_update else "optim_state", "is not supported in a distributed run yet: the "
             "ranks reduce a full set of fp32-state gradients; run it in one process")
     if s.weights is not None and not Path(s.weights).exists():

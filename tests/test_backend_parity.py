@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from minisft import GPT, AdamW, GPTConfig, pack_padded
+from minisft.batch import IGNORE_INDEX
 from tests.helpers import ALL_BACKENDS, backend_or_skip, rel_err
 from tests.helpers import book_like_batch
 
@@ -166,7 +167,7 @@ def test_fused_head_loss_and_logits_match_numpy_with_ignored_targets(pair, rng, 
     V, scale = 300, 0.37
     h, w = rng.normal(size=(n_rows, D)), rng.normal(size=(V, D)) * 0.3
     targets = rng.integers(0, V, n_rows)
-    targets[rng.random(n_rows) < 0.3] = -100
+    targets[rng.random(n_rows) < 0.3] = IGNORE_INDEX
     dw0 = rng.normal(size=(V, D))
     outs = []
     for X in (R, B):
@@ -195,7 +196,7 @@ def test_head_loss_writes_a_fresh_dw_outright_as_if_it_had_held_zeros(backend, d
     V, n_rows = 300, 250
     h, w = rng.normal(size=(n_rows, D)), rng.normal(size=(V, D)) * 0.3
     targets = rng.integers(0, V, n_rows)
-    targets[rng.random(n_rows) < 0.2] = -100                                              # ~200 valid rows
+    targets[rng.random(n_rows) < 0.2] = IGNORE_INDEX                                      # ~200 valid rows
     for rows_per_chunk in (n_rows, 64):
         monkeypatch.setattr(numpy_backend, "HEAD_CHUNK_ROWS", rows_per_chunk)
         monkeypatch.setattr(numba_backend, "HEAD_CHUNK_BYTES", rows_per_chunk * V * np.dtype(dtype).itemsize)
@@ -209,7 +210,8 @@ def test_head_loss_writes_a_fresh_dw_outright_as_if_it_had_held_zeros(backend, d
         assert np.isfinite(got[1]).all(), f"{rows_per_chunk} rows a chunk: the old contents leaked into dw"
         np.testing.assert_array_equal(got[1], got[0])
     dw = X.from_numpy(np.full((V, D), np.nan))             # no valid target at all: a fresh dw is zeros
-    X.head_loss(X.from_numpy(h), X.from_numpy(w), X.index(np.full(n_rows, -100)), dw=dw, need_dh=True, dw_fresh=True)
+    X.head_loss(X.from_numpy(h), X.from_numpy(w), X.index(np.full(n_rows, IGNORE_INDEX)), dw=dw, need_dh=True,
+                dw_fresh=True)
     assert not X.to_numpy(dw).any()
 
 
@@ -289,7 +291,7 @@ def test_numba_head_loss_across_row_chunks(monkeypatch, dtype, rng):
     for _ in range(2):
         h, w = rng.normal(size=(250, D)), rng.normal(size=(V, D)) * 0.3
         targets = rng.integers(0, V, 250)
-        targets[rng.random(250) < 0.2] = -100          # about 200 valid rows: 4 chunks
+        targets[rng.random(250) < 0.2] = IGNORE_INDEX  # about 200 valid rows: 4 chunks
         dw0 = rng.normal(size=(V, D))
         outs = []
         for X in (R, B):

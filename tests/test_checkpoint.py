@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from minisft import GPT, AdamW, GPTConfig, __version__, pack_padded
+from minisft.batch import IGNORE_INDEX
 from minisft.checkpoint import load_checkpoint, rng_from_state, rng_state, save_checkpoint
 from minisft.errors import MinisftError
 
@@ -17,7 +18,7 @@ def batch(seed, B=3, T=10):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, CFG.vocab_size, size=(B, T))  # (B, T)
     y = rng.integers(0, CFG.vocab_size, size=(B, T))  # (B, T)
-    y[0, 7:] = -100  # some ignored targets, as in real batches
+    y[0, 7:] = IGNORE_INDEX  # some ignored targets, as in real batches
     return pack_padded(x, y)
 
 

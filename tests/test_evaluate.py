@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minisft import GPT, GPTConfig, pack_sequences
+from minisft.batch import IGNORE_INDEX
 from minisft.evaluate import evaluate_loss
 
 
@@ -17,15 +18,15 @@ def test_loss_is_weighted_by_token_not_by_batch():
     inputs = [rng.integers(0, 29, n) for n in lengths]
     targets = [rng.integers(0, 29, n) for n in lengths]
     for t in targets:
-        t[rng.random(len(t)) < 0.3] = -100
-    targets[3][:] = -100  # a sequence with nothing to score
+        t[rng.random(len(t)) < 0.3] = IGNORE_INDEX
+    targets[3][:] = IGNORE_INDEX  # a sequence with nothing to score
 
     # Direct: log-softmax of every sequence's logits at its valid targets.
     nll = []
     for x, y in zip(inputs, targets):
         z = model.logits(x[None])[0]                                     # (L, V)
         lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
-        nll += [lse[i] - z[i, y[i]] for i in np.flatnonzero(y != -100)]
+        nll += [lse[i] - z[i, y[i]] for i in np.flatnonzero(y != IGNORE_INDEX)]
     expect = float(np.mean(nll))
 
     # Uneven batches (one with no valid target at all): a per-batch mean would differ.

@@ -7,6 +7,7 @@ perturbed by +-eps; the norm-relative error over the samples must be at most 1e-
 import numpy as np
 import pytest
 
+from minisft.batch import IGNORE_INDEX
 from tests.helpers import ALL_BACKENDS, backend_or_skip
 from tests.helpers import fd_check
 
@@ -132,16 +133,16 @@ def test_fused_head_loss_gradients_match_finite_differences_with_ignored_targets
     V, d, scale = 23, 6, 0.37
     h, w = rng.normal(size=(n_rows, d)), rng.normal(size=(V, d))
     targets = rng.integers(0, V, n_rows)
-    targets[rng.random(n_rows) < 0.3] = -100
+    targets[rng.random(n_rows) < 0.3] = IGNORE_INDEX
     dw0 = rng.normal(size=(V, d))            # the kernel ADDS into dw
     dw = B.from_numpy(dw0)
     loss_sum, n_valid, dh = B.head_loss(B.from_numpy(h), B.from_numpy(w), B.index(targets), dw=dw,
                                         grad_scale=scale)
-    assert n_valid == np.count_nonzero(targets != -100)
+    assert n_valid == np.count_nonzero(targets != IGNORE_INDEX)
     # The loss itself, against a direct computation over the full logits matrix.
     logits = h @ w.T
     lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
-    valid = targets != -100
+    valid = targets != IGNORE_INDEX
     expect = np.sum(lse[valid] - logits[valid, targets[valid]])
     assert abs(B.item(loss_sum) - expect) <= 1e-12 * abs(expect)
 
@@ -154,7 +155,7 @@ def test_fused_head_loss_gradients_match_finite_differences_with_ignored_targets
 
 def test_fused_head_loss_without_gradient_returns_the_same_loss(B, rng):
     h, w = rng.normal(size=(5, 4)), rng.normal(size=(7, 4))
-    targets = np.array([1, -100, 3, 6, -100])
+    targets = np.array([1, IGNORE_INDEX, 3, 6, IGNORE_INDEX])
     loss_sum, n_valid, dh = B.head_loss(B.from_numpy(h), B.from_numpy(w), B.index(targets))
     assert dh is None and n_valid == 3
     np.testing.assert_allclose(B.to_numpy(B.head_logits(B.from_numpy(h), B.from_numpy(w))), h @ w.T, rtol=1e-13)

@@ -13,6 +13,7 @@ import pytest
 
 from minisft import GPT, AdamW, GPTConfig
 from minisft import lora
+from minisft.batch import IGNORE_INDEX
 from minisft.errors import MinisftError
 from minisft.settings import Settings, validate
 from minisft.train import checkpoints, finetune
@@ -72,7 +73,7 @@ def test_head_adapter_inside_the_fused_head_matches_finite_differences(backend, 
     inputs = dict(h=rng.normal(size=(N, d)), u=rng.normal(size=(N, r)), b=rng.normal(size=(r, V)))
     w = rng.normal(size=(V, d))
     targets = rng.integers(0, V, N)
-    targets[[1, 4]] = -100
+    targets[[1, 4]] = IGNORE_INDEX
 
     def f(h, u, b):
         loss, _, _ = B.head_loss(B.from_numpy(h), B.from_numpy(w), targets,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minisft import GPT, GPTConfig, pack_padded
+from minisft.batch import IGNORE_INDEX
 from minisft.model import param_shapes
 from tests.helpers import ALL_BACKENDS, backend_or_skip, book_like_batch, rel_err
 from tests.conftest import ROOT
@@ -68,7 +69,7 @@ def test_packed_layout_equals_padded_layout(backend):
     assert packed.num_tokens < inputs.size
     model.zero_grad()
     loss_sum, n_valid = model.forward_backward(packed)
-    assert n_valid == np.count_nonzero(targets != -100)
+    assert n_valid == np.count_nonzero(targets != IGNORE_INDEX)
     assert abs(loss_sum / n_valid - loss_padded) <= 1e-6 * loss_padded
     for name, g in g_padded.items():
         assert rel_err(model.B.to_numpy(model.grads[name]), g) <= 1e-6, name

@@ -17,6 +17,7 @@ import pytest
 
 from minisft.backends import bf16, get_backend
 from minisft.backends.numpy_backend import NumpyBackend
+from minisft.batch import IGNORE_INDEX
 
 pytestmark = pytest.mark.skipif(bf16.problem() is not None, reason=f"no bf16 GEMM here: {bf16.problem()}")
 
@@ -146,14 +147,14 @@ def test_head_loss_within_bf16_bounds_of_float32(backends):
     h = rng.standard_normal((N, d)).astype(np.float32)                                    # (N, d)
     w = (rng.standard_normal((V, d)) * 0.05).astype(np.float32)                           # (V, d)
     t = rng.integers(0, V, N)                                                             # (N,)
-    t[[3, 17]] = -100
+    t[[3, 17]] = IGNORE_INDEX
     dw = np.zeros((V, d), dtype=np.float32)
     loss, n, dh = nb.head_loss(h, w, t, dw=dw, grad_scale=1 / 28)
     rdw = np.zeros((V, d), dtype=np.float32)
     rloss, rn, rdh = ref.head_loss(h, w, t, dw=rdw, grad_scale=1 / 28)
     # each row's loss moves by at most twice its largest logit error (logsumexp and the target logit)
     logit_err = gemm_bound(h, w.T).max(axis=1)                                            # (N,)
-    assert n == rn == 28 and abs(float(loss) - float(rloss)) <= 2 * logit_err[t != -100].sum()
+    assert n == rn == 28 and abs(float(loss) - float(rloss)) <= 2 * logit_err[t != IGNORE_INDEX].sum()
     # the gradients pass through two more bf16 roundings (softmax output, then the operands): a few u
     for got, want in ((dh, rdh), (dw, rdw)):
         assert np.linalg.norm(got - want) <= 4 * U * np.linalg.norm(want)

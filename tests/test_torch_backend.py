@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 from minisft.backends import get_backend  # noqa: E402
 from minisft.backends import torch_backend as tb  # noqa: E402
 from minisft.backends.numpy_backend import NumpyBackend  # noqa: E402
+from minisft.batch import IGNORE_INDEX  # noqa: E402
 from minisft import GPT, AdamW, GPTConfig, pack_sequences  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
@@ -175,7 +176,7 @@ def test_head_loss_and_logits_match_numpy(device, dtype):
     n_rows, V, d = T.head_chunk_rows + 157, 41, 16    # more rows than one chunk
     h, w = rng.normal(size=(n_rows, d)).astype(dtype), rng.normal(size=(V, d)).astype(dtype)
     targets = rng.integers(0, V, n_rows)
-    targets[rng.random(n_rows) < 0.3] = -100
+    targets[rng.random(n_rows) < 0.3] = IGNORE_INDEX
     dw0 = rng.normal(size=(V, d)).astype(dtype)      # the kernel ADDS into dw
     ref_dw = dw0.copy()
     ref_loss, ref_n, ref_dh = R.head_loss(h, w, targets, dw=ref_dw, grad_scale=0.37)
@@ -289,7 +290,7 @@ def packed_batch(rng, V, lengths, learnable=False):
     function of the token (something a model can learn in a few steps)."""
     tokens = [rng.integers(0, V, n) for n in lengths]
     targets = [(t * 7 + 3) % V if learnable else rng.integers(0, V, len(t)) for t in tokens]
-    targets = [np.where(rng.random(len(t)) < 0.3, -100, t) for t in targets]
+    targets = [np.where(rng.random(len(t)) < 0.3, IGNORE_INDEX, t) for t in targets]
     return pack_sequences(tokens, targets)
 
 

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed: the autogra
                                            "(pip install 'minisft[torch]')")
 
 from minisft import GPT, AdamW, GPTConfig, clip_grad_norm  # noqa: E402
+from minisft.batch import IGNORE_INDEX  # noqa: E402
 from tests.helpers import ALL_BACKENDS, backend_or_skip, rel_err  # noqa: E402
 from tests.helpers import book_like_batch  # noqa: E402
 from minisft.peer import TorchGPT  # noqa: E402
@@ -34,7 +35,7 @@ def test_logits_loss_and_gradients_match_pytorch_autograd(backend, tie):
     sd = {n: (a + rng.normal(0, 0.05, a.shape)).astype(np.float32) for n, a in model.state_dict().items()}
     model.load_state_dict(sd)
     inputs, targets = book_like_batch(rng, cfg.vocab_size, [12, 5, 20, 9], pad=EOT)
-    assert (inputs == EOT).any() and (targets == -100).any() and (targets == EOT).sum() == 4
+    assert (inputs == EOT).any() and (targets == IGNORE_INDEX).any() and (targets == EOT).sum() == 4
 
     peer = TorchGPT(cfg)
     peer.load_numpy(sd)

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minisft import GPT, AdamW, GPTConfig, pack_padded, tokenizer  # noqa: E402
+from minisft.batch import IGNORE_INDEX  # noqa: E402
 from minisft.data import BUNDLED_DATA  # noqa: E402
 from minisft.generate import generate  # noqa: E402
 
@@ -71,7 +72,7 @@ def collate(seqs):
     """The book's collate: (B, T) inputs and targets, T = longest sequence in the batch."""
     T = max(len(s) for s in seqs) + 1
     inputs = np.full((len(seqs), T - 1), EOT, dtype=np.int64)   # (B, T-1)
-    targets = np.full((len(seqs), T - 1), -100, dtype=np.int64)  # (B, T-1)
+    targets = np.full((len(seqs), T - 1), IGNORE_INDEX, dtype=np.int64)  # (B, T-1)
     for r, s in enumerate(seqs):
         padded = np.array(list(s) + [EOT] * (T - len(s)))       # (T,)
         inputs[r] = padded[:-1]
