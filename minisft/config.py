@@ -1,7 +1,6 @@
 """GPTConfig: the shape of a GPT-2-class model, with the four OpenAI sizes and a tiny one as presets."""
 from dataclasses import asdict, dataclass, fields
 
-from .backends.constants import LN_EPS  # noqa: F401 (part of the GPT-2 shape: pretrained.py checks it)
 from .errors import MinisftError
 
 GPT2_VOCAB = 50257

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from . import block
 from .batch import IGNORE_INDEX
-from .config import LN_EPS, param_shapes
+from .backends.constants import LN_EPS
+from .config import param_shapes
 
 
 def _layernorm(x, w, b):

@@ -21,7 +21,8 @@ from . import safetensors
 from .download import cache_root, download_file
 from .errors import MinisftError
 from .files import write_json
-from .config import LN_EPS, GPTConfig, check_tensors, param_shapes
+from .backends.constants import LN_EPS
+from .config import GPTConfig, check_tensors, param_shapes
 
 HF_BASE_URL = "https://huggingface.co"
 HF_REPOS = {

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import block
 from .backends import numpy_backend as nb
+from .backends.constants import LN_EPS
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import GPTConfig
 from .errors import MinisftError
@@ -265,8 +266,8 @@ def layernorm_study(rng, lengths, H, hd) -> Study:
               lambda x, m: x - m, lambda g, xc, x, m: (g, -g.sum(axis=-1, keepdims=True))),
         Stage("var", ("xc",), "var = sum_j xc_j^2 / d", "dxc = dvar * 2 xc / d",
               lambda xc: (xc * xc).mean(axis=-1, keepdims=True), lambda g, var, xc: (g * 2 * xc / d,)),
-        Stage("rstd", ("var",), f"rstd = 1 / sqrt(var + {nb.LN_EPS:g})", "dvar = -drstd * rstd^3 / 2",
-              lambda var: 1.0 / np.sqrt(var + nb.LN_EPS), lambda g, rstd, var: (-0.5 * g * rstd ** 3,)),
+        Stage("rstd", ("var",), f"rstd = 1 / sqrt(var + {LN_EPS:g})", "dvar = -drstd * rstd^3 / 2",
+              lambda var: 1.0 / np.sqrt(var + LN_EPS), lambda g, rstd, var: (-0.5 * g * rstd ** 3,)),
         Stage("xhat", ("xc", "rstd"), "xhat = xc * rstd", "dxc = dxhat * rstd;  drstd = sum_j dxhat * xc",
               lambda xc, r: xc * r, lambda g, xh, xc, r: (g * r, (g * xc).sum(axis=-1, keepdims=True))),
         Stage("out", ("xhat", "w", "b"), "out = xhat * w + b",
@@ -614,7 +615,7 @@ def torch_gradients(s: Study) -> dict:
         return t
 
     def layernorm(x, w, b):
-        return F.layer_norm(x, (x.shape[-1],), w, b, eps=nb.LN_EPS)
+        return F.layer_norm(x, (x.shape[-1],), w, b, eps=LN_EPS)
 
     def attention(qkv, record):
         d = qkv.shape[1] // 3
