@@ -73,7 +73,7 @@ class Local:
     def agree(self, check) -> None:
         check()
 
-    def sync_start(self, model, opt, loader, position: tuple) -> tuple:
+    def sync_start(self, model, opt, loader, position):
         return position
 
     def count(self, window) -> tuple:
@@ -168,9 +168,9 @@ class Ranks(Local):
             self.close()
             raise MinisftError(why[0])
 
-    def sync_start(self, model, opt, loader, position: tuple) -> tuple:
-        """Rank 0's weights, Adam moments and loop position on every rank (a resume reads the
-        checkpoint on rank 0 only)."""
+    def sync_start(self, model, opt, loader, position):
+        """Rank 0's weights, Adam moments and loop position (a picklable record) on every rank (a
+        resume reads the checkpoint on rank 0 only)."""
         for group in (model.params, *opt.moments.values()):
             for name, a in group.items():
                 self._call(f"broadcasting {name}", self.dist.broadcast, self._tensor(a), src=0)

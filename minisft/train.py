@@ -24,6 +24,11 @@ Run directory (--out): settings.json, metrics.jsonl, checkpoints/step-XXXXXX.h5 
 keep_last; best.h5 with early stopping), and at the end hf/ (Hugging Face export; a LoRA run:
 adapter/, PEFT's layout), instruction-data-with-response.json (test split, the book's format),
 loss-plot.png and summary.json.
+
+The code: finetune checks the settings and owns the folder; _finetune reads the data and builds the
+model; a Trainer runs one start of the run, its position a TrainState (what a checkpoint carries
+besides the weights). The run's kind, FullRun or AdapterRun (LoRA), is chosen once: it attaches the
+adapters, and saves, loads and exports what that kind of run trains.
 """
 import contextlib
 import dataclasses
@@ -38,7 +43,7 @@ from pathlib import Path
 from . import backends, distributed, lora, memory, tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GPTConfig
-from .data import Loader, collate_examples, encode_records, long_records, load_splits
+from .data import Loader, Split, collate_examples, encode_records, long_records, load_splits
 from .errors import MinisftError
 from .files import write_json, write_text
 from .generate import generate, generate_responses
@@ -47,8 +52,8 @@ from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
 from .pretrained import read_pretrained
 from .progress import progress
-from .prompts import get_style
-from .rundir import RunLock, checkpoints, plan_run, removed_if_refused, start
+from .prompts import PromptStyle, get_style
+from .rundir import Plan, RunLock, checkpoints, plan_run, removed_if_refused, start
 from .settings import Settings, architecture
 
 SAMPLE_TOKENS = 35  # the book's generate_and_print_sample length in chapter 7
@@ -104,6 +109,13 @@ class StepTimes:
     def total_s(self) -> float:
         return self.first_s + self.steady_s
 
+    def add(self, seconds: float, tokens: int, first: bool) -> None:
+        """One step's seconds: a start's first step apart, the others with their tokens."""
+        if first:
+            self.first_s, self.starts = self.first_s + seconds, self.starts + 1
+        else:
+            self.steady_s, self.steady_tokens = self.steady_s + seconds, self.steady_tokens + tokens
+
     def tokens_per_s(self) -> float | None:
         return self.steady_tokens / self.steady_s if self.steady_s else None
 
@@ -135,7 +147,122 @@ def estimate_line(steps: int, step_times: list, evals: int, eval_times: list) ->
             f"{per_eval:.3f} s = {total:.1f} min (the end's export and test responses not counted)")
 
 
-# ---- the loop ------------------------------------------------------------------------------------------
+# ---- run kinds: full fine-tuning or adapters -------------------------------------------------------------
+class FullRun:
+    """Full fine-tuning: every weight trains; a checkpoint holds them all, the export is hf/."""
+    adapters = None  # no LoraConfig
+
+    def attach(self, model: GPT, s: Settings) -> None:
+        pass  # the model as built is the one trained
+
+    def save(self, path, model: GPT, opt: AdamW, train_state: dict) -> None:
+        save_checkpoint(path, model, opt, train_state)
+
+    def load(self, path, model: GPT, opt: AdamW | None = None) -> dict:
+        """A checkpoint into model (and opt) -> its train_state."""
+        return load_checkpoint(path, model=model, optimizer=opt)[2]
+
+    def export(self, model: GPT, out: Path) -> None:
+        model.save_pretrained(out / "hf")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRun:
+    """LoRA: adapters train on frozen base weights; a checkpoint holds the adapters (the base referenced
+    by path and sha256), the export is adapter/ in PEFT's layout."""
+    adapters: lora.LoraConfig
+
+    def attach(self, model: GPT, s: Settings) -> None:
+        # An absolute path: generate, chat, eval and export find the base from any folder.
+        base = str(Path(s.weights).resolve()) if s.weights else s.model
+        lora.attach(model, self.adapters, seed=s.seed, base_path=base)
+
+    def save(self, path, model: GPT, opt: AdamW, train_state: dict) -> None:
+        lora.save_checkpoint(path, model, opt, train_state)
+
+    def load(self, path, model: GPT, opt: AdamW | None = None) -> dict:
+        return lora.load_checkpoint(path, model, opt)
+
+    def export(self, model: GPT, out: Path) -> None:
+        lora.save_adapter(model, out / "adapter")
+
+
+def run_kind(s: Settings) -> FullRun | AdapterRun:
+    return AdapterRun(lora.lora_config(s)) if s.lora_rank is not None else FullRun()
+
+
+# ---- the run's records ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Best:
+    """Early stopping's record: the best val loss so far, its step, the evaluations since it."""
+    val_loss: float = math.inf
+    step: int | None = None
+    since: int = 0
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run is, besides its weights, optimizer and loader: what a checkpoint stores for an exact
+    resume, and what rank 0 gives every rank at a start so that every rank decides alike."""
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    records: list = dataclasses.field(default_factory=list)  # metrics.jsonl's, up to step
+    times: StepTimes = dataclasses.field(default_factory=StepTimes)
+    best: Best = dataclasses.field(default_factory=Best)
+    empty_batches: int = 0  # batches with no trained target
+
+    @property
+    def last_eval(self) -> int:
+        return max((r["step"] for r in self.records if r["kind"] == "eval"), default=0)
+
+    def to_dict(self, loader: Loader, s: Settings) -> dict:
+        """A checkpoint's train_state: this, the loader's position and the settings (a resume compares them)."""
+        return dict(step=self.step, tokens_seen=self.tokens_seen, records=self.records, loader=loader.state_dict(),
+                    step_times=dataclasses.asdict(self.times), best=dataclasses.asdict(self.best),
+                    settings=s.to_dict(), empty_batches=self.empty_batches)
+
+    @classmethod
+    def from_dict(cls, state: dict, loader: Loader) -> "TrainState":
+        """The inverse of to_dict, loader put back at its position; keys an older checkpoint lacks take
+        their defaults."""
+        loader.load_state_dict(state["loader"])
+        return cls(step=state["step"], tokens_seen=state["tokens_seen"], records=state["records"],
+                   times=StepTimes.from_state(state), best=Best(**state["best"]) if "best" in state else Best(),
+                   empty_batches=state.get("empty_batches", 0))
+
+
+@dataclasses.dataclass
+class StartClock:
+    """This start's timings (each step's and each evaluation's seconds), for its estimate line."""
+    first_step: int  # the step this start begins at
+    evals_planned: int
+    evals_before_last: int
+    steps: list = dataclasses.field(default_factory=list)
+    evals: list = dataclasses.field(default_factory=list)
+    estimated: bool = False
+
+    def estimate(self, total_steps: int) -> str | None:
+        """The estimate line, once: when ESTIMATE_AFTER steady steps and, where there are two, an
+        evaluation besides the first are timed."""
+        if self.estimated or len(self.steps) <= ESTIMATE_AFTER or len(self.evals) < min(2, self.evals_before_last):
+            return None
+        self.estimated = True
+        return estimate_line(total_steps - self.first_step, self.steps, self.evals_planned, self.evals)
+
+
+@dataclasses.dataclass
+class Data:
+    """A run's data: the splits as read (the responses file copies those records) and validated, the
+    prompt style, the train and val examples encoded (and cut or dropped at max_len)."""
+    raw: Split
+    split: Split
+    style: PromptStyle
+    max_len: int  # the effective max_length: at most the model's context
+    train: list
+    val: list
+
+
+# ---- a run: its checks and setup -----------------------------------------------------------------------
 def resolved_dtype(s: Settings) -> str:
     """The dtype these settings run in ("auto" decided for their backend on this machine)."""
     return backends.resolve_dtype(s.dtype, backends.resolve(s.backend, s.device)[0])
@@ -183,196 +310,44 @@ def finetune(s: Settings, log=print) -> dict:
         return _finetune(s, out, plan[0], log, dist)
 
 
-def _finetune(s: Settings, out: Path, plan, log, dist) -> dict:
+def _finetune(s: Settings, out: Path, plan: Plan, log, dist) -> dict:
     cfg, weights = model_source(s)
     max_len = min(s.max_length, cfg.context_length)
     log("settings:")
     for k, v in s.to_dict().items():
         clamped = f"  (effective {max_len}: the model's context)" if k == "max_length" and max_len < v else ""
         log(f"  {k} = {v!r}{clamped}")
+    data = load_data(s, max_len, log)
+    mem_plan = memory_plan(s, cfg, data.train, log)  # refuses before the model takes its memory
+    kind = run_kind(s)
+    model = build_model(s, cfg, weights)
+    del weights  # the model holds its own copy
+    kind.attach(model, s)
+    trainer = Trainer(s, out, kind, model, data, dist, log)
+    trainer.begin(plan)
+    trainer.train()
+    return trainer.end(memory_estimate_mb=round(sum(mem_plan.values()) / 2**20, 1))
 
+
+def load_data(s: Settings, max_len: int, log) -> Data:
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
     style = get_style(s.prompt_style)
-    collate = dist.shard(partial(collate_examples, packed=True, allowed_max_length=max_len))
     train_ex = encode_records(split.train, style, s.mask_prompt)
     val_ex = encode_records(split.val, style, s.mask_prompt)
     train_ex, val_ex = (report_long(name, ex, recs, style, max_len, s, log)
                         for name, ex, recs in (("train", train_ex, split.train), ("val", val_ex, split.val)))
-    mem_plan = memory_plan(s, cfg, train_ex, log)  # refuses before the model takes its memory
+    return Data(raw_split, split, style, max_len, train_ex, val_ex)
+
+
+def build_model(s: Settings, cfg: GPTConfig, weights: dict | None) -> GPT:
     try:
         model = GPT(cfg, backend=s.backend, dtype=s.dtype, seed=s.seed, device=s.device, params=weights)
     except ImportError as e:  # a backend whose library is not installed here
         raise MinisftError(f"setting backend: {s.backend} cannot run here ({e})") from None
-    del weights  # the model holds its own copy
     model.grad_checkpoint = s.grad_checkpoint
-    if s.lora_rank is not None:
-        # An absolute path: generate, chat, eval and export find the base from any folder.
-        base = str(Path(s.weights).resolve()) if s.weights else s.model
-        lora.attach(model, lora.lora_config(s), seed=s.seed, base_path=base)
-    loader = Loader(train_ex, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed, collate=collate)
-    eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
-    if len(loader) == 0:
-        raise MinisftError(f"setting batch_size: {s.batch_size} is more than the {len(train_ex)} training records")
-    opt = AdamW(model, lr=s.lr, weight_decay=s.weight_decay, decay=s.decay, state=s.optim_state)
-    steps_per_epoch = math.ceil(len(loader) / s.grad_accum)
-    total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
-    log(f"model: {s.model or s.weights} ({cfg.n_layers} layers, d={cfg.emb_dim}, context {cfg.context_length}; "
-        f"{model.num_params():,} parameters, {s.init} init), backend {model.B.name} {model.dtype}; "
-        f"{steps_per_epoch} steps per epoch, {total_steps} steps")
-    log(lora.trainable_parameters(model))
+    return model
 
-    step, tokens_seen, records, times, empty_batches = 0, 0, [], StepTimes(), 0
-    best = dict(val_loss=math.inf, step=None, since=0)  # early stopping: the best eval and evals since
-    if s.resume and dist.main:
-        path, state = resume_from(plan.checkpoints, model, opt, log)
-        step, tokens_seen, records = state["step"], state["tokens_seen"], state["records"]
-        times, empty_batches = StepTimes.from_state(state), state.get("empty_batches", 0)
-        best = state.get("best", best)
-        loader.load_state_dict(state["loader"])
-        log(f"resuming from {path} at step {step}")
-    if dist.main:
-        start(s, plan, log, dist.record())  # every check passed: the folder is written from here on
-    last_eval = max((r["step"] for r in records if r["kind"] == "eval"), default=0)
-    # rank 0's resumed position (and early-stopping record) on every rank, so every rank decides alike
-    step, tokens_seen, times, best, last_eval = dist.sync_start(model, opt, loader,
-                                                                (step, tokens_seen, times, best, last_eval))
-    first_step, here = step, []  # the step this start begins at; the seconds of each step it times
-    eval_times, estimated = [], False
-    evals_planned, evals_before_last = evaluations_in(first_step, total_steps, s.eval_freq)
-    # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
-    # records written after its checkpoint, so every step appears once).
-    if dist.main:
-        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    metrics = open(out / "metrics.jsonl" if dist.main else os.devnull, "a", encoding="utf-8")
-
-    def save(step, path=None):
-        if not dist.main:
-            return
-        (lora.save_checkpoint if model.lora is not None else save_checkpoint)(
-            path or out / "checkpoints" / f"step-{step:06d}.h5", model, opt,
-            dict(step=step, tokens_seen=tokens_seen, records=records, loader=loader.state_dict(),
-                 step_times=dataclasses.asdict(times), best=best, settings=s.to_dict(),
-                 empty_batches=empty_batches))
-        for old in checkpoints(out)[:-s.keep_last]:
-            old.unlink()
-
-    def emit(record):
-        records.append(record)
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-
-    def evaluate(epoch) -> None:
-        """The book's evaluation; with early stopping, a val loss below the best so far saved as best.h5."""
-        nonlocal best, last_eval
-        t0 = time.perf_counter()
-        train_loss = mean_batch_loss(model, eval_loader(train_ex), s.eval_iter, dist)
-        val_loss = mean_batch_loss(model, eval_loader(val_ex), s.eval_iter, dist)
-        eval_times.append(time.perf_counter() - t0)
-        emit(dict(kind="eval", step=step, epoch=epoch, train_loss=train_loss, val_loss=val_loss,
-                  tokens_seen=tokens_seen))
-        last_eval = step
-        if dist.main:
-            bar.write(f"Ep {epoch} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        if s.early_stop is not None:  # the reduced val loss: every rank decides alike
-            improved = val_loss < best["val_loss"]
-            best = dict(val_loss=val_loss, step=step, since=0) if improved else {**best, "since": best["since"] + 1}
-            if improved:
-                save(step, best_checkpoint(out))
-
-    stopped = s.early_stop is not None and best["since"] >= s.early_stop  # resumed after it stopped
-    if model.B.name == "numba" and step < total_steps and not stopped:
-        log("numba: the first step compiles the kernels, or loads them from numba's cache after the first run ...")
-    bar = progress(total_steps, "finetune", "step", initial=step, enabled=dist.main)
-    try:
-        while step < total_steps and not stopped:
-            epoch = loader.epoch
-            for window in windows(iter(loader), s.grad_accum):  # the rest of this epoch
-                t0 = time.perf_counter()
-                n_valid, n_tokens = dist.count(window)  # over every rank's slice of the window
-                if not n_valid:  # no trained target in the whole window: the step happens (schedule and
-                    # checkpoints keep their places) without an update, and so without an evaluation
-                    empty_batches += len(window)
-                    step += 1
-                    emit(dict(kind="skip", step=step, epoch=epoch + 1, reason="no trained target in the batch"))
-                    bar.update(1)
-                    if step % s.ckpt_every == 0 or step == total_steps:
-                        save(step)
-                    if step == total_steps:
-                        break
-                    continue
-                empty_batches += sum(not b.num_valid for b in window)  # a batch with none adds nothing
-                lr = lr_at(step + 1, s.lr, s.schedule, s.warmup_steps, total_steps, s.min_lr)
-                if s.fused_update:  # each tensor updated in the backward (a bad loss is seen after it)
-                    loss, grad_norm = opt.fused_step(window[0], lr=lr)
-                else:
-                    model.zero_grad()
-                    loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window if b.num_valid)
-                    loss = dist.reduce_gradients(model, loss) / n_valid
-                    grad_norm = clip_grad_norm(model, s.grad_clip)
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    last = checkpoints(out)
-                    raise MinisftError(f"the training loss became {loss} (gradient norm {grad_norm}) at step "
-                                       f"{step + 1}; stopping without updating the weights. The last good "
-                                       f"checkpoint is {last[-1] if last else 'none (no step was saved yet)'}")
-                if not s.fused_update:
-                    opt.step(lr=lr)
-                step += 1
-                here.append(time.perf_counter() - t0)
-                if len(here) == 1:
-                    times.first_s, times.starts = times.first_s + here[0], times.starts + 1
-                else:
-                    times.steady_s, times.steady_tokens = times.steady_s + here[-1], times.steady_tokens + n_tokens
-                tokens_seen += n_tokens
-                emit(dict(kind="step", step=step, epoch=epoch + 1, loss=loss, lr=lr, tokens_seen=tokens_seen,
-                          grad_norm=grad_norm, **measured_memory(model)))
-                rate = {"tok_s": f"{times.tokens_per_s():,.0f}"} if times.steady_s else {}  # steady steps only
-                bar.set_postfix(loss=f"{loss:.3f}", **rate)
-                bar.update(1)
-                if (step - 1) % s.eval_freq == 0:  # the book's global_step % eval_freq == 0
-                    evaluate(epoch + 1)
-                    stopped = s.early_stop is not None and best["since"] >= s.early_stop
-                    if stopped and dist.main:
-                        bar.write(f"early stop: the val loss has not improved for {s.early_stop} evaluations; "
-                                  f"the best, {best['val_loss']:.3f} at step {best['step']}, is in "
-                                  f"{best_checkpoint(out)}")
-                # Once ESTIMATE_AFTER steady steps and, where there are two, an evaluation besides the first are timed.
-                if not estimated and len(here) > ESTIMATE_AFTER and len(eval_times) >= min(2, evals_before_last):
-                    estimated = True
-                    if dist.main:
-                        bar.write(estimate_line(total_steps - first_step, here, evals_planned, eval_times))
-                if step % s.ckpt_every == 0 or step == total_steps or stopped:
-                    save(step)
-                if step == total_steps or stopped:
-                    break
-            if dist.main and (loader.epoch > epoch or loader.batch == len(loader)):  # the epoch is complete
-                bar.write(sample_text(model, style, split.val[0]))
-        # The reported losses are the last weights': evaluate them unless the last step just did.
-        # The last step's checkpoint is already written: a longer run resumed from it has no such evaluation.
-        if last_eval != step:
-            evaluate((step - 1) // steps_per_epoch + 1)
-    except KeyboardInterrupt:
-        last = checkpoints(out)
-        log(f"interrupted at step {step}; the last checkpoint is {last[-1] if last else 'none'}: "
-            f"continue with --resume --out {out}")
-        raise
-    finally:
-        bar.close()
-        metrics.close()
-    if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{step:06d}.h5":
-        save(step)
-    dist.close()  # no collective after the last step: the other ranks are done
-    run = dict(dist.record(), tokens_per_rank=dist.valid_per_rank)
-    if not dist.main:
-        return dict(steps=step, tokens_seen=tokens_seen, rank=dist.rank, **run)
-    if s.export == "best":
-        load_run_checkpoint(best_checkpoint(out), model)
-        log(f"export: the best checkpoint (val loss {best['val_loss']:.3f} at step {best['step']})")
-    if empty_batches:
-        log(f"{empty_batches} batches had no trained target (every target masked or cut off) and contributed nothing")
-    return finish(s, out, model, style, raw_split, split, records, times, tokens_seen, step, log,
-                  dict(run, empty_batches=empty_batches,
-                       memory_estimate_mb=round(sum(mem_plan.values()) / 2**20, 1)))
 
 def report_long(name, examples, records, style, max_len, s, log) -> list:
     """Say how many records max_len cuts and how many lose their whole response; drop them with
@@ -393,24 +368,244 @@ def report_long(name, examples, records, style, max_len, s, log) -> list:
     return examples
 
 
-def load_run_checkpoint(path, model, opt=None) -> dict:
-    """A run's checkpoint into model (and opt) -> its train_state; a LoRA run's holds adapters only."""
-    if model.lora is not None:
-        return lora.load_checkpoint(path, model, opt)
-    return load_checkpoint(path, model=model, optimizer=opt)[2]
-
-
-def resume_from(candidates, model, opt, log):
+def resume_from(candidates, kind: FullRun | AdapterRun, model: GPT, opt: AdamW, log) -> tuple[Path, dict]:
     """Load the newest checkpoint that loads whole -> (path, train_state); name the ones skipped."""
     failed = []
     for path in candidates:
         try:
-            return path, load_run_checkpoint(path, model, opt)
+            return path, kind.load(path, model, opt)
         except MinisftError as e:
             log(f"skipping the checkpoint {path.name}: {e}")
             failed.append(path.name)
     raise MinisftError(f"setting resume: none of the checkpoints {', '.join(failed)} loads; start afresh with "
                        "--overwrite")
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+class Trainer:
+    """One start of a run: its model, optimizer and loaders, its TrainState, and the loop's parts."""
+
+    def __init__(self, s: Settings, out: Path, kind: FullRun | AdapterRun, model: GPT, data: Data, dist, log):
+        self.s, self.out, self.kind, self.model, self.data, self.dist, self.log = s, out, kind, model, data, dist, log
+        collate = dist.shard(partial(collate_examples, packed=True, allowed_max_length=data.max_len))
+        self.loader = Loader(data.train, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed,
+                             collate=collate)
+        self.eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
+        if len(self.loader) == 0:
+            raise MinisftError(f"setting batch_size: {s.batch_size} is more than the {len(data.train)} training "
+                               "records")
+        self.opt = AdamW(model, lr=s.lr, weight_decay=s.weight_decay, decay=s.decay, state=s.optim_state)
+        self.steps_per_epoch = math.ceil(len(self.loader) / s.grad_accum)
+        epochs_steps = s.epochs * self.steps_per_epoch
+        self.total_steps = epochs_steps if s.max_steps is None else min(s.max_steps, epochs_steps)
+        cfg = model.cfg
+        log(f"model: {s.model or s.weights} ({cfg.n_layers} layers, d={cfg.emb_dim}, context {cfg.context_length}; "
+            f"{model.num_params():,} parameters, {s.init} init), backend {model.B.name} {model.dtype}; "
+            f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps")
+        log(lora.trainable_parameters(model))
+        self.state = TrainState()
+        self.clock = self.bar = self.metrics = None  # set by begin and train
+
+    def begin(self, plan: Plan) -> None:
+        """This start's position: rank 0 resumes from the newest checkpoint that loads and writes the
+        folder's start; every rank takes rank 0's position; metrics.jsonl is cut back to it."""
+        s, dist, log = self.s, self.dist, self.log
+        if s.resume and dist.main:
+            path, state = resume_from(plan.checkpoints, self.kind, self.model, self.opt, log)
+            self.state = TrainState.from_dict(state, self.loader)
+            log(f"resuming from {path} at step {self.state.step}")
+        if dist.main:
+            start(s, plan, log, dist.record())  # every check passed: the folder is written from here on
+        self.state = dist.sync_start(self.model, self.opt, self.loader, self.state)
+        step = self.state.step
+        self.clock = StartClock(step, *evaluations_in(step, self.total_steps, s.eval_freq))
+        # metrics.jsonl holds exactly the records up to the current step (a resumed run drops any
+        # records written after its checkpoint, so every step appears once).
+        if dist.main:
+            write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.records))
+        self.metrics = open(self.out / "metrics.jsonl" if dist.main else os.devnull, "a", encoding="utf-8")
+
+    def stopped(self) -> bool:
+        """Early stopping's verdict: early_stop evaluations in a row without a better val loss."""
+        return self.s.early_stop is not None and self.state.best.since >= self.s.early_stop
+
+    def train(self) -> None:
+        """Steps to total_steps or an early stop, then the last weights' evaluation; an interrupt names
+        the checkpoint to resume from. The last step's checkpoint is written at the end."""
+        st, out = self.state, self.out
+        if self.model.B.name == "numba" and st.step < self.total_steps and not self.stopped():
+            self.log("numba: the first step compiles the kernels, or loads them from numba's cache after the first "
+                     "run ...")
+        self.bar = progress(self.total_steps, "finetune", "step", initial=st.step, enabled=self.dist.main)
+        try:
+            while st.step < self.total_steps and not self.stopped():
+                self.train_epoch()
+            # The reported losses are the last weights': evaluate them unless the last step just did.
+            # The last step's checkpoint is already written: a longer run resumed from it has no such evaluation.
+            if st.last_eval != st.step:
+                self.evaluate((st.step - 1) // self.steps_per_epoch + 1)
+        except KeyboardInterrupt:
+            last = checkpoints(out)
+            self.log(f"interrupted at step {st.step}; the last checkpoint is {last[-1] if last else 'none'}: "
+                     f"continue with --resume --out {out}")
+            raise
+        finally:
+            self.bar.close()
+            self.metrics.close()
+        if not checkpoints(out) or checkpoints(out)[-1].name != f"step-{st.step:06d}.h5":
+            self.save()
+
+    def train_epoch(self) -> None:
+        """The rest of the loader's epoch, one step per window of grad_accum batches, then (the epoch
+        complete) the book's sample."""
+        epoch = self.loader.epoch
+        for window in windows(iter(self.loader), self.s.grad_accum):
+            self.step(window, epoch + 1)
+            if self.state.step == self.total_steps or self.stopped():
+                break
+        if self.dist.main and (self.loader.epoch > epoch or self.loader.batch == len(self.loader)):
+            self.bar.write(sample_text(self.model, self.data.style, self.data.split.val[0]))
+
+    def step(self, window: list, epoch: int) -> None:
+        """One step on a window, its records, evaluation and checkpoint. A window with no trained target
+        in it still makes a step (the schedule and the checkpoints keep their places), without an update
+        and so without an evaluation."""
+        s, st = self.s, self.state
+        t0 = time.perf_counter()
+        n_valid, n_tokens = self.dist.count(window)  # over every rank's slice of the window
+        if n_valid:
+            st.empty_batches += sum(not b.num_valid for b in window)  # a batch with none adds nothing
+            lr = lr_at(st.step + 1, s.lr, s.schedule, s.warmup_steps, self.total_steps, s.min_lr)
+            loss, grad_norm = self.optimizer_step(window, n_valid, lr)
+            st.step += 1
+            self.clock.steps.append(time.perf_counter() - t0)
+            st.times.add(self.clock.steps[-1], n_tokens, first=len(self.clock.steps) == 1)
+            st.tokens_seen += n_tokens
+            self.emit(dict(kind="step", step=st.step, epoch=epoch, loss=loss, lr=lr, tokens_seen=st.tokens_seen,
+                           grad_norm=grad_norm, **measured_memory(self.model)))
+            rate = {"tok_s": f"{st.times.tokens_per_s():,.0f}"} if st.times.steady_s else {}  # steady steps only
+            self.bar.set_postfix(loss=f"{loss:.3f}", **rate)
+        else:
+            st.empty_batches += len(window)
+            st.step += 1
+            self.emit(dict(kind="skip", step=st.step, epoch=epoch, reason="no trained target in the batch"))
+        self.bar.update(1)
+        if n_valid and (st.step - 1) % s.eval_freq == 0:  # the book's global_step % eval_freq == 0
+            self.evaluate(epoch)
+            if self.stopped() and self.dist.main:
+                self.bar.write(f"early stop: the val loss has not improved for {s.early_stop} evaluations; the "
+                               f"best, {st.best.val_loss:.3f} at step {st.best.step}, is in "
+                               f"{best_checkpoint(self.out)}")
+        line = self.clock.estimate(self.total_steps)
+        if line and self.dist.main:
+            self.bar.write(line)
+        if st.step % s.ckpt_every == 0 or st.step == self.total_steps or self.stopped():
+            self.save()
+
+    def optimizer_step(self, window: list, n_valid: int, lr: float) -> tuple[float, float]:
+        """The window's gradient, each micro-batch's scaled by 1/(valid targets in the whole window), and
+        AdamW's update -> (loss, gradient norm). A non-finite loss or norm stops the run before the update."""
+        s, model = self.s, self.model
+        if s.fused_update:  # each tensor updated in the backward (a bad loss is seen after it)
+            loss, grad_norm = self.opt.fused_step(window[0], lr=lr)
+        else:
+            model.zero_grad()
+            loss = sum(model.forward_backward(b, grad_scale=1.0 / n_valid)[0] for b in window if b.num_valid)
+            loss = self.dist.reduce_gradients(model, loss) / n_valid
+            grad_norm = clip_grad_norm(model, s.grad_clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = checkpoints(self.out)
+            raise MinisftError(f"the training loss became {loss} (gradient norm {grad_norm}) at step "
+                               f"{self.state.step + 1}; stopping without updating the weights. The last good "
+                               f"checkpoint is {last[-1] if last else 'none (no step was saved yet)'}")
+        if not s.fused_update:
+            self.opt.step(lr=lr)
+        return loss, grad_norm
+
+    def evaluate(self, epoch: int) -> None:
+        """The book's evaluation of the weights at this step; with early stopping, its val loss tracked."""
+        s, st, dist = self.s, self.state, self.dist
+        t0 = time.perf_counter()
+        train_loss = mean_batch_loss(self.model, self.eval_loader(self.data.train), s.eval_iter, dist)
+        val_loss = mean_batch_loss(self.model, self.eval_loader(self.data.val), s.eval_iter, dist)
+        self.clock.evals.append(time.perf_counter() - t0)
+        self.emit(dict(kind="eval", step=st.step, epoch=epoch, train_loss=train_loss, val_loss=val_loss,
+                       tokens_seen=st.tokens_seen))
+        if dist.main:
+            self.bar.write(f"Ep {epoch} (Step {st.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        if s.early_stop is not None:  # the reduced val loss: every rank decides alike
+            self.early_stop(val_loss)
+
+    def early_stop(self, val_loss: float) -> None:
+        """A val loss below the best so far is the new best, saved as best.h5; any other counts one more
+        evaluation without improvement."""
+        st = self.state
+        if val_loss < st.best.val_loss:
+            st.best = Best(val_loss, st.step)
+            self.save(best_checkpoint(self.out))
+        else:
+            st.best.since += 1
+
+    def emit(self, record: dict) -> None:
+        self.state.records.append(record)
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def save(self, path: Path | None = None) -> None:
+        """Rank 0: this step's checkpoint (or path), keeping the last keep_last step checkpoints."""
+        if not self.dist.main:
+            return
+        step_path = self.out / "checkpoints" / f"step-{self.state.step:06d}.h5"
+        self.kind.save(path or step_path, self.model, self.opt, self.state.to_dict(self.loader, self.s))
+        for old in checkpoints(self.out)[:-self.s.keep_last]:
+            old.unlink()
+
+    def end(self, memory_estimate_mb: float) -> dict:
+        """After the last step: rank 0 finishes the run (with --export best, on best.h5's weights) ->
+        the summary; another rank returns its counts."""
+        s, st, dist, log = self.s, self.state, self.dist, self.log
+        dist.close()  # no collective after the last step: the other ranks are done
+        run = dict(dist.record(), tokens_per_rank=dist.valid_per_rank)
+        if not dist.main:
+            return dict(steps=st.step, tokens_seen=st.tokens_seen, rank=dist.rank, **run)
+        if s.export == "best":
+            self.kind.load(best_checkpoint(self.out), self.model)
+            log(f"export: the best checkpoint (val loss {st.best.val_loss:.3f} at step {st.best.step})")
+        if st.empty_batches:
+            log(f"{st.empty_batches} batches had no trained target (every target masked or cut off) and "
+                "contributed nothing")
+        return self.finish(dict(run, empty_batches=st.empty_batches, memory_estimate_mb=memory_estimate_mb))
+
+    def finish(self, run: dict) -> dict:
+        """The end of a run: the export (hf/, or a LoRA run's adapter/), test-set responses, the loss plot,
+        the summary (with run: world_size, the target tokens each rank trained on, the batches that had no
+        trained target)."""
+        s, out, st, data, model = self.s, self.out, self.state, self.data, self.model
+        self.kind.export(model, out)
+        n = len(data.split.test) if s.responses is None else min(s.responses, len(data.split.test))
+        if n:
+            prompts = [data.style.prompt(r["messages"]) for r in data.split.test[:n]]
+            answers = generate_responses(model, prompts, tokenizer.encode, tokenizer.decode, s.max_new_tokens)
+            entries = [dict(rec, model_response=a) for rec, a in zip(data.raw.test[:n], answers)]
+            write_json(out / "instruction-data-with-response.json", entries)
+        evals = [r for r in st.records if r["kind"] == "eval"]
+        steps = [r for r in st.records if r["kind"] == "step"]
+        note = plot_losses(evals, steps[-1]["epoch"] if steps else 0, out / "loss-plot.png")
+        if note:
+            self.log(note)
+        rate = st.times.tokens_per_s()
+        # tokens_per_second: the steps after each start's first (compiling/warm-up) step, timed apart
+        summary = dict(steps=st.step, train_seconds=round(st.times.total_s, 3),
+                       first_step_seconds=round(st.times.first_s, 3), tokens_seen=st.tokens_seen,
+                       tokens_per_second=round(rate, 1) if rate else None,
+                       final_eval_step=evals[-1]["step"], final_train_loss=evals[-1]["train_loss"],
+                       final_val_loss=evals[-1]["val_loss"], last_step_loss=steps[-1]["loss"] if steps else None,
+                       responses=n, **run, **measured_memory(model))
+        write_json(out / "summary.json", summary, indent=2)
+        self.log(f"done: {st.step} steps in {st.times.describe()}; train loss {summary['final_train_loss']:.3f}, "
+                 f"val loss {summary['final_val_loss']:.3f} at step {summary['final_eval_step']} (estimates on "
+                 f"--eval-iter batches); outputs in {out}")
+        return summary
 
 
 # ---- memory --------------------------------------------------------------------------------------------
@@ -419,7 +614,7 @@ def memory_plan(s: Settings, cfg: GPTConfig, train_ex, log=print) -> dict:
     with memory_check refuse when it does not. Needs only the tokenized data, not the model."""
     max_len = min(s.max_length, cfg.context_length)
     lengths = [len(e.tokens) + 1 for e in train_ex]  # + the end-of-text each row gets
-    adapters = lora.lora_config(s) if s.lora_rank is not None else None
+    adapters = run_kind(s).adapters
 
     def estimate_with(**changes):
         t = {**s.to_dict(), **changes}
@@ -463,37 +658,3 @@ def sample_text(model: GPT, style, record) -> str:
     ids = tokenizer.encode(prompt)
     new = generate(model, [ids], SAMPLE_TOKENS)[0]
     return tokenizer.decode(ids + new).replace("\n", " ")
-
-
-def finish(s, out, model, style, raw_split, split, records, times, tokens_seen, step, log, run) -> dict:
-    """The end of a run: HF export (a LoRA run: the adapter in PEFT's layout), test-set responses, the
-    loss plot, the summary (with run: world_size, the target tokens each rank trained on, the batches
-    that had no trained target)."""
-    if model.lora is not None:
-        lora.save_adapter(model, out / "adapter")
-    else:
-        model.save_pretrained(out / "hf")
-    n = len(split.test) if s.responses is None else min(s.responses, len(split.test))
-    if n:
-        prompts = [style.prompt(r["messages"]) for r in split.test[:n]]
-        answers = generate_responses(model, prompts, tokenizer.encode, tokenizer.decode, s.max_new_tokens)
-        entries = [dict(rec, model_response=a) for rec, a in zip(raw_split.test[:n], answers)]
-        write_json(out / "instruction-data-with-response.json", entries)
-    evals = [r for r in records if r["kind"] == "eval"]
-    steps = [r for r in records if r["kind"] == "step"]
-    note = plot_losses(evals, steps[-1]["epoch"] if steps else 0, out / "loss-plot.png")
-    if note:
-        log(note)
-    rate = times.tokens_per_s()
-    # tokens_per_second: the steps after each start's first (compiling/warm-up) step, timed apart
-    summary = dict(steps=step, train_seconds=round(times.total_s, 3),
-                   first_step_seconds=round(times.first_s, 3), tokens_seen=tokens_seen,
-                   tokens_per_second=round(rate, 1) if rate else None,
-                   final_eval_step=evals[-1]["step"], final_train_loss=evals[-1]["train_loss"],
-                   final_val_loss=evals[-1]["val_loss"], last_step_loss=steps[-1]["loss"] if steps else None,
-                   responses=n, **run, **measured_memory(model))
-    write_json(out / "summary.json", summary, indent=2)
-    log(f"done: {step} steps in {times.describe()}; train loss {summary['final_train_loss']:.3f}, val loss "
-        f"{summary['final_val_loss']:.3f} at step {summary['final_eval_step']} (estimates on --eval-iter batches); "
-        f"outputs in {out}")
-    return summary
