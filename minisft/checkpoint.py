@@ -53,7 +53,7 @@ def rng_from_state(state: dict) -> np.random.Generator:
     return np.random.Generator(bitgen)
 
 
-def _plain(x):
+def json_default(x):
     """json.dumps fallback: numpy scalars and arrays as plain numbers and lists."""
     if isinstance(x, np.generic):
         return x.item()
@@ -67,7 +67,7 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_stat
     """Write model (+ optimizer state, + train_state: a JSON-serialisable dict) to path, atomically."""
     path = Path(path)
     try:
-        state_json = json.dumps(train_state or {}, default=_plain, allow_nan=True)
+        state_json = json.dumps(train_state or {}, default=json_default, allow_nan=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"save_checkpoint: train_state is not JSON-serialisable: {e}") from None
     if optimizer is not None and optimizer.model is not model:
@@ -81,7 +81,7 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_stat
             f["config"] = json.dumps(model.cfg.to_dict())
             g = f.create_group("model")
             g.attrs.update(rng=json.dumps(rng_state(model.rng)), frozen=json.dumps(sorted(model.frozen)))
-            _write_arrays(f.create_group("params"), model.params, model)
+            write_arrays(f.create_group("params"), model.params, model)
             f.attrs["array_dtype"] = f["params"][next(iter(model.params))].dtype.str
             if optimizer is not None:
                 g = f.create_group("adam")
@@ -103,7 +103,8 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_stat
     return path
 
 
-def _write_arrays(group, arrays: dict, model: GPT) -> None:
+def write_arrays(group, arrays: dict, model: GPT) -> None:
+    """Each of the model's arrays as a dataset of the HDF5 group, by name (training checkpoints and LoRA's)."""
     for name, a in arrays.items():  # one array at a time on the host, not a second copy of the model
         group.create_dataset(name, data=model.B.to_numpy(a))
 
@@ -150,7 +151,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
         raise MinisftError(f"{path}: incomplete checkpoint (the completion marker is missing): it was cut "
                            "short while being written or copied")
     try:
-        cfg = GPTConfig.from_dict(_json(f, path, "config"))
+        cfg = GPTConfig.from_dict(read_json(f, path, "config"))
     except (TypeError, ValueError) as e:
         raise MinisftError(f"{path}: dataset 'config' is not a valid model config: {e}") from None
     try:
@@ -163,9 +164,9 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
     if not frozen <= set(shapes):
         raise MinisftError(f"{path}: model/frozen names parameters the model does not have: "
                            f"{sorted(frozen - set(shapes))}")
-    train_state = _json(f, path, "train_state")
+    train_state = read_json(f, path, "train_state")
     array_dtype = np.dtype(f.attrs["array_dtype"])
-    _check_layout(f, path, "params", {n: (shape, array_dtype) for n, shape in shapes.items()})
+    check_layout(f, path, "params", {n: (shape, array_dtype) for n, shape in shapes.items()})
     if model is not None:
         differ = [f"{k}: file {getattr(cfg, k)!r}, model {getattr(model.cfg, k)!r}"
                   for k in SHAPE_FIELDS if getattr(cfg, k) != getattr(model.cfg, k)]
@@ -183,7 +184,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
         if state not in OPTIM_STATES:
             raise MinisftError(f"{path}: unknown AdamW state {state!r} (attribute adam/state)")
         for key, layout in state_layout({n: shapes[n] for n in trained}, state, array_dtype).items():
-            _check_layout(f, path, f"adam/{key}", layout)
+            check_layout(f, path, f"adam/{key}", layout)
         if optimizer is not None and set(optimizer.m) != set(trained):
             raise MinisftError(f"{path}: the optimizer state does not fit this optimizer: the file has moments "
                                f"for {len(trained)} tensors (frozen: {sorted(frozen)}), the optimizer "
@@ -192,7 +193,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
     # Load, one tensor at a time where a model already holds memory for it: the peak stays near the
     # final size (model + two moments) rather than twice that.
     if model is None:
-        params = {n: _read(f, path, f"params/{n}") for n in shapes}
+        params = {n: read_array(f, path, f"params/{n}") for n in shapes}
         saved = str(f.attrs["dtype"])
         if dtype is None and saved == "bfloat16" and resolve(backend, device)[0] == "numpy":
             saved = "float32"  # a bfloat16 run stores float32 master weights; numpy computes in float32
@@ -200,7 +201,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
         del params
     else:
         for n in shapes:
-            model.params[n] = model.B.from_numpy(_read(f, path, f"params/{n}"))
+            model.params[n] = model.B.from_numpy(read_array(f, path, f"params/{n}"))
         model.grads = {}
     model.rng, model.frozen = rng, frozen
     if restore_adam:
@@ -211,7 +212,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
                               state=state)
         for key, arrays in optimizer.moments.items():
             for n in trained:
-                arrays[n] = optimizer.from_host(_read(f, path, f"adam/{key}/{n}"))
+                arrays[n] = optimizer.from_host(read_array(f, path, f"adam/{key}/{n}"))
         optimizer.step_count = int(a["step"])
     return model, (optimizer if restore_adam else None), train_state
 
@@ -230,14 +231,15 @@ def _check_config(f, path, cfg: GPTConfig) -> None:
             raise MinisftError(f"{path}: params/{name} is {got}, the config needs {shape}")
 
 
-def _json(f, path, name):
+def read_json(f, path, name):
+    """The JSON text dataset `name` of the open file f (from path), parsed."""
     try:
         return json.loads(f[name].asstr()[()])
     except (TypeError, ValueError) as e:
         raise MinisftError(f"{path}: dataset {name!r} is not valid JSON text: {e}") from None
 
 
-def _check_layout(f, path, group: str, layout: dict) -> None:
+def check_layout(f, path, group: str, layout: dict) -> None:
     """The datasets of group must be exactly the layout's names, shapes and dtypes (metadata only):
     {name: (shape, dtype)}."""
     if group not in f:
@@ -249,7 +251,8 @@ def _check_layout(f, path, group: str, layout: dict) -> None:
             raise MinisftError(f"{path}: dataset {group}/{name} is {g[name].dtype}, expected {dtype}")
 
 
-def _read(f, path, name: str) -> np.ndarray:
+def read_array(f, path, name: str) -> np.ndarray:
+    """Dataset `name` of the open file f (from path) on the host, refused if any value is not finite."""
     try:
         a = f[name][()]
     except OSError as e:  # an I/O error under h5py

@@ -13,8 +13,8 @@ runs inside the fused head + cross-entropy (backend head_loss), so no (N, V) mat
 
 The adapters live in `model.params` under `<module>[.q|.k|.v].lora_A / .lora_B` and train through the
 ordinary AdamW and gradient clipping; the forward and backward are the backend kernels
-`lora_forward` / `lora_backward` (and `lora_down_*` for the head), called from GPT._block and
-GPT._backward through `model.lora`.
+`lora_forward` / `lora_backward` (and `lora_down_*` for the head), called by the block's linear op
+(minisft/model.py) through `model.lora`.
 
 Files: `save_adapter` writes PEFT's layout (adapter_config.json + adapter_model.safetensors, PEFT
 tensor names, lora_A.weight (r, in), lora_B.weight (out, r), fan_in_fan_out true) plus
@@ -35,7 +35,8 @@ import h5py
 import numpy as np
 
 from . import __version__, safetensors
-from .checkpoint import SHAPE_FIELDS, _check_layout, _json, _plain, _read, _write_arrays, rng_from_state, rng_state
+from .checkpoint import (SHAPE_FIELDS, check_layout, json_default, read_array, read_json, rng_from_state, rng_state,
+                         write_arrays)
 from .config import GPTConfig
 from .errors import MinisftError
 from .files import write_json
@@ -197,8 +198,8 @@ class Lora:
         dxd = None
         for p, u in zip(parts, us):
             dxp, da, db = B.lora_backward(dy, xd, u, P[p.a], P[p.b], p.scale, p.col)   # (N, in)
-            model._acc(p.a, da)
-            model._acc(p.b, db)
+            model.accumulate(p.a, da)
+            model.accumulate(p.b, db)
             dxd = dxp if dxd is None else B.residual_forward(dxd, dxp)  # parts share x: their dx add
         if mask is not None:
             dxd = B.dropout_backward(dxd, mask)
@@ -225,9 +226,9 @@ class Lora:
             return
         B = model.B
         xd, mask, (_, _, du, db) = cache["lora.head"]
-        model._acc(p.b, db)
+        model.accumulate(p.b, db)
         dx, da = B.lora_down_backward(du, xd, model.params[p.a], p.scale)               # (N, d)
-        model._acc(p.a, da)
+        model.accumulate(p.a, da)
         if mask is not None:
             dx = B.dropout_backward(dx, mask)
         B.add_(dlnf, dx)
@@ -485,13 +486,13 @@ def save_checkpoint(path, model: GPT, optimizer, train_state: dict | None = None
             f["config"] = json.dumps(model.cfg.to_dict())
             f["lora"] = json.dumps({"config": _config_dict(lora.config), "base": lora.base})
             f.create_group("model").attrs["rng"] = json.dumps(rng_state(model.rng))
-            _write_arrays(f.create_group("params"), {n: model.params[n] for n in names}, model)
+            write_arrays(f.create_group("params"), {n: model.params[n] for n in names}, model)
             f.attrs["array_dtype"] = f["params"][names[0]].dtype.str
             g = f.create_group("adam")
             g.attrs.update(step=optimizer.step_count)
-            _write_arrays(g.create_group("m"), optimizer.m, model)
-            _write_arrays(g.create_group("v"), optimizer.v, model)
-            f["train_state"] = json.dumps(train_state or {}, default=_plain, allow_nan=True)
+            write_arrays(g.create_group("m"), optimizer.m, model)
+            write_arrays(g.create_group("v"), optimizer.v, model)
+            f["train_state"] = json.dumps(train_state or {}, default=json_default, allow_nan=True)
             f.flush()
             f.attrs["complete"] = True
         with open(tmp, "rb+") as fh:
@@ -513,8 +514,8 @@ def is_checkpoint(path) -> bool:
 def read_checkpoint_header(path) -> tuple[GPTConfig, LoraConfig, dict]:
     """-> (model config, LoraConfig, base {path, sha256}) of a LoRA checkpoint, without loading arrays."""
     with h5py.File(path, "r") as f:
-        meta = _json(f, path, "lora")
-        cfg = GPTConfig.from_dict(_json(f, path, "config"))
+        meta = read_json(f, path, "lora")
+        cfg = GPTConfig.from_dict(read_json(f, path, "config"))
     c = meta["config"]
     return cfg, LoraConfig(**{**c, "targets": tuple(c["targets"])}), meta["base"]
 
@@ -533,7 +534,7 @@ def load_checkpoint(path, model: GPT, optimizer=None) -> dict:
             raise MinisftError(f"{path}: not a minisft LoRA checkpoint of format version {CKPT_VERSION}")
         if not f.attrs.get("complete", False):
             raise MinisftError(f"{path}: incomplete checkpoint (the completion marker is missing)")
-        meta = _json(f, path, "lora")
+        meta = read_json(f, path, "lora")
         lora = model.lora
         if lora is None or meta["config"] != _config_dict(lora.config):
             raise MinisftError(f"{path}: its LoRA settings {meta['config']} differ from this run's "
@@ -545,15 +546,15 @@ def load_checkpoint(path, model: GPT, optimizer=None) -> dict:
         shapes = {n: tuple(model.params[n].shape) for p in lora.parts for n in (p.a, p.b)}
         dtype = np.dtype(f.attrs["array_dtype"])
         for group in ("params", "adam/m", "adam/v"):
-            _check_layout(f, path, group, {n: (shape, dtype) for n, shape in shapes.items()})
-        train_state = _json(f, path, "train_state")
+            check_layout(f, path, group, {n: (shape, dtype) for n, shape in shapes.items()})
+        train_state = read_json(f, path, "train_state")
         rng = rng_from_state(json.loads(f["model"].attrs["rng"]))
         for n in shapes:
-            model.params[n] = model.B.from_numpy(_read(f, path, f"params/{n}"))
+            model.params[n] = model.B.from_numpy(read_array(f, path, f"params/{n}"))
         model.rng, model.grads = rng, {}
         if optimizer is not None:
             for key in ("m", "v"):  # LoRA runs keep fp32 moments
-                optimizer.moments[key] = {n: model.B.from_numpy(_read(f, path, f"adam/{key}/{n}")) for n in shapes}
+                optimizer.moments[key] = {n: model.B.from_numpy(read_array(f, path, f"adam/{key}/{n}")) for n in shapes}
             optimizer.step_count = int(f["adam"].attrs["step"])
     return train_state
 

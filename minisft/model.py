@@ -109,7 +109,7 @@ class GPT:
     def zero_grad(self) -> None:
         self.grads = {}
 
-    def _acc(self, name, g) -> None:
+    def accumulate(self, name, g) -> None:
         """Add a fresh gradient into self.grads (first contribution: just keep the array)."""
         if name in self.frozen:
             return
@@ -180,8 +180,8 @@ class GPT:
         # undoes out = layernorm(x; w, b), and adds dskip, the gradient of x's other reader
         (x,), (w, b), (mean, rstd) = st.ins, block.params(st, h), a.saved[st.out]
         dx, dw, db = self.B.layernorm_backward(dout, a.values[x], self.params[w], mean, rstd, dskip=dskip)
-        self._acc(w, dw)
-        self._acc(b, db)
+        self.accumulate(w, dw)
+        self.accumulate(b, db)
         return (dx,)                                                                       # (N, d)
 
     def _linear_forward(self, st, h, a, x, train, **_):
@@ -200,9 +200,9 @@ class GPT:
             dout = self.B.dropout_backward(dout, a.saved[st.out])
         dx, dw, db = self.B.linear_backward(dout, a.values[x], self.params[w], w not in self.frozen)  # (N, in)
         self._adapt_backward(h + st.module, dout, a.lora, dx)
-        self._acc(w, dw)
+        self.accumulate(w, dw)
         if b in self.params:  # the book's config has no c_attn bias
-            self._acc(b, db)
+            self.accumulate(b, db)
         return (dx,)
 
     def _attention_forward(self, st, h, a, qkv, attend, i, **_):
@@ -295,8 +295,8 @@ class GPT:
         """dlnf (N, d): gradient at the final layernorm's output. Accumulates into self.grads."""
         B, P = self.B, self.params
         dx, dw, db = B.layernorm_backward(dlnf, c.x, P["ln_f.weight"], c.lnf_mean, c.lnf_rstd)
-        self._acc("ln_f.weight", dw)
-        self._acc("ln_f.bias", db)
+        self.accumulate("ln_f.weight", dw)
+        self.accumulate("ln_f.bias", db)
         for i in reversed(range(self.cfg.n_layers)):
             a = c.acts[i]
             if isinstance(a, Checkpoint):  # only the input was kept

@@ -85,3 +85,35 @@ def test_every_command_has_its_own_module_a_description_and_help_on_every_option
         for action in parser._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"minisft {name} {action.option_strings[0]} has no help text"
+
+
+def private_names(tree: ast.Module) -> set:
+    """The private names (one leading underscore) a module defines: functions, classes, methods,
+    module and class attributes, and the attributes its methods set on self."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """A private name is its module's own: another module imports it or reads it off an object only
+    through a public name (self and cls stay free within their class)."""
+    modules = package_modules()
+    trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+    defined = {name: private_names(tree) for name, tree in trees.items()}
+    leaks = []
+    for name, tree in trees.items():
+        others = set().union(*(d for m, d in defined.items() if m != name)) - defined[name]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                leaks += [f"{name}:{node.lineno} imports {a.name}" for a in node.names if a.name in others]
+            elif isinstance(node, ast.Attribute) and node.attr in others and not (
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                leaks.append(f"{name}:{node.lineno} reads {ast.unparse(node)}")
+    assert leaks == []
