@@ -93,7 +93,8 @@ def gemm_shapes(cfg: GPTConfig, n: int):
     logits = h @ Wh^T, dh = dlogits @ Wh, dWh = dlogits^T @ h."""
     d, V = cfg.emb_dim, cfg.vocab_size
     shapes = []
-    for what, k_in, k_out in (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, 4 * d), ("mlp.c_proj", 4 * d, d)):
+    linears = (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, 4 * d), ("mlp.c_proj", 4 * d, d))
+    for what, k_in, k_out in linears:
         shapes += [(f"{what} fwd", n, k_in, k_out, False, False),
                    (f"{what} dx", n, k_out, k_in, False, True),
                    (f"{what} dW", k_in, n, k_out, True, False)]
@@ -112,7 +113,7 @@ def sgemm_rates(cfg: GPTConfig, n: int, reps: int = 3, seed: int = 0) -> dict:
         a, b = (a.T if ta else a), (b.T if tb else b)
         out = np.empty((M, N), dtype=np.float32)
         np.matmul(a, b, out=out)
-        best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(reps))
+        best = min(_timed(lambda a=a, b=b, out=out: np.matmul(a, b, out=out)) for _ in range(reps))
         rates[what] = 2.0 * M * K * N / best / 1e9
     return rates
 
@@ -209,11 +210,11 @@ def bf16_rates(cfg: GPTConfig, n: int, library: str, reps: int = 3, seed: int = 
             import torch
             at, bt = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
             at, bt = (at.T if ta else at), (bt.T if tb else bt)
-            fn = lambda: at @ bt  # noqa: E731
+            fn = lambda at=at, bt=bt: at @ bt  # noqa: E731
         else:
             ab, bb, out = bf16.to_bf16(a), bf16.to_bf16(b), np.empty((M, N), dtype=np.float32)
             ab, bb = (ab.T if ta else ab), (bb.T if tb else bb)
-            fn = lambda: bf16.gemm(ab, bb, out)  # noqa: E731
+            fn = lambda ab=ab, bb=bb, out=out: bf16.gemm(ab, bb, out)  # noqa: E731
         fn()
         rates[what] = 2.0 * M * K * N / min(_timed(fn) for _ in range(reps)) / 1e9
     return rates

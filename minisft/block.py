@@ -20,7 +20,7 @@ class Stage:
     out: str                # the value it makes
     op: str                 # layernorm | linear | attention | gelu | residual
     ins: tuple              # the values it reads
-    module: str = None      # its parameters: module + ".weight" / ".bias" (HF names, under h.{i}.)
+    module: str | None = None  # its parameters: module + ".weight" / ".bias" (HF names, under h.{i}.)
     dropout: bool = False   # its output goes through dropout in training (the two residual branches)
     forward: str = ""       # its math, as the study prints it
     backward: str = ""      # the backward that undoes it, as the study prints it
@@ -41,7 +41,8 @@ BLOCK = (
     Stage("ln2", "layernorm", ("x2",), "ln_2",
           forward="ln2 = layernorm(x2; ln_2)", backward="dx2, dw, db = layernorm_backward(dln2)"),
     Stage("fch", "linear", ("ln2",), "mlp.c_fc",
-          forward="fch = ln2 @ c_fc.w + c_fc.b   (N, 4d)", backward="dln2 = dfch @ wT;  dw = ln2T @ dfch;  db = sum_n dfch"),
+          forward="fch = ln2 @ c_fc.w + c_fc.b   (N, 4d)",
+          backward="dln2 = dfch @ wT;  dw = ln2T @ dfch;  db = sum_n dfch"),
     Stage("fch_gelu", "gelu", ("fch",),
           forward="fch_gelu = gelu(fch)", backward="dfch = dfch_gelu * gelu'(fch)"),
     Stage("fcproj", "linear", ("fch_gelu",), "mlp.c_proj", dropout=True,

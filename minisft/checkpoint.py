@@ -225,7 +225,8 @@ def _check_config(f, path, cfg: GPTConfig) -> None:
     layers = {name.split(".")[1] for name in f["params"] if name.startswith("h.")}  # bounded by the file
     if cfg.n_layers != len(layers):
         raise MinisftError(f"{path}: the config says {cfg.n_layers} layers, params/ holds tensors of {len(layers)}")
-    for name, shape in (("wte.weight", (cfg.vocab_size, cfg.emb_dim)), ("wpe.weight", (cfg.context_length, cfg.emb_dim))):
+    embeddings = (("wte.weight", (cfg.vocab_size, cfg.emb_dim)), ("wpe.weight", (cfg.context_length, cfg.emb_dim)))
+    for name, shape in embeddings:
         if name not in f["params"] or f["params"][name].shape != shape:
             got = f["params"][name].shape if name in f["params"] else "missing"
             raise MinisftError(f"{path}: params/{name} is {got}, the config needs {shape}")

@@ -100,7 +100,7 @@ def query_model(prompt: str, model: str, url: str, timeout: float = DEFAULT_TIME
     reply; the last one says done. Lines that are not JSON objects are skipped and counted; a
     message or content of another type raises BadReply. timeout: seconds to connect and between
     two pieces of the reply."""
-    payload = {"model": model, "messages": [{"role": "user", "content": prompt}], "options": OPTIONS}
+    payload: dict = {"model": model, "messages": [{"role": "user", "content": prompt}], "options": OPTIONS}
     pieces, junk = [], 0
     with requests.post(f"{url}/api/chat", json=payload, stream=True, timeout=(timeout, timeout)) as r:
         if r.status_code != 200:

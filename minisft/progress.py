@@ -9,7 +9,7 @@ from tqdm import tqdm
 PLAIN_EVERY_S = 30.0  # off a terminal: seconds between progress lines
 
 
-def progress(total: int, desc: str, unit: str, initial: int = 0, enabled: bool = True, file=None,
+def progress(total: int | None, desc: str, unit: str, initial: int = 0, enabled: bool = True, file=None,
              unit_scale: bool = False):
     """A tqdm bar, or a PlainProgress where file (default: stderr, as tqdm) is not a terminal.
     unit_scale as tqdm's: counts shown as 1.4G rather than 1419000000 (for bytes)."""

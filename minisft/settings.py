@@ -132,7 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         kind = _kind(f)
         help = f.metadata["help"]
         if "default" not in help:
-            help += f" (default: {'on' if f.default is True else 'off' if f.default is False or f.default is None else f.default})"
+            shown = "on" if f.default is True else "off" if f.default is False or f.default is None else f.default
+            help += f" (default: {shown})"
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:

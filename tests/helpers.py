@@ -1,5 +1,6 @@
-"""What the tests share: the backends, tolerance and finite-difference helpers, small runs and models, and the book's own definitions (its collate's
-batches, its prompt text) that the tests check minisft against."""
+"""What the tests share: the backends, tolerance and finite-difference helpers, small runs and models,
+and the book's own definitions (its collate's batches, its prompt text) that the tests check minisft
+against."""
 import importlib.util
 import json
 import subprocess

@@ -76,7 +76,8 @@ def test_torch_cpu_bfloat16_without_bf16_units_is_warned_about_and_never_auto(no
                                                                               book_data):
     assert resolve_dtype("auto", "torch") == "float32" and resolve_dtype("auto", "numba") == "float32"
     assert dtype_warning("bfloat16", "torch", "cuda") is None and dtype_warning("float32", "torch", None) is None
-    assert main(["finetune", "--dry-run", "--model", "gpt2-tiny", "--init", "random", "--data", str(book_data), "--backend", "torch",
+    assert main(["finetune", "--dry-run", "--model", "gpt2-tiny", "--init", "random", "--data", str(book_data),
+                 "--backend", "torch",
                  "--device", "cpu", "--dtype", "bfloat16"]) == 0
     warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning: ")]
     assert warnings == [("warning: torch emulates bfloat16 on this CPU (none of avx512_bf16, amx_bf16 in "

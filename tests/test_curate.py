@@ -254,7 +254,8 @@ def test_clean_refuses_bad_settings_and_evaluation_files_before_work(tmp_path, c
     for args, message in [(("--threshold", "1.5"), "--threshold must be in (0, 1], got 1.5"),
                           (("--against", evalf), f"{evalf}: line 2 (record 1): field 'instruction': expected a string"),
                           (("--max-response-tokens", "0"), "--max-response-tokens 0 is below --min-response-tokens 1"),
-                          (("--report", tmp_path / "no" / "r.json"), "--report " + str(tmp_path / "no" / "r.json") + ": the folder"),
+                          (("--report", tmp_path / "no" / "r.json"),
+                           "--report " + str(tmp_path / "no" / "r.json") + ": the folder"),
                           (("--skip", "empty", "--against", tmp_path / "none.json"), "none.json: no such file")]:
         code, err = run_in_process(capsys, "data", "clean", src, "--out", out, *args)
         assert code == 2 and message in err, err

@@ -121,7 +121,8 @@ def test_stats_counts_overlong_records_against_the_chosen_models_context(book_da
     assert r.returncode == 0, r.stderr
     entries = json.loads(book_data.read_text(encoding="utf-8"))
     over = sum(len(tiktoken_gpt2.encode(book_training_text(e))) > 256 for e in entries)
-    assert f"longer than 256 tokens (gpt2-tiny's context 256, --max-length 4096; truncated in training): {over}" in r.stdout
+    assert (f"longer than 256 tokens (gpt2-tiny's context 256, --max-length 4096; truncated in training): {over}"
+            in r.stdout)
 
 def test_stats_counts_duplicates_and_overlap(tmp_path):
     recs = [{"instruction": f"Task {i}", "input": "", "output": f"Answer {i}"} for i in range(20)]

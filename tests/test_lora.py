@@ -17,8 +17,8 @@ from minisft.batch import IGNORE_INDEX
 from minisft.errors import MinisftError
 from minisft.settings import Settings, validate
 from minisft.train import checkpoints, finetune
-from tests.helpers import (ALL_BACKENDS, backend_or_skip, book_like_batch, fd_check, interrupted_run, quiet, read_metrics,
-                           rel_err, settings)
+from tests.helpers import (ALL_BACKENDS, backend_or_skip, book_like_batch, fd_check, interrupted_run, quiet,
+                           read_metrics, rel_err, settings)
 
 CFG = dict(vocab_size=50257, context_length=32, emb_dim=32, n_layers=2, n_heads=4)
 EVERY_TARGET = ("c_attn.q", "c_attn.v", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head")
@@ -351,7 +351,8 @@ def test_a_lora_checkpoint_finds_its_base_from_any_folder_and_weights_overrides_
     assert first.returncode == 0, first.stderr
 
     (tmp_path / "base").rename(tmp_path / "moved")
-    for argv in (evaluate, ("export", ckpt, tmp_path / "m1", "--merge"), ("export", adapter, tmp_path / "m2", "--merge")):
+    merges = (("export", ckpt, tmp_path / "m1", "--merge"), ("export", adapter, tmp_path / "m2", "--merge"))
+    for argv in (evaluate, *merges):
         r = minisft_in(elsewhere, *argv)
         source = adapter if argv[1] == adapter else ckpt
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
@@ -370,7 +371,8 @@ def test_a_lora_run_on_a_random_init_is_refused_up_front(tmp_path, book_data):
     """Adapters on a random base would be useless without that base, which is never saved: exit 2 with
     one line, before any work (no run folder)."""
     r = minisft_in(tmp_path, "finetune", "--model", "gpt2-tiny", "--init", "random", "--lora-rank", 8, "--data",
-                   book_data, "--max-steps", 1, "--batch-size", 2, "--responses", 0, "--backend", "numpy", "--out", "run")
+                   book_data, "--max-steps", 1, "--batch-size", 2, "--responses", 0, "--backend", "numpy",
+                   "--out", "run")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("minisft: error: setting init: a LoRA run needs pretrained base weights")
     assert not (tmp_path / "run").exists()

@@ -114,7 +114,8 @@ def test_state_dict_round_trip_casts_and_validates():
         np.testing.assert_array_equal(arr, a.state_dict()[n].astype(np.float32))
     sd = a.state_dict()
     sd["h.1.mlp.c_fc.weight"] = sd["h.1.mlp.c_fc.weight"][:, :3]
-    with pytest.raises(ValueError, match=r"tensor 'h\.1\.mlp\.c_fc\.weight' has shape \(8, 3\), the model needs \(8, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"tensor 'h\.1\.mlp\.c_fc\.weight' has shape \(8, 3\), the model needs \(8, 32\)"):
         b.load_state_dict(sd)
     with pytest.raises(ValueError, match="missing"):
         b.load_state_dict({"wte.weight": sd["wte.weight"]})

@@ -223,7 +223,9 @@ def test_local_folder_and_single_file(tmp_path):
         GPT.from_pretrained(folder / "model.safetensors")
     with pytest.raises(MinisftError, match=r"tensor 'wte\.weight' has shape \(97, 16\).*needs \(50257, 64\)"):
         GPT.from_pretrained(folder / "model.safetensors", model="gpt2-tiny")  # 2 layers too, other widths
-    with pytest.raises(MinisftError, match=r"a GPT-2 with 12 layers.*tensor names do not match the model: missing h\.2\.ln_1\.weight"):
+    with pytest.raises(MinisftError,
+                       match=r"a GPT-2 with 12 layers.*tensor names do not match the model: "
+                             r"missing h\.2\.ln_1\.weight"):
         GPT.from_pretrained(folder / "model.safetensors", model="gpt2-small")
     with pytest.raises(MinisftError, match=r"config\.json does not describe the requested model: vocab_size "
                                            r"97 vs 50257, context_length 32 vs 1024, emb_dim 16 vs 768"):

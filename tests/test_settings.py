@@ -25,7 +25,8 @@ def test_defaults_are_the_book_recipe():
 
 def test_toml_then_flags(tmp_path):
     cfg = tmp_path / "run.toml"
-    cfg.write_text('model = "gpt2-tiny"\ninit = "random"\nbatch-size = 4\nlr = 1\nshuffle = false\nschedule = "cosine"\n')
+    cfg.write_text('model = "gpt2-tiny"\ninit = "random"\nbatch-size = 4\nlr = 1\nshuffle = false\n'
+                   'schedule = "cosine"\n')
     s = parse("--config", str(cfg), "--batch-size", "2", "--no-shuffle")
     assert (s.model, s.batch_size, s.lr, s.shuffle, s.schedule) == ("gpt2-tiny", 2, 1.0, False, "cosine")
     assert parse("--config", str(cfg), "--shuffle").shuffle is True

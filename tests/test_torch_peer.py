@@ -62,7 +62,8 @@ def test_adamw_matches_torch_step_for_step(backend, dtype, tol, decay):
     opt = AdamW(model, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decay=decay)
     tdt = torch.float64 if dtype == "float64" else torch.float32
     tparams = {n: torch.tensor(a, dtype=tdt, requires_grad=True) for n, a in model.state_dict().items()}
-    decayed = [p for n, p in tparams.items() if decay == "all" or (p.ndim == 2 and n not in ("wte.weight", "wpe.weight"))]
+    embeddings = ("wte.weight", "wpe.weight")
+    decayed = [p for n, p in tparams.items() if decay == "all" or (p.ndim == 2 and n not in embeddings)]
     rest = [p for p in tparams.values() if all(p is not q for q in decayed)]
     topt = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                              lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
@@ -92,7 +93,7 @@ def test_clip_grad_norm_matches_torch(backend):
     tnorm = torch.nn.utils.clip_grad_norm_(params, max_norm=0.1)
     norm = clip_grad_norm(model, max_norm=0.1)
     assert abs(norm - tnorm.item()) <= 1e-6 * tnorm.item()
-    for (n, g), p in zip(grads.items(), params):
+    for n, p in zip(grads, params):
         assert rel_err(model.B.to_numpy(model.grads[n]), p.grad.numpy()) <= 1e-6, n
     clipped = np.sqrt(sum(float((model.B.to_numpy(g).astype(np.float64) ** 2).sum()) for g in model.grads.values()))
     assert abs(clipped - 0.1) <= 1e-5

@@ -84,7 +84,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for model in PRESETS:
         b = allreduce_bytes(model)
-        ring = lambda w: 2 * (w - 1) / w * b  # noqa: E731 (reduce-scatter then all-gather)
+        ring = lambda w, b=b: 2 * (w - 1) / w * b  # noqa: E731 (reduce-scatter then all-gather)
         print(f"| {model} | {b // 4:,} | {b / 2**20:,.1f} MiB | {ring(2) / 2**20:,.1f} MiB | "
               f"{ring(8) / 2**20:,.1f} MiB |")
 

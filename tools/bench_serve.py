@@ -110,7 +110,7 @@ def main():
           "engine alone, batched generate() | served / engine |")
     print("|---:|---:|---:|---:|---:|---:|")
     for n in args.streams:
-        med = lambda key: statistics.median(r[key] for r in served[n])  # noqa: E731
+        med = lambda key, n=n: statistics.median(r[key] for r in served[n])  # noqa: E731
         ratio = statistics.median(r["aggregate"] / e for r, e in zip(served[n], engine[n]))
         print(f"| {n} | {med('aggregate'):.1f} | {med('per_stream'):.1f} | {med('first_token') * 1e3:.0f} ms | "
               f"{statistics.median(engine[n]):.1f} tokens/s | {ratio:.2f} |")

@@ -231,8 +231,9 @@ def main():
           "| whole run |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     total, train_total = {}, {}
-    for side, label in (("book", "book-style PyTorch, padded"), ("numba", f"minisft numba {args.numba_dtype}, padding-free")):
-        pick = lambda key: [t for r in res[side] for t in r[key]]  # noqa: E731
+    sides = (("book", "book-style PyTorch, padded"), ("numba", f"minisft numba {args.numba_dtype}, padding-free"))
+    for side, label in sides:
+        pick = lambda key, side=side: [t for r in res[side] for t in r[key]]  # noqa: E731
         times, toks, evals, samples = pick("times"), pick("tokens"), pick("evals"), pick("samples")
         fixed = float(np.median([r["build_s"] + r["warmup_s"] for r in res[side]]))
         train_total[side] = np.mean(times) * n_steps
