@@ -19,6 +19,7 @@ and renamed over it only when complete, so a crash mid-save leaves the previous 
 the `complete` marker, set after everything else is written and flushed, catches a file that was
 cut short some other way (a copy interrupted, a full disk).
 """
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -72,35 +73,43 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_stat
         raise ValueError(f"save_checkpoint: train_state is not JSON-serialisable: {e}") from None
     if optimizer is not None and optimizer.model is not model:
         raise ValueError("save_checkpoint: the optimizer belongs to a different model")
+    with atomic_h5(path) as f:
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, minisft_version=__version__,
+                       dtype=model.dtype)
+        f["config"] = json.dumps(model.cfg.to_dict())
+        g = f.create_group("model")
+        g.attrs.update(rng=json.dumps(rng_state(model.rng)), frozen=json.dumps(sorted(model.frozen)))
+        write_arrays(f.create_group("params"), model.params, model)
+        f.attrs["array_dtype"] = f["params"][next(iter(model.params))].dtype.str
+        if optimizer is not None:
+            g = f.create_group("adam")
+            g.attrs.update(step=optimizer.step_count, lr=optimizer.lr, beta1=optimizer.betas[0],
+                           beta2=optimizer.betas[1], eps=optimizer.eps,
+                           weight_decay=optimizer.weight_decay, decay=optimizer.decay, state=optimizer.state)
+            for key, arrays in optimizer.moments.items():  # one array at a time on the host
+                group = g.create_group(key)
+                for name, a in arrays.items():
+                    group.create_dataset(name, data=optimizer.to_host(a))
+        f["train_state"] = state_json
+    return path
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path):
+    """An HDF5 file for path, written beside it and renamed into place once complete (its "complete"
+    attribute set last, the bytes on disk before the rename): no reader ever sees half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, minisft_version=__version__,
-                           dtype=model.dtype)
-            f["config"] = json.dumps(model.cfg.to_dict())
-            g = f.create_group("model")
-            g.attrs.update(rng=json.dumps(rng_state(model.rng)), frozen=json.dumps(sorted(model.frozen)))
-            write_arrays(f.create_group("params"), model.params, model)
-            f.attrs["array_dtype"] = f["params"][next(iter(model.params))].dtype.str
-            if optimizer is not None:
-                g = f.create_group("adam")
-                g.attrs.update(step=optimizer.step_count, lr=optimizer.lr, beta1=optimizer.betas[0],
-                               beta2=optimizer.betas[1], eps=optimizer.eps,
-                               weight_decay=optimizer.weight_decay, decay=optimizer.decay, state=optimizer.state)
-                for key, arrays in optimizer.moments.items():  # one array at a time on the host
-                    group = g.create_group(key)
-                    for name, a in arrays.items():
-                        group.create_dataset(name, data=optimizer.to_host(a))
-            f["train_state"] = state_json
+            yield f
             f.flush()
             f.attrs["complete"] = True
-        with open(tmp, "rb+") as fh:  # on disk before the rename makes it the checkpoint
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_arrays(group, arrays: dict, model: GPT) -> None:

@@ -26,7 +26,6 @@ Training checkpoints (`save_checkpoint`) hold the adapters and their AdamW state
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,8 +34,8 @@ import h5py
 import numpy as np
 
 from . import __version__, safetensors
-from .checkpoint import (SHAPE_FIELDS, check_layout, json_default, read_array, read_json, rng_from_state, rng_state,
-                         write_arrays)
+from .checkpoint import (SHAPE_FIELDS, atomic_h5, check_layout, json_default, read_array, read_json, rng_from_state,
+                         rng_state, write_arrays)
 from .config import GPTConfig
 from .errors import MinisftError
 from .files import write_json
@@ -477,29 +476,19 @@ def save_checkpoint(path, model: GPT, optimizer, train_state: dict | None = None
     path = Path(path)
     lora = model.lora
     names = [n for p in lora.parts for n in (p.a, p.b)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(format=CKPT_FORMAT, format_version=CKPT_VERSION, minisft_version=__version__,
-                           dtype=model.dtype)
-            f["config"] = json.dumps(model.cfg.to_dict())
-            f["lora"] = json.dumps({"config": _config_dict(lora.config), "base": lora.base})
-            f.create_group("model").attrs["rng"] = json.dumps(rng_state(model.rng))
-            write_arrays(f.create_group("params"), {n: model.params[n] for n in names}, model)
-            f.attrs["array_dtype"] = f["params"][names[0]].dtype.str
-            g = f.create_group("adam")
-            g.attrs.update(step=optimizer.step_count)
-            write_arrays(g.create_group("m"), optimizer.m, model)
-            write_arrays(g.create_group("v"), optimizer.v, model)
-            f["train_state"] = json.dumps(train_state or {}, default=json_default, allow_nan=True)
-            f.flush()
-            f.attrs["complete"] = True
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_h5(path) as f:
+        f.attrs.update(format=CKPT_FORMAT, format_version=CKPT_VERSION, minisft_version=__version__,
+                       dtype=model.dtype)
+        f["config"] = json.dumps(model.cfg.to_dict())
+        f["lora"] = json.dumps({"config": _config_dict(lora.config), "base": lora.base})
+        f.create_group("model").attrs["rng"] = json.dumps(rng_state(model.rng))
+        write_arrays(f.create_group("params"), {n: model.params[n] for n in names}, model)
+        f.attrs["array_dtype"] = f["params"][names[0]].dtype.str
+        g = f.create_group("adam")
+        g.attrs.update(step=optimizer.step_count)
+        write_arrays(g.create_group("m"), optimizer.m, model)
+        write_arrays(g.create_group("v"), optimizer.v, model)
+        f["train_state"] = json.dumps(train_state or {}, default=json_default, allow_nan=True)
     return path
 
 
