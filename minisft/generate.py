@@ -21,7 +21,7 @@ import numpy as np
 
 from .batch import pack_sequences
 from .progress import progress as progress_bar
-from .tokenizer import EOT
+from .tokenizer import EOT, TextPieces
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
@@ -176,25 +176,21 @@ def generate_responses(model, prompts, encode, decode, max_new_tokens=256, *, ba
 
 
 class _TextStream:
-    """Writes decoded text as tokens arrive. A character can span several tokens: text is held back
-    while its decoding ends in the replacement character, until the rest of it arrives."""
+    """Writes decoded text as tokens arrive, never part of a character (tokenizer.TextPieces)."""
 
     def __init__(self, decode, output):
-        self.decode, self.output, self.tokens, self.written = decode, output, [], 0
+        self.pieces, self.output = TextPieces(decode), output
 
     def add(self, token) -> None:
-        self.tokens.append(token)
-        text = self.decode(self.tokens)
-        if not text.endswith("\ufffd"):
-            self.output.write(text[self.written:])
-            self.output.flush()
-            self.written = len(text)
+        self._write(self.pieces.release(self.pieces.add(token)))
 
     def finish(self) -> str:
-        text = self.decode(self.tokens)
-        self.output.write(text[self.written:] + "\n")
+        self._write(self.pieces.release(len(self.pieces.text)) + "\n")
+        return self.pieces.text
+
+    def _write(self, text) -> None:
+        self.output.write(text)
         self.output.flush()
-        return text
 
 
 CHAT_COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation and start a new one",

@@ -26,39 +26,33 @@ import numpy as np
 
 from .batch import pack_sequences
 from .generate import sample_next
-from .tokenizer import EOT
+from .tokenizer import EOT, TextPieces
 
 log = logging.getLogger("minisft.serve")
 
 
 class _StopText:
     """Decoded text of the tokens so far, released as it becomes final: held back while it ends in
-    part of a UTF-8 character (the replacement character) or in the start of a stop string, and cut
+    part of a UTF-8 character (tokenizer.TextPieces) or in the start of a stop string, and cut
     where a stop string begins."""
 
     def __init__(self, decode, stops):
-        self.decode, self.stops, self.tokens, self.released, self.text = decode, stops, [], 0, ""
+        self.pieces, self.stops, self.end = TextPieces(decode), stops, None  # end: where a stop string cut it
 
     def add(self, token) -> tuple:
         """-> (text newly final, whether a stop string ended the text)."""
-        self.tokens.append(token)
-        text = self.decode(self.tokens)
-        found = [i for i in (text.find(s, max(0, self.released - len(s) + 1)) for s in self.stops) if i >= 0]
+        safe = self.pieces.add(token)
+        text, released = self.pieces.text, self.pieces.released
+        found = [i for i in (text.find(s, max(0, released - len(s) + 1)) for s in self.stops) if i >= 0]
         if found:
-            self.text = text[:min(found)]
-            return self._release(len(self.text)), True
-        self.text = text
-        safe = len(text.rstrip("\ufffd"))
+            self.end = min(found)
+            return self.pieces.release(self.end), True
         held = max((k for s in self.stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
-        return self._release(max(self.released, safe - held)), False
+        return self.pieces.release(safe - held), False
 
     def flush(self) -> str:
         """The rest of the text, once no token will follow."""
-        return self._release(len(self.text))
-
-    def _release(self, end) -> str:
-        out, self.released = self.text[self.released:end], max(self.released, end)
-        return out
+        return self.pieces.release(len(self.pieces.text) if self.end is None else self.end)
 
 
 class Job:

@@ -16,19 +16,17 @@ from typing import Callable
 
 import numpy as np
 
-from . import block
+from . import block, gradcheck
 from .backends import numpy_backend as nb
 from .backends.constants import LN_EPS
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import GPTConfig
 from .errors import MinisftError
+from .gradcheck import FD_EPS, FD_TOL, rel_error
 
 OPS = ("attention", "softmax", "layernorm", "gelu", "linear", "cross-entropy", "block", "model")
-FD_EPS = 1e-4       # step of the five-point central difference: error ~ eps^4 |f(5)| / 30 + 1e-16 |f| / eps
-FD_TOL = 1e-7       # backward against finite differences (as tests/test_kernels_fd.py)
 SAME_TOL = 1e-12    # the kernel against the stages: the same math in float64, only reordered
 TORCH_TOL = 1e-10   # ours against PyTorch autograd (its own ops, its own order of operations)
-FD_SAMPLES = 24     # entries perturbed per input when it has more (all of them otherwise)
 PRINT_WHOLE = 48    # arrays of up to this many entries are printed whole, bigger ones summarised
 VOCAB = 11          # the tiny vocabulary of the cross-entropy and model studies
 D_OUT = 4           # the tiny linear layer's output width
@@ -86,35 +84,11 @@ def _copy(v):
     return [np.array(p) for p in v] if isinstance(v, list) else np.array(v)
 
 
-def _rel(got, ref) -> float:
-    """||got - ref|| / ||ref|| over every part; the absolute error where ref is all zeros."""
-    diff = math.sqrt(sum(float(np.sum((g - r) ** 2)) for g, r in zip(_parts(got), _parts(ref))))
-    norm = math.sqrt(sum(float(np.sum(r ** 2)) for r in _parts(ref)))
-    return diff / norm if norm > 0 else diff
-
-
 def fd_error(f, args, i, grad, dout, rng) -> float:
     """Norm-relative error of grad, the analytic gradient of dot(dout, f(*args)) with respect to args[i],
-    against central differences at up to FD_SAMPLES entries of each part of args[i].
-
-    The five-point stencil (F(-2h) - 8 F(-h) + 8 F(h) - F(2h)) / 12h cancels the h^2 error term of the
-    plain (F(h) - F(-h)) / 2h, so that a strongly curved function (the whole model's loss) checks as
-    tightly as a straight one."""
+    against central differences (gradcheck.fd_error) at sampled entries of each part of args[i]."""
     args = [_copy(a) for a in args]
-    num, ana = [], []
-    for part, g in zip(_parts(args[i]), _parts(grad)):
-        flat = part.reshape(-1)                       # a view: perturbing it perturbs args[i]
-        picks = range(flat.size) if flat.size <= FD_SAMPLES else rng.choice(flat.size, FD_SAMPLES, replace=False)
-        for j in picks:
-            old = flat[j]
-            at = []
-            for step in (-2, -1, 1, 2):
-                flat[j] = old + step * FD_EPS
-                at.append(_dot(dout, f(*args)))
-            flat[j] = old
-            num.append((at[0] - 8 * at[1] + 8 * at[2] - at[3]) / (12 * FD_EPS))
-            ana.append(np.reshape(g, -1)[j])
-    return _rel(np.array(num), np.array(ana))
+    return gradcheck.fd_error(lambda: _dot(dout, f(*args)), args[i], grad, rng)
 
 
 # ---- running a chain ------------------------------------------------------------------------------
@@ -156,9 +130,9 @@ def run_study(s: Study, rng) -> Study:
     kgrads = k.df(s.dout, s.leaves)
     names = list(s.leaves)
     if k.separate:
-        s.checks.append(Check(f"{k.name} forward = stages", _rel(k.f(s.leaves), s.values[final]), SAME_TOL))
+        s.checks.append(Check(f"{k.name} forward = stages", rel_error(k.f(s.leaves), s.values[final]), SAME_TOL))
         for n in names:
-            s.checks.append(Check(f"{k.name} backward = stages: d{n}", _rel(kgrads[n], s.grads[n]), SAME_TOL))
+            s.checks.append(Check(f"{k.name} backward = stages: d{n}", rel_error(kgrads[n], s.grads[n]), SAME_TOL))
     leaf_args = [s.leaves[n] for n in names]
 
     def kernel_f(*args):
@@ -667,5 +641,5 @@ def torch_gradients(s: Study) -> dict:
     grads = {n: t.grad.numpy() for n, t in T.items()}
     grads.update({n: [t.grad.numpy() for t in ts] for n, ts in kept.items()})
     for n, g in grads.items():
-        s.checks.append(Check(f"autograd: d{n}", _rel(s.grads[n], g), TORCH_TOL))
+        s.checks.append(Check(f"autograd: d{n}", rel_error(s.grads[n], g), TORCH_TOL))
     return grads

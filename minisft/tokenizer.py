@@ -12,6 +12,7 @@ so tokenizing never downloads and never writes tiktoken's cache.
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from importlib.resources import files
 
 import numpy as np
@@ -67,3 +68,26 @@ def byte_starts(tokens) -> np.ndarray:
     starts = np.zeros(len(lengths), dtype=np.int64)  # (L,)
     np.cumsum(lengths[:-1], out=starts[1:])
     return starts
+
+
+class TextPieces:
+    """The decoded text of a growing list of tokens, handed out in pieces that never split a UTF-8
+    character. A character can span several tokens: until its last byte arrives, decode(tokens)
+    ends in replacement characters, and that tail is held back."""
+
+    def __init__(self, decode: Callable[[list], str]):
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.text = ""        # decode(tokens)
+        self.released = 0     # how much of text the pieces so far hold
+
+    def add(self, token: int) -> int:
+        """Append token -> the length of the text that is final (all but a partial character at its end)."""
+        self.tokens.append(token)
+        self.text = self.decode(self.tokens)
+        return len(self.text.rstrip("\ufffd"))
+
+    def release(self, end: int) -> str:
+        """The next piece: the text from the end of the pieces released so far up to end."""
+        out, self.released = self.text[self.released:end], max(self.released, end)
+        return out

@@ -12,6 +12,7 @@ import pytest
 from minisft import GPT, GPTConfig
 from minisft.backends import get_backend
 from minisft.batch import IGNORE_INDEX
+from minisft.gradcheck import FD_TOL, fd_error
 from minisft.settings import Settings, validate
 from tests.conftest import ROOT
 from tests.hf_files import gpt2_state
@@ -59,32 +60,11 @@ def book_training_text(entry):
 
 
 # ---- finite differences -------------------------------------------------------------------------
-# Central differences in float64: error ~ eps^2 |f'''| (truncation) + |f| 1e-16 / eps (rounding). On the
-# 600-row head loss (|f| ~ 300) eps 1e-6 left a median error of 9e-8 against FD_TOL on every backend;
-# 1e-5 gives 1e-8.
-FD_EPS = 1e-5
-FD_TOL = 1e-7
-N_SAMPLES = 24
-
-
 def fd_check(f, inputs: dict, analytic: dict, rng):
-    """f(**inputs) -> float. Perturbs sampled entries of each named input in place."""
+    """f(**inputs) -> float. Checks each named input's analytic gradient against finite differences
+    (minisft.gradcheck), perturbing sampled entries of the input in place."""
     for name, grad in analytic.items():
-        x = inputs[name]
-        flat = rng.choice(x.size, size=min(N_SAMPLES, x.size), replace=False)
-        num, ana = [], []
-        for i in flat:
-            idx = np.unravel_index(i, x.shape)
-            old = x[idx]
-            x[idx] = old + FD_EPS
-            f_plus = f(**inputs)
-            x[idx] = old - FD_EPS
-            f_minus = f(**inputs)
-            x[idx] = old
-            num.append((f_plus - f_minus) / (2 * FD_EPS))
-            ana.append(grad[idx])
-        num, ana = np.array(num), np.array(ana)
-        err = np.linalg.norm(num - ana) / np.linalg.norm(ana)
+        err = fd_error(lambda: f(**inputs), inputs[name], grad, rng)
         assert err <= FD_TOL, f"d/d{name}: finite-difference relative error {err:.2e} > {FD_TOL}"
 
 
