@@ -3,12 +3,10 @@ training on it. `minisft data clean IN --out OUT` filters, decontaminates and de
 `minisft data convert IN --to FORMAT --out OUT` changes its record format. Every one reads its data
 as `finetune --data` does: a local path or a URL (downloaded into the cache), by default the book's
 instruction-data.json (its URL, read from the copy bundled with minisft)."""
-import numpy as np
-
 from .. import curate
 from ..config import PRESETS, GPTConfig
-from ..data import (DEFAULT_DATA_URL, FORMATS, LAYOUTS, convert_file, encode_record, encode_records, load_records,
-                    split_dataset)
+from ..data import DEFAULT_DATA_URL, FORMATS, LAYOUTS, convert_file, encode_record, load_records
+from ..datastats import data_stats, histogram
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
 from ..tokenizer import EOT, token_bytes
@@ -16,53 +14,27 @@ from . import SUBPARSER, RawDefaultsHelpFormatter
 from .checks import at_least
 
 
-def _user_text(record) -> str:
-    """All user-side text of a record, normalised (case, whitespace) to compare prompts."""
-    parts = [m["content"] + " " + m.get("input", "") for m in record["messages"] if m["role"] == "user"]
-    return " ".join(" ".join(parts).casefold().split())
-
-
-def histogram(values, bins=10, width=40) -> list:
-    """Text lines of a histogram of integer values, in at most `bins` equal integer ranges."""
-    values = np.asarray(values)
-    lo = int(values.min())
-    step = -(-(int(values.max()) - lo + 1) // bins)  # ceil: every value lands in a bin
-    counts = np.bincount((values - lo) // step)
-    bars = ["#" * round(width * c / counts.max()) for c in counts]
-    return [f"  {lo + i * step:6d} - {lo + (i + 1) * step - 1:6d} | {bar:<{width}} {c}"
-            for i, (bar, c) in enumerate(zip(bars, counts))]
-
-
 def stats(args) -> int:
     at_least(args, "max_length", 1)
     records = load_records(args.file, args.cache_dir, args.sha256)
     style = get_style(args.prompt_style)
-    n = len(records)
-    lengths = np.array([len(e.tokens) for e in encode_records(records, style)])  # (n,)
-    turns = np.array([sum(m["role"] == "assistant" for m in r["messages"]) for r in records])
-    with_system = sum(r["messages"][0]["role"] == "system" for r in records)
-    with_input = sum(bool(m.get("input")) for r in records for m in r["messages"])
-    texts = [style.training_text(r["messages"]) for r in records]
-    split = split_dataset(range(n), shuffle_seed=args.shuffle_seed)
-    train_prompts = {_user_text(records[i]) for i in split.train}
-
-    print(f"{args.file}: {n} records ({np.sum(turns == 1)} single-turn, {np.sum(turns > 1)} multi-turn; "
-          f"{with_system} with a system message; {with_input} Alpaca inputs)")
-    print(f"split ({'file order' if args.shuffle_seed is None else f'shuffled, seed {args.shuffle_seed}'}): "
-          f"train {len(split.train)}, val {len(split.val)}, test {len(split.test)}")
-    print(f"tokens per record ({style.name} style, GPT-2, before the appended end-of-text): min {lengths.min()}, "
-          f"median {int(np.median(lengths))}, mean {lengths.mean():.1f}, max {lengths.max()}")
-    print("\n".join(histogram(lengths)))
     context = GPTConfig.preset(args.model).context_length
     limit = min(args.max_length, context)
+    s = data_stats(records, style, limit, args.shuffle_seed)
+    print(f"{args.file}: {s.records} records ({s.single_turn} single-turn, {s.multi_turn} multi-turn; "
+          f"{s.with_system} with a system message; {s.alpaca_inputs} Alpaca inputs)")
+    print(f"split ({'file order' if args.shuffle_seed is None else f'shuffled, seed {args.shuffle_seed}'}): "
+          f"train {s.split['train']}, val {s.split['val']}, test {s.split['test']}")
+    t = s.tokens
+    print(f"tokens per record ({style.name} style, GPT-2, before the appended end-of-text): min {t['min']}, "
+          f"median {t['median']}, mean {t['mean']:.1f}, max {t['max']}")
+    print("\n".join(histogram(s.lengths)))
     print(f"longer than {limit} tokens ({args.model}'s context {context}, --max-length {args.max_length}; "
-          f"truncated in training): {np.sum(lengths > limit)}")
-    print(f"exact duplicates (same rendered text as an earlier record): {n - len(set(texts))}")
+          f"truncated in training): {s.longer}")
+    print(f"exact duplicates (same rendered text as an earlier record): {s.duplicates}")
     for name in ("val", "test"):
-        overlap = sum(_user_text(records[i]) in train_prompts for i in getattr(split, name))
-        print(f"{name} records whose prompt (case and whitespace normalised) is also in train: {overlap}")
-    print(f"records containing a literal '<|endoftext|>' (tokenized as plain text): "
-          f"{sum('<|endoftext|>' in t for t in texts)}")
+        print(f"{name} records whose prompt (case and whitespace normalised) is also in train: {s.in_train[name]}")
+    print(f"records containing a literal '<|endoftext|>' (tokenized as plain text): {s.literal_eot}")
     return 0
 
 
