@@ -84,44 +84,54 @@ def register(sub) -> None:
     p = sub.add_parser("data", help="inspect, clean and convert an instruction dataset", description=__doc__)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=SUBPARSER)
     dsub.required = True
+    for add in (add_stats, add_inspect, add_clean, add_convert):
+        add(dsub)
 
-    def source(q, metavar="FILE"):  # every data command reads its data as `finetune --data` does
-        q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar=metavar,
-                       help="a JSON/JSONL file or URL, downloaded into the cache (default: the book's "
-                            "instruction-data.json, read from the copy bundled with minisft)")
-        q.add_argument("--cache-dir", default=None, help="download cache (default $MINISFT_CACHE_DIR or "
-                       "~/.cache/minisft)")
-        q.add_argument("--sha256", default=None, help="expected sha256 of the file")
 
-    def common(q):
-        source(q)
-        q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
+def add_source(q, metavar="FILE") -> None:  # every data command reads its data as `finetune --data` does
+    q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar=metavar,
+                   help="a JSON/JSONL file or URL, downloaded into the cache (default: the book's "
+                        "instruction-data.json, read from the copy bundled with minisft)")
+    q.add_argument("--cache-dir", default=None, help="download cache (default $MINISFT_CACHE_DIR or "
+                   "~/.cache/minisft)")
+    q.add_argument("--sha256", default=None, help="expected sha256 of the file")
 
+
+def add_common(q) -> None:  # what stats and inspect both take
+    add_source(q)
+    q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
+
+
+def add_stats(dsub) -> None:
     q = dsub.add_parser("stats", help="counts, token lengths, duplicates, train/test overlap", description=(
         "A dataset before training on it: records and turns, the book's 85/10/5 split, a histogram of tokens "
         "per record, records longer than the model's context or --max-length, exact duplicates, and val and "
         "test records whose prompt is also in train."))
-    common(q)
+    add_common(q)
     q.add_argument("--max-length", type=int, default=1024, help="report records longer than this (clamped to "
                    "the model's context)")
     q.add_argument("--model", default="gpt2-medium", choices=list(PRESETS), help="the model whose context counts")
     q.add_argument("--shuffle-seed", type=int, default=None, help="shuffle before the split")
     q.set_defaults(func=stats)
 
+
+def add_inspect(dsub) -> None:
     q = dsub.add_parser("inspect", help="one record rendered, token by token, with its loss mask", description=(
         "One record as training sees it: its training text, its inference prompt, and every token with "
         "whether the loss is taken on predicting it (--mask-prompt)."))
-    common(q)
+    add_common(q)
     q.add_argument("--index", type=int, required=True, help="record index (0-based)")
     q.add_argument("--mask-prompt", default="none", choices=list(MASKS),
                    help="none: train every token (the book); input: mask the prompt (exercise 7.2); "
                         "header: also mask the response header (TRL)")
     q.set_defaults(func=inspect)
 
+
+def add_clean(dsub) -> None:
     d = curate.CleanSettings()
     q = dsub.add_parser("clean", help="filter, decontaminate and deduplicate a data file, with a report",
                         description=curate.__doc__, formatter_class=RawDefaultsHelpFormatter)
-    source(q, "IN")
+    add_source(q, "IN")
     q.add_argument("--out", required=True, help="the cleaned file (same layout and record formats)")
     q.add_argument("--report", default=None, help="write the report as JSON here")
     q.add_argument("--skip", action="append", default=[], choices=curate.STEPS, metavar="STEP",
@@ -150,12 +160,14 @@ def register(sub) -> None:
                         "file-order split) and leave those two untouched")
     q.set_defaults(func=clean)
 
+
+def add_convert(dsub) -> None:
     q = dsub.add_parser("convert", help="write a data file in another record format", description=(
         "Every record of a data file in another record format (Alpaca, ShareGPT, OpenAI messages), losing "
         "nothing: keys a format does not name travel along. The layout follows --out's extension (.json a "
         "JSON list, .jsonl one record per line) unless --layout says. A record the target format cannot "
         "hold stops the conversion, naming it, before anything is written."))
-    source(q, "IN")
+    add_source(q, "IN")
     q.add_argument("--to", required=True, choices=FORMATS, help="the record format to write")
     q.add_argument("--out", required=True, help="the converted file: .json a JSON list, .jsonl one record per line")
     q.add_argument("--layout", default=None, choices=LAYOUTS,
