@@ -33,7 +33,8 @@ record it is most similar to. Output is a function of the input, the settings an
 import hashlib
 import re
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from tqdm import tqdm
@@ -42,10 +43,8 @@ from . import tokenizer
 from .data import TURN_KEYS, normalize_record, read_source, record_format, split_dataset, write_records
 from .errors import MinisftError
 from .files import output_file, write_json
-from .prompts import get_style
+from .prompts import PromptStyle, get_style
 
-STEPS = ("empty", "control-chars", "non-text", "boilerplate", "response-length", "too-long", "contaminated",
-         "exact-duplicate", "near-duplicate")
 TOO_LONG = ("drop", "truncate")
 DEFAULT_PHRASES = (
     "as an ai language model", "as a language model", "as a large language model", "as an ai assistant",
@@ -359,6 +358,165 @@ def _histogram(values, edges) -> list:
     return np.histogram(values, bins=edges)[0].tolist() if len(values) else [0] * (len(edges) - 1)
 
 
+# ---- the steps ------------------------------------------------------------------------------------------
+
+@dataclass
+class Pass:
+    """What the steps of one clean share: the records (too-long's truncation rewrites some, in both
+    forms) and what the steps have dropped so far."""
+    settings: CleanSettings
+    style: PromptStyle
+    records: list               # each record's normalised messages
+    raws: list                  # each record as read: what is written out
+    candidates: list            # the indices the steps apply to
+    evals: list                 # [(where, messages)] of the evaluation data
+    lengths: np.ndarray         # (n,) tokens of each training text, after truncation
+    dropped: dict = field(default_factory=dict)  # index -> report entry
+    truncated: list = field(default_factory=list)
+    hasher: WordHasher = field(default_factory=WordHasher)
+    word_hashes: dict = field(default_factory=dict)  # index -> (m,) uint64, for decontamination and shingles
+
+    def live(self) -> list:
+        """The candidates no step has dropped yet."""
+        return [i for i in self.candidates if i not in self.dropped]
+
+    def hashes_of(self, i) -> np.ndarray:
+        if i not in self.word_hashes:
+            self.word_hashes[i] = self.hasher(_words_of(self.records[i]))
+        return self.word_hashes[i]
+
+
+def _words_of(messages) -> list:
+    return [w for _, t in _texts(messages) for w in words(t)]
+
+
+# Each step yields (index, *details) for every record it drops; its Step names the details.
+
+def _empty(p: Pass):
+    for i in p.live():
+        for j, m in enumerate(p.records[i]):
+            if m["role"] != "system" and not m["content"].strip():
+                yield i, f"turn {j} ({m['role']})"
+                break
+
+
+def _control_chars(p: Pass):
+    for i in p.live():
+        for role, text in _texts(p.records[i]):
+            hit = CONTROL.search(text)
+            if hit:
+                yield i, role, f"U+{ord(hit.group()):04X}"
+                break
+
+
+def _non_text(p: Pass):
+    for i in p.live():
+        chars = "".join("".join(t.split()) for _, t in _texts(p.records[i]))
+        alpha = sum(c.isalpha() for c in chars) / max(len(chars), 1)
+        if alpha < p.settings.min_alpha:
+            yield i, round(alpha, 4)
+
+
+def _boilerplate(p: Pass):
+    phrases = [_squash(ph) for ph in p.settings.phrases if ph.strip()]
+    for i in p.live():
+        for m in p.records[i]:
+            text = _squash(m["content"]) if m["role"] == "assistant" else ""
+            hit = next((ph for ph in phrases if ph in text), None)
+            if hit:
+                yield i, hit
+                break
+
+
+def _response_length(p: Pass):
+    lo, hi = p.settings.min_response_tokens, p.settings.max_response_tokens
+    responses = [(i, m["content"]) for i in p.live() for m in p.records[i] if m["role"] == "assistant"]
+    if lo <= 1 and hi is None:  # the defaults: only "" (no tokens) is out of bounds, no need to tokenize
+        counts = np.array([len(t) and 1 for _, t in responses], dtype=np.int64)
+    else:
+        counts = _token_counts([t for _, t in responses], "response tokens")
+    out = set()  # a record's first response out of bounds is the one reported
+    for (i, _), c in zip(responses, counts.tolist()):
+        if i not in out and (c < lo or (hi is not None and c > hi)):
+            out.add(i)
+            yield i, c
+
+
+def _too_long(p: Pass):
+    s = p.settings
+    for i in p.live():
+        if p.lengths[i] <= s.max_length:
+            continue
+        if s.too_long == "truncate" and p.records[i][-1]["role"] == "assistant":
+            text = _truncate(p.records[i], p.style, s.max_length)
+            if text is not None:
+                before = int(p.lengths[i])
+                p.records[i] = p.records[i][:-1] + [{**p.records[i][-1], "content": text}]
+                p.raws[i] = _with_last_response(p.raws[i], text)
+                p.lengths[i] = len(tokenizer.encode(p.style.training_text(p.records[i])))
+                p.truncated.append({"index": i, "tokens_before": before, "tokens_after": int(p.lengths[i])})
+                continue
+        yield i, int(p.lengths[i])
+
+
+def _contaminated(p: Pass):
+    if not p.evals:
+        return
+    dc = Contamination(p.settings.ngram, p.hasher)
+    for where, msgs in p.evals:
+        dc.add(p.hasher(_words_of(msgs)), where)
+    ids = p.live()
+    for c in tqdm(range(0, len(ids), BLOCK), desc="decontaminating", unit="block", disable=None, leave=False):
+        block = ids[c:c + BLOCK]
+        for i in np.asarray(block)[dc.hits([p.hashes_of(i) for i in block])].tolist():
+            where, pos, k = dc.find(p.hashes_of(i))  # the first shared gram, for the report
+            yield i, where, " ".join(_words_of(p.records[i])[pos:pos + k])
+
+
+def _exact_duplicate(p: Pass):
+    first: dict[bytes, int] = {}  # digest -> the first kept record with it
+    for i in p.live():
+        key = "\x1e".join(role + "\x1f" + " ".join(words(t)) for role, t in _texts(p.records[i]))
+        digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+        if digest in first:
+            yield i, first[digest]
+        else:
+            first[digest] = i
+
+
+def _near_duplicate(p: Pass):
+    s = p.settings
+    ids = p.live()
+    sets = [np.unique(gram_hashes(p.hashes_of(i), s.shingle)) for i in
+            tqdm(ids, desc="shingling", unit="rec", disable=None, leave=False)]
+    for pos, (j, sim) in near_duplicates(sets, s.threshold, s.num_perm, s.seed).items():
+        yield ids[pos], ids[j], round(sim, 4)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str                           # the reason a dropped record's report entry gives
+    run: Callable[[Pass], Iterator]     # yields (index, *details) of each record it drops
+    details: tuple                      # the report entry's fields the details fill, in order
+
+
+# The order of the module's docstring, which says why it is this one.
+PIPELINE = (
+    Step("empty", _empty, ("field",)),
+    Step("control-chars", _control_chars, ("field", "char")),
+    Step("non-text", _non_text, ("letters",)),
+    Step("boilerplate", _boilerplate, ("phrase",)),
+    Step("response-length", _response_length, ("tokens",)),
+    Step("too-long", _too_long, ("tokens",)),
+    Step("contaminated", _contaminated, ("matches", "ngram")),
+    Step("exact-duplicate", _exact_duplicate, ("duplicate_of",)),
+    Step("near-duplicate", _near_duplicate, ("duplicate_of", "similarity")),
+)
+STEPS = tuple(step.name for step in PIPELINE)
+
+
+# ---- clean ------------------------------------------------------------------------------------------------
+
 def clean(source, out, settings: CleanSettings, report_path=None, cache_dir=None, sha256=None) -> dict:
     """Clean a data source (a file, a URL or the book's URL, as every command reads data: see
     data.read_source; the evaluation files alike) into `out` (the same file layout and record
@@ -377,156 +535,61 @@ def clean(source, out, settings: CleanSettings, report_path=None, cache_dir=None
 
     pairs, jsonl = read_source(source, cache_dir, sha256)
     records = [normalize_record(rec, where, allow_empty=True)["messages"] for where, rec in pairs]
+    candidates, evals = _evaluation_data(s, pairs, records, cache_dir)
+    style = get_style(s.prompt_style)
+    lap("read")
+    lengths = _token_counts([style.training_text(m) for m in records], "tokenizing")  # (n,)
+    p = Pass(s, style, records, [rec for _, rec in pairs], candidates, evals, lengths.copy())
+    lap("tokenize")
+    for step in PIPELINE:
+        if step.name not in s.skip:
+            for i, *details in step.run(p):
+                p.dropped[i] = {"index": i, "reason": step.name, **dict(zip(step.details, details))}
+        lap(step.name)
+    kept = [i for i in range(len(records)) if i not in p.dropped]
+    write_records(out, [p.raws[i] for i in kept], jsonl)
+    lap("write")
+    report = _report(p, str(source), str(out), jsonl, lengths, kept, seconds)
+    if report_path is not None:
+        write_json(report_path, report)
+    return report
+
+
+def _evaluation_data(s: CleanSettings, pairs, records, cache_dir) -> tuple:
+    """(the indices the steps apply to, [(where, messages)] of the evaluation data): the --against
+    files, and with --against-own-split the file's own test and val parts, which the steps leave be."""
     evals = []
     for f in s.against:
         epairs, _ = read_source(f, cache_dir)
         evals += [(where, normalize_record(rec, where, allow_empty=True)["messages"]) for where, rec in epairs]
-    n = len(records)
-    candidates = list(range(n))  # the records the steps apply to
-    if s.against_own_split:
-        part = split_dataset(range(n))
-        candidates = part.train
-        evals += [(pairs[i][0] + f" ({name} part)", records[i]) for name in ("test", "val")
-                  for i in getattr(part, name)]
-    style = get_style(s.prompt_style)
-    raws = [rec for _, rec in pairs]
-    lap("read")
+    if not s.against_own_split:
+        return list(range(len(records))), evals
+    part = split_dataset(range(len(records)))
+    evals += [(pairs[i][0] + f" ({name} part)", records[i]) for name in ("test", "val") for i in getattr(part, name)]
+    return part.train, evals
 
-    lengths = _token_counts([style.training_text(m) for m in records], "tokenizing")  # (n,) truncation updates
-    before = lengths.copy()                                                             # (n,)
-    dropped = {}      # index -> report entry
-    truncated = []
-    live = lambda: [i for i in candidates if i not in dropped]  # noqa: E731
-    on = lambda step: step not in s.skip                         # noqa: E731
 
-    def drop(i, reason, **detail):
-        dropped[i] = {"index": i, "reason": reason, **detail}
-
-    lap("tokenize")
-    if on("empty"):
-        for i in live():
-            for j, m in enumerate(records[i]):
-                if m["role"] != "system" and not m["content"].strip():
-                    drop(i, "empty", field=f"turn {j} ({m['role']})")
-                    break
-    lap("empty")
-    if on("control-chars"):
-        for i in live():
-            for role, text in _texts(records[i]):
-                hit = CONTROL.search(text)
-                if hit:
-                    drop(i, "control-chars", field=role, char=f"U+{ord(hit.group()):04X}")
-                    break
-    lap("control-chars")
-    if on("non-text"):
-        for i in live():
-            chars = "".join("".join(t.split()) for _, t in _texts(records[i]))
-            alpha = sum(c.isalpha() for c in chars) / max(len(chars), 1)
-            if alpha < s.min_alpha:
-                drop(i, "non-text", letters=round(alpha, 4))
-    lap("non-text")
-    if on("boilerplate"):
-        phrases = [_squash(p) for p in s.phrases if p.strip()]
-        for i in live():
-            for m in records[i]:
-                text = _squash(m["content"]) if m["role"] == "assistant" else ""
-                hit = next((p for p in phrases if p in text), None)
-                if hit:
-                    drop(i, "boilerplate", phrase=hit)
-                    break
-    lap("boilerplate")
-    if on("response-length"):
-        ids = live()
-        responses = [(i, m["content"]) for i in ids for m in records[i] if m["role"] == "assistant"]
-        hi = s.max_response_tokens
-        if s.min_response_tokens <= 1 and hi is None:  # the defaults: only "" (no tokens) is out of bounds
-            counts = np.array([len(t) and 1 for _, t in responses], dtype=np.int64)
-        else:
-            counts = _token_counts([t for _, t in responses], "response tokens")
-        for (i, _), c in zip(responses, counts.tolist()):
-            if i not in dropped and (c < s.min_response_tokens or (hi is not None and c > hi)):
-                drop(i, "response-length", tokens=c)
-    lap("response-length")
-    if on("too-long"):
-        for i in live():
-            if lengths[i] <= s.max_length:
-                continue
-            if s.too_long == "truncate" and records[i][-1]["role"] == "assistant":
-                text = _truncate(records[i], style, s.max_length)
-                if text is not None:
-                    records[i] = records[i][:-1] + [{**records[i][-1], "content": text}]
-                    raws[i] = _with_last_response(raws[i], text)
-                    lengths[i] = len(tokenizer.encode(style.training_text(records[i])))
-                    truncated.append({"index": i, "tokens_before": int(before[i]), "tokens_after": int(lengths[i])})
-                    continue
-            drop(i, "too-long", tokens=int(lengths[i]))
-    lap("too-long")
-
-    hasher = WordHasher()
-    word_hashes = {}  # index -> (m,) uint64, computed once for decontamination and shingles
-
-    def words_of(msgs):
-        return [w for _, t in _texts(msgs) for w in words(t)]
-
-    def hashes_of(i):
-        if i not in word_hashes:
-            word_hashes[i] = hasher(words_of(records[i]))
-        return word_hashes[i]
-
-    if on("contaminated") and evals:
-        dc = Contamination(s.ngram, hasher)
-        for where, msgs in evals:
-            dc.add(hasher(words_of(msgs)), where)
-        ids = live()
-        for c in tqdm(range(0, len(ids), BLOCK), desc="decontaminating", unit="block", disable=None,
-                      leave=False):
-            block = ids[c:c + BLOCK]
-            for i in np.asarray(block)[dc.hits([hashes_of(i) for i in block])].tolist():
-                where, pos, k = dc.find(hashes_of(i))  # the first shared gram, for the report
-                drop(i, "contaminated", matches=where, ngram=" ".join(words_of(records[i])[pos:pos + k]))
-    lap("contaminated")
-    if on("exact-duplicate"):
-        first = {}
-        for i in live():
-            key = "\x1e".join(role + "\x1f" + " ".join(words(t)) for role, t in _texts(records[i]))
-            digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
-            if digest in first:
-                drop(i, "exact-duplicate", duplicate_of=first[digest])
-            else:
-                first[digest] = i
-    lap("exact-duplicate")
-    if on("near-duplicate"):
-        ids = live()
-        sets = [np.unique(gram_hashes(hashes_of(i), s.shingle)) for i in
-                tqdm(ids, desc="shingling", unit="rec", disable=None, leave=False)]
-        for pos, (j, sim) in near_duplicates(sets, s.threshold, s.num_perm, s.seed).items():
-            drop(ids[pos], "near-duplicate", duplicate_of=ids[j], similarity=round(sim, 4))
-    lap("near-duplicate")
-
-    kept = [i for i in range(n) if i not in dropped]
-    write_records(out, [raws[i] for i in kept], jsonl)
-    lap("write")
+def _report(p: Pass, source, out, jsonl, before, kept, seconds) -> dict:
+    """The report of a clean whose steps have run (before: (n,) training-text tokens before truncation)."""
+    s, n = p.settings, len(p.records)
     # HIST_BINS equal bins up to the context length, and one for everything longer (if any is)
     top = min(int(before.max()), s.max_length) + 1
     edges = np.unique(np.linspace(before.min(), top, HIST_BINS + 1).astype(np.int64))
     if before.max() >= top:
         edges = np.append(edges, before.max() + 1)
-    counts = {step: sum(d["reason"] == step for d in dropped.values()) for step in STEPS}
     report = {
-        "input": str(source), "output": str(out), "layout": "jsonl" if jsonl else "json",
-        "formats": {f: sum(record_format(r) == f for r in raws) for f in ("alpaca", "sharegpt", "openai")},
-        "settings": s.to_dict(), "steps": [step for step in STEPS if on(step)],
-        "records": n, "checked": len(candidates), "kept": len(kept), "dropped_total": len(dropped),
-        "dropped_by_step": counts, "truncated_total": len(truncated),
-        "evaluation_records": len(evals), "seconds": seconds,
-        "dropped": [dropped[i] for i in sorted(dropped)], "truncated": truncated,
-        "token_lengths": {"style": style.name, "bin_edges": edges.tolist(),
-                          "before": _histogram(before, edges), "after": _histogram(lengths[kept], edges)},
+        "input": source, "output": out, "layout": "jsonl" if jsonl else "json",
+        "formats": {f: sum(record_format(r) == f for r in p.raws) for f in ("alpaca", "sharegpt", "openai")},
+        "settings": s.to_dict(), "steps": [step for step in STEPS if step not in s.skip],
+        "records": n, "checked": len(p.candidates), "kept": len(kept), "dropped_total": len(p.dropped),
+        "dropped_by_step": {step: sum(d["reason"] == step for d in p.dropped.values()) for step in STEPS},
+        "truncated_total": len(p.truncated), "evaluation_records": len(p.evals), "seconds": seconds,
+        "dropped": [p.dropped[i] for i in sorted(p.dropped)], "truncated": p.truncated,
+        "token_lengths": {"style": p.style.name, "bin_edges": edges.tolist(),
+                          "before": _histogram(before, edges), "after": _histogram(p.lengths[kept], edges)},
     }
     if s.against_own_split:
-        report["split"] = own_split_note(n, len(dropped))
-    if report_path is not None:
-        write_json(report_path, report)
+        report["split"] = own_split_note(n, len(p.dropped))
     return report
 
 

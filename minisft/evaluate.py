@@ -2,6 +2,12 @@
 targets are split into batches (a mean of per-batch means would overweight short batches)."""
 import math
 
+from .errors import MinisftError
+
+
+class NoTargets(MinisftError):
+    """Every batch had every target masked or cut off: there is no loss to report."""
+
 
 def evaluate_loss(model, batches) -> tuple[float, float, int]:
     """batches: an iterable of PackedBatch (wrap it in tqdm for a progress bar).
@@ -14,6 +20,6 @@ def evaluate_loss(model, batches) -> tuple[float, float, int]:
         loss_sum += s
         n_valid += n
     if n_valid == 0:
-        raise ValueError("evaluate_loss: no valid targets in any batch")
+        raise NoTargets("evaluate_loss: no valid targets in any batch")
     mean = loss_sum / n_valid
     return mean, math.exp(mean), n_valid

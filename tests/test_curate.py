@@ -2,6 +2,7 @@
 the report names every one, the output holds exactly the rest, and conversion loses nothing."""
 import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,19 @@ def test_clean_drops_exactly_the_planted_records_and_keeps_the_rest(tmp_path):
     h = report["token_lengths"]
     assert sum(h["before"]) == 100 and sum(h["after"]) == report["kept"]
     assert f"kept {report['kept']} of 100 records" in r.stdout and "near-duplicate   dropped 3" in r.stdout
+
+
+def test_the_steps_run_in_the_documented_order_and_fill_the_fields_they_declare(tmp_path):
+    documented = re.findall(r"^    ([a-z-]+)  ", curate.__doc__, re.M)  # the docstring's table of steps
+    assert documented == list(curate.STEPS) == [step.name for step in curate.PIPELINE]
+    recs, _ = crafted(np.random.default_rng(0))
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps(recs))
+    report = curate.clean(src, tmp_path / "o.json", curate.CleanSettings(max_length=200, against_own_split=True))
+    details = {step.name: step.details for step in curate.PIPELINE}
+    assert len({d["reason"] for d in report["dropped"]}) == 5
+    for d in report["dropped"]:
+        assert list(d) == ["index", "reason", *details[d["reason"]]]
 
 
 def test_clean_is_reproducible_and_skipped_steps_drop_nothing(tmp_path):

@@ -1,4 +1,5 @@
-"""`minisft data stats` and `minisft data inspect`, run as real processes."""
+"""`minisft data stats` and `minisft data inspect`, run as real processes (data stats' numbers also
+in-process, from the library)."""
 import json
 import os
 import re
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from minisft.data import DEFAULT_DATA_URL
+from minisft import tokenizer
+from minisft.data import DEFAULT_DATA_URL, load_records
+from minisft.datastats import data_stats
+from minisft.prompts import get_style
 from tests.file_server import FileServer
 from tests.helpers import book_training_text
 
@@ -136,6 +140,22 @@ def test_stats_counts_duplicates_and_overlap(tmp_path):
     assert "exact duplicates (same rendered text as an earlier record): 1" in r.stdout
     assert "val records whose prompt (case and whitespace normalised) is also in train: 1" in r.stdout
     assert "test records whose prompt (case and whitespace normalised) is also in train: 0" in r.stdout
+
+
+def test_data_stats_is_library_code_the_command_only_prints(tmp_path):
+    recs = [{"instruction": f"Task {i}", "input": "", "output": f"Answer {i}"} for i in range(20)]
+    recs[19] = {"instruction": "  TASK 0 ", "input": "", "output": "another answer"}
+    recs[5] = dict(recs[4])
+    recs[7] = {"instruction": "Say <|endoftext|>", "input": "x", "output": "y"}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(recs))
+    style = get_style("alpaca")
+    lengths = [len(tokenizer.encode(style.training_text(r["messages"]))) for r in load_records(path)]
+    s = data_stats(load_records(path), style, limit=sorted(lengths)[-3])
+    assert (s.records, s.single_turn, s.multi_turn, s.with_system, s.alpaca_inputs) == (20, 20, 0, 0, 1)
+    assert s.split == {"train": 17, "val": 1, "test": 2} and s.in_train == {"val": 1, "test": 0}
+    assert s.lengths.tolist() == lengths and s.tokens["max"] == max(lengths) and s.longer == 2
+    assert (s.duplicates, s.literal_eot) == (1, 1)
 
 
 def test_inspect_shows_each_token_and_its_mask(book_data):

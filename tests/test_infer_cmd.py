@@ -9,6 +9,7 @@ import pytest
 
 from minisft import GPT, GPTConfig, tokenizer
 from minisft.checkpoint import save_checkpoint
+from minisft.cli import main
 from minisft.data import Loader, collate_examples, encode_records, load_records, split_dataset
 from minisft.generate import generate
 from minisft.prompts import get_style
@@ -84,6 +85,21 @@ def test_eval_prints_a_readable_line_naming_the_model_and_the_split(ckpt, book_d
     line = r.stdout.strip().splitlines()[-1]
     assert re.fullmatch(rf"checkpoint {re.escape(str(path))}, test split \(110 records, \d+ targets\): "
                         r"loss \d+\.\d{4}, perplexity \d+\.\d\d", line), line
+
+
+def test_eval_names_a_split_left_without_targets_and_no_other_failure(ckpt, book_data, monkeypatch, capsys):
+    path, _ = ckpt
+    argv = ["eval", "--checkpoint", str(path), "--data", str(book_data), "--backend", "numpy"]
+    # One token per sequence, the prompt's: every target masked.
+    assert main(argv + ["--max-length", "1", "--mask-prompt", "input"]) == 2
+    assert "--max-length 1 with --mask-prompt input leaves no target to score in the val split" in \
+        capsys.readouterr().err
+
+    def broken(model, batches):
+        raise ValueError("operands could not be broadcast together")
+    monkeypatch.setattr("minisft.cli.eval.evaluate_loss", broken)
+    with pytest.raises(ValueError, match="could not be broadcast"):  # a bug stays a bug, not "no target"
+        main(argv)
 
 
 def test_chat_answers_each_message_in_the_conversation_so_far_and_keeps_commands_from_the_model(ckpt):

@@ -3,12 +3,10 @@ training on it. `minisft data clean IN --out OUT` filters, decontaminates and de
 `minisft data convert IN --to FORMAT --out OUT` changes its record format. Every one reads its data
 as `finetune --data` does: a local path or a URL (downloaded into the cache), by default the book's
 instruction-data.json (its URL, read from the copy bundled with minisft)."""
-import numpy as np
-
 from .. import curate
 from ..config import PRESETS, GPTConfig
-from ..data import (DEFAULT_DATA_URL, FORMATS, LAYOUTS, convert_file, encode_record, encode_records, load_records,
-                    split_dataset)
+from ..data import DEFAULT_DATA_URL, FORMATS, LAYOUTS, convert_file, encode_record, load_records
+from ..datastats import data_stats, histogram
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
 from ..tokenizer import EOT, token_bytes
@@ -16,53 +14,27 @@ from . import SUBPARSER, RawDefaultsHelpFormatter
 from .checks import at_least
 
 
-def _user_text(record) -> str:
-    """All user-side text of a record, normalised (case, whitespace) to compare prompts."""
-    parts = [m["content"] + " " + m.get("input", "") for m in record["messages"] if m["role"] == "user"]
-    return " ".join(" ".join(parts).casefold().split())
-
-
-def histogram(values, bins=10, width=40) -> list:
-    """Text lines of a histogram of integer values, in at most `bins` equal integer ranges."""
-    values = np.asarray(values)
-    lo = int(values.min())
-    step = -(-(int(values.max()) - lo + 1) // bins)  # ceil: every value lands in a bin
-    counts = np.bincount((values - lo) // step)
-    bars = ["#" * round(width * c / counts.max()) for c in counts]
-    return [f"  {lo + i * step:6d} - {lo + (i + 1) * step - 1:6d} | {bar:<{width}} {c}"
-            for i, (bar, c) in enumerate(zip(bars, counts))]
-
-
 def stats(args) -> int:
     at_least(args, "max_length", 1)
     records = load_records(args.file, args.cache_dir, args.sha256)
     style = get_style(args.prompt_style)
-    n = len(records)
-    lengths = np.array([len(e.tokens) for e in encode_records(records, style)])  # (n,)
-    turns = np.array([sum(m["role"] == "assistant" for m in r["messages"]) for r in records])
-    with_system = sum(r["messages"][0]["role"] == "system" for r in records)
-    with_input = sum(bool(m.get("input")) for r in records for m in r["messages"])
-    texts = [style.training_text(r["messages"]) for r in records]
-    split = split_dataset(range(n), shuffle_seed=args.shuffle_seed)
-    train_prompts = {_user_text(records[i]) for i in split.train}
-
-    print(f"{args.file}: {n} records ({np.sum(turns == 1)} single-turn, {np.sum(turns > 1)} multi-turn; "
-          f"{with_system} with a system message; {with_input} Alpaca inputs)")
-    print(f"split ({'file order' if args.shuffle_seed is None else f'shuffled, seed {args.shuffle_seed}'}): "
-          f"train {len(split.train)}, val {len(split.val)}, test {len(split.test)}")
-    print(f"tokens per record ({style.name} style, GPT-2, before the appended end-of-text): min {lengths.min()}, "
-          f"median {int(np.median(lengths))}, mean {lengths.mean():.1f}, max {lengths.max()}")
-    print("\n".join(histogram(lengths)))
     context = GPTConfig.preset(args.model).context_length
     limit = min(args.max_length, context)
+    s = data_stats(records, style, limit, args.shuffle_seed)
+    print(f"{args.file}: {s.records} records ({s.single_turn} single-turn, {s.multi_turn} multi-turn; "
+          f"{s.with_system} with a system message; {s.alpaca_inputs} Alpaca inputs)")
+    print(f"split ({'file order' if args.shuffle_seed is None else f'shuffled, seed {args.shuffle_seed}'}): "
+          f"train {s.split['train']}, val {s.split['val']}, test {s.split['test']}")
+    t = s.tokens
+    print(f"tokens per record ({style.name} style, GPT-2, before the appended end-of-text): min {t['min']}, "
+          f"median {t['median']}, mean {t['mean']:.1f}, max {t['max']}")
+    print("\n".join(histogram(s.lengths)))
     print(f"longer than {limit} tokens ({args.model}'s context {context}, --max-length {args.max_length}; "
-          f"truncated in training): {np.sum(lengths > limit)}")
-    print(f"exact duplicates (same rendered text as an earlier record): {n - len(set(texts))}")
+          f"truncated in training): {s.longer}")
+    print(f"exact duplicates (same rendered text as an earlier record): {s.duplicates}")
     for name in ("val", "test"):
-        overlap = sum(_user_text(records[i]) in train_prompts for i in getattr(split, name))
-        print(f"{name} records whose prompt (case and whitespace normalised) is also in train: {overlap}")
-    print(f"records containing a literal '<|endoftext|>' (tokenized as plain text): "
-          f"{sum('<|endoftext|>' in t for t in texts)}")
+        print(f"{name} records whose prompt (case and whitespace normalised) is also in train: {s.in_train[name]}")
+    print(f"records containing a literal '<|endoftext|>' (tokenized as plain text): {s.literal_eot}")
     return 0
 
 
@@ -112,44 +84,54 @@ def register(sub) -> None:
     p = sub.add_parser("data", help="inspect, clean and convert an instruction dataset", description=__doc__)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=SUBPARSER)
     dsub.required = True
+    for add in (add_stats, add_inspect, add_clean, add_convert):
+        add(dsub)
 
-    def source(q, metavar="FILE"):  # every data command reads its data as `finetune --data` does
-        q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar=metavar,
-                       help="a JSON/JSONL file or URL, downloaded into the cache (default: the book's "
-                            "instruction-data.json, read from the copy bundled with minisft)")
-        q.add_argument("--cache-dir", default=None, help="download cache (default $MINISFT_CACHE_DIR or "
-                       "~/.cache/minisft)")
-        q.add_argument("--sha256", default=None, help="expected sha256 of the file")
 
-    def common(q):
-        source(q)
-        q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
+def add_source(q, metavar="FILE") -> None:  # every data command reads its data as `finetune --data` does
+    q.add_argument("file", nargs="?", default=DEFAULT_DATA_URL, metavar=metavar,
+                   help="a JSON/JSONL file or URL, downloaded into the cache (default: the book's "
+                        "instruction-data.json, read from the copy bundled with minisft)")
+    q.add_argument("--cache-dir", default=None, help="download cache (default $MINISFT_CACHE_DIR or "
+                   "~/.cache/minisft)")
+    q.add_argument("--sha256", default=None, help="expected sha256 of the file")
 
+
+def add_common(q) -> None:  # what stats and inspect both take
+    add_source(q)
+    q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
+
+
+def add_stats(dsub) -> None:
     q = dsub.add_parser("stats", help="counts, token lengths, duplicates, train/test overlap", description=(
         "A dataset before training on it: records and turns, the book's 85/10/5 split, a histogram of tokens "
         "per record, records longer than the model's context or --max-length, exact duplicates, and val and "
         "test records whose prompt is also in train."))
-    common(q)
+    add_common(q)
     q.add_argument("--max-length", type=int, default=1024, help="report records longer than this (clamped to "
                    "the model's context)")
     q.add_argument("--model", default="gpt2-medium", choices=list(PRESETS), help="the model whose context counts")
     q.add_argument("--shuffle-seed", type=int, default=None, help="shuffle before the split")
     q.set_defaults(func=stats)
 
+
+def add_inspect(dsub) -> None:
     q = dsub.add_parser("inspect", help="one record rendered, token by token, with its loss mask", description=(
         "One record as training sees it: its training text, its inference prompt, and every token with "
         "whether the loss is taken on predicting it (--mask-prompt)."))
-    common(q)
+    add_common(q)
     q.add_argument("--index", type=int, required=True, help="record index (0-based)")
     q.add_argument("--mask-prompt", default="none", choices=list(MASKS),
                    help="none: train every token (the book); input: mask the prompt (exercise 7.2); "
                         "header: also mask the response header (TRL)")
     q.set_defaults(func=inspect)
 
+
+def add_clean(dsub) -> None:
     d = curate.CleanSettings()
     q = dsub.add_parser("clean", help="filter, decontaminate and deduplicate a data file, with a report",
                         description=curate.__doc__, formatter_class=RawDefaultsHelpFormatter)
-    source(q, "IN")
+    add_source(q, "IN")
     q.add_argument("--out", required=True, help="the cleaned file (same layout and record formats)")
     q.add_argument("--report", default=None, help="write the report as JSON here")
     q.add_argument("--skip", action="append", default=[], choices=curate.STEPS, metavar="STEP",
@@ -178,12 +160,14 @@ def register(sub) -> None:
                         "file-order split) and leave those two untouched")
     q.set_defaults(func=clean)
 
+
+def add_convert(dsub) -> None:
     q = dsub.add_parser("convert", help="write a data file in another record format", description=(
         "Every record of a data file in another record format (Alpaca, ShareGPT, OpenAI messages), losing "
         "nothing: keys a format does not name travel along. The layout follows --out's extension (.json a "
         "JSON list, .jsonl one record per line) unless --layout says. A record the target format cannot "
         "hold stops the conversion, naming it, before anything is written."))
-    source(q, "IN")
+    add_source(q, "IN")
     q.add_argument("--to", required=True, choices=FORMATS, help="the record format to write")
     q.add_argument("--out", required=True, help="the converted file: .json a JSON list, .jsonl one record per line")
     q.add_argument("--layout", default=None, choices=LAYOUTS,

@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from ..data import Loader, collate_examples, encode_records, load_splits
 from ..errors import MinisftError
-from ..evaluate import evaluate_loss
+from ..evaluate import NoTargets, evaluate_loss
 from ..prompts import MASKS
 from .checks import at_least
 from .model_args import add_data_args, add_model_args, load_model, pick
@@ -24,7 +24,7 @@ def run(args) -> int:
                     collate=partial(collate_examples, packed=True, allowed_max_length=max_len))
     try:
         loss, ppl, n = evaluate_loss(model, tqdm(loader, desc="eval", unit="batch", disable=None, leave=False))
-    except ValueError:
+    except NoTargets:
         raise MinisftError(f"--max-length {args.max_length} with --mask-prompt {args.mask_prompt} leaves no "
                            f"target to score in the {args.split} split") from None
     model_name = f"{'checkpoint' if args.checkpoint else 'weights'} {args.checkpoint or args.weights}" + (
