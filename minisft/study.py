@@ -24,7 +24,6 @@ from .config import GPTConfig
 from .errors import MinisftError
 from .gradcheck import FD_EPS, FD_TOL, rel_error
 
-OPS = ("attention", "softmax", "layernorm", "gelu", "linear", "cross-entropy", "block", "model")
 SAME_TOL = 1e-12    # the kernel against the stages: the same math in float64, only reordered
 TORCH_TOL = 1e-10   # ours against PyTorch autograd (its own ops, its own order of operations)
 PRINT_WHOLE = 48    # arrays of up to this many entries are printed whole, bigger ones summarised
@@ -473,6 +472,7 @@ def model_study(rng, lengths, H, hd) -> Study:
 STUDIES = {"attention": attention_study, "softmax": softmax_study, "layernorm": layernorm_study,
            "gelu": gelu_study, "linear": linear_study, "cross-entropy": cross_entropy_study,
            "block": block_study, "model": model_study}
+OPS = tuple(STUDIES)  # the ops `minisft study` takes, in the order its help lists them
 
 
 def validate(op, lengths, heads, head_dim) -> None:
