@@ -87,11 +87,15 @@ def test_kv_cache_extend_matches_a_fresh_prefill(backend):
     assert np.allclose(both, np.concatenate([alone_a, model.decode(fresh, [13])]), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend,dtype", [(b, d) for b in ALL_BACKENDS for d in ("float32", "float64", "bfloat16")])
+# Every backend in every dtype it has (the numpy reference has no bfloat16).
+KV_CASES = [(b, d) for b in ALL_BACKENDS for d in ("float32", "float64", "bfloat16") if (b, d) != ("numpy", "bfloat16")]
+
+
+@pytest.mark.parametrize("backend,dtype", KV_CASES)
 def test_the_printed_kv_cache_size_is_the_bytes_the_backend_allocates(backend, dtype):
     try:
         B = backend_or_skip(backend, dtype)
-    except ValueError as e:  # a dtype this backend or machine does not have
+    except ValueError as e:  # bfloat16 on a CPU without bf16 units
         pytest.skip(str(e))
     model = GPT(GPTConfig.preset("gpt2-tiny"), backend=B, dtype=dtype, seed=0)
     cache = model.kv_cache(3, model.cfg.context_length)
