@@ -204,11 +204,16 @@ def save_pretrained(model, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg, d = model.cfg, model.cfg.emb_dim
-    tensors = {}
+    shapes, source = {}, {}  # HF name -> shape; HF name -> our parameter (None: a zero c_attn bias)
     for name, p in model.params.items():
-        tensors[name if name == "lm_head.weight" else "transformer." + name] = model.B.to_numpy(p)
+        hf = name if name == "lm_head.weight" else "transformer." + name
+        shapes[hf], source[hf] = tuple(p.shape), name
         if not cfg.qkv_bias and name.endswith("attn.c_attn.weight"):
-            tensors["transformer." + name.replace(".weight", ".bias")] = np.zeros(3 * d, np.float32)  # (3d,)
-    safetensors.save(out / "model.safetensors", tensors, metadata={"format": "pt"})
+            shapes[hf.replace(".weight", ".bias")], source[hf.replace(".weight", ".bias")] = (3 * d,), None
+
+    def array_of(hf):  # one tensor on the host at a time: the zero bias (3d,) or the parameter's copy
+        name = source[hf]
+        return np.zeros(3 * d, np.float32) if name is None else model.B.to_numpy(model.params[name])
+    safetensors.save_streamed(out / "model.safetensors", shapes, array_of, metadata={"format": "pt"})
     write_json(out / "config.json", hf_config(cfg), indent=2)
     return out

@@ -117,14 +117,22 @@ def load(path) -> tuple[dict, dict]:
 def save(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write {name: float array} as F32 safetensors, atomically: a temp file beside `path`, renamed
     over it only once every byte is on disk."""
-    path = Path(path)
     arrays = {name: np.asarray(a, dtype="<f4", order="C") for name, a in tensors.items()}
+    save_streamed(path, {name: a.shape for name, a in arrays.items()}, arrays.__getitem__, metadata)
+
+
+def save_streamed(path, shapes: dict, array_of, metadata: dict | None = None) -> None:
+    """save() for arrays made one at a time: {name: shape} gives the header, array_of(name) each
+    array as it is written, so at most one is on the host at once (a model on another device, or in
+    another dtype, is never copied whole)."""
+    path = Path(path)
     header, pos = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, a in arrays.items():
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [pos, pos + a.nbytes]}
-        pos += a.nbytes
+    for name, shape in shapes.items():
+        nbytes = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -132,7 +140,10 @@ def save(path, tensors: dict, metadata: dict | None = None) -> None:
         with open(tmp, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
-            for a in arrays.values():
+            for name, shape in shapes.items():
+                a = np.asarray(array_of(name), dtype="<f4", order="C")
+                if a.shape != tuple(shape):
+                    raise ValueError(f"safetensors: {name} has shape {a.shape}, the header says {tuple(shape)}")
                 f.write(a.data)
             f.flush()
             os.fsync(f.fileno())

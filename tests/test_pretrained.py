@@ -351,3 +351,28 @@ def test_mask_buffer_names_are_matched_exactly(tmp_path):
     write_safetensors(folder / "model.safetensors", tensors)
     with pytest.raises(MinisftError, match=r"unexpected h\.0\.attn\.biasx"):
         GPT.from_pretrained(folder)
+
+
+def test_the_export_holds_one_tensor_on_the_host_at_a_time(tmp_path):
+    """A model whose host copies are new arrays (numba bfloat16 keeps float32 masters beside bf16
+    copies; to_numpy copies) is exported tensor by tensor: the export's extra memory is about its
+    largest tensor, not the whole model (which a run's memory plan does not count at its end)."""
+    import tracemalloc
+
+    from minisft.pretrained import read_pretrained, save_pretrained
+    from tests.helpers import backend_or_skip
+    try:
+        B = backend_or_skip("numba", "bfloat16")
+    except ValueError as e:  # a CPU without bf16 units
+        pytest.skip(str(e))
+    model = GPT(GPTConfig.preset("gpt2-tiny"), backend=B, dtype="bfloat16", seed=0)
+    total = sum(int(np.prod(p.shape)) * 4 for p in model.params.values())
+    largest = max(int(np.prod(p.shape)) * 4 for p in model.params.values())
+    assert largest < 0.6 * total  # wte and lm_head: each half the model
+    tracemalloc.start()
+    save_pretrained(model, tmp_path / "hf")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < largest + total // 10, (peak, largest, total)
+    _, sd = read_pretrained(tmp_path / "hf")
+    assert all(np.array_equal(sd[n], model.B.to_numpy(p)) for n, p in model.params.items())  # bit-exact still

@@ -25,6 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--backend", default="numba")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
@@ -36,7 +37,7 @@ def main() -> None:
     cfg = GPTConfig.preset(a.model)
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    model = GPT(cfg, backend=a.backend, dtype="float32", seed=0)
+    model = GPT(cfg, backend=a.backend, dtype=a.dtype, seed=0)
     model.grad_checkpoint = a.grad_checkpoint
     opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY, state=a.optim_state)
     build_s = time.perf_counter() - t0
@@ -54,8 +55,8 @@ def main() -> None:
             loss = loss_sum / n
         times.append(time.perf_counter() - t0)
         losses.append(loss)
-    parts = estimate(cfg, a.batch_size * a.seq_len, "float32", a.optim_state, a.grad_checkpoint, a.fused_update)
-    print(json.dumps(dict(model=a.model, backend=a.backend, batch_size=a.batch_size, seq_len=a.seq_len,
+    parts = estimate(cfg, a.batch_size * a.seq_len, a.dtype, a.optim_state, a.grad_checkpoint, a.fused_update)
+    print(json.dumps(dict(model=a.model, backend=a.backend, dtype=a.dtype, batch_size=a.batch_size, seq_len=a.seq_len,
                           grad_checkpoint=a.grad_checkpoint, optim_state=a.optim_state, fused_update=a.fused_update,
                           params=model.num_params(), build_s=round(build_s, 1),
                           step_s=[round(t, 2) for t in times], losses=[round(x, 4) for x in losses],
