@@ -360,7 +360,8 @@ def report_long(name, examples, records, style, max_len, s, log) -> list:
             f"({name} records {first}{' ...' if len(lost or cut) > 5 else ''})"
             + ("" if s.drop_long else "; --drop-long drops them"))
     if s.drop_long:
-        examples = [e for i, e in enumerate(examples) if i not in set(cut)]
+        dropped = set(cut)
+        examples = [e for i, e in enumerate(examples) if i not in dropped]
     trainable = [e for e in examples if len(e.tokens) <= max_len or e.trained[1:max_len + 1].any()]
     if name == "train" and not trainable:
         raise MinisftError(f"setting max_length: at {max_len} tokens no training record keeps a trained target "
