@@ -7,8 +7,12 @@ layernorm, LoRA's u, layernorm's mean and rstd, attention's ctx) is the one this
 in its dtype (under bfloat16, torch keeps activations in the compute dtype). Shapes use:
 
     N  positions in the packed batch      S  sequences (cu_seqlens has S+1 entries)
-    d  model width (emb_dim)              H  heads, hd = d // H
+    d  model width (emb_dim)              H  query heads, Hkv key/value heads, hd head width
     V  vocabulary size                    C  context length
+    W  fused qkv width, (H + 2 Hkv) hd    f  the MLP's hidden width
+
+GPT-2 has Hkv = H and hd = d // H, so W = 3d. The Llama family (minisft/llama.py) has grouped-query
+attention (Hkv divides H: query head h reads key/value head h // (H // Hkv)) and an explicit hd.
 
 All kernels work on the packed layout of `minisft.batch.PackedBatch`: one flat stream of N positions,
 `cu_seqlens` marking sequence boundaries, attention causal and never crossing a boundary.
@@ -63,6 +67,15 @@ class Backend(ABC):
     def embedding_backward(self, dwte, dwpe, dx, tokens, positions) -> None:
         """Scatter-add: dwte[tokens[n]] += dx[n], dwpe[positions[n]] += dx[n] (in place)."""
 
+    # ---- token embedding alone (the Llama family: positions enter by rotation, see rope_*) ---------
+    @abstractmethod
+    def token_embedding_forward(self, tokens, wte) -> Array:
+        """x[n] = wte[tokens[n]]  -> (N, d)"""
+
+    @abstractmethod
+    def token_embedding_backward(self, dwte, dx, tokens) -> None:
+        """Scatter-add: dwte[tokens[n]] += dx[n] (in place)."""
+
     # ---- layernorm (eps constants.LN_EPS, biased variance) ---------------------------------------
     @abstractmethod
     def layernorm_forward(self, x, w, b) -> tuple[Array, Array, Array]:
@@ -72,6 +85,39 @@ class Backend(ABC):
     def layernorm_backward(self, dout, x, w, mean, rstd, dskip=None) -> tuple[Array, Array, Array]:
         """-> dx (N, d), dw (d,), db (d,). dskip (N, d): the gradient x also gets by the residual's skip
         path, added into dx in the same pass (a pre-norm block's x feeds both)."""
+
+    # ---- RMSNorm (the Llama family): out = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) ----------
+    @abstractmethod
+    def rmsnorm_forward(self, x, w, eps: float) -> tuple[Array, Array]:
+        """(N, d) -> out (N, d), rstd (N,), kept for the backward."""
+
+    @abstractmethod
+    def rmsnorm_backward(self, dout, x, w, rstd, dskip=None) -> tuple[Array, Array]:
+        """-> dx (N, d), dw (d,); dskip as for layernorm_backward."""
+
+    # Per-head RMSNorm of the query and key heads of a fused qkv (Qwen3's q_norm and k_norm): every
+    # head vector of width hd is normalised on its own, q heads scaled by wq (hd,), k heads by wk (hd,);
+    # the value heads pass through unchanged.
+    @abstractmethod
+    def qk_norm_forward(self, qkv, wq, wk, eps: float, n_heads: int, n_kv_heads: int) -> tuple[Array, Array]:
+        """qkv (N, W) -> out (N, W), rstd (N, H + Hkv)."""
+
+    @abstractmethod
+    def qk_norm_backward(self, dout, qkv, wq, wk, rstd, n_heads: int, n_kv_heads: int) -> tuple[Array, Array, Array]:
+        """-> dqkv (N, W), dwq (hd,), dwk (hd,)."""
+
+    # ---- rotary position embedding (RoPE) on the query and key heads of a fused qkv --------------
+    # Each of the first n_rot heads (H query heads, then Hkv key heads) is split in halves x1, x2 of
+    # width hd/2 (Hugging Face's rotate_half layout) and rotated by the angle positions[n] * inv_freq:
+    #   out1 = x1 cos - x2 sin,  out2 = x2 cos + x1 sin       cos, sin: tables (C, hd/2) by position
+    # The value heads pass through unchanged. A rotation's inverse is its transpose, the rotation by -θ.
+    @abstractmethod
+    def rope_forward(self, qkv, cos, sin, positions, n_rot: int) -> Array:
+        """qkv (N, W), positions (N,) -> (N, W), a new array."""
+
+    @abstractmethod
+    def rope_backward(self, dout, cos, sin, positions, n_rot: int) -> Array:
+        """dout (N, W) -> dqkv (N, W): dout rotated by -θ."""
 
     # ---- linear, Hugging Face Conv1D layout: y = x @ W + b, W is (in, out) -----------------------
     @abstractmethod
@@ -105,13 +151,26 @@ class Backend(ABC):
         """du (N, r) -> dx (N, in), da (in, r)"""
 
     # ---- causal multi-head attention over fused qkv, packed sequences ----------------------------
+    # n_kv_heads None: as many key/value heads as query heads (GPT-2). Otherwise grouped-query
+    # attention: each key/value head serves H // Hkv query heads, so its gradient sums over them.
     @abstractmethod
-    def attention_forward(self, qkv, cu_seqlens, n_heads: int, max_seqlen: int) -> tuple[Array, Any]:
-        """qkv (N, 3d) = [q | k | v] -> out (N, d), ctx: whatever this backend's backward needs."""
+    def attention_forward(self, qkv, cu_seqlens, n_heads: int, max_seqlen: int,
+                          n_kv_heads: int | None = None) -> tuple[Array, Any]:
+        """qkv (N, W) = [q | k | v] -> out (N, H hd), ctx: whatever this backend's backward needs."""
 
     @abstractmethod
-    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads: int, max_seqlen: int) -> Array:
-        """dout (N, d) -> dqkv (N, 3d)"""
+    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads: int, max_seqlen: int,
+                           n_kv_heads: int | None = None) -> Array:
+        """dout (N, H hd) -> dqkv (N, W)"""
+
+    # ---- SwiGLU (the Llama family's MLP activation) over a fused [gate | up] ----------------------
+    @abstractmethod
+    def swiglu_forward(self, gu) -> Array:
+        """gu (N, 2f) = [gate | up] -> silu(gate) * up (N, f), silu(g) = g * sigmoid(g)."""
+
+    @abstractmethod
+    def swiglu_backward(self, dy, gu) -> Array:
+        """dy (N, f) -> dgu (N, 2f)."""
 
     # ---- GELU, tanh approximation ----------------------------------------------------------------
     @abstractmethod
@@ -158,7 +217,7 @@ class Backend(ABC):
 
     # ---- inference: rows, and the per-layer KV cache for incremental decoding (forward only) ------
     # Decoding keeps, per layer, the keys and values of every token seen so far: k_cache and
-    # v_cache, each (S, H, T, hd) for S sequences of at most T cached positions. Cache row s belongs
+    # v_cache, each (S, Hkv, T, hd) for S sequences of at most T cached positions. Cache row s belongs
     # to sequence s; a prefill writes a packed batch of prompts at their positions 0..L-1 (the
     # attention itself is `attention_forward`), then each decode step feeds one new token per
     # sequence, written at position lens[s] - 1 and attending over cache positions [0, lens[s]).
@@ -174,18 +233,20 @@ class Backend(ABC):
 
     @abstractmethod
     def kv_cache_alloc(self, n_seqs: int, n_heads: int, max_len: int, head_dim: int) -> tuple[Array, Array]:
-        """-> k_cache, v_cache, each (S, H, T, hd) zeros of kv_dtype."""
+        """-> k_cache, v_cache, each (S, Hkv, T, hd) zeros of kv_dtype (n_heads: the key/value heads)."""
 
     @abstractmethod
     def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions) -> None:
-        """qkv (N, 3d) = [q | k | v]; seq_ids, positions (N,). In place, for every row n and head h:
-        k_cache[seq_ids[n], h, positions[n]] = k[n, h] (and v alike). Rows never share a slot."""
+        """qkv (N, W) = [q | k | v], Hkv and hd read off the cache; seq_ids, positions (N,). In place, for
+        every row n and key/value head h: k_cache[seq_ids[n], h, positions[n]] = k[n, h] (and v alike).
+        Rows never share a slot."""
 
     @abstractmethod
     def attention_decode(self, qkv, k_cache, v_cache, lens, n_heads: int, max_len: int) -> Array:
-        """One new token per cache row: qkv (S, 3d), its own k/v already written at lens[s] - 1.
-        Query s attends over cache positions [0, lens[s]) of row s -> out (S, d). lens (S,) index array,
-        max_len = max(lens) as a Python int (a bound for the work, so no host sync is needed)."""
+        """One new token per cache row: qkv (S, W), its own k/v already written at lens[s] - 1.
+        Query s attends over cache positions [0, lens[s]) of row s -> out (S, H hd); query head h reads
+        cache head h // (H // Hkv). lens (S,) index array, max_len = max(lens) as a Python int (a bound
+        for the work, so no host sync is needed)."""
 
     # ---- optimizer -------------------------------------------------------------------------------
     @abstractmethod

@@ -1,8 +1,8 @@
 """The reference backend: plain numpy, written to be read. Every other backend is tested against it.
 
 Each kernel's forward sits beside its backward, and each backward line quotes the forward line it
-undoes (as llm.c does). Shapes: N positions, d width, H heads, hd = d // H, V vocabulary, L one
-sequence's length. docs/backprop.md derives every backward here; `minisft study OP` runs them stage
+undoes (as llm.c does). Shapes: N positions, d width, H query heads, Hkv key/value heads (H for
+GPT-2), hd head width, W = (H + 2 Hkv) hd the fused qkv, V vocabulary, L one sequence's length. docs/backprop.md derives every backward here; `minisft study OP` runs them stage
 by stage on tiny inputs and checks each against finite differences.
 """
 import math
@@ -78,6 +78,12 @@ class NumpyBackend(Backend):
         np.add.at(dwte, tokens, dx)      # dwte (V, d) += one-hot(tokens)^T @ dx
         np.add.at(dwpe, positions, dx)   # dwpe (C, d)
 
+    def token_embedding_forward(self, tokens, wte):
+        return wte[tokens]                            # (N, d)
+
+    def token_embedding_backward(self, dwte, dx, tokens):
+        np.add.at(dwte, tokens, dx)                   # dwte (V, d) += one-hot(tokens)^T @ dx, a scatter-ADD
+
     # ---- layernorm -----------------------------------------------------------------------------
     def layernorm_forward(self, x, w, b):
         mean = x.mean(axis=-1)                        # (N,)
@@ -102,6 +108,66 @@ class NumpyBackend(Backend):
         if dskip is not None:                         # x also took the skip path: both gradients add
             dx = dskip + dx
         return dx, dw, db
+
+    # ---- RMSNorm -------------------------------------------------------------------------------
+    def rmsnorm_forward(self, x, w, eps):
+        rstd = 1.0 / np.sqrt((x * x).mean(axis=-1) + eps)  # (N,) no centring, unlike layernorm
+        return x * rstd[:, None] * w, rstd.astype(x.dtype)  # (N, d), (N,)
+
+    def rmsnorm_backward(self, dout, x, w, rstd, dskip=None):
+        xhat = x * rstd[:, None]                      # (N, d) recomputed from the forward's rstd
+        # forward: out = xhat * w
+        dw = (dout * xhat).sum(axis=0)                # (d,)
+        dxhat = dout * w                              # (N, d)
+        # forward: xhat = x * rstd with rstd = (mean(x^2) + eps)^(-1/2), so drstd/dx_j = -rstd^3 x_j / d:
+        #   dx = rstd * (dxhat - xhat * mean(dxhat * xhat))   (layernorm's formula without the mean's term)
+        dx = rstd[:, None] * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))  # (N, d)
+        if dskip is not None:                         # x also took the skip path: both gradients add
+            dx = dskip + dx
+        return dx, dw
+
+    def qk_norm_forward(self, qkv, wq, wk, eps, n_heads, n_kv_heads):
+        N, W = qkv.shape
+        hd, nq = wq.shape[0], n_heads + n_kv_heads
+        heads = qkv.reshape(N, W // hd, hd)           # (N, H + 2 Hkv, hd)
+        w = np.concatenate([np.broadcast_to(wq, (n_heads, hd)), np.broadcast_to(wk, (n_kv_heads, hd))])  # (H + Hkv, hd)
+        out = heads.copy()                            # (N, H + 2 Hkv, hd) the value heads as they were
+        qk = heads[:, :nq]                            # (N, H + Hkv, hd)
+        rstd = 1.0 / np.sqrt((qk * qk).mean(axis=-1) + eps)  # (N, H + Hkv) one per head vector
+        out[:, :nq] = qk * rstd[..., None] * w
+        return out.reshape(N, W), rstd.astype(qkv.dtype)
+
+    def qk_norm_backward(self, dout, qkv, wq, wk, rstd, n_heads, n_kv_heads):
+        N, W = qkv.shape
+        hd, nq = wq.shape[0], n_heads + n_kv_heads
+        qk = qkv.reshape(N, W // hd, hd)[:, :nq]      # (N, H + Hkv, hd)
+        d = dout.reshape(N, W // hd, hd)              # (N, H + 2 Hkv, hd)
+        xhat = qk * rstd[..., None]                   # (N, H + Hkv, hd)
+        w = np.concatenate([np.broadcast_to(wq, (n_heads, hd)), np.broadcast_to(wk, (n_kv_heads, hd))])
+        # forward: out = xhat * w per head vector, wq shared by the H query heads, wk by the Hkv key heads
+        dwh = (d[:, :nq] * xhat).sum(axis=0)          # (H + Hkv, hd)
+        dxhat = d[:, :nq] * w                         # (N, H + Hkv, hd)
+        dqkv = d.copy()                               # (N, H + 2 Hkv, hd) the value heads pass through
+        # forward: xhat = x * rstd, as rmsnorm_backward, per head vector
+        dqkv[:, :nq] = rstd[..., None] * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        return dqkv.reshape(N, W), dwh[:n_heads].sum(axis=0), dwh[n_heads:].sum(axis=0)
+
+    # ---- rotary position embedding ----------------------------------------------------------------
+    def rope_forward(self, qkv, cos, sin, positions, n_rot):
+        N, W = qkv.shape
+        half = cos.shape[1]                           # hd / 2
+        out = qkv.copy()                              # (N, W) the value heads as they were
+        heads = out.reshape(N, W // (2 * half), 2 * half)[:, :n_rot]  # (N, n_rot, hd) a view into out
+        x1, x2 = heads[..., :half].copy(), heads[..., half:].copy()  # (N, n_rot, hd/2) each
+        c, s = cos[positions][:, None, :], sin[positions][:, None, :]  # (N, 1, hd/2) each row's angles
+        heads[..., :half] = x1 * c - x2 * s           # out1 = x1 cos - x2 sin
+        heads[..., half:] = x2 * c + x1 * s           # out2 = x2 cos + x1 sin
+        return out
+
+    def rope_backward(self, dout, cos, sin, positions, n_rot):
+        # forward: [out1; out2] = R(θ) [x1; x2] with R = [[cos, -sin], [sin, cos]], so dx = R(θ)^T dout
+        # = R(-θ) dout: the forward's rotation with sin negated
+        return self.rope_forward(dout, cos, -sin, positions, n_rot)
 
     # ---- linear (Conv1D layout: w is (in, out)) ------------------------------------------------
     def linear_forward(self, x, w, b):
@@ -142,41 +208,47 @@ class NumpyBackend(Backend):
     # Sequence s is rows cu_seqlens[s]:cu_seqlens[s+1] of the packed batch and attends only to itself,
     # so each kernel loops over sequences and runs ordinary causal attention on each.
     @staticmethod
-    def _split_heads(qkv_seq, n_heads):
-        """qkv (L, 3d) -> q, k, v each (H, L, hd)."""
-        L, three_d = qkv_seq.shape
-        hd = three_d // 3 // n_heads
-        return qkv_seq.reshape(L, 3, n_heads, hd).transpose(1, 2, 0, 3)
+    def _split_heads(qkv_seq, n_heads, n_kv_heads):
+        """qkv (L, W) = [q | k | v] -> q (H, L, hd), k and v (Hkv, L, hd)."""
+        L, W = qkv_seq.shape
+        hd = W // (n_heads + 2 * n_kv_heads)
+        heads = qkv_seq.reshape(L, n_heads + 2 * n_kv_heads, hd).transpose(1, 0, 2)  # (H + 2 Hkv, L, hd)
+        return heads[:n_heads], heads[n_heads:n_heads + n_kv_heads], heads[n_heads + n_kv_heads:]
 
-    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
-        N, three_d = qkv.shape
-        d = three_d // 3
-        scale = 1.0 / math.sqrt(d // n_heads)         # 1/sqrt(hd): scores of unit variance
-        out = np.empty((N, d), dtype=qkv.dtype)       # (N, d)
+    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen, n_kv_heads=None):
+        Hkv = n_kv_heads or n_heads
+        G = n_heads // Hkv                            # query heads per key/value head (1: GPT-2)
+        N, W = qkv.shape
+        hd = W // (n_heads + 2 * Hkv)
+        scale = 1.0 / math.sqrt(hd)                   # 1/sqrt(hd): scores of unit variance
+        out = np.empty((N, n_heads * hd), dtype=qkv.dtype)  # (N, H hd)
         probs = []                                    # per sequence: p (H, L, L), kept for the backward
         for s in range(len(cu_seqlens) - 1):
             a, e = cu_seqlens[s], cu_seqlens[s + 1]
             L = e - a
-            q, k, v = self._split_heads(qkv[a:e], n_heads)                 # (H, L, hd) each
+            q, k, v = self._split_heads(qkv[a:e], n_heads, Hkv)           # (H, L, hd), (Hkv, L, hd) x 2
+            k, v = np.repeat(k, G, axis=0), np.repeat(v, G, axis=0)        # (H, L, hd) query head h reads h // G
             scores = (q @ k.transpose(0, 2, 1)) * scale                    # (H, L, L)
             masked = np.where(np.tri(L, dtype=bool), scores, -np.inf)      # (H, L, L) causal: key j <= query i
             p = softmax_forward(masked)                                    # (H, L, L) rows sum to 1
             y = p @ v                                                      # (H, L, hd)
-            out[a:e] = y.transpose(1, 0, 2).reshape(L, d)                  # (L, d) heads side by side
+            out[a:e] = y.transpose(1, 0, 2).reshape(L, n_heads * hd)       # (L, H hd) heads side by side
             probs.append(p.astype(qkv.dtype))
         return out, probs
 
-    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen):
-        N, three_d = qkv.shape
-        d = three_d // 3
-        hd = d // n_heads
+    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen, n_kv_heads=None):
+        Hkv = n_kv_heads or n_heads
+        G = n_heads // Hkv
+        N, W = qkv.shape
+        hd = W // (n_heads + 2 * Hkv)
         scale = 1.0 / math.sqrt(hd)
-        dqkv = np.empty_like(qkv)                     # (N, 3d)
+        dqkv = np.empty_like(qkv)                     # (N, W)
         for s, p in enumerate(ctx):
             a, e = cu_seqlens[s], cu_seqlens[s + 1]
             L = e - a
-            q, k, v = self._split_heads(qkv[a:e], n_heads)                 # (H, L, hd) each
-            # forward: out[a:e] = y.transpose(1, 0, 2).reshape(L, d), so split dout back into heads
+            q, k, v = self._split_heads(qkv[a:e], n_heads, Hkv)           # (H, L, hd), (Hkv, L, hd) x 2
+            k, v = np.repeat(k, G, axis=0), np.repeat(v, G, axis=0)        # (H, L, hd)
+            # forward: out[a:e] = y.transpose(1, 0, 2).reshape(L, H hd), so split dout back into heads
             dy = dout[a:e].reshape(L, n_heads, hd).transpose(1, 0, 2)      # (H, L, hd)
             # forward: y = p @ v, so dp = dy @ vT and dv = pT @ dy
             dp = dy @ v.transpose(0, 2, 1)                                 # (H, L, L)
@@ -188,9 +260,29 @@ class NumpyBackend(Backend):
             dqk = dscores * scale                                          # (H, L, L)
             dq = dqk @ k                                                   # (H, L, hd)
             dk = dqk.transpose(0, 2, 1) @ q                                # (H, L, hd)
+            # forward: k, v = np.repeat(k, G), np.repeat(v, G): each key/value head fed G query heads,
+            # so its gradient is the sum of theirs
+            dk = dk.reshape(Hkv, G, L, hd).sum(axis=1)                     # (Hkv, L, hd)
+            dv = dv.reshape(Hkv, G, L, hd).sum(axis=1)                     # (Hkv, L, hd)
             # forward: q, k, v = _split_heads(qkv[a:e]), so put dq, dk, dv back side by side
-            dqkv[a:e] = np.stack([dq, dk, dv]).transpose(2, 0, 1, 3).reshape(L, three_d)  # (L, 3d)
+            dqkv[a:e] = np.concatenate([dq, dk, dv]).transpose(1, 0, 2).reshape(L, W)  # (L, W)
         return dqkv
+
+    # ---- SwiGLU over a fused [gate | up] ---------------------------------------------------------
+    def swiglu_forward(self, gu):
+        f = gu.shape[1] // 2
+        g, u = gu[:, :f], gu[:, f:]                   # (N, f) each
+        sig = 1.0 / (1.0 + np.exp(-g))                # (N, f) sigmoid(g)
+        return g * sig * u                            # (N, f) silu(g) * up
+
+    def swiglu_backward(self, dy, gu):
+        f = gu.shape[1] // 2
+        g, u = gu[:, :f], gu[:, f:]                   # (N, f) each
+        sig = 1.0 / (1.0 + np.exp(-g))                # (N, f)
+        # forward: y = silu(g) * u with silu(g) = g sig(g), so dsilu/dg = sig + g sig (1 - sig)
+        dg = dy * u * (sig + g * sig * (1.0 - sig))   # (N, f)
+        du = dy * g * sig                             # (N, f)
+        return np.concatenate([dg, du], axis=1).astype(gu.dtype)  # (N, 2f)
 
     # ---- GELU (tanh approximation) -------------------------------------------------------------
     def gelu_forward(self, x):
@@ -281,27 +373,28 @@ class NumpyBackend(Backend):
         return np.zeros(shape, dtype=self.kv_dtype), np.zeros(shape, dtype=self.kv_dtype)
 
     def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions):
-        N, three_d = qkv.shape
-        H, hd = k_cache.shape[1], k_cache.shape[3]
-        _, k, v = qkv.reshape(N, 3, H, hd).transpose(1, 0, 2, 3)          # (N, H, hd) each
-        # Two index arrays around a slice: numpy puts the indexed axis first, so the target is (N, H, hd).
+        N, W = qkv.shape
+        Hkv, hd = k_cache.shape[1], k_cache.shape[3]
+        heads = qkv.reshape(N, W // hd, hd)           # (N, H + 2 Hkv, hd)
+        k, v = heads[:, -2 * Hkv:-Hkv], heads[:, -Hkv:]  # (N, Hkv, hd) each
+        # Two index arrays around a slice: numpy puts the indexed axis first, so the target is (N, Hkv, hd).
         k_cache[seq_ids, :, positions] = k
         v_cache[seq_ids, :, positions] = v
 
     def attention_decode(self, qkv, k_cache, v_cache, lens, n_heads, max_len):
-        S, three_d = qkv.shape
-        d = three_d // 3
-        hd = d // n_heads
-        q = qkv[:, :d].reshape(S, n_heads, 1, hd)                          # (S, H, 1, hd)
-        k = k_cache[:, :, :max_len]                                        # (S, H, T, hd) views
+        S, W = qkv.shape
+        Hkv, hd = k_cache.shape[1], k_cache.shape[3]
+        G = n_heads // Hkv                                                 # query heads per cache head
+        q = qkv[:, :n_heads * hd].reshape(S, Hkv, G, hd)                   # (S, Hkv, G, hd) grouped by cache head
+        k = k_cache[:, :, :max_len]                                        # (S, Hkv, T, hd) views
         v = v_cache[:, :, :max_len]
-        scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(hd)             # (S, H, 1, T)
+        scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(hd)             # (S, Hkv, G, T)
         seen = np.arange(max_len) < lens[:, None]                          # (S, T) cache positions in use
         scores = np.where(seen[:, None, None, :], scores, -np.inf)
         scores = scores - scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
-        p /= p.sum(axis=-1, keepdims=True)                                 # (S, H, 1, T)
-        return (p @ v).reshape(S, d)                                       # (S, d) heads side by side
+        p /= p.sum(axis=-1, keepdims=True)                                 # (S, Hkv, G, T)
+        return (p @ v).reshape(S, n_heads * hd)                            # (S, H hd) heads side by side
 
     # ---- AdamW ---------------------------------------------------------------------------------
     def adamw_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
