@@ -44,7 +44,8 @@ import numpy as np
 from .backends import bf16
 from .batch import pack_padded
 from .config import GPTConfig
-from .model import GPT, init_params
+from .config import init_params
+from .model import GPT
 from .optim import AdamW
 
 # name -> (label in tables, the dtype its matmuls run in: which peak its MFU is against)

@@ -24,6 +24,11 @@ class Stage:
     dropout: bool = False   # its output goes through dropout in training (the two residual branches)
     forward: str = ""       # its math, as the study prints it
     backward: str = ""      # the backward that undoes it, as the study prints it
+    tensors: tuple = ("weight", "bias")  # its parameters' names under module (a linear's bias may be absent)
+
+    def params(self, prefix: str) -> tuple:
+        """The names of its parameters under prefix (h.{i}.), in tensors' order; () for none."""
+        return () if self.module is None else tuple(f"{prefix}{self.module}.{t}" for t in self.tensors)
 
 
 BLOCK = (
@@ -60,7 +65,7 @@ def stages() -> tuple:
 
 def params(st: Stage, prefix: str) -> tuple:
     """The HF names of a stage's parameters under prefix (h.{i}.): (weight, bias), or () for none."""
-    return () if st.module is None else (prefix + st.module + ".weight", prefix + st.module + ".bias")
+    return st.params(prefix)
 
 
 def run(ops: dict, x):

@@ -1,5 +1,8 @@
 """GPTConfig: the shape of a GPT-2-class model, with the four OpenAI sizes and a tiny one as presets."""
+import math
 from dataclasses import asdict, dataclass, fields
+
+import numpy as np
 
 from .errors import MinisftError
 
@@ -32,6 +35,14 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_heads  # every head has its own keys and values (the Llama family groups them)
+
+    @property
+    def qkv_dim(self) -> int:
+        return 3 * self.emb_dim
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -82,6 +93,23 @@ def param_shapes(cfg: GPTConfig) -> dict:
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, d)
     return shapes
+
+
+def init_params(cfg: GPTConfig, rng, dtype=np.float64) -> dict:
+    """GPT-2's initialisation: weights normal(0, 0.02), the two residual projections of each block
+    scaled by 1/sqrt(2 n_layers) (so the residual stream's variance does not grow with depth),
+    biases 0, layernorm gains 1. Returns numpy arrays in dtype, each drawn in float64 and cast on its
+    own (the same values as casting the float64 model, without ever holding it: 13 GB for gpt2-xl)."""
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            params[name] = np.ones(shape, dtype=dtype)
+        elif name.endswith(".bias"):
+            params[name] = np.zeros(shape, dtype=dtype)
+        else:
+            std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
+            params[name] = rng.normal(0.0, std, size=shape).astype(dtype, copy=False)
+    return params
 
 
 def check_tensors(where: str, have: dict, want: dict) -> None:

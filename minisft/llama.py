@@ -117,12 +117,12 @@ PRESETS = {
 # ---- the block ------------------------------------------------------------------------------------------
 def stages(cfg: LlamaConfig) -> tuple:
     """The block's stages for cfg (Qwen3 adds the q/k norm); the engine walks them as GPT-2's."""
-    qk_norm = (Stage("qkvn", "qk_norm", ("qkv",), "self_attn",
+    qk_norm = (Stage("qkvn", "qk_norm", ("qkv",), "self_attn", tensors=("q_norm.weight", "k_norm.weight"),
                      forward="qkvn = per-head rmsnorm of q and k (q_norm, k_norm)",
                      backward="dqkv, dwq, dwk = qk_norm_backward(dqkvn)"),) if cfg.qk_norm else ()
     rope_in = "qkvn" if cfg.qk_norm else "qkv"
     return (
-        Stage("ln1", "rmsnorm", ("x",), "input_layernorm",
+        Stage("ln1", "rmsnorm", ("x",), "input_layernorm", tensors=("weight",),
               forward="ln1 = rmsnorm(x; input_layernorm)", backward="dx, dw = rmsnorm_backward(dln1)"),
         Stage("qkv", "linear", ("ln1",), "self_attn.qkv_proj",
               forward="qkv = ln1 @ [q_proj | k_proj | v_proj]   (N, W)",
@@ -135,7 +135,7 @@ def stages(cfg: LlamaConfig) -> tuple:
         Stage("attproj", "linear", ("atty",), "self_attn.o_proj",
               forward="attproj = atty @ o_proj", backward="datty = dattproj @ wT;  dw = attyT @ dattproj"),
         Stage("x2", "residual", ("x", "attproj"), forward="x2 = x + attproj", backward="dx = dx2;  dattproj = dx2"),
-        Stage("ln2", "rmsnorm", ("x2",), "post_attention_layernorm",
+        Stage("ln2", "rmsnorm", ("x2",), "post_attention_layernorm", tensors=("weight",),
               forward="ln2 = rmsnorm(x2; post_attention_layernorm)", backward="dx2, dw = rmsnorm_backward(dln2)"),
         Stage("gu", "linear", ("ln2",), "mlp.gate_up_proj",
               forward="gu = ln2 @ [gate_proj | up_proj]   (N, 2f)", backward="dln2 = dgu @ wT;  dw = ln2T @ dgu"),
@@ -203,3 +203,123 @@ def rope_tables(head_dim: int, context_length: int, theta: float, scaling: RopeS
     """cos, sin (C, hd/2) of angle position * inv_freq, in float64: every position's rotation."""
     angles = np.outer(np.arange(context_length, dtype=np.float64), inv_frequencies(head_dim, theta, scaling))
     return np.cos(angles), np.sin(angles)
+
+
+# ---- Hugging Face names and config ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """Where a Hugging Face tensor lives in minisft's: columns [start, stop) of `ours` (the whole
+    tensor when stop is 0); linear: HF keeps it as nn.Linear (out, in), the transpose of ours."""
+    ours: str
+    start: int = 0
+    stop: int = 0
+    linear: bool = False
+
+
+def hf_layout(cfg: LlamaConfig) -> dict:
+    """Hugging Face tensor name -> Piece, in Hugging Face's order, for a model of shape cfg."""
+    H, Hkv, hd, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    qkv_cols = {"q_proj": (0, H * hd), "k_proj": (H * hd, (H + Hkv) * hd), "v_proj": ((H + Hkv) * hd, cfg.qkv_dim)}
+    out = {"model.embed_tokens.weight": Piece("embed_tokens.weight")}
+    for i in range(cfg.n_layers):
+        hf, p = f"model.layers.{i}.", f"layers.{i}."
+        out[hf + "input_layernorm.weight"] = Piece(p + "input_layernorm.weight")
+        for name, (a, b) in qkv_cols.items():
+            out[hf + f"self_attn.{name}.weight"] = Piece(p + "self_attn.qkv_proj.weight", a, b, linear=True)
+            if cfg.qkv_bias:
+                out[hf + f"self_attn.{name}.bias"] = Piece(p + "self_attn.qkv_proj.bias", a, b)
+        out[hf + "self_attn.o_proj.weight"] = Piece(p + "self_attn.o_proj.weight", linear=True)
+        if cfg.qk_norm:
+            out[hf + "self_attn.q_norm.weight"] = Piece(p + "self_attn.q_norm.weight")
+            out[hf + "self_attn.k_norm.weight"] = Piece(p + "self_attn.k_norm.weight")
+        out[hf + "post_attention_layernorm.weight"] = Piece(p + "post_attention_layernorm.weight")
+        out[hf + "mlp.gate_proj.weight"] = Piece(p + "mlp.gate_up_proj.weight", 0, f, linear=True)
+        out[hf + "mlp.up_proj.weight"] = Piece(p + "mlp.gate_up_proj.weight", f, 2 * f, linear=True)
+        out[hf + "mlp.down_proj.weight"] = Piece(p + "mlp.down_proj.weight", linear=True)
+    out["model.norm.weight"] = Piece("norm.weight")
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = Piece("lm_head.weight")
+    return out
+
+
+def hf_shape(piece: Piece, shape: tuple) -> tuple:
+    """The Hugging Face shape of piece, given its minisft tensor's shape."""
+    cols = shape[-1] if piece.stop == 0 else piece.stop - piece.start
+    return (cols, shape[0]) if piece.linear else tuple(shape[:-1]) + (cols,)
+
+
+def hf_array(piece: Piece, ours: np.ndarray) -> np.ndarray:
+    """The Hugging Face tensor of piece, cut from its minisft tensor."""
+    part = ours if piece.stop == 0 else ours[..., piece.start:piece.stop]
+    return np.ascontiguousarray(part.T if piece.linear else part)
+
+
+def from_hf(tensors: dict, cfg: LlamaConfig) -> dict:
+    """{Hugging Face name: array} with exactly hf_layout(cfg)'s names -> {minisft name: array}: each fused
+    tensor joined from its pieces (transposed to (in, out)) in column order."""
+    parts: dict = {}
+    for hf, piece in hf_layout(cfg).items():
+        parts.setdefault(piece.ours, []).append(tensors[hf].T if piece.linear else tensors[hf])
+    return {n: np.concatenate(p, axis=-1) if len(p) > 1 else np.array(p[0]) for n, p in parts.items()}
+
+
+def config_from_hf(hf: dict) -> LlamaConfig:
+    """A Llama, Qwen2 or Qwen3 config.json (already parsed) -> LlamaConfig. Raises ValueError naming the
+    field when the file asks for something these kernels do not compute."""
+    archs = hf.get("architectures") or []
+    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(hf.get("model_type"))
+    if arch is None or any(a not in ARCHITECTURES for a in archs):
+        raise ValueError(f"model_type {hf.get('model_type')!r} / architectures {archs}: minisft runs "
+                         f"{', '.join(ARCHITECTURES)} (and GPT-2)")
+    for field, want in (("hidden_act", "silu"), ("mlp_bias", False), ("use_sliding_window", False)):
+        if hf.get(field, want) != want:
+            raise ValueError(f"{field} is {hf[field]!r}; minisft's {arch} computes only {want!r}")
+    if arch == "llama" and hf.get("attention_bias", False) is not False:
+        raise ValueError("attention_bias is true; minisft's Llama has no q/k/v/o biases")
+    if arch == "qwen3" and hf.get("attention_bias", False) is not False:
+        raise ValueError("attention_bias is true; minisft's Qwen3 has no q/k/v biases")
+    # Transformers 5 writes rope_parameters (rope_theta inside); published files rope_theta + rope_scaling.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_scaling must be an object, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"rope_type {kind!r}: minisft implements the default rotation and 'llama3' scaling")
+    scaling = None if kind == "default" else RopeScaling(
+        float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+        int(rope["original_max_position_embeddings"]))
+
+    def integer(key, default=None):
+        v = hf.get(key, default)
+        if type(v) is not int or v <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        return v
+    d, H = integer("hidden_size"), integer("num_attention_heads")
+    return LlamaConfig(
+        vocab_size=integer("vocab_size"), context_length=integer("max_position_embeddings"), emb_dim=d,
+        n_layers=integer("num_hidden_layers"), n_heads=H, n_kv_heads=integer("num_key_value_heads", H),
+        head_dim=integer("head_dim") if hf.get("head_dim") is not None else d // H,
+        ffn_dim=integer("intermediate_size"), rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=scaling,
+        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", tie_embeddings=hf.get("tie_word_embeddings") is True,
+        arch=arch)
+
+
+def hf_config(cfg: LlamaConfig) -> dict:
+    """LlamaConfig -> the config.json of its Hugging Face class, in the published files' form (rope_theta
+    and rope_scaling at the top level), which every transformers release reads."""
+    name = next(a for a, k in ARCHITECTURES.items() if k == cfg.arch)
+    out = {"model_type": cfg.arch, "architectures": [name], "vocab_size": cfg.vocab_size,
+           "max_position_embeddings": cfg.context_length, "hidden_size": cfg.emb_dim,
+           "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+           "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim,
+           "hidden_act": "silu", "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+           "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": 0.02}
+    if cfg.arch != "qwen2":
+        out.update(attention_bias=False, mlp_bias=False)
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                               "high_freq_factor": s.high_freq_factor,
+                               "original_max_position_embeddings": s.original_context}
+    return out

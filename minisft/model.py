@@ -1,20 +1,22 @@
-"""GPT-2 with a hand-written backward pass, running on any backend.
+"""GPT-2 and the Llama family with a hand-written backward pass, running on any backend.
 
-The model owns its parameters under their Hugging Face GPT-2 names and layouts (linear weights are
-Conv1D-style (in, out)). The block is the list of stages in minisft/block.py: `_block` walks it
-forward, each stage through its op's forward here (layernorm, linear, attention, gelu, residual),
-keeping the activations the backward reads; `_block_backward` walks it in reverse through each op's
-backward, written beside its forward. All arithmetic goes through the backend; numpy appears here
-only where arrays enter or leave the model (initial values, state dicts, returned logits and gradients).
+The model owns its parameters under their Hugging Face names (the Llama family's without `model.`,
+its q/k/v and gate/up projections fused: minisft/llama.py) in Conv1D layout: linear weights are
+(in, out). A family (minisft/family.py) gives the block as a list of stages (GPT-2's in
+minisft/block.py, the Llama family's in minisft/llama.py): `_walk` runs them forward, each stage
+through its op's forward here (layernorm, rmsnorm, linear, rope, attention, gelu, swiglu, residual),
+keeping the activations the backward reads; `_walk_backward` undoes them in reverse through each
+op's backward, written beside its forward. All arithmetic goes through the backend; numpy appears
+here only where arrays enter or leave the model (initial values, state dicts, logits and gradients).
 
-One block, forward (shapes for a packed batch of N positions, width d):
+One GPT-2 block, forward (shapes for a packed batch of N positions, width d):
 
     x (N, d) ─┬─ ln_1 ─ c_attn (N, 3d) ─ attention (N, d) ─ c_proj ─ dropout ─(+)─ x2 (N, d)
               └──────────────────────────────────────────────────────────────┘
     x2 ───────┬─ ln_2 ─ c_fc (N, 4d) ─ gelu ─ c_proj (N, d) ─ dropout ─(+)─ next x (N, d)
               └──────────────────────────────────────────────────────────┘
 
-Decoding (`prefill`, `decode`) runs the same `_block` code; only the attention differs: it also keeps
+Decoding (`prefill`, `decode`) runs the same `_walk` code; only the attention differs: it also keeps
 every layer's keys and values in a KV cache, and a new token attends over its sequence's cache.
 """
 import math
@@ -22,37 +24,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import block
 from .backends import get_backend
-
 from .batch import IGNORE_INDEX, PackedBatch, pack_padded
-from .config import GPTConfig, check_tensors, param_shapes
+from .config import GPTConfig, check_tensors
+from .family import family_of, param_shapes
+from .llama import LlamaConfig, rope_tables
 from .pretrained import read_pretrained, save_pretrained
 
 
-def init_params(cfg: GPTConfig, rng, dtype=np.float64) -> dict:
-    """GPT-2's initialisation: weights normal(0, 0.02), the two residual projections of each block
-    scaled by 1/sqrt(2 n_layers) (so the residual stream's variance does not grow with depth),
-    biases 0, layernorm gains 1. Returns numpy arrays in dtype, each drawn in float64 and cast on its
-    own (the same values as casting the float64 model, without ever holding it: 13 GB for gpt2-xl)."""
-    params = {}
-    for name, shape in param_shapes(cfg).items():
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            params[name] = np.ones(shape, dtype=dtype)
-        elif name.endswith(".bias"):
-            params[name] = np.zeros(shape, dtype=dtype)
-        else:
-            std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
-            params[name] = rng.normal(0.0, std, size=shape).astype(dtype, copy=False)
-    return params
-
-
 class GPT:
-    def __init__(self, cfg: GPTConfig, backend="numpy", dtype="float32", seed=0, device=None, params=None):
-        """params: {HF name: numpy array} to start from (pretrained weights, a checkpoint) instead
-        of the random initialisation, which then never runs (it would cost a float64 copy of the model)."""
+    def __init__(self, cfg: GPTConfig | LlamaConfig, backend="numpy", dtype="float32", seed=0, device=None,
+                 params=None):
+        """cfg: a GPT-2 (GPTConfig) or Llama-family (LlamaConfig) shape. params: {name: numpy array} to
+        start from (pretrained weights, a checkpoint) instead of the random initialisation, which then
+        never runs (it would cost a float64 copy of the model)."""
         self.cfg = cfg
+        self.family = family_of(cfg)
         self.B = get_backend(backend, dtype, device) if isinstance(backend, str) else backend
+        if self.family.positions is None:  # RoPE: every position's cos and sin, (C, hd/2) each
+            self.rope = tuple(self.B.from_numpy(t) for t in rope_tables(cfg.head_dim, cfg.context_length,
+                                                                        cfg.rope_theta, cfg.rope_scaling))
         self.rng = self.B.rng(seed)  # drives the initial values, then the dropout masks
         self.frozen = set()          # names that get no gradient (their dW is never computed)
         self.lora = None             # minisft.lora.Lora once adapters are attached (lora.attach)
@@ -63,7 +54,7 @@ class GPT:
         # the backward, and the gradient is not kept (None: accumulate into self.grads).
         self.on_grad = None
         if params is None:  # drawn straight into the weights' storage precision (float32 unless float64)
-            params = init_params(cfg, self.rng, np.float64 if self.dtype == "float64" else np.float32)
+            params = self.family.init(cfg, self.rng, np.float64 if self.dtype == "float64" else np.float32)
             self.load_state_dict(params, consume=True)  # our own arrays: each freed once converted
         else:
             self.load_state_dict(params)
@@ -88,7 +79,7 @@ class GPT:
 
     @property
     def head_name(self) -> str:
-        return "wte.weight" if self.cfg.tie_embeddings else "lm_head.weight"
+        return self.family.embed if self.cfg.tie_embeddings else "lm_head.weight"
 
     def num_params(self) -> int:
         return sum(math.prod(s) for s in param_shapes(self.cfg).values())
@@ -147,74 +138,78 @@ class GPT:
             return x, None
         return self.B.dropout_forward(x, self.cfg.drop_rate, self.rng)
 
-    def _block(self, i, x, attend, train: bool):
-        """Block i on x (N, d) -> (next x (N, d), the activations its backward needs).
+    def _block(self, i, x, run: "Pass"):
+        """Block i on x (N, d) -> (next x (N, d), the activations its backward needs): the family's
+        stages, walked in order (see _walk)."""
+        return self._walk(self.family.stages(self.cfg), self.family.layer.format(i), x, run, i)
 
-        Walks the stages of minisft.block in order, each through its op's forward below. attend(i, qkv)
-        -> (out (N, d), ctx) is the attention: packed causal attention in training and prefill,
+    def _walk(self, stages, h, x, run: "Pass", i=-1):
+        """stages on x, their parameters under the name prefix h -> (the last stage's output, the
+        activations their backward needs). Each stage runs through its op's forward below; run.attend
+        (i, qkv) -> (out, ctx) is the attention: packed causal attention in training and prefill,
         attention over the KV cache when decoding. Everything else is the same code."""
-        h, v, a = f"h.{i}.", {"x": x}, Activations({}, {}, {})
-        for st in block.stages():
-            v[st.out] = self._OPS[st.op][0](self, st, h, a, *[v[n] for n in st.ins], attend=attend, i=i,
-                                            train=train)
-        a.values = {n: v[n] for st in block.stages() for n in self._kept(st)}  # what the backward reads
-        return v["out"], a
+        v, a = {"x": x}, Activations({}, {}, {})
+        for st in stages:
+            v[st.out] = self._OPS[st.op][0](self, st, h, a, *[v[n] for n in st.ins], run=run, i=i)
+        a.values = {n: v[n] for st in stages for n in self._kept(st)}  # what the backward reads
+        return v[stages[-1].out], a
 
     @staticmethod
     def _kept(st) -> tuple:
-        """The values a stage's backward reads: its inputs (a residual reads none), attention its output too."""
-        return () if st.op == "residual" else st.ins + ((st.out,) if st.op == "attention" else ())
+        """The values a stage's backward reads: its inputs (a residual and a rotation read none), attention
+        its output too."""
+        return () if st.op in ("residual", "rope") else st.ins + ((st.out,) if st.op == "attention" else ())
 
     # ---- the block's ops: each forward beside the backward that undoes it -----------------------------
-    # forward(self, stage, h, a, *inputs, attend, i, train) -> output; what it keeps goes in a.saved.
+    # forward(self, stage, h, a, *inputs, run, i) -> output; what it keeps goes in a.saved.
     # backward(self, stage, h, a, dout, c, dskip) -> one gradient per input; dskip: the gradient the
     # stage's input already has from its other reader (the skip path), which a layernorm adds in.
     def _layernorm_forward(self, st, h, a, x, **_):
         # out = layernorm(x; w, b)
-        w, b = block.params(st, h)
+        w, b = st.params(h)
         out, mean, rstd = self.B.layernorm_forward(x, self.params[w], self.params[b])        # (N, d)
         a.saved[st.out] = (mean, rstd)
         return out
 
     def _layernorm_backward(self, st, h, a, dout, c, dskip):
         # undoes out = layernorm(x; w, b), and adds dskip, the gradient of x's other reader
-        (x,), (w, b), (mean, rstd) = st.ins, block.params(st, h), a.saved[st.out]
+        (x,), (w, b), (mean, rstd) = st.ins, st.params(h), a.saved[st.out]
         dx, dw, db = self.B.layernorm_backward(dout, a.values[x], self.params[w], mean, rstd, dskip=dskip)
         self.accumulate(w, dw)
         self.accumulate(b, db)
         return (dx,)                                                                       # (N, d)
 
-    def _linear_forward(self, st, h, a, x, train, **_):
+    def _linear_forward(self, st, h, a, x, run, **_):
         # out = dropout(x @ w + b + the adapters' update of x)   (dropout: the stages marked so)
-        w, b = block.params(st, h)
+        w, b = st.params(h)
         y = self.B.linear_forward(x, self.params[w], self.params.get(b))                    # (N, out)
-        self._adapt(h + st.module, x, y, a.lora, train)
+        self._adapt(h + st.module, x, y, a.lora, run.train)
         if st.dropout:
-            y, a.saved[st.out] = self._dropout(y, train)
+            y, a.saved[st.out] = self._dropout(y, run.train)
         return y
 
     def _linear_backward(self, st, h, a, dout, c, dskip):
         # undoes out = dropout(x @ w + b + the adapters' update of x)
-        (x,), (w, b) = st.ins, block.params(st, h)
+        (x,), (w, b) = st.ins, st.params(h)
         if st.dropout and a.saved[st.out] is not None:
             dout = self.B.dropout_backward(dout, a.saved[st.out])
         dx, dw, db = self.B.linear_backward(dout, a.values[x], self.params[w], w not in self.frozen)  # (N, in)
         self._adapt_backward(h + st.module, dout, a.lora, dx)
         self.accumulate(w, dw)
-        if b in self.params:  # the book's config has no c_attn bias
+        if b in self.params:  # the book's config has no c_attn bias, the Llama family none but Qwen2's q/k/v
             self.accumulate(b, db)
         return (dx,)
 
-    def _attention_forward(self, st, h, a, qkv, attend, i, **_):
+    def _attention_forward(self, st, h, a, qkv, run, i, **_):
         # out = attention(qkv)
-        out, a.saved[st.out] = attend(i, qkv)                                                # (N, d)
+        out, a.saved[st.out] = run.attend(i, qkv)                                            # (N, H hd)
         return out
 
     def _attention_backward(self, st, h, a, dout, c, dskip):
         # undoes out = attention(qkv)
         qkv = st.ins[0]
         return (self.B.attention_backward(dout, a.values[qkv], a.values[st.out], a.saved[st.out], c.cu,
-                                          self.cfg.n_heads, c.max_len),)                       # (N, 3d)
+                                          self.cfg.n_heads, c.max_len, n_kv_heads=self.cfg.n_kv_heads),)  # (N, W)
 
     def _gelu_forward(self, st, h, a, x, **_):
         # out = gelu(x)
@@ -223,6 +218,51 @@ class GPT:
     def _gelu_backward(self, st, h, a, dout, c, dskip):
         # undoes out = gelu(x)
         return (self.B.gelu_backward(dout, a.values[st.ins[0]]),)                           # (N, 4d)
+
+    def _rmsnorm_forward(self, st, h, a, x, **_):
+        # out = rmsnorm(x; w)
+        (w,) = st.params(h)
+        out, a.saved[st.out] = self.B.rmsnorm_forward(x, self.params[w], self.cfg.rms_eps)   # (N, d)
+        return out
+
+    def _rmsnorm_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = rmsnorm(x; w), and adds dskip, the gradient of x's other reader
+        (x,), (w,) = st.ins, st.params(h)
+        dx, dw = self.B.rmsnorm_backward(dout, a.values[x], self.params[w], a.saved[st.out], dskip=dskip)
+        self.accumulate(w, dw)
+        return (dx,)                                                                       # (N, d)
+
+    def _qk_norm_forward(self, st, h, a, qkv, **_):
+        # out = the per-head rmsnorm of qkv's query and key heads (q_norm, k_norm)
+        wq, wk = st.params(h)
+        out, a.saved[st.out] = self.B.qk_norm_forward(qkv, self.params[wq], self.params[wk], self.cfg.rms_eps,
+                                                      self.cfg.n_heads, self.cfg.n_kv_heads)  # (N, W)
+        return out
+
+    def _qk_norm_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = the per-head rmsnorm of qkv's query and key heads
+        (qkv,), (wq, wk) = st.ins, st.params(h)
+        dqkv, dwq, dwk = self.B.qk_norm_backward(dout, a.values[qkv], self.params[wq], self.params[wk],
+                                                 a.saved[st.out], self.cfg.n_heads, self.cfg.n_kv_heads)
+        self.accumulate(wq, dwq)
+        self.accumulate(wk, dwk)
+        return (dqkv,)                                                                     # (N, W)
+
+    def _rope_forward(self, st, h, a, qkv, run, **_):
+        # out = qkv with its query and key heads rotated by their position's angles
+        return self.B.rope_forward(qkv, *self.rope, run.positions, self.cfg.n_heads + self.cfg.n_kv_heads)  # (N, W)
+
+    def _rope_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = rotate(qkv): the rotation back
+        return (self.B.rope_backward(dout, *self.rope, c.positions, self.cfg.n_heads + self.cfg.n_kv_heads),)
+
+    def _swiglu_forward(self, st, h, a, gu, **_):
+        # out = silu(gate) * up
+        return self.B.swiglu_forward(gu)                                                    # (N, f)
+
+    def _swiglu_backward(self, st, h, a, dout, c, dskip):
+        # undoes out = silu(gate) * up
+        return (self.B.swiglu_backward(dout, a.values[st.ins[0]]),)                         # (N, 2f)
 
     def _residual_forward(self, st, h, a, x, y, **_):
         # out = x + y
@@ -234,7 +274,9 @@ class GPT:
 
     _OPS = {"layernorm": (_layernorm_forward, _layernorm_backward), "linear": (_linear_forward, _linear_backward),
             "attention": (_attention_forward, _attention_backward), "gelu": (_gelu_forward, _gelu_backward),
-            "residual": (_residual_forward, _residual_backward)}
+            "residual": (_residual_forward, _residual_backward), "rmsnorm": (_rmsnorm_forward, _rmsnorm_backward),
+            "qk_norm": (_qk_norm_forward, _qk_norm_backward), "rope": (_rope_forward, _rope_backward),
+            "swiglu": (_swiglu_forward, _swiglu_backward)}
 
     def _adapt(self, module, x, y, a, train) -> None:
         """y += module's LoRA update of x, in place (nothing without adapters); see minisft.lora."""
@@ -255,29 +297,32 @@ class GPT:
 
     def _forward(self, batch: PackedBatch, train: bool, keep: bool, attend=None):
         """-> final hidden lnf (N, d) and, when keep, everything the backward needs.
-        attend: see _block; by default packed causal attention over the batch's sequences."""
-        B, P, cfg = self.B, self.params, self.cfg
+        attend: see _walk; by default packed causal attention over the batch's sequences."""
+        B, P, cfg, fam = self.B, self.params, self.cfg, self.family
         self._check(batch)
         tokens, positions = B.index(batch.tokens), B.index(batch.positions)  # (N,)
         cu, max_len, H = B.index(batch.cu_seqlens), batch.max_seqlen(), cfg.n_heads
         if attend is None:
-            attend = lambda i, qkv: B.attention_forward(qkv, cu, H, max_len)  # noqa: E731
+            attend = lambda i, qkv: B.attention_forward(qkv, cu, H, max_len, n_kv_heads=cfg.n_kv_heads)  # noqa: E731
+        run = Pass(attend, train, positions)
 
-        x = B.embedding_forward(tokens, positions, P["wte.weight"], P["wpe.weight"])   # (N, d)
+        if fam.positions is None:  # the Llama family: positions enter by the rotation of q and k
+            x = B.token_embedding_forward(tokens, P[fam.embed])                            # (N, d)
+        else:
+            x = B.embedding_forward(tokens, positions, P[fam.embed], P[fam.positions])     # (N, d)
         x, emb_mask = self._dropout(x, train)
         acts = []
         for i in range(cfg.n_layers):
             if keep and self.grad_checkpoint:
                 kept = Checkpoint(x, self.rng.bit_generator.state)  # the block's input, its masks' seed
-                x, _ = self._block(i, x, attend, train)                                    # (N, d)
+                x, _ = self._block(i, x, run)                                              # (N, d)
                 acts.append(kept)
                 continue
-            x, a = self._block(i, x, attend, train)                                        # (N, d)
+            x, a = self._block(i, x, run)                                                  # (N, d)
             if keep:
                 acts.append(a)
-        lnf, lnf_mean, lnf_rstd = B.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])  # (N, d)
-        cache = ForwardCache(tokens, positions, cu, max_len, emb_mask, acts, x, lnf_mean, lnf_rstd, attend,
-                             train) if keep else None
+        lnf, final = self._walk((fam.final,), "", x, run)                                  # (N, d)
+        cache = ForwardCache(tokens, positions, cu, max_len, emb_mask, acts, final, run) if keep else None
         return lnf, cache
 
     # ---- backward ----------------------------------------------------------------------------------
@@ -287,40 +332,42 @@ class GPT:
         value (masks included) equals the first forward's and the gradients are the plain path's."""
         now = self.rng.bit_generator.state
         self.rng.bit_generator.state = kept.rng
-        _, a = self._block(i, kept.x, c.attend, c.train)
+        _, a = self._block(i, kept.x, c.run)
         self.rng.bit_generator.state = now
         return a
 
     def _backward(self, dlnf, c: "ForwardCache") -> None:
-        """dlnf (N, d): gradient at the final layernorm's output. Accumulates into self.grads."""
-        B, P = self.B, self.params
-        dx, dw, db = B.layernorm_backward(dlnf, c.x, P["ln_f.weight"], c.lnf_mean, c.lnf_rstd)
-        self.accumulate("ln_f.weight", dw)
-        self.accumulate("ln_f.bias", db)
+        """dlnf (N, d): gradient at the final norm's output. Accumulates into self.grads."""
+        B, fam = self.B, self.family
+        dx = self._walk_backward((fam.final,), "", dlnf, c.final, c)                       # (N, d)
         for i in reversed(range(self.cfg.n_layers)):
             a = c.acts[i]
             if isinstance(a, Checkpoint):  # only the input was kept
                 a = self._recompute(i, a, c)
-            dx = self._block_backward(i, dx, a, c)                                         # (N, d)
+            dx = self._walk_backward(fam.stages(self.cfg), fam.layer.format(i), dx, a, c)  # (N, d)
         if c.emb_mask is not None:
             dx = B.dropout_backward(dx, c.emb_mask)
-        if "wte.weight" not in self.frozen or "wpe.weight" not in self.frozen:
-            B.embedding_backward(self._grad_buffer("wte.weight"), self._grad_buffer("wpe.weight"),
-                                 dx, c.tokens, c.positions)
-            for n in self.frozen & {"wte.weight", "wpe.weight"}:
+        tables = [n for n in (fam.embed, fam.positions) if n is not None]
+        if set(tables) - self.frozen:
+            if fam.positions is None:
+                B.token_embedding_backward(self._grad_buffer(fam.embed), dx, c.tokens)
+            else:
+                B.embedding_backward(self._grad_buffer(fam.embed), self._grad_buffer(fam.positions),
+                                     dx, c.tokens, c.positions)
+            for n in self.frozen & set(tables):
                 del self.grads[n]
-            self._complete("wte.weight")
-            self._complete("wpe.weight")
+            for n in tables:
+                self._complete(n)
 
-    def _block_backward(self, i, dout, a: "Activations", c: "ForwardCache"):
-        """dout (N, d) at block i's output -> the gradient at its input x: the stages of minisft.block
-        undone in reverse, each through its op's backward (beside its forward, above)."""
-        h, grads = f"h.{i}.", {"out": dout}
-        for st in reversed(block.stages()):
-            # x and x2 feed both a layernorm and the skip path: the skip path's gradient, there first,
-            # is added in the layernorm's backward (dskip)
+    def _walk_backward(self, stages, h, dout, a: "Activations", c: "ForwardCache"):
+        """dout at the last stage's output -> the gradient at the input x: the stages undone in
+        reverse, each through its op's backward (beside its forward, above)."""
+        grads = {stages[-1].out: dout}
+        for st in reversed(stages):
+            # x and x2 feed both a norm and the skip path: the skip path's gradient, there first, is
+            # added in the norm's backward (dskip)
             dskip = grads.pop(st.ins[0], None)
-            assert dskip is None or st.op == "layernorm", f"{st.out}: only a layernorm adds a second gradient"
+            assert dskip is None or st.op in ("layernorm", "rmsnorm"), f"{st.out}: only a norm adds a second gradient"
             for n, g in zip(st.ins, self._OPS[st.op][1](self, st, h, a, grads.pop(st.out), c, dskip)):
                 grads[n] = g
         return grads["x"]
@@ -399,7 +446,7 @@ class GPT:
         cfg = self.cfg
         if not 0 < max_len <= cfg.context_length:
             raise ValueError(f"KV cache length {max_len} must lie in [1, context length {cfg.context_length}]")
-        layers = [self.B.kv_cache_alloc(n_seqs, cfg.n_heads, max_len, cfg.head_dim) for _ in range(cfg.n_layers)]
+        layers = [self.B.kv_cache_alloc(n_seqs, cfg.n_kv_heads, max_len, cfg.head_dim) for _ in range(cfg.n_layers)]
         return KVCache(layers, np.zeros(n_seqs, dtype=np.int64), max_len)
 
     def prefill(self, cache: "KVCache", batch: PackedBatch) -> np.ndarray:
@@ -435,7 +482,7 @@ class GPT:
 
         def attend(i, qkv):
             B.kv_cache_write(*cache.layers[i], qkv, seq_ids, positions)
-            return B.attention_forward(qkv, cu, H, max_len)
+            return B.attention_forward(qkv, cu, H, max_len, n_kv_heads=self.cfg.n_kv_heads)
         lnf, _ = self._forward(batch, train=False, keep=False, attend=attend)
         cache.lens[first:first + batch.num_seqs] = lengths
         return self._last_logits(lnf, batch.cu_seqlens)
@@ -476,9 +523,17 @@ class GPT:
 class KVCache:
     """Every layer's keys and values of S sequences being decoded. Row s is sequence s; lens[s] of
     its max_len positions are filled."""
-    layers: list        # per layer (k_cache, v_cache), backend arrays (S, H, max_len, hd) each
+    layers: list        # per layer (k_cache, v_cache), backend arrays (S, Hkv, max_len, hd) each
     lens: np.ndarray    # (S,) int64
     max_len: int
+
+
+@dataclass
+class Pass:
+    """One forward pass's settings that every stage may read."""
+    attend: object      # (i, qkv) -> (out, ctx): block i's attention (see GPT._walk)
+    train: bool         # dropout on
+    positions: object   # (N,) each row's position in its sequence (RoPE's angles)
 
 
 @dataclass
@@ -505,9 +560,6 @@ class ForwardCache:
     max_len: int
     emb_mask: object    # the embeddings' dropout mask (None without dropout)
     acts: list          # per block: Activations, or a Checkpoint
-    x: object           # the last block's output, ln_f's input
-    lnf_mean: object
-    lnf_rstd: object
-    attend: object      # the attention the blocks ran (see GPT._block)
-    train: bool
+    final: "Activations"  # the final norm's
+    run: Pass           # the pass the blocks ran (a checkpointed block reruns it)
     lora: dict = field(default_factory=dict)  # the head adapter's inputs (minisft.lora.Lora.head_forward)

@@ -46,8 +46,8 @@ def test_the_study_stages_are_the_descriptions_stages_and_the_model_keeps_its_na
     m = S.study("model")
     assert sum(st.out.startswith("h.1.") for st in m.stages) == len(block.BLOCK)
     model = GPT(GPTConfig(**CFG), dtype="float64")
-    _, a = model._block(0, model.B.from_numpy(np.ones((3, 12))), lambda i, qkv: model.B.attention_forward(
-        qkv, model.B.index(np.array([0, 3])), 3, 3), train=False)
+    attend = lambda i, qkv: model.B.attention_forward(qkv, model.B.index(np.array([0, 3])), 3, 3)  # noqa: E731
+    _, a = model._block(0, model.B.from_numpy(np.ones((3, 12))), Pass(attend, False, model.B.index(np.arange(3))))
     names = {"x"} | {st.out for st in block.BLOCK}
     assert set(a.values) <= names and set(a.saved) <= names
 

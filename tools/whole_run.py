@@ -95,7 +95,7 @@ def make_side(side: str, cfg: GPTConfig, numba_dtype: str = "float32"):
     if side == "book":
         import torch
 
-        from minisft.model import init_params
+        from minisft.config import init_params
         from minisft.peer import TorchGPT
         model = TorchGPT(cfg)
         model.load_numpy({n: a.astype(np.float32) for n, a in init_params(cfg, np.random.default_rng(0)).items()})
