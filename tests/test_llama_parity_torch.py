@@ -148,7 +148,9 @@ def cpu_paths(dtype):
 
 
 @pytest.mark.parametrize("heads", [(H, HKV), (H, 1), (H, H)], ids=["gqa", "mqa", "mha"])
-@pytest.mark.parametrize("lengths", [LENGTHS, [64] * 3], ids=["unequal", "equal"])
+# "long": past CPU_FLASH_F32_MAX_LEN, where torch's CPU flash kernel computes bfloat16 in bfloat16
+@pytest.mark.parametrize("lengths", [LENGTHS, [64] * 3, [tb.CPU_FLASH_F32_MAX_LEN + 9, 7]],
+                         ids=["unequal", "equal", "long"])
 def test_grouped_query_attention_matches_numpy_on_every_cpu_path(pair, rng, monkeypatch, heads, lengths):
     R, T = pair
     n_heads, n_kv = heads
