@@ -11,6 +11,10 @@ Where torch has a fused kernel for one step of that math, it is used behind a ch
                 our own softmax attention on the padded batch, always correct.
                 Every op's schema is checked at import; `attention_options` says which path can
                 run here and why the others cannot, `TorchBackend.attention_path` which one runs.
+                Grouped-query attention (the Llama family): the flash kernels (CUDA varlen, and the
+                CPU one where `cpu_flash_gqa_problem` finds it able) take the Hkv key/value heads as
+                they are; the memory-efficient kernel and padded-math get each one repeated for its
+                group of query heads (`expand_kv`) and sum the group's gradients back (`sum_groups`).
     layernorm   torch.native_layer_norm and its backward (the mean/rstd the interface keeps).
     GELU        F.gelu(approximate="tanh") and aten.gelu_backward: the same formula, one kernel each.
     AdamW       torch._fused_adamw_ (one kernel per tensor) where this torch has it for the device,
@@ -20,8 +24,9 @@ dtype "bfloat16" is mixed precision: parameters, gradients, AdamW moments and th
 stay float32 (the "store" dtype); matmuls and attention run in bfloat16 (the "compute" dtype), except
 the padded attention paths: padded-math always, and torch's CPU flash kernel while a batch's longest
 sequence has at most CPU_FLASH_F32_MAX_LEN tokens, take their bfloat16 inputs in float32 (the flash
-kernel measured faster there in float32 on a CPU without AMX); layernorm statistics,
-softmax/cross-entropy and every reduction run in float32.
+kernel measured faster there in float32 on a CPU without AMX); layernorm and RMSNorm statistics,
+softmax/cross-entropy and every reduction run in float32. The elementwise Llama kernels on bfloat16
+activations (q/k norm, RoPE, SwiGLU) compute in float32 and round their result to bfloat16 once.
 
 Host syncs: a step moves its batch to the device once (`index` copies from pinned memory without
 waiting for the device) and reads back only the loss (`item`). `head_loss` takes the targets as a
@@ -30,6 +35,7 @@ from the model's numpy RNG: on the CPU drawn in numpy (the numpy backend's masks
 GPU the numpy RNG seeds a device generator, because drawing N x d numbers on the host and copying
 them over would cost more than the step's matmuls. Either way a saved RNG state replays the masks.
 """
+import functools
 import math
 import weakref
 
@@ -160,52 +166,75 @@ def attention_options(device_type, dtype, head_dim, capability=None, problems=OP
     return why
 
 
+# ---- grouped-query attention: key/value heads shared by groups of query heads ----------------------
+def expand_kv(t, group, dim):
+    """Each key/value head repeated for the `group` query heads it serves (query head h reads kv head
+    h // group), along the head axis dim: for a kernel that wants as many kv heads as query heads."""
+    return t if group == 1 else t.repeat_interleave(group, dim=dim)
+
+
+def sum_groups(dt, group, dim):
+    """Undoes expand_kv for a gradient: each kv head fed `group` query heads, so its gradient is the
+    sum of theirs (head axis dim: H -> Hkv)."""
+    return dt if group == 1 else dt.unflatten(dim, (-1, group)).sum(dim + 1)
+
+
 # ---- attention on the packed layout, CUDA: torch's varlen kernels ---------------------------------
-def _split_qkv(qkv, n_heads):
-    """qkv (N, 3d) -> q, k, v each (N, H, hd), contiguous as the fused kernels want."""
+def _split_qkv(qkv, n_heads, n_kv_heads):
+    """qkv (N, W) -> q (N, H, hd), k and v (N, Hkv, hd), contiguous as the fused kernels want."""
     N = qkv.shape[0]
-    return [t.contiguous() for t in qkv.view(N, 3, n_heads, -1).unbind(1)]
+    heads = qkv.view(N, n_heads + 2 * n_kv_heads, -1)         # (N, H + 2 Hkv, hd)
+    return [t.contiguous() for t in heads.split((n_heads, n_kv_heads, n_kv_heads), dim=1)]
 
 
-def flash_varlen_forward(qkv, cu32, n_heads, max_seqlen, scale):
-    """qkv (N, 3d), cu32 (S+1,) int32 -> out (N, d), what the backward needs."""
-    q, k, v = _split_qkv(qkv, n_heads)
+def flash_varlen_forward(qkv, cu32, n_heads, max_seqlen, scale, n_kv_heads=None):
+    """qkv (N, W), cu32 (S+1,) int32 -> out (N, H hd), what the backward needs. The flash kernel takes
+    grouped heads as they are (k, v with Hkv heads) and sums their gradients itself."""
+    q, k, v = _split_qkv(qkv, n_heads, n_kv_heads or n_heads)
     out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu32, cu32, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
     return out.reshape(qkv.shape[0], -1), (lse, rng_state, unused)
 
 
-def flash_varlen_backward(dout, qkv, out, saved, cu32, n_heads, max_seqlen, scale):
-    """-> dqkv (N, 3d)"""
+def flash_varlen_backward(dout, qkv, out, saved, cu32, n_heads, max_seqlen, scale, n_kv_heads=None):
+    """-> dqkv (N, W)"""
     lse, rng_state, unused = saved
     N = qkv.shape[0]
-    q, k, v = _split_qkv(qkv, n_heads)
+    q, k, v = _split_qkv(qkv, n_heads, n_kv_heads or n_heads)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         dout.reshape(N, n_heads, -1).contiguous(), q, k, v, out.reshape(N, n_heads, -1).contiguous(),
         lse, cu32, cu32, max_seqlen, max_seqlen, 0.0, True, rng_state, unused, scale=scale)
-    return torch.stack((dq, dk, dv), 1).reshape(N, -1)        # (N, 3, H, hd) -> (N, 3d)
+    return torch.cat((dq, dk, dv), 1).reshape(N, -1)          # (N, H + 2 Hkv, hd) -> (N, W)
 
 
 CAUSAL_FROM_TOP_LEFT = 1  # the memory-efficient kernel's custom_mask_type for ordinary causal attention
 
 
-def efficient_varlen_forward(qkv, cu32, n_heads, max_seqlen, scale):
-    """As flash_varlen_forward; the kernel wants a batch of one (1, N, H, hd) when given cu_seqlens."""
-    q, k, v = (t[None] for t in _split_qkv(qkv, n_heads))
+def efficient_varlen_forward(qkv, cu32, n_heads, max_seqlen, scale, n_kv_heads=None):
+    """As flash_varlen_forward; the kernel wants a batch of one (1, N, H, hd) when given cu_seqlens,
+    and as many key/value heads as query heads, so grouped ones are expanded (expand_kv)."""
+    q, k, v = _split_qkv(qkv, n_heads, n_kv_heads or n_heads)
+    group = n_heads // k.shape[1]
+    q, k, v = q[None], expand_kv(k, group, 1)[None], expand_kv(v, group, 1)[None]  # (1, N, H, hd) each
     out, lse, seed, offset, max_q, max_k = torch.ops.aten._efficient_attention_forward(
         q, k, v, None, cu32, cu32, max_seqlen, max_seqlen, 0.0, CAUSAL_FROM_TOP_LEFT, True, scale=scale)
     return out.reshape(qkv.shape[0], -1), (lse, seed, offset, max_q, max_k)
 
 
-def efficient_varlen_backward(dout, qkv, out, saved, cu32, n_heads, max_seqlen, scale):
+def efficient_varlen_backward(dout, qkv, out, saved, cu32, n_heads, max_seqlen, scale, n_kv_heads=None):
     lse, seed, offset, max_q, max_k = saved
     N = qkv.shape[0]
-    q, k, v = (t[None] for t in _split_qkv(qkv, n_heads))
+    q, k, v = _split_qkv(qkv, n_heads, n_kv_heads or n_heads)
+    group = n_heads // k.shape[1]
+    # the forward's expansion again (a copy of k and v is cheaper to remake than to keep)
+    q, k, v = q[None], expand_kv(k, group, 1)[None], expand_kv(v, group, 1)[None]  # (1, N, H, hd) each
     dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
         dout.reshape(1, N, n_heads, -1).contiguous(), q, k, v, None,
         out.reshape(1, N, n_heads, -1).contiguous(), cu32, cu32, max_q, max_k, lse, 0.0, seed, offset,
         CAUSAL_FROM_TOP_LEFT, False, scale=scale)
-    return torch.stack((dq[0], dk[0], dv[0]), 1).reshape(N, -1)
+    # forward: k, v = expand_kv(k), expand_kv(v), so each kv head's gradient sums over its group
+    dk, dv = sum_groups(dk[0], group, 1), sum_groups(dv[0], group, 1)  # (N, Hkv, hd) each
+    return torch.cat((dq[0], dk, dv), 1).reshape(N, -1)       # (N, H + 2 Hkv, hd) -> (N, W)
 
 
 # ---- attention on the batch padded to (S, max_seqlen): the CPU kernel and the always-correct math --
@@ -236,9 +265,15 @@ def from_padded(x, idx):
     return x if idx is None else x.index_select(0, idx)
 
 
-def padded_heads(x, idx, S, L, k, n_heads):
-    """(N, k*d) packed -> (k, S, H, L, hd) padded: k = 3 for qkv, 1 for an output or its gradient."""
-    return to_padded(x, idx, S, L).view(S, L, k, n_heads, -1).permute(2, 0, 3, 1, 4)
+def padded_heads(x, idx, S, L, n_heads):
+    """(N, H hd) packed, an output or its gradient -> (S, H, L, hd) padded."""
+    return to_padded(x, idx, S, L).view(S, L, n_heads, -1).transpose(1, 2)
+
+
+def padded_qkv(qkv, idx, S, L, n_heads, n_kv_heads):
+    """(N, W) packed -> q (S, H, L, hd), k and v (S, Hkv, L, hd) padded."""
+    heads = to_padded(qkv, idx, S, L).view(S, L, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)  # (S, H + 2 Hkv, L, hd)
+    return heads.split((n_heads, n_kv_heads, n_kv_heads), dim=1)
 
 
 def merge_heads(o, idx):
@@ -305,6 +340,33 @@ def _fused_adamw_problem(device, dtype):
                             beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
     except (RuntimeError, NotImplementedError) as e:
         return f"torch._fused_adamw_ cannot run on {device.type} {dtype}: {str(e).splitlines()[0]}"
+    return None
+
+
+@functools.cache
+def cpu_flash_gqa_problem():
+    """None when torch's CPU flash kernel takes grouped heads as they are (k, v with fewer heads than
+    q) and returns each kv head's summed gradient, else why not: then expand_kv feeds it as many kv
+    heads as query heads. Not every torch the project allows has that, so one tiny case is run both
+    ways and compared (float64: the two ways differ only by summation order)."""
+    if OP_PROBLEMS["cpu-flash-padded"]:
+        return OP_PROBLEMS["cpu-flash-padded"]
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    gen = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(1, 2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(2))  # (S, H, L, hd)
+    k, v = (torch.randn(1, 1, 3, 4, generator=gen, dtype=torch.float64) for _ in range(2))   # (S, Hkv, L, hd)
+    try:
+        o, lse = fwd(q, k, v, 0.0, True, scale=0.5)
+        grads = bwd(do, q, k, v, o, lse, 0.0, True, scale=0.5)
+    except (RuntimeError, NotImplementedError) as e:
+        return f"torch {torch.__version__}'s CPU flash attention takes no grouped heads: {str(e).splitlines()[0]}"
+    ke, ve = expand_kv(k, 2, 1), expand_kv(v, 2, 1)                                           # (S, H, L, hd)
+    oe, lse_e = fwd(q, ke, ve, 0.0, True, scale=0.5)
+    dq, dk, dv = bwd(do, q, ke, ve, oe, lse_e, 0.0, True, scale=0.5)
+    want = (oe, dq, sum_groups(dk, 2, 1), sum_groups(dv, 2, 1))
+    if any(a.shape != b.shape or not torch.allclose(a, b) for a, b in zip((o, *grads), want)):
+        return f"torch {torch.__version__}'s CPU flash attention on grouped heads differs from the expanded heads"
     return None
 
 
@@ -398,6 +460,15 @@ class TorchBackend(Backend):
         dwte.index_add_(0, tokens, dx)    # scatter-ADD: repeated tokens accumulate
         dwpe.index_add_(0, positions, dx)
 
+    # ---- token embedding alone (the Llama family) --------------------------------------------------
+    @torch.no_grad()
+    def token_embedding_forward(self, tokens, wte):
+        return wte.index_select(0, tokens)                        # (N, d) store dtype: the residual stream
+
+    @torch.no_grad()
+    def token_embedding_backward(self, dwte, dx, tokens):
+        dwte.index_add_(0, tokens, dx.to(dwte.dtype))             # scatter-ADD: repeated tokens accumulate
+
     # ---- layernorm: statistics in the store dtype (float32 under bfloat16) -----------------------
     @torch.no_grad()
     def layernorm_forward(self, x, w, b):
@@ -414,6 +485,80 @@ class TorchBackend(Backend):
         if dskip is not None:
             dx.add_(dskip)                                        # the skip path's gradient, in place
         return dx, dw, dout.sum(0)
+
+    # ---- RMSNorm and the per-head q/k norm: statistics in the store dtype, as layernorm's ----------
+    @torch.no_grad()
+    def rmsnorm_forward(self, x, w, eps):
+        x = x.to(self.store)                                      # (N, d) the residual stream
+        rstd = torch.rsqrt(x.square().mean(-1) + eps)             # (N,) no centring, unlike layernorm
+        return (x * rstd[:, None] * w).to(self.compute), rstd     # (N, d) rounded once to the compute dtype
+
+    @torch.no_grad()
+    def rmsnorm_backward(self, dout, x, w, rstd, dskip=None):
+        x, dout = x.to(self.store), dout.to(self.store)           # (N, d) each
+        xhat = x * rstd[:, None]                                  # (N, d) recomputed from the forward's rstd
+        # forward: out = xhat * w
+        dw = (dout * xhat).sum(0)                                 # (d,)
+        dxhat = dout * w                                          # (N, d)
+        # forward: xhat = x * rstd, rstd = (mean(x^2) + eps)^(-1/2):
+        #   dx = rstd * (dxhat - xhat * mean(dxhat * xhat))     (numpy_backend derives it)
+        dx = rstd[:, None] * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))  # (N, d)
+        if dskip is not None:
+            dx.add_(dskip)                                        # the skip path's gradient, in place
+        return dx, dw
+
+    @torch.no_grad()
+    def qk_norm_forward(self, qkv, wq, wk, eps, n_heads, n_kv_heads):
+        N, W = qkv.shape
+        hd, nq = wq.shape[0], n_heads + n_kv_heads
+        qk = qkv.view(N, W // hd, hd)[:, :nq].to(self.store)      # (N, H + Hkv, hd) the q and k heads
+        w = torch.cat([wq.expand(n_heads, hd), wk.expand(n_kv_heads, hd)])  # (H + Hkv, hd)
+        rstd = torch.rsqrt(qk.square().mean(-1) + eps)            # (N, H + Hkv) one per head vector
+        out = qkv.clone()                                         # (N, W) the value heads as they were
+        out.view(N, W // hd, hd)[:, :nq] = qk * rstd[..., None] * w  # rounded once to qkv's dtype
+        return out, rstd
+
+    @torch.no_grad()
+    def qk_norm_backward(self, dout, qkv, wq, wk, rstd, n_heads, n_kv_heads):
+        N, W = qkv.shape
+        hd, nq = wq.shape[0], n_heads + n_kv_heads
+        qk = qkv.view(N, W // hd, hd)[:, :nq].to(self.store)      # (N, H + Hkv, hd)
+        dqk = dout.view(N, W // hd, hd)[:, :nq].to(self.store)    # (N, H + Hkv, hd)
+        xhat = qk * rstd[..., None]                               # (N, H + Hkv, hd)
+        w = torch.cat([wq.expand(n_heads, hd), wk.expand(n_kv_heads, hd)])  # (H + Hkv, hd)
+        # forward: out = xhat * w per head vector, wq shared by the H query heads, wk by the Hkv key heads
+        dwh = (dqk * xhat).sum(0)                                 # (H + Hkv, hd)
+        dxhat = dqk * w                                           # (N, H + Hkv, hd)
+        dqkv = dout.to(qkv.dtype, copy=True)                      # (N, W) the value heads pass through
+        # forward: xhat = x * rstd, as rmsnorm_backward, per head vector
+        dqkv.view(N, W // hd, hd)[:, :nq] = rstd[..., None] * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return dqkv, dwh[:n_heads].sum(0), dwh[n_heads:].sum(0)
+
+    # ---- rotary position embedding: the rotation in the store dtype, rounded once -----------------
+    def _rotate(self, x, cos, sin, positions, n_rot, sign):
+        """The first n_rot heads of x (N, W) rotated by sign * positions[n] * inv_freq, a new array;
+        sign -1 is the inverse rotation (sin negated), without negating the whole (C, hd/2) table."""
+        N, W = x.shape
+        half = cos.shape[1]                                       # hd / 2
+        heads = x.view(N, W // (2 * half), 2 * half)[:, :n_rot]   # (N, n_rot, hd)
+        x1, x2 = heads[..., :half].to(self.store), heads[..., half:].to(self.store)  # (N, n_rot, hd/2) each
+        c = cos.index_select(0, positions).to(self.store)[:, None]  # (N, 1, hd/2) each row's angles
+        s = sin.index_select(0, positions).to(self.store)[:, None] * sign
+        out = x.clone()                                           # (N, W) the value heads as they were
+        rot = out.view(N, W // (2 * half), 2 * half)[:, :n_rot]   # (N, n_rot, hd) a view into out
+        rot[..., :half] = x1 * c - x2 * s                         # out1 = x1 cos - x2 sin
+        rot[..., half:] = x2 * c + x1 * s                         # out2 = x2 cos + x1 sin
+        return out
+
+    @torch.no_grad()
+    def rope_forward(self, qkv, cos, sin, positions, n_rot):
+        return self._rotate(qkv, cos, sin, positions, n_rot, 1.0)
+
+    @torch.no_grad()
+    def rope_backward(self, dout, cos, sin, positions, n_rot):
+        # forward: [out1; out2] = R(θ) [x1; x2] with R = [[cos, -sin], [sin, cos]], so dx = R(θ)^T dout
+        # = R(-θ) dout: the forward's rotation with sin negated
+        return self._rotate(dout, cos, sin, positions, n_rot, -1.0)
 
     def _weight(self, w):
         """w in the compute dtype. Under bfloat16 the copy is made on first use and reused by every
@@ -481,20 +626,31 @@ class TorchBackend(Backend):
             return self.compute
         return self.store
 
+    def _padded_group(self, path, n_heads, n_kv_heads):
+        """How many times a padded path must repeat each key/value head (expand_kv): 1 where its
+        kernel takes grouped heads itself (torch's CPU flash kernel, where cpu_flash_gqa_problem
+        finds none), else H // Hkv. padded-math always expands: the simplest correct code."""
+        if path == "cpu-flash-padded" and cpu_flash_gqa_problem() is None:
+            return 1
+        return n_heads // n_kv_heads
+
     @torch.no_grad()
-    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
-        N, three_d = qkv.shape
-        hd = three_d // 3 // n_heads
+    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen, n_kv_heads=None):
+        Hkv = n_kv_heads or n_heads
+        N, W = qkv.shape
+        hd = W // (n_heads + 2 * Hkv)
         scale = 1.0 / math.sqrt(hd)
         path = self.attention_path(hd)[0]
         if path == "flash-varlen" or path == "efficient-varlen":
             cu32 = cu_seqlens.to(torch.int32)
             forward = flash_varlen_forward if path == "flash-varlen" else efficient_varlen_forward
-            out, saved = forward(qkv, cu32, n_heads, max_seqlen, scale)
+            out, saved = forward(qkv, cu32, n_heads, max_seqlen, scale, n_kv_heads=Hkv)
             return out, (path, cu32, saved)
         S, L = cu_seqlens.shape[0] - 1, max_seqlen
         idx = pad_index(cu_seqlens, N, L)
-        q, k, v = padded_heads(qkv.to(self._padded_dtype(path, L)), idx, S, L, 3, n_heads)  # (S, H, L, hd) each
+        q, k, v = padded_qkv(qkv.to(self._padded_dtype(path, L)), idx, S, L, n_heads, Hkv)  # (S, H|Hkv, L, hd)
+        group = self._padded_group(path, n_heads, Hkv)
+        k, v = expand_kv(k, group, 1), expand_kv(v, group, 1)    # (S, H, L, hd) where the kernel wants H
         if path == "cpu-flash-padded":
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
         else:
@@ -502,28 +658,52 @@ class TorchBackend(Backend):
         return merge_heads(o, idx).to(qkv.dtype), (path, idx, lse)
 
     @torch.no_grad()
-    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen):
+    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen, n_kv_heads=None):
         path, a, saved = ctx
-        N, three_d = qkv.shape
-        scale = 1.0 / math.sqrt(three_d // 3 // n_heads)
+        Hkv = n_kv_heads or n_heads
+        N, W = qkv.shape
+        scale = 1.0 / math.sqrt(W // (n_heads + 2 * Hkv))
         dout = dout.to(qkv.dtype)
         if path == "flash-varlen":
-            return flash_varlen_backward(dout, qkv, out, saved, a, n_heads, max_seqlen, scale)
+            return flash_varlen_backward(dout, qkv, out, saved, a, n_heads, max_seqlen, scale, n_kv_heads=Hkv)
         if path == "efficient-varlen":
-            return efficient_varlen_backward(dout, qkv, out, saved, a, n_heads, max_seqlen, scale)
+            return efficient_varlen_backward(dout, qkv, out, saved, a, n_heads, max_seqlen, scale, n_kv_heads=Hkv)
         idx, lse, S, L = a, saved, cu_seqlens.shape[0] - 1, max_seqlen
         dt = self._padded_dtype(path, L)
-        q, k, v = padded_heads(qkv.to(dt), idx, S, L, 3, n_heads)  # (S, H, L, hd) each
-        do = padded_heads(dout.to(dt), idx, S, L, 1, n_heads)[0]   # (S, H, L, hd), 0 on padding rows
+        q, k, v = padded_qkv(qkv.to(dt), idx, S, L, n_heads, Hkv)   # (S, H, L, hd), (S, Hkv, L, hd) x 2
+        group = self._padded_group(path, n_heads, Hkv)
+        k, v = expand_kv(k, group, 1), expand_kv(v, group, 1)      # as the forward fed its kernel
+        do = padded_heads(dout.to(dt), idx, S, L, n_heads)         # (S, H, L, hd), 0 on padding rows
         if path == "cpu-flash-padded":
-            o = padded_heads(out.to(dt), idx, S, L, 1, n_heads)[0]
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            o = padded_heads(out.to(dt), idx, S, L, n_heads)
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 do, q, k, v, o, lse, 0.0, True, scale=scale)
         else:
-            grads = math_attention_backward(do, q, k, v, lse, scale)
-        # dq, dk, dv (S, H, L, hd) -> (S, L, 3, H, hd) in one copy -> packed (N, 3d)
-        dqkv = torch.stack([g.transpose(1, 2) for g in grads], dim=2).view(S * L, three_d)
+            dq, dk, dv = math_attention_backward(do, q, k, v, lse, scale)
+        # forward: k, v = expand_kv(k), expand_kv(v), so each kv head's gradient sums over its group
+        dk, dv = sum_groups(dk, group, 1), sum_groups(dv, group, 1)  # (S, Hkv, L, hd) each
+        # dq, dk, dv -> (S, L, H + 2 Hkv, hd) in one copy -> packed (N, W)
+        dqkv = torch.cat([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2).view(S * L, W)
         return from_padded(dqkv, idx).to(qkv.dtype)
+
+    # ---- SwiGLU over a fused [gate | up]: float32 arithmetic under bfloat16, rounded once ----------
+    @torch.no_grad()
+    def swiglu_forward(self, gu):
+        f = gu.shape[1] // 2
+        g, u = gu[:, :f].to(self.store), gu[:, f:].to(self.store)  # (N, f) each
+        return (F.silu(g) * u).to(gu.dtype)                       # (N, f) silu(gate) * up
+
+    @torch.no_grad()
+    def swiglu_backward(self, dy, gu):
+        f = gu.shape[1] // 2
+        g, u = gu[:, :f].to(self.store), gu[:, f:].to(self.store)  # (N, f) each
+        dy = dy.to(self.store)                                    # (N, f)
+        sig = torch.sigmoid(g)                                    # (N, f)
+        dgu = torch.empty_like(gu)                                # (N, 2f)
+        # forward: y = silu(g) * u with silu(g) = g sig(g), so dsilu/dg = sig + g sig (1 - sig)
+        dgu[:, :f] = dy * u * (sig + g * sig * (1.0 - sig))       # dgate
+        dgu[:, f:] = dy * g * sig                                 # dup = dy * silu(g)
+        return dgu
 
     # ---- GELU (tanh approximation), torch's kernels for the numpy backend's formula ---------------
     @torch.no_grad()
@@ -632,22 +812,25 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def kv_cache_write(self, k_cache, v_cache, qkv, seq_ids, positions):
-        N = qkv.shape[0]
-        H, hd = k_cache.shape[1], k_cache.shape[3]
-        _, k, v = qkv.view(N, 3, H, hd).unbind(1)                 # (N, H, hd) each
+        N, W = qkv.shape
+        Hkv, hd = k_cache.shape[1], k_cache.shape[3]
+        heads = qkv.view(N, W // hd, hd)                          # (N, H + 2 Hkv, hd)
+        k, v = heads[:, -2 * Hkv:-Hkv], heads[:, -Hkv:]           # (N, Hkv, hd) each
         k_cache[seq_ids, :, positions] = k.to(k_cache.dtype)
         v_cache[seq_ids, :, positions] = v.to(v_cache.dtype)
 
     @torch.no_grad()
     def attention_decode(self, qkv, k_cache, v_cache, lens, n_heads, max_len):
-        S, d = qkv.shape[0], qkv.shape[1] // 3
-        hd = d // n_heads
-        q = qkv[:, :d].reshape(S, n_heads, 1, hd).to(k_cache.dtype)   # (S, H, 1, hd)
-        k, v = k_cache[:, :, :max_len], v_cache[:, :, :max_len]       # (S, H, T, hd) views
-        scores = (q @ k.transpose(2, 3)).to(self.store) / math.sqrt(hd)  # (S, H, 1, T), softmax in fp32+
+        S = qkv.shape[0]
+        Hkv, hd = k_cache.shape[1], k_cache.shape[3]
+        G = n_heads // Hkv                                            # query heads per cache head
+        # grouped by cache head: the G queries of a group share one matmul with its keys, no copy of them
+        q = qkv[:, :n_heads * hd].reshape(S, Hkv, G, hd).to(k_cache.dtype)  # (S, Hkv, G, hd)
+        k, v = k_cache[:, :, :max_len], v_cache[:, :, :max_len]       # (S, Hkv, T, hd) views
+        scores = (q @ k.transpose(2, 3)).to(self.store) / math.sqrt(hd)  # (S, Hkv, G, T), softmax in fp32+
         seen = torch.arange(max_len, device=self.device) < lens[:, None]  # (S, T) cache positions in use
         p = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1)
-        return (p.to(v.dtype) @ v).reshape(S, d).to(self.store)       # (S, d) heads side by side
+        return (p.to(v.dtype) @ v).reshape(S, n_heads * hd).to(self.store)  # (S, H hd) heads side by side
 
     # ---- AdamW (float32 moments and master weights under bfloat16) --------------------------------
     @torch.no_grad()

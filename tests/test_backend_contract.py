@@ -199,6 +199,52 @@ def calls(B) -> dict:
         "adamw_step_8bit": adamw_step_8bit,
         "global_norm": lambda: B.global_norm([f("x"), f("wte")]),
         "scale_": scale_,
+        **llama_calls(B),
+    }
+
+
+# ---- the Llama family's kernels (minisft/llama.py) -----------------------------------------------------
+# Grouped heads: 2 query heads share 1 key/value head of width HD, so the fused qkv is (N, 4 HD).
+HKV = 1
+W = (H + 2 * HKV) * HD
+
+
+def llama_calls(B) -> dict:
+    """calls() for the kernels the Llama family adds, on the same packed sequences."""
+    from minisft.llama import rope_tables
+    a, rng = host_inputs(), np.random.default_rng(1)
+    f = lambda k: B.from_numpy(a[k])  # noqa: E731
+    i = lambda k: B.index(a[k])       # noqa: E731
+    qkv, wq, wk = B.from_numpy(rng.standard_normal((N, W))), B.from_numpy(1 + 0.1 * rng.standard_normal(HD)), \
+        B.from_numpy(1 + 0.1 * rng.standard_normal(HD))
+    gu = B.from_numpy(rng.standard_normal((N, 2 * D)))
+    cos, sin = (B.from_numpy(t) for t in rope_tables(HD, C, 10000.0, None))   # (C, HD/2) each
+
+    def token_embedding_backward():
+        dwte = f("wte")
+        assert B.token_embedding_backward(dwte, f("dx"), i("tokens")) is None
+        return dwte
+
+    def rmsnorm_backward():
+        x, w = f("x"), f("w")
+        _, rstd = B.rmsnorm_forward(x, w, 1e-5)
+        return B.rmsnorm_backward(f("y"), x, w, rstd), B.rmsnorm_backward(f("y"), x, w, rstd, f("dx"))
+
+    def qk_norm_backward():
+        _, rstd = B.qk_norm_forward(qkv, wq, wk, 1e-6, H, HKV)
+        return B.qk_norm_backward(qkv, qkv, wq, wk, rstd, H, HKV)
+
+    return {
+        "token_embedding_forward": lambda: B.token_embedding_forward(i("tokens"), f("wte")),
+        "token_embedding_backward": token_embedding_backward,
+        "rmsnorm_forward": lambda: B.rmsnorm_forward(f("x"), f("w"), 1e-5),
+        "rmsnorm_backward": rmsnorm_backward,
+        "qk_norm_forward": lambda: B.qk_norm_forward(qkv, wq, wk, 1e-6, H, HKV),
+        "qk_norm_backward": qk_norm_backward,
+        "rope_forward": lambda: B.rope_forward(qkv, cos, sin, i("positions"), H + HKV),
+        "rope_backward": lambda: B.rope_backward(qkv, cos, sin, i("positions"), H + HKV),
+        "swiglu_forward": lambda: B.swiglu_forward(gu),
+        "swiglu_backward": lambda: B.swiglu_backward(f("x"), gu),
     }
 
 
