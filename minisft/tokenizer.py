@@ -1,4 +1,4 @@
-"""The GPT-2 tokenizer (tiktoken's "gpt2" BPE) as minisft uses it.
+"""The tokenizers: GPT-2's (tiktoken's "gpt2" BPE) and a Hugging Face model's tokenizer.json (HFTokenizer).
 
 End-of-text is token 50256; the training pipeline appends it after every example and pads with it.
 Text never produces it: a literal "<|endoftext|>" inside a record is encoded as ordinary text
@@ -12,6 +12,7 @@ so tokenizing never downloads and never writes tiktoken's cache.
 import functools
 import hashlib
 import json
+from pathlib import Path
 from collections.abc import Callable
 from importlib.resources import files
 
@@ -62,12 +63,89 @@ def token_bytes(token: int) -> bytes:
     return gpt2().decode_single_token_bytes(int(token))
 
 
-def byte_starts(tokens) -> np.ndarray:
+def byte_starts(tokens, token_bytes=token_bytes) -> np.ndarray:
     """(L,) offset of each token's first byte in the UTF-8 text the tokens encode."""
     lengths = [len(token_bytes(t)) for t in tokens]
     starts = np.zeros(len(lengths), dtype=np.int64)  # (L,)
     np.cumsum(lengths[:-1], out=starts[1:])
     return starts
+
+
+class Tokenizer:
+    """A model's tokenizer as the pipeline uses it: text <-> ids, each id's bytes (to place token
+    boundaries in the text), the end-of-text id appended after every example (and padding), and the
+    ids that end generation. GPT-2's is this class itself; a Hugging Face model's is HFTokenizer."""
+    name = "gpt2"
+    eos = EOT
+    stops: tuple = (EOT,)
+    vocab_size = EOT + 1
+
+    def encode(self, text: str) -> list:
+        return encode(text)
+
+    def decode(self, tokens) -> str:
+        return decode(tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        return token_bytes(token)
+
+    def byte_starts(self, tokens) -> np.ndarray:
+        return byte_starts(tokens, self.token_bytes)
+
+
+GPT2 = Tokenizer()
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json (Llama 3, SmolLM2, Qwen: byte-level BPE) through the `tokenizers`
+    library, torch-free. As for GPT-2, special-token strings inside text are encoded as plain text
+    (encode_special_tokens), so data can never inject a control token; the end-of-text id is the
+    folder's eos_token (tokenizer_config.json), generation also stops at generation_config.json's
+    eos ids."""
+
+    def __init__(self, folder, stops=()):
+        folder = Path(folder)
+        try:
+            import tokenizers
+        except ImportError:
+            raise MinisftError("reading tokenizer.json needs the `tokenizers` library: pip install "
+                               "'minisft[llama]'") from None
+        path = folder / "tokenizer.json"
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises its own exception type for every malformed file
+            raise MinisftError(f"{path}: not a tokenizer.json the tokenizers library reads ({e})") from None
+        self.tok.encode_special_tokens = True
+        self.name = str(folder)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eos = self._eos(folder / "tokenizer_config.json")
+        self.stops = tuple(dict.fromkeys((self.eos, *stops)))
+        decoder = json.loads(path.read_text(encoding="utf-8")).get("decoder") or {}
+        self.byte_level = decoder.get("type") == "ByteLevel"
+        self.byte_of = _byte_of_char()
+
+    def _eos(self, config) -> int:
+        try:
+            eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise MinisftError(f"{config}: cannot read the tokenizer config ({e})") from None
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        eos_id = self.tok.token_to_id(eos) if isinstance(eos, str) else None
+        if eos_id is None:
+            raise MinisftError(f"{config}: eos_token {eos!r} is not a token of tokenizer.json")
+        return eos_id
+
+    def encode(self, text: str) -> list:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, tokens) -> str:
+        return self.tok.decode([int(t) for t in tokens], skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self.tok.id_to_token(int(token))
+        if self.byte_level and piece is not None and all(c in self.byte_of for c in piece):
+            return bytes(self.byte_of[c] for c in piece)  # GPT-2's byte-to-character spelling, undone
+        return self.decode([token]).encode("utf-8")
 
 
 class TextPieces:
