@@ -12,7 +12,9 @@ changes is how the work is done:
   not one per thread, so results do not depend on the thread count.
 - Attention runs one (sequence, head) pair per parallel task, one query row at a time, with O(L)
   scratch; the forward keeps only each row's log-sum-exp and the backward recomputes the
-  probabilities from it (flash-attention style), so no (L, L) matrix is ever held.
+  probabilities from it (flash-attention style), so no (L, L) matrix is ever held. With grouped
+  key/value heads the backward's task is a (sequence, key/value head) pair looping over its group's
+  query heads, so the key/value gradients they share are summed by one task, without races.
 - Constants are made in the array's own dtype (`x.dtype.type(c)`): a bare float literal would
   silently promote float32 arithmetic to float64 in numba.
 
@@ -561,6 +563,39 @@ def _attention_bwd(dout, qkv, out, lse, cu, H, Hkv, dqkv):
                 dqkv[a + i, v_off + kvh * hd + t] = dv[i, t]
 
 
+@njit(parallel=True, fastmath=FAST, **jit)
+def _attention_decode(qkv, k_cache, v_cache, lens, H, out):
+    # qkv (S, W) one new token per cache row, k_cache, v_cache (S, Hkv, T, hd) -> out (S, H hd): query
+    # head h of row s attends over cache positions [0, lens[s]) of cache head h // G. One task per
+    # (row, cache head), looping over the G query heads that read it, so each cache block is
+    # fetched by one task while the group shares it.
+    Hkv, hd = k_cache.shape[1], k_cache.shape[3]
+    G = H // Hkv
+    scale = qkv.dtype.type(1.0 / math.sqrt(hd))
+    zero, one = qkv.dtype.type(0.0), qkv.dtype.type(1.0)
+    S = qkv.shape[0]
+    for task in prange(S * Hkv):
+        s, c = task // Hkv, task % Hkv
+        n = lens[s]
+        k, v = k_cache[s, c], v_cache[s, c]                  # (T, hd) views, rows 0..n-1 in use
+        p = np.empty(n, dtype=qkv.dtype)                     # (n,) the scores, then their exps
+        for h in range(c * G, (c + 1) * G):
+            q = _head(qkv, s, 1, h * hd, hd)                 # (1, hd) this query head
+            y = np.zeros((1, hd), dtype=qkv.dtype)           # (1, hd) unnormalised output
+            mx = qkv.dtype.type(-np.inf)
+            for j in range(n):
+                p[j] = scale * _rowdot(q, 0, k, j)
+                mx = max(mx, p[j])
+            tot = zero
+            for j in range(n):
+                p[j] = _exp(p[j] - mx)
+                tot += p[j]
+            _accumulate_rows(y, 0, p, v, n)
+            inv = one / tot
+            for t in range(hd):
+                out[s, h * hd + t] = y[0, t] * inv
+
+
 # ---- fused softmax + cross-entropy over a chunk of logits rows -----------------------------------
 @njit(fastmath=FAST, **jit)
 def _softmax_row_(row, t):
@@ -862,6 +897,12 @@ class NumbaBackend(NumpyBackend):
         dqkv = self._empty(qkv.shape)                         # (N, W)
         _attention_bwd(dout, qkv, out, ctx, cu_seqlens, n_heads, n_kv_heads or n_heads, dqkv)
         return dqkv
+
+    # kv_cache_write: numpy's, inherited: one fancy-indexed copy of N (Hkv, hd) blocks, nothing to fuse.
+    def attention_decode(self, qkv, k_cache, v_cache, lens, n_heads, max_len):
+        out = self._empty((qkv.shape[0], n_heads * k_cache.shape[3]))  # (S, H hd)
+        _attention_decode(qkv, k_cache, v_cache, lens, n_heads, out)
+        return out
 
     # ---- SwiGLU ------------------------------------------------------------------------------
     def swiglu_forward(self, gu):
