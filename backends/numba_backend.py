@@ -12,7 +12,9 @@ changes is how the work is done:
   not one per thread, so results do not depend on the thread count.
 - Attention runs one (sequence, head) pair per parallel task, one query row at a time, with O(L)
   scratch; the forward keeps only each row's log-sum-exp and the backward recomputes the
-  probabilities from it (flash-attention style), so no (L, L) matrix is ever held.
+  probabilities from it (flash-attention style), so no (L, L) matrix is ever held. With grouped
+  key/value heads the backward's task is a (sequence, key/value head) pair looping over its group's
+  query heads, so the key/value gradients they share are summed by one task, without races.
 - Constants are made in the array's own dtype (`x.dtype.type(c)`): a bare float literal would
   silently promote float32 arithmetic to float64 in numba.
 
@@ -108,22 +110,41 @@ def _embedding_fwd(tokens, positions, wte, wpe, out):
             out[n, j] = wte[t, j] + wpe[p, j]
 
 
+@njit(inline="always", **jit)
+def _scatter_owned(dst, dx, n, row, k):
+    """dst[row] += dx[n], a whole contiguous row, if task k owns gradient row `row`."""
+    if row % EMB_TASKS == k:
+        for j in range(dx.shape[1]):
+            dst[row, j] += dx[n, j]
+
+
 @njit(parallel=True, **jit)
 def _embedding_bwd(dwte, dwpe, dx, tokens, positions):
     # Row-partitioned scatter: task k owns the gradient rows whose index is k mod EMB_TASKS and adds
     # into them in position order, so repeated tokens never race and every element is summed in
-    # the same order as np.add.at sums it. Each addition is a whole contiguous row.
-    N, d = dx.shape
+    # the same order as np.add.at sums it.
     for k in prange(EMB_TASKS):
-        for n in range(N):
-            if tokens[n] % EMB_TASKS == k:
-                t = tokens[n]
-                for j in range(d):
-                    dwte[t, j] += dx[n, j]
-            if positions[n] % EMB_TASKS == k:
-                p = positions[n]
-                for j in range(d):
-                    dwpe[p, j] += dx[n, j]
+        for n in range(dx.shape[0]):
+            _scatter_owned(dwte, dx, n, tokens[n], k)
+            _scatter_owned(dwpe, dx, n, positions[n], k)
+
+
+# ---- token embedding alone (the Llama family) ----------------------------------------------------
+@njit(parallel=True, **jit)
+def _token_embedding_fwd(tokens, wte, out):
+    for n in prange(out.shape[0]):
+        t = tokens[n]
+        for j in range(out.shape[1]):
+            out[n, j] = wte[t, j]                            # (N, d) row n is wte[tokens[n]]
+
+
+@njit(parallel=True, **jit)
+def _token_embedding_bwd(dwte, dx, tokens):
+    # forward: out[n] = wte[tokens[n]], so dwte[t] += dx[n] for every n with tokens[n] = t: the same
+    # row-partitioned scatter as _embedding_bwd (no races, np.add.at's order of additions).
+    for k in prange(EMB_TASKS):
+        for n in range(dx.shape[0]):
+            _scatter_owned(dwte, dx, n, tokens[n], k)
 
 
 # ---- layernorm -----------------------------------------------------------------------------------
@@ -171,6 +192,133 @@ def _layernorm_bwd(dout, x, w, mean, rstd, dskip, dx, dw_part, db_part):
                 xhat = (x[n, j] - m) * r
                 g = r * (dout[n, j] * w[j] - a1 - xhat * a2)
                 dx[n, j] = g if dskip is None else dskip[n, j] + g
+
+
+# ---- RMSNorm (the Llama family): a whole row, or each head vector of a fused qkv (q/k norm) ----------
+# Both normalise the m values x[n, lo:lo+m] on their own; the two helpers below are that one vector's
+# forward and backward, which the kernels call per row or per (row, head).
+@njit(fastmath=FAST, inline="always", **jit)
+def _rms_vec(x, n, lo, m, w, eps, out):
+    """out[n, lo:lo+m] = x * r * w, r = 1 / sqrt(mean(x^2) + eps) -> r."""
+    s2 = 0.0  # a float64 accumulator, as layernorm's statistics, then rounded to x's dtype
+    for j in range(m):
+        s2 += x[n, lo + j] * x[n, lo + j]
+    r = x.dtype.type(1.0) / math.sqrt(x.dtype.type(s2 / m) + eps)
+    for j in range(m):
+        out[n, lo + j] = x[n, lo + j] * r * w[j]
+    return r
+
+
+@njit(fastmath=FAST, inline="always", **jit)
+def _rms_vec_bwd(dout, x, n, lo, m, w, r, dw_part, c, woff, dskip, dx):
+    """Undoes _rms_vec's out = x * r * w: dw_part[c, woff:woff+m] += dout * xhat (float64), and
+    dx[n, lo:lo+m] = r * (dxhat - xhat * mean(dxhat * xhat)) [+ dskip], dxhat = dout * w, xhat = x * r.
+    That is layernorm's dx without the mean's term: r = (mean(x^2) + eps)^(-1/2) has dr/dx_j = -r^3 x_j / m."""
+    s2 = 0.0
+    for j in range(m):
+        xhat = x[n, lo + j] * r
+        s2 += dout[n, lo + j] * w[j] * xhat
+        dw_part[c, woff + j] += dout[n, lo + j] * xhat
+    a2 = x.dtype.type(s2 / m)
+    for j in range(m):
+        g = r * (dout[n, lo + j] * w[j] - x[n, lo + j] * r * a2)
+        dx[n, lo + j] = g if dskip is None else dskip[n, lo + j] + g
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _rmsnorm_fwd(x, w, eps, out, rstd):
+    # x (N, d) -> out (N, d), rstd (N,)
+    e = x.dtype.type(eps)
+    for n in prange(x.shape[0]):
+        rstd[n] = _rms_vec(x, n, 0, x.shape[1], w, e, out)
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _rmsnorm_bwd(dout, x, w, rstd, dskip, dx, dw_part):
+    # forward: out = x * rstd * w. dw: each chunk of ROW_CHUNK rows sums into its own row of dw_part
+    # (n_chunks, d), as _layernorm_bwd; dskip None compiles a version without the add.
+    N, d = x.shape
+    for c in prange(dw_part.shape[0]):
+        for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
+            _rms_vec_bwd(dout, x, n, 0, d, w, rstd[n], dw_part, c, 0, dskip, dx)
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _qk_norm_fwd(qkv, wq, wk, eps, H, Hkv, out, rstd):
+    # qkv (N, W) -> out (N, W), rstd (N, H + Hkv): heads 0..H-1 (queries) scaled by wq, H..H+Hkv-1
+    # (keys) by wk, the value heads copied.
+    N, W = qkv.shape
+    hd = wq.shape[0]
+    e = qkv.dtype.type(eps)
+    for n in prange(N):
+        for h in range(H + Hkv):
+            rstd[n, h] = _rms_vec(qkv, n, h * hd, hd, wq if h < H else wk, e, out)
+        for j in range((H + Hkv) * hd, W):
+            out[n, j] = qkv[n, j]
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _qk_norm_bwd(dout, qkv, wq, wk, rstd, H, Hkv, dqkv, dw_part):
+    # forward: out = x * rstd * w per head vector, wq shared by the H query heads, wk by the Hkv key
+    # heads: every head's dw adds into columns 0..hd-1 (wq) or hd..2hd-1 (wk) of its chunk's row of
+    # dw_part (n_chunks, 2 hd). The value heads passed through: their gradient is dout's.
+    N, W = qkv.shape
+    hd = wq.shape[0]
+    for c in prange(dw_part.shape[0]):
+        for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
+            for h in range(H + Hkv):
+                q = h < H
+                _rms_vec_bwd(dout, qkv, n, h * hd, hd, wq if q else wk, rstd[n, h], dw_part, c,
+                             0 if q else hd, None, dqkv)
+            for j in range((H + Hkv) * hd, W):
+                dqkv[n, j] = dout[n, j]
+
+
+# ---- rotary position embedding -------------------------------------------------------------------
+@njit(parallel=True, fastmath=FAST, **jit)
+def _rope(x, cos, sin, positions, n_rot, sign, out):
+    # x (N, W) -> out (N, W): the first n_rot heads rotated by positions[n] * inv_freq, the rest copied.
+    # sign = -1 rotates by -θ, the backward: rotations are orthogonal, so R(θ)^T = R(-θ).
+    N, W = x.shape
+    half = cos.shape[1]                                      # hd / 2
+    for n in prange(N):
+        p = positions[n]
+        for h in range(n_rot):
+            b = h * 2 * half                                 # head h's x1 at b.., x2 at b+half..
+            for i in range(half):
+                c, s = cos[p, i], sign * sin[p, i]
+                x1, x2 = x[n, b + i], x[n, b + half + i]
+                out[n, b + i] = x1 * c - x2 * s              # out1 = x1 cos - x2 sin
+                out[n, b + half + i] = x2 * c + x1 * s       # out2 = x2 cos + x1 sin
+        for j in range(n_rot * 2 * half, W):
+            out[n, j] = x[n, j]
+
+
+# ---- SwiGLU over a fused [gate | up] -------------------------------------------------------------
+@njit(parallel=True, fastmath=FAST, **jit)
+def _swiglu_fwd(gu, out):
+    # gu (N, 2f) = [gate | up] -> out (N, f) = silu(gate) * up
+    f = out.shape[1]
+    one = gu.dtype.type(1.0)
+    for n in prange(out.shape[0]):
+        for j in range(f):
+            g = gu[n, j]
+            sig = one / (one + _exp(-g))                     # sigmoid(g); _exp clamps, so no inf here
+            out[n, j] = g * sig * gu[n, f + j]
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _swiglu_bwd(dy, gu, dgu):
+    # forward: y = silu(g) * u, silu(g) = g sig(g), so dsilu/dg = sig + g sig (1 - sig):
+    #   dg = dy * u * (sig + g sig (1 - sig)),  du = dy * g * sig     -> dgu (N, 2f) = [dg | du]
+    f = dy.shape[1]
+    one = gu.dtype.type(1.0)
+    for n in prange(dy.shape[0]):
+        for j in range(f):
+            g, u = gu[n, j], gu[n, f + j]
+            sig = one / (one + _exp(-g))
+            dgu[n, j] = dy[n, j] * u * (sig + g * sig * (one - sig))
+            dgu[n, f + j] = dy[n, j] * g * sig
 
 
 # ---- bias add / bias gradient / residual ---------------------------------------------------------
@@ -260,10 +408,13 @@ def _gelu_bwd(dy, x, dx):
 
 
 # ---- causal attention over packed sequences ------------------------------------------------------
-# One task per (sequence, head). A task first copies its head's q, k, v (and dout) into small
-# contiguous (L, hd) arrays: every inner loop then runs over hd contiguous elements and vectorises,
-# where indexing the wide (N, 3d) rows directly measured 3-5x slower. Query row i works with O(L)
-# scratch: its scores against keys 0..i, then their exps.
+# qkv (N, W) = [q (H heads) | k (Hkv heads) | v (Hkv heads)], W = (H + 2 Hkv) hd; query head h reads
+# key/value head h // G, G = H // Hkv (GPT-2: Hkv = H, G = 1). The forward runs one task per
+# (sequence, query head), the backward one per (sequence, key/value head) (see _attention_bwd). A
+# task first copies its heads' q, k, v (and dout) into small contiguous (L, hd) arrays: every inner
+# loop then runs over hd contiguous elements and vectorises, where indexing the wide (N, W) rows
+# directly measured 3-5x slower. Query row i works with O(L) scratch: its scores against keys 0..i,
+# then their exps.
 @njit(inline="always", **jit)
 def _head(x, a, L, off, hd):
     """The (L, hd) block x[a:a+L, off:off+hd], copied contiguous."""
@@ -313,10 +464,11 @@ def _accumulate_rows(dst, i, coef, src, n):
 
 
 @njit(parallel=True, fastmath=FAST, **jit)
-def _attention_fwd(qkv, cu, H, out, lse):
-    # out (N, d), lse (N, H): each row's log-sum-exp of its scaled scores, all the backward needs.
-    d = out.shape[1]
-    hd = d // H
+def _attention_fwd(qkv, cu, H, Hkv, out, lse):
+    # out (N, H hd), lse (N, H): each row's log-sum-exp of its scaled scores, all the backward needs.
+    hd = out.shape[1] // H
+    G = H // Hkv
+    k_off, v_off = H * hd, (H + Hkv) * hd                   # where the key and value heads start
     scale = qkv.dtype.type(1.0 / math.sqrt(hd))
     zero, one = qkv.dtype.type(0.0), qkv.dtype.type(1.0)
     S = cu.shape[0] - 1
@@ -324,8 +476,8 @@ def _attention_fwd(qkv, cu, H, out, lse):
         s, h = task // H, task % H
         a, L = cu[s], cu[s + 1] - cu[s]
         q = _head(qkv, a, L, h * hd, hd)                     # (L, hd)
-        k = _head(qkv, a, L, d + h * hd, hd)                 # (L, hd)
-        v = _head(qkv, a, L, 2 * d + h * hd, hd)             # (L, hd)
+        k = _head(qkv, a, L, k_off + (h // G) * hd, hd)      # (L, hd) the group's key head
+        v = _head(qkv, a, L, v_off + (h // G) * hd, hd)      # (L, hd)
         y = np.zeros((L, hd), dtype=qkv.dtype)               # (L, hd) unnormalised outputs
         p = np.empty(L, dtype=qkv.dtype)                     # (L,) row i's scores, then exps
         for i in range(L):
@@ -345,56 +497,103 @@ def _attention_fwd(qkv, cu, H, out, lse):
             lse[a + i, h] = mx + math.log(tot)
 
 
+@njit(fastmath=FAST, inline="always", **jit)
+def _attention_head_bwd(q, k, v, do, o, lse, a, h, scale, p, ds, dq, dk, dv):
+    """One query head's share of _attention_bwd: dq (L, hd) written, dk and dv (L, hd) added into."""
+    L, hd = q.shape
+    for i in range(L):
+        n = i + 1
+        for j in range(n):
+            sij, dpij = _rowdot2(q, do, i, k, v, j)      # q_i . k_j, dout_i . v_j
+            p[j] = scale * sij
+            ds[j] = dpij
+        D = _rowdot(do, i, o, i)
+        m = lse[a + i, h]
+        for j in range(n):
+            p[j] = _exp(p[j] - m)
+            ds[j] = scale * p[j] * (ds[j] - D)
+        _accumulate_rows(dq, i, ds, k, n)
+        # one destination array per loop: with several, numba cannot rule out aliasing and
+        # the loops stop vectorising
+        for j in range(n):
+            dsj = ds[j]
+            for t in range(hd):
+                dk[j, t] += dsj * q[i, t]
+        for j in range(n):
+            pj = p[j]
+            for t in range(hd):
+                dv[j, t] += pj * do[i, t]
+
+
 @njit(parallel=True, fastmath=FAST, **jit)
-def _attention_bwd(dout, qkv, out, lse, cu, H, dqkv):
+def _attention_bwd(dout, qkv, out, lse, cu, H, Hkv, dqkv):
     # p_ij = exp(s_ij - lse_i) recomputed; D_i = dout_i . out_i = sum_j p_ij dp_ij;
     # ds_ij = scale * p_ij (dp_ij - D_i) with dp_ij = dout_i . v_j; then dq_i = sum_j ds_ij k_j,
-    # dk_j += ds_ij q_i, dv_j += p_ij dout_i. A task writes only its own head's columns of its own
-    # sequence's rows: no two tasks touch one element.
-    d = dout.shape[1]
-    hd = d // H
+    # dk_j += ds_ij q_i, dv_j += p_ij dout_i. A key/value head feeds the G query heads of its group,
+    # so its dk, dv sum over all of them: one task per (sequence, key/value head) loops over the
+    # group's query heads into its own dk, dv, and writes only its own heads' columns of its own
+    # sequence's rows. No two tasks touch one element, and with G = 1 (GPT-2) the arithmetic is a
+    # task per (sequence, head) exactly as before.
+    hd = dout.shape[1] // H
+    G = H // Hkv
+    k_off, v_off = H * hd, (H + Hkv) * hd
     scale = qkv.dtype.type(1.0 / math.sqrt(hd))
     S = cu.shape[0] - 1
-    for task in prange(S * H):
-        s, h = task // H, task % H
+    for task in prange(S * Hkv):
+        s, kvh = task // Hkv, task % Hkv
         a, L = cu[s], cu[s + 1] - cu[s]
-        q = _head(qkv, a, L, h * hd, hd)                     # (L, hd)
-        k = _head(qkv, a, L, d + h * hd, hd)                 # (L, hd)
-        v = _head(qkv, a, L, 2 * d + h * hd, hd)             # (L, hd)
-        do = _head(dout, a, L, h * hd, hd)                   # (L, hd)
-        o = _head(out, a, L, h * hd, hd)                     # (L, hd)
-        dq = np.zeros((L, hd), dtype=qkv.dtype)
-        dk = np.zeros((L, hd), dtype=qkv.dtype)
+        k = _head(qkv, a, L, k_off + kvh * hd, hd)           # (L, hd)
+        v = _head(qkv, a, L, v_off + kvh * hd, hd)           # (L, hd)
+        dk = np.zeros((L, hd), dtype=qkv.dtype)              # (L, hd) summed over the group
         dv = np.zeros((L, hd), dtype=qkv.dtype)
         p = np.empty(L, dtype=qkv.dtype)                     # (L,) row i's probabilities
         ds = np.empty(L, dtype=qkv.dtype)                    # (L,) row i's score gradients
-        for i in range(L):
-            n = i + 1
-            for j in range(n):
-                sij, dpij = _rowdot2(q, do, i, k, v, j)      # q_i . k_j, dout_i . v_j
-                p[j] = scale * sij
-                ds[j] = dpij
-            D = _rowdot(do, i, o, i)
-            m = lse[a + i, h]
-            for j in range(n):
-                p[j] = _exp(p[j] - m)
-                ds[j] = scale * p[j] * (ds[j] - D)
-            _accumulate_rows(dq, i, ds, k, n)
-            # one destination array per loop: with several, numba cannot rule out aliasing and
-            # the loops stop vectorising
-            for j in range(n):
-                dsj = ds[j]
+        for h in range(kvh * G, (kvh + 1) * G):
+            q = _head(qkv, a, L, h * hd, hd)                 # (L, hd)
+            do = _head(dout, a, L, h * hd, hd)               # (L, hd)
+            o = _head(out, a, L, h * hd, hd)                 # (L, hd)
+            dq = np.zeros((L, hd), dtype=qkv.dtype)
+            _attention_head_bwd(q, k, v, do, o, lse, a, h, scale, p, ds, dq, dk, dv)
+            for i in range(L):
                 for t in range(hd):
-                    dk[j, t] += dsj * q[i, t]
-            for j in range(n):
-                pj = p[j]
-                for t in range(hd):
-                    dv[j, t] += pj * do[i, t]
+                    dqkv[a + i, h * hd + t] = dq[i, t]
         for i in range(L):
             for t in range(hd):
-                dqkv[a + i, h * hd + t] = dq[i, t]
-                dqkv[a + i, d + h * hd + t] = dk[i, t]
-                dqkv[a + i, 2 * d + h * hd + t] = dv[i, t]
+                dqkv[a + i, k_off + kvh * hd + t] = dk[i, t]
+                dqkv[a + i, v_off + kvh * hd + t] = dv[i, t]
+
+
+@njit(parallel=True, fastmath=FAST, **jit)
+def _attention_decode(qkv, k_cache, v_cache, lens, H, out):
+    # qkv (S, W) one new token per cache row, k_cache, v_cache (S, Hkv, T, hd) -> out (S, H hd): query
+    # head h of row s attends over cache positions [0, lens[s]) of cache head h // G. One task per
+    # (row, cache head), looping over the G query heads that read it, so each cache block is
+    # fetched by one task while the group shares it.
+    Hkv, hd = k_cache.shape[1], k_cache.shape[3]
+    G = H // Hkv
+    scale = qkv.dtype.type(1.0 / math.sqrt(hd))
+    zero, one = qkv.dtype.type(0.0), qkv.dtype.type(1.0)
+    S = qkv.shape[0]
+    for task in prange(S * Hkv):
+        s, c = task // Hkv, task % Hkv
+        n = lens[s]
+        k, v = k_cache[s, c], v_cache[s, c]                  # (T, hd) views, rows 0..n-1 in use
+        p = np.empty(n, dtype=qkv.dtype)                     # (n,) the scores, then their exps
+        for h in range(c * G, (c + 1) * G):
+            q = _head(qkv, s, 1, h * hd, hd)                 # (1, hd) this query head
+            y = np.zeros((1, hd), dtype=qkv.dtype)           # (1, hd) unnormalised output
+            mx = qkv.dtype.type(-np.inf)
+            for j in range(n):
+                p[j] = scale * _rowdot(q, 0, k, j)
+                mx = max(mx, p[j])
+            tot = zero
+            for j in range(n):
+                p[j] = _exp(p[j] - mx)
+                tot += p[j]
+            _accumulate_rows(y, 0, p, v, n)
+            inv = one / tot
+            for t in range(hd):
+                out[s, h * hd + t] = y[0, t] * inv
 
 
 # ---- fused softmax + cross-entropy over a chunk of logits rows -----------------------------------
@@ -588,6 +787,14 @@ class NumbaBackend(NumpyBackend):
     def embedding_backward(self, dwte, dwpe, dx, tokens, positions):
         _embedding_bwd(dwte, dwpe, dx, tokens, positions)
 
+    def token_embedding_forward(self, tokens, wte):
+        out = self._empty((tokens.shape[0], wte.shape[1]))    # (N, d)
+        _token_embedding_fwd(tokens, wte, out)
+        return out
+
+    def token_embedding_backward(self, dwte, dx, tokens):
+        _token_embedding_bwd(dwte, dx, tokens)
+
     # ---- layernorm ---------------------------------------------------------------------------
     def layernorm_forward(self, x, w, b):
         N = x.shape[0]
@@ -602,6 +809,46 @@ class NumbaBackend(NumpyBackend):
         dw_part, db_part = np.zeros((n_chunks, d)), np.zeros((n_chunks, d))  # float64 partials
         _layernorm_bwd(dout, x, w, mean, rstd, dskip, dx, dw_part, db_part)
         return dx, dw_part.sum(axis=0).astype(self.np_dtype), db_part.sum(axis=0).astype(self.np_dtype)
+
+    # ---- RMSNorm, q/k norm, RoPE (the Llama family) -------------------------------------------
+    def _chunk_partials(self, N, width):
+        """float64 partial sums for a column reduction over N rows: one row per ROW_CHUNK rows."""
+        return np.zeros(((N + ROW_CHUNK - 1) // ROW_CHUNK, width))
+
+    def rmsnorm_forward(self, x, w, eps):
+        out, rstd = self._empty(x.shape), self._empty(x.shape[0])  # (N, d), (N,)
+        _rmsnorm_fwd(x, w, eps, out, rstd)
+        return out, rstd
+
+    def rmsnorm_backward(self, dout, x, w, rstd, dskip=None):
+        dx = self._empty(x.shape)                             # (N, d)
+        dw_part = self._chunk_partials(*x.shape)              # (n_chunks, d)
+        _rmsnorm_bwd(dout, x, w, rstd, dskip, dx, dw_part)
+        return dx, dw_part.sum(axis=0).astype(self.np_dtype)
+
+    def qk_norm_forward(self, qkv, wq, wk, eps, n_heads, n_kv_heads):
+        out = self._empty(qkv.shape)                          # (N, W)
+        rstd = self._empty((qkv.shape[0], n_heads + n_kv_heads))  # (N, H + Hkv)
+        _qk_norm_fwd(qkv, wq, wk, eps, n_heads, n_kv_heads, out, rstd)
+        return out, rstd
+
+    def qk_norm_backward(self, dout, qkv, wq, wk, rstd, n_heads, n_kv_heads):
+        hd = wq.shape[0]
+        dqkv = self._empty(qkv.shape)                         # (N, W)
+        dw_part = self._chunk_partials(qkv.shape[0], 2 * hd)  # (n_chunks, 2 hd): [dwq | dwk]
+        _qk_norm_bwd(dout, qkv, wq, wk, rstd, n_heads, n_kv_heads, dqkv, dw_part)
+        dw = dw_part.sum(axis=0).astype(self.np_dtype)        # (2 hd,)
+        return dqkv, dw[:hd], dw[hd:]
+
+    def rope_forward(self, qkv, cos, sin, positions, n_rot):
+        out = self._empty(qkv.shape)                          # (N, W)
+        _rope(qkv, cos, sin, positions, n_rot, qkv.dtype.type(1.0), out)
+        return out
+
+    def rope_backward(self, dout, cos, sin, positions, n_rot):
+        dqkv = self._empty(dout.shape)                        # (N, W)
+        _rope(dout, cos, sin, positions, n_rot, dout.dtype.type(-1.0), dqkv)  # R(θ)^T = R(-θ)
+        return dqkv
 
     # ---- linear ------------------------------------------------------------------------------
     def linear_forward(self, x, w, b):
@@ -637,17 +884,36 @@ class NumbaBackend(NumpyBackend):
     # of rank r that BLAS runs either way; there is nothing left around them to fuse.
 
     # ---- attention ---------------------------------------------------------------------------
-    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen):
-        N = qkv.shape[0]
-        out = self._empty((N, qkv.shape[1] // 3))             # (N, d)
+    def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen, n_kv_heads=None):
+        N, W = qkv.shape
+        Hkv = n_kv_heads or n_heads
+        hd = W // (n_heads + 2 * Hkv)
+        out = self._empty((N, n_heads * hd))                  # (N, H hd)
         lse = self._empty((N, n_heads))                       # (N, H)
-        _attention_fwd(qkv, cu_seqlens, n_heads, out, lse)
+        _attention_fwd(qkv, cu_seqlens, n_heads, Hkv, out, lse)
         return out, lse
 
-    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen):
-        dqkv = self._empty(qkv.shape)                         # (N, 3d)
-        _attention_bwd(dout, qkv, out, ctx, cu_seqlens, n_heads, dqkv)
+    def attention_backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen, n_kv_heads=None):
+        dqkv = self._empty(qkv.shape)                         # (N, W)
+        _attention_bwd(dout, qkv, out, ctx, cu_seqlens, n_heads, n_kv_heads or n_heads, dqkv)
         return dqkv
+
+    # kv_cache_write: numpy's, inherited: one fancy-indexed copy of N (Hkv, hd) blocks, nothing to fuse.
+    def attention_decode(self, qkv, k_cache, v_cache, lens, n_heads, max_len):
+        out = self._empty((qkv.shape[0], n_heads * k_cache.shape[3]))  # (S, H hd)
+        _attention_decode(qkv, k_cache, v_cache, lens, n_heads, out)
+        return out
+
+    # ---- SwiGLU ------------------------------------------------------------------------------
+    def swiglu_forward(self, gu):
+        out = self._empty((gu.shape[0], gu.shape[1] // 2))    # (N, f)
+        _swiglu_fwd(gu, out)
+        return out
+
+    def swiglu_backward(self, dy, gu):
+        dgu = self._empty(gu.shape)                           # (N, 2f)
+        _swiglu_bwd(dy, gu, dgu)
+        return dgu
 
     # ---- GELU, residual, dropout -------------------------------------------------------------
     def gelu_forward(self, x):

@@ -2,8 +2,9 @@
 
 Each kernel's forward sits beside its backward, and each backward line quotes the forward line it
 undoes (as llm.c does). Shapes: N positions, d width, H query heads, Hkv key/value heads (H for
-GPT-2), hd head width, W = (H + 2 Hkv) hd the fused qkv, V vocabulary, L one sequence's length. docs/backprop.md derives every backward here; `minisft study OP` runs them stage
-by stage on tiny inputs and checks each against finite differences.
+GPT-2), hd head width, W = (H + 2 Hkv) hd the fused qkv, V vocabulary, L one sequence's length.
+docs/backprop.md derives every backward here; `minisft study OP` runs them stage by stage on tiny
+inputs and checks each against finite differences.
 """
 import math
 

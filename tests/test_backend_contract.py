@@ -203,22 +203,21 @@ def calls(B) -> dict:
     }
 
 
-# ---- the Llama family's kernels (minisft/llama.py) -----------------------------------------------------
-# Grouped heads: 2 query heads share 1 key/value head of width HD, so the fused qkv is (N, 4 HD).
-HKV = 1
-W = (H + 2 * HKV) * HD
+# ---- the Llama family's kernels (minisft/llama.py) ---------------------------------------------------
+# Grouped-query shapes: the same packed batch, HL query heads and HKV key/value heads of width HD.
+HL, HKV = 4, 2
+WL = (HL + 2 * HKV) * HD
 
 
 def llama_calls(B) -> dict:
-    """calls() for the kernels the Llama family adds, on the same packed sequences."""
-    from minisft.llama import rope_tables
+    """calls(B)'s entries for the Llama family's kernels."""
     a, rng = host_inputs(), np.random.default_rng(1)
     f = lambda k: B.from_numpy(a[k])  # noqa: E731
+    g = lambda *shape: B.from_numpy(rng.standard_normal(shape))  # noqa: E731
     i = lambda k: B.index(a[k])       # noqa: E731
-    qkv, wq, wk = B.from_numpy(rng.standard_normal((N, W))), B.from_numpy(1 + 0.1 * rng.standard_normal(HD)), \
-        B.from_numpy(1 + 0.1 * rng.standard_normal(HD))
-    gu = B.from_numpy(rng.standard_normal((N, 2 * D)))
-    cos, sin = (B.from_numpy(t) for t in rope_tables(HD, C, 10000.0, None))   # (C, HD/2) each
+    qkv, wq, wk, gu = g(N, WL), 1 + 0.1 * rng.standard_normal(HD), 1 + 0.1 * rng.standard_normal(HD), g(N, 2 * D)
+    wq, wk = B.from_numpy(wq), B.from_numpy(wk)
+    cos, sin = g(C, HD // 2), g(C, HD // 2)
 
     def token_embedding_backward():
         dwte = f("wte")
@@ -231,21 +230,50 @@ def llama_calls(B) -> dict:
         return B.rmsnorm_backward(f("y"), x, w, rstd), B.rmsnorm_backward(f("y"), x, w, rstd, f("dx"))
 
     def qk_norm_backward():
-        _, rstd = B.qk_norm_forward(qkv, wq, wk, 1e-6, H, HKV)
-        return B.qk_norm_backward(qkv, qkv, wq, wk, rstd, H, HKV)
+        _, rstd = B.qk_norm_forward(qkv, wq, wk, 1e-6, HL, HKV)
+        return B.qk_norm_backward(g(N, WL), qkv, wq, wk, rstd, HL, HKV)
 
     return {
         "token_embedding_forward": lambda: B.token_embedding_forward(i("tokens"), f("wte")),
         "token_embedding_backward": token_embedding_backward,
         "rmsnorm_forward": lambda: B.rmsnorm_forward(f("x"), f("w"), 1e-5),
         "rmsnorm_backward": rmsnorm_backward,
-        "qk_norm_forward": lambda: B.qk_norm_forward(qkv, wq, wk, 1e-6, H, HKV),
+        "qk_norm_forward": lambda: B.qk_norm_forward(qkv, wq, wk, 1e-6, HL, HKV),
         "qk_norm_backward": qk_norm_backward,
-        "rope_forward": lambda: B.rope_forward(qkv, cos, sin, i("positions"), H + HKV),
-        "rope_backward": lambda: B.rope_backward(qkv, cos, sin, i("positions"), H + HKV),
+        "rope_forward": lambda: B.rope_forward(qkv, cos, sin, i("positions"), HL + HKV),
+        "rope_backward": lambda: B.rope_backward(qkv, cos, sin, i("positions"), HL + HKV),
         "swiglu_forward": lambda: B.swiglu_forward(gu),
-        "swiglu_backward": lambda: B.swiglu_backward(f("x"), gu),
+        "swiglu_backward": lambda: B.swiglu_backward(g(N, D), gu),
     }
+
+
+def grouped_calls(B) -> dict:
+    """The attention and decoding kernels with fewer key/value heads than query heads."""
+    a, rng = host_inputs(), np.random.default_rng(2)
+    qkv = B.from_numpy(rng.standard_normal((N, WL)))
+    cu, lens = B.index(a["cu"]), B.index(a["lens"])
+
+    def attention():
+        out, ctx = B.attention_forward(qkv, cu, HL, max(LENS), n_kv_heads=HKV)
+        return out, B.attention_backward(B.from_numpy(rng.standard_normal((N, HL * HD))), qkv, out, ctx, cu, HL,
+                                         max(LENS), n_kv_heads=HKV)
+
+    def decode():
+        k, v = B.kv_cache_alloc(S, HKV, C, HD)
+        assert B.kv_cache_write(k, v, qkv, B.index(np.repeat(np.arange(S), LENS)), B.index(a["positions"])) is None
+        q = B.from_numpy(rng.standard_normal((S, WL)))
+        return k, v, B.attention_decode(q, k, v, lens, HL, int(a["lens"].max()))
+    return {"attention": attention, "decode": decode}
+
+
+@pytest.mark.parametrize("name, dtype", CASES)
+def test_grouped_query_attention_runs_and_returns_what_the_reference_returns(name, dtype):
+    if problem := dtype_problem(dtype, name):
+        pytest.skip(problem)
+    B, ref = backend_or_skip(name, dtype), NumpyBackend(STORE_DTYPES[dtype])
+    got, want = grouped_calls(B), grouped_calls(ref)
+    for case in want:
+        assert describe(B, got[case]()) == describe(ref, want[case]()), case
 
 
 LEAN = {"optim_state_zeros", "optim_state_from_numpy", "optim_state_to_numpy", "adamw_step_bf16", "adamw_step_8bit"}

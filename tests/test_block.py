@@ -8,6 +8,7 @@ import pytest
 
 from minisft import GPT, GPTConfig, block
 from minisft import study as S
+from minisft.model import Pass
 from tests.helpers import rel_err
 
 CFG = dict(vocab_size=23, context_length=8, emb_dim=12, n_layers=2, n_heads=3)
