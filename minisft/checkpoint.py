@@ -4,7 +4,7 @@ One file holds:
 
     attrs     format, format_version, minisft_version, dtype (the model's compute dtype),
               array_dtype (the stored arrays'), complete (written last)
-    config    JSON of the GPTConfig
+    config    JSON of the model config (family.config_to_dict)
     model     attrs: rng (JSON of the dropout RNG's bit_generator.state), frozen (JSON list of names)
     params/   one dataset per parameter, by HF name, in the dtype the model holds them
     adam/     attrs: step, lr, beta1, beta2, eps, weight_decay, decay, state; groups m/ and v/ like
@@ -29,7 +29,8 @@ import numpy as np
 
 from . import __version__
 from .backends import resolve
-from .config import GPTConfig, check_tensors, param_shapes
+from .config import check_tensors
+from .family import config_from_dict, config_to_dict, family_of, param_shapes
 from .errors import MinisftError
 from .model import GPT
 from .optim import DEFAULT, OPTIM_STATES, AdamW, state_layout
@@ -76,7 +77,7 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, train_stat
     with atomic_h5(path) as f:
         f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, minisft_version=__version__,
                        dtype=model.dtype)
-        f["config"] = json.dumps(model.cfg.to_dict())
+        f["config"] = json.dumps(config_to_dict(model.cfg))
         g = f.create_group("model")
         g.attrs.update(rng=json.dumps(rng_state(model.rng)), frozen=json.dumps(sorted(model.frozen)))
         write_arrays(f.create_group("params"), model.params, model)
@@ -160,7 +161,7 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
         raise MinisftError(f"{path}: incomplete checkpoint (the completion marker is missing): it was cut "
                            "short while being written or copied")
     try:
-        cfg = GPTConfig.from_dict(read_json(f, path, "config"))
+        cfg = config_from_dict(read_json(f, path, "config"))
     except (TypeError, ValueError) as e:
         raise MinisftError(f"{path}: dataset 'config' is not a valid model config: {e}") from None
     try:
@@ -179,6 +180,8 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
     if model is not None:
         differ = [f"{k}: file {getattr(cfg, k)!r}, model {getattr(model.cfg, k)!r}"
                   for k in SHAPE_FIELDS if getattr(cfg, k) != getattr(model.cfg, k)]
+        if type(cfg) is not type(model.cfg):
+            differ = [f"family: file {family_of(cfg).name}, model {family_of(model.cfg).name}"]
         if differ:
             raise MinisftError(f"{path}: the checkpoint's model does not match this one ({'; '.join(differ)})")
     restore_adam = "adam" in f and (optimizer is not None or load_optimizer)
@@ -226,15 +229,19 @@ def _load(f, path, model, optimizer, backend, dtype, device, load_optimizer):
     return model, (optimizer if restore_adam else None), train_state
 
 
-def _check_config(f, path, cfg: GPTConfig) -> None:
+def _check_config(f, path, cfg) -> None:
     """The config against what the file stores, before anything is sized by it: a crafted config
     (n_layers = 1e9) must not make param_shapes or the model allocate for tensors that are not there."""
     if "params" not in f:
         raise MinisftError(f"{path}: group 'params' is missing")
-    layers = {name.split(".")[1] for name in f["params"] if name.startswith("h.")}  # bounded by the file
+    fam = family_of(cfg)
+    prefix = fam.layer.format("")
+    layers = {name.split(".")[1] for name in f["params"] if name.startswith(prefix)}  # bounded by the file
     if cfg.n_layers != len(layers):
         raise MinisftError(f"{path}: the config says {cfg.n_layers} layers, params/ holds tensors of {len(layers)}")
-    embeddings = (("wte.weight", (cfg.vocab_size, cfg.emb_dim)), ("wpe.weight", (cfg.context_length, cfg.emb_dim)))
+    embeddings = [(fam.embed, (cfg.vocab_size, cfg.emb_dim))]
+    if fam.positions is not None:
+        embeddings.append((fam.positions, (cfg.context_length, cfg.emb_dim)))
     for name, shape in embeddings:
         if name not in f["params"] or f["params"][name].shape != shape:
             got = f["params"][name].shape if name in f["params"] else "missing"

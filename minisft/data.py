@@ -29,7 +29,7 @@ from .download import fetch, is_url
 from .errors import MinisftError
 from .files import output_file
 from .prompts import get_style, tokenize_segments
-from .tokenizer import EOT
+from .tokenizer import EOT, GPT2, Tokenizer
 
 DEFAULT_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
                     "01_main-chapter-code/instruction-data.json")
@@ -357,23 +357,23 @@ class Example:
     trained: np.ndarray  # (L,) bool: is the target predicting token i trained on (trained[0] unused)
 
 
-def encode_record(record, style="alpaca", mask="none") -> Example:
-    return Example(*tokenize_segments(get_style(style).segments(record["messages"]), mask))
+def encode_record(record, style="alpaca", mask="none", tok: Tokenizer = GPT2) -> Example:
+    return Example(*tokenize_segments(get_style(style).segments(record["messages"]), mask, tok))
 
 
-def long_records(examples, records, style, max_len) -> tuple[list, list]:
+def long_records(examples, records, style, max_len, tok: Tokenizer = GPT2) -> tuple[list, list]:
     """Which examples max_len cuts (more tokens than the targets it keeps), and which of those lose
     their whole response: no response token among the first max_len targets. (indices, indices)"""
     cut = [i for i, e in enumerate(examples) if len(e.tokens) > max_len]
     # target j predicts token j + 1: the kept targets predict tokens 1..max_len
-    lost = [i for i in cut if not encode_record(records[i], style, "header").trained[1:max_len + 1].any()]
+    lost = [i for i in cut if not encode_record(records[i], style, "header", tok).trained[1:max_len + 1].any()]
     return cut, lost
 
 
-def encode_records(records, style="alpaca", mask="none") -> list:
+def encode_records(records, style="alpaca", mask="none", tok: Tokenizer = GPT2) -> list:
     """Tokenize validated records (with a progress bar on a terminal)."""
     style = get_style(style)
-    return [encode_record(r, style, mask) for r in tqdm(records, desc="tokenizing", unit="rec", disable=None,
+    return [encode_record(r, style, mask, tok) for r in tqdm(records, desc="tokenizing", unit="rec", disable=None,
                                                         leave=False)]
 
 
@@ -431,12 +431,13 @@ def collate_packed(batch, pad_token_id=EOT, allowed_max_length=None, trained=Non
     return pack_sequences(rows_in, rows_tg)
 
 
-def collate_examples(examples, packed=True, allowed_max_length=None):
-    """Examples -> a PackedBatch (packed=True) or the book's padded (inputs, targets)."""
+def collate_examples(examples, packed=True, allowed_max_length=None, eos=EOT):
+    """Examples -> a PackedBatch (packed=True) or the book's padded (inputs, targets); eos: the
+    tokenizer's end-of-text, appended to every example (and the padding)."""
     tokens, trained = [e.tokens for e in examples], [e.trained for e in examples]
     if packed:
-        return collate_packed(tokens, allowed_max_length=allowed_max_length, trained=trained)
-    return collate_padded(tokens, allowed_max_length=allowed_max_length, trained=trained)
+        return collate_packed(tokens, eos, allowed_max_length=allowed_max_length, trained=trained)
+    return collate_padded(tokens, eos, allowed_max_length=allowed_max_length, trained=trained)
 
 
 class Loader:

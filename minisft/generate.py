@@ -76,10 +76,12 @@ def _check_prompts(prompts, max_new_tokens):
 
 def _advance(active, next_tokens, seqs, new, max_new_tokens, eos_id, on_token) -> list:
     """Append each active sequence's sampled token (an end-of-text ends it, unappended, as in the
-    book). -> the sequences that go on."""
+    book; eos_id: an id, or a tuple of them, e.g. a chat model's end-of-turn and end-of-text).
+    -> the sequences that go on."""
+    stops = () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
     going = []
     for i, t in zip(active, next_tokens.tolist()):
-        if eos_id is not None and t == eos_id:
+        if t in stops:
             continue
         seqs[i].append(t)
         new[i].append(t)

@@ -10,12 +10,12 @@ The estimate counts the arrays the engine allocates (float32 unless the model is
     moments      AdamW's m and v of every trained parameter: 8 bytes each in fp32, 4 in bf16, 2 in
                  8-bit (+ one float32 scale per block of 2048 values for each)
     activations  what the forward keeps for the backward, at the largest micro-batch's token count
-                 N: per block and position 16 d floats (x, ln_1, qkv 3d, attention output, x2, ln_2,
-                 fc 4d, GELU 4d), +2 d with dropout masks; with --grad-checkpoint only the block's
+                 N: per block and position the family's count (minisft.family: GPT-2's 16 d floats,
+                 x, ln_1, qkv 3d, attention output, x2, ln_2, fc 4d, GELU 4d), +2 d with dropout masks; with --grad-checkpoint only the block's
                  input (d) plus one recomputed block at a time; LoRA adds each adapter's (N, r)
                  down-projection and, with --lora-dropout, each adapted module's dropped input and mask
-    scratch      the backward's transients (one block's activation gradients, about 12 N d), the head's
-                 logit chunk and, when the head trains, its weight-gradient scratch (V x d)
+    scratch      the backward's transients (one block's activation gradients, GPT-2's about 12 N d),
+                 the head's logit chunk and, when the head trains, its weight-gradient scratch (V x d)
     runtime      the interpreter, numpy/numba/BLAS and compiled kernels: a measured constant
 
 The measured figure is the whole process's peak resident set (getrusage), and on CUDA torch's peak
@@ -33,15 +33,14 @@ from .backends.constants import HEAD_CHUNK_BYTES, STORE_DTYPES
 from .backends.optim_state import DEFAULT, FORMATS
 from .config import GPTConfig
 from .errors import MinisftError
-from .model import param_shapes
+from .family import family_of, param_shapes
+from .llama import LlamaConfig
 
 GB = 1e9
 RUNTIME_BYTES = 0.45e9      # measured: a gpt2-tiny numba run's peak RSS less its arrays
-ACT_FLOATS = 16             # floats per position per block kept for the backward (module doc)
-SCRATCH_FLOATS = 12         # floats per position in one block's backward transients
 
 
-def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state=DEFAULT, grad_checkpoint=False,
+def estimate(cfg: GPTConfig | LlamaConfig, tokens: int, dtype="float32", optim_state=DEFAULT, grad_checkpoint=False,
              fused_update=False, lora_config: lora.LoraConfig | None = None) -> dict:
     """Estimated bytes per part (module doc) for a step over `tokens` positions. lora_config: a LoRA
     run's adapters (the base weights frozen: only the adapters get gradients and moments)."""
@@ -54,23 +53,24 @@ def estimate(cfg: GPTConfig, tokens: int, dtype="float32", optim_state=DEFAULT, 
     n_base = sum(math.prod(s) for s in shapes.values())
     n_all = n_base + sum(trained)
     n_trained = sum(sizes)
+    fam = family_of(cfg)
     if fused_update:
-        block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("h.0."))
-        buffers = max(math.prod(shapes["wte.weight"]) + math.prod(shapes["wpe.weight"]),
-                      math.prod(shapes.get("lm_head.weight", (0,))))
+        block = sum(math.prod(s) for n, s in shapes.items() if n.startswith(fam.layer.format(0)))
+        tables = sum(math.prod(shapes[n]) for n in (fam.embed, fam.positions) if n is not None)
+        buffers = max(tables, math.prod(shapes.get("lm_head.weight", (0,))))
         grads = min(n_trained, buffers + block)
     else:
         grads = n_trained
     moments = sum(FORMATS[optim_state].nbytes(s, store) for s in sizes)
     d, L = cfg.emb_dim, cfg.n_layers
-    per_block = ACT_FLOATS + (2 if cfg.drop_rate > 0 else 0)
-    kept = L * tokens * d + tokens * d * per_block if grad_checkpoint else L * tokens * d * per_block
+    per_block = fam.kept(cfg) + (2 * d if cfg.drop_rate > 0 else 0)  # floats per position
+    kept = L * tokens * d + tokens * per_block if grad_checkpoint else L * tokens * per_block
     # A frozen head computes no dW, so the head's (V, d) weight-gradient scratch exists only when it trains.
     head = (0 if adapters else cfg.vocab_size * d * width) + min(HEAD_CHUNK_BYTES, tokens * cfg.vocab_size * width)
     copies = 2 * n_all if dtype == "bfloat16" else 0  # each weight's bf16 copy, kept between its updates
     return dict(weights=n_all * width + copies, gradients=grads * width, moments=moments,
                 activations=(kept + 4 * tokens * d + adapter_activations(adapters, lora_config, tokens)) * width,
-                scratch=SCRATCH_FLOATS * tokens * d * width + head, runtime=RUNTIME_BYTES)
+                scratch=fam.scratch(cfg) * tokens * width + head, runtime=RUNTIME_BYTES)
 
 
 def adapter_activations(adapters: list, lora_config: lora.LoraConfig | None, tokens: int) -> int:

@@ -120,7 +120,7 @@ def check_mask(mask: str) -> str:
     return mask
 
 
-def tokenize_segments(segments, mask: str = "none"):
+def tokenize_segments(segments, mask: str = "none", tok: tokenizer.Tokenizer = tokenizer.GPT2):
     """Tokenize the joined text in one piece (so the ids are exactly those of the whole training
     text) and mark each token trained or not by where it starts.
 
@@ -132,10 +132,10 @@ def tokenize_segments(segments, mask: str = "none"):
     """
     trained_kinds = TRAINED_KINDS[check_mask(mask)]
     text = "".join(t for t, _ in segments)
-    tokens = np.asarray(tokenizer.encode(text), dtype=np.int64)                     # (L,)
+    tokens = np.asarray(tok.encode(text), dtype=np.int64)                           # (L,)
     seg_ends = np.cumsum([len(t.encode("utf-8")) for t, _ in segments])            # (S,) byte offsets
     seg_trained = np.array([kind in trained_kinds for _, kind in segments])        # (S,)
-    seg_of_token = np.searchsorted(seg_ends, tokenizer.byte_starts(tokens), side="right")  # (L,)
+    seg_of_token = np.searchsorted(seg_ends, tok.byte_starts(tokens), side="right")  # (L,)
     trained = seg_trained[seg_of_token]                                            # (L,)
     if len(trained):
         trained[0] = False

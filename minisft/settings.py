@@ -15,12 +15,14 @@ from pathlib import Path
 
 from .backends import AUTO, BACKENDS
 from .backends.optim_state import DEFAULT, FORMATS, OPTIM_STATES
-from .config import PRESETS, GPTConfig
+from .config import GPTConfig
 from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
 from .distributed import world_size_from_env
 from .errors import MinisftError
 from .optim import DECAY_CHOICES, SCHEDULES
-from .pretrained import HF_REPOS, read_hf_config
+from .family import PRESET_NAMES, preset, read_config
+from .llama import LlamaConfig
+from .pretrained import HF_REPOS
 from .prompts import MASKS, STYLES
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -39,7 +41,7 @@ def _s(default, help, choices=None):
 class Settings:
     model: str | None = _s(None, f"model preset: its shape, and which OpenAI weights --init pretrained loads "
                                  f"(default: {DEFAULT_MODEL}, or the architecture in --weights DIR/config.json)",
-                           tuple(PRESETS))
+                           PRESET_NAMES)
     init: str = _s("pretrained", "start from OpenAI's weights or from a random GPT-2 init", ("pretrained", "random"))
     weights: str | None = _s(None, "local weights instead of the download: an HF folder or a .safetensors file")
     data: str = _s(BOOK_DATA_URL, "instruction data: a local file or a URL (JSON list, JSONL, ShareGPT, messages); "
@@ -188,11 +190,12 @@ def read_toml(path) -> dict:
     return values
 
 
-def architecture(s: Settings) -> GPTConfig:
+def architecture(s: Settings) -> GPTConfig | LlamaConfig:
     """The model's shape: the --model preset's, or without one the --weights folder's config.json."""
     if s.model is None:
-        return dataclasses.replace(read_hf_config(Path(s.weights) / "config.json"), drop_rate=s.drop_rate)
-    return GPTConfig.preset(s.model, drop_rate=s.drop_rate)
+        cfg = read_config(Path(s.weights) / "config.json")
+        return dataclasses.replace(cfg, drop_rate=s.drop_rate) if isinstance(cfg, GPTConfig) else cfg
+    return preset(s.model, drop_rate=s.drop_rate)
 
 
 def validate(s: Settings) -> Settings:

@@ -19,6 +19,7 @@ from importlib.resources import files
 import numpy as np
 import tiktoken
 
+from .config import GPTConfig
 from .errors import MinisftError
 
 EOT = 50256  # <|endoftext|>
@@ -169,3 +170,26 @@ class TextPieces:
         """The next piece: the text from the end of the pieces released so far up to end."""
         out, self.released = self.text[self.released:end], max(self.released, end)
         return out
+
+
+def for_model(cfg, folder) -> Tokenizer:
+    """The tokenizer of a model: GPT-2's for a GPT-2 shape, else the folder's tokenizer.json (its
+    generation_config.json's eos ids also stop generation)."""
+    if isinstance(cfg, GPTConfig):
+        return GPT2
+    if folder is None or not (Path(folder) / "tokenizer.json").is_file():
+        raise MinisftError(f"{folder or 'the model'}: a {type(cfg).__name__} model needs its tokenizer.json "
+                           "(give --weights a Hugging Face folder that has one)")
+    stops = []
+    gen = Path(folder) / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise MinisftError(f"{gen}: cannot read the generation config ({e})") from None
+        stops = [eos] if type(eos) is int else [t for t in eos or [] if type(t) is int]
+    tok = HFTokenizer(folder, stops)
+    if tok.vocab_size > cfg.vocab_size:
+        raise MinisftError(f"{folder}/tokenizer.json has {tok.vocab_size} tokens, the model's vocabulary "
+                           f"{cfg.vocab_size}")
+    return tok

@@ -260,6 +260,7 @@ class Data:
     max_len: int  # the effective max_length: at most the model's context
     train: list
     val: list
+    tok: tokenizer.Tokenizer
 
 
 # ---- a run: its checks and setup -----------------------------------------------------------------------
@@ -317,7 +318,7 @@ def _finetune(s: Settings, out: Path, plan: Plan, log, dist) -> dict:
     for k, v in s.to_dict().items():
         clamped = f"  (effective {max_len}: the model's context)" if k == "max_length" and max_len < v else ""
         log(f"  {k} = {v!r}{clamped}")
-    data = load_data(s, max_len, log)
+    data = load_data(s, max_len, log, tokenizer.for_model(cfg, model_folder(s)))
     mem_plan = memory_plan(s, cfg, data.train, log)  # refuses before the model takes its memory
     kind = run_kind(s)
     model = build_model(s, cfg, weights)
@@ -329,15 +330,20 @@ def _finetune(s: Settings, out: Path, plan: Plan, log, dist) -> dict:
     return trainer.end(memory_estimate_mb=round(sum(mem_plan.values()) / 2**20, 1))
 
 
-def load_data(s: Settings, max_len: int, log) -> Data:
+def model_folder(s: Settings) -> Path | None:
+    """The Hugging Face folder the model comes from (its tokenizer files), if there is one."""
+    return Path(s.weights) if s.weights and Path(s.weights).is_dir() else None
+
+
+def load_data(s: Settings, max_len: int, log, tok: tokenizer.Tokenizer) -> Data:
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
     style = get_style(s.prompt_style)
-    train_ex = encode_records(split.train, style, s.mask_prompt)
-    val_ex = encode_records(split.val, style, s.mask_prompt)
-    train_ex, val_ex = (report_long(name, ex, recs, style, max_len, s, log)
+    train_ex = encode_records(split.train, style, s.mask_prompt, tok)
+    val_ex = encode_records(split.val, style, s.mask_prompt, tok)
+    train_ex, val_ex = (report_long(name, ex, recs, style, max_len, s, log, tok)
                         for name, ex, recs in (("train", train_ex, split.train), ("val", val_ex, split.val)))
-    return Data(raw_split, split, style, max_len, train_ex, val_ex)
+    return Data(raw_split, split, style, max_len, train_ex, val_ex, tok)
 
 
 def build_model(s: Settings, cfg: GPTConfig, weights: dict | None) -> GPT:
@@ -349,10 +355,10 @@ def build_model(s: Settings, cfg: GPTConfig, weights: dict | None) -> GPT:
     return model
 
 
-def report_long(name, examples, records, style, max_len, s, log) -> list:
+def report_long(name, examples, records, style, max_len, s, log, tok) -> list:
     """Say how many records max_len cuts and how many lose their whole response; drop them with
     --drop-long. Refuse a training split in which no record keeps a trained target."""
-    cut, lost = long_records(examples, records, style, max_len)
+    cut, lost = long_records(examples, records, style, max_len, tok)
     if cut:
         first = ", ".join(map(str, lost[:5] or cut[:5]))
         log(f"{name}: {len(cut)} of {len(examples)} records are longer than max-length {max_len} tokens and are "
@@ -388,7 +394,8 @@ class Trainer:
 
     def __init__(self, s: Settings, out: Path, kind: FullRun | AdapterRun, model: GPT, data: Data, dist, log):
         self.s, self.out, self.kind, self.model, self.data, self.dist, self.log = s, out, kind, model, data, dist, log
-        collate = dist.shard(partial(collate_examples, packed=True, allowed_max_length=data.max_len))
+        collate = dist.shard(partial(collate_examples, packed=True, allowed_max_length=data.max_len,
+                                     eos=data.tok.eos))
         self.loader = Loader(data.train, s.batch_size, shuffle=s.shuffle, drop_last=True, seed=s.seed,
                              collate=collate)
         self.eval_loader = partial(Loader, batch_size=s.batch_size, shuffle=False, drop_last=False, collate=collate)
@@ -465,7 +472,7 @@ class Trainer:
             if self.state.step == self.total_steps or self.stopped():
                 break
         if self.dist.main and (self.loader.epoch > epoch or self.loader.batch == len(self.loader)):
-            self.bar.write(sample_text(self.model, self.data.style, self.data.split.val[0]))
+            self.bar.write(sample_text(self.model, self.data.style, self.data.split.val[0], self.data.tok))
 
     def step(self, window: list, epoch: int) -> None:
         """One step on a window, its records, evaluation and checkpoint. A window with no trained target
@@ -586,7 +593,8 @@ class Trainer:
         n = len(data.split.test) if s.responses is None else min(s.responses, len(data.split.test))
         if n:
             prompts = [data.style.prompt(r["messages"]) for r in data.split.test[:n]]
-            answers = generate_responses(model, prompts, tokenizer.encode, tokenizer.decode, s.max_new_tokens)
+            answers = generate_responses(model, prompts, data.tok.encode, data.tok.decode, s.max_new_tokens,
+                                         eos_id=data.tok.stops)
             entries = [dict(rec, model_response=a) for rec, a in zip(data.raw.test[:n], answers)]
             write_json(out / "instruction-data-with-response.json", entries)
         evals = [r for r in st.records if r["kind"] == "eval"]
@@ -641,7 +649,9 @@ def dry_run(s: Settings, log=print) -> dict:
     model, no run directory."""
     check_dtype(s, log)
     _, split = load_splits(s.data, s.cache_dir)
-    return memory_plan(s, architecture(s), encode_records(split.train, get_style(s.prompt_style), s.mask_prompt), log)
+    cfg = architecture(s)
+    tok = tokenizer.for_model(cfg, model_folder(s))
+    return memory_plan(s, cfg, encode_records(split.train, get_style(s.prompt_style), s.mask_prompt, tok), log)
 
 
 def measured_memory(model: GPT) -> dict:
@@ -653,9 +663,9 @@ def measured_memory(model: GPT) -> dict:
     return rec
 
 
-def sample_text(model: GPT, style, record) -> str:
+def sample_text(model: GPT, style, record, tok: tokenizer.Tokenizer) -> str:
     """The book's generate_and_print_sample: greedy continuation of val[0]'s prompt, one line."""
     prompt = style.format_input(record["messages"])
-    ids = tokenizer.encode(prompt)
-    new = generate(model, [ids], SAMPLE_TOKENS)[0]
-    return tokenizer.decode(ids + new).replace("\n", " ")
+    ids = tok.encode(prompt)
+    new = generate(model, [ids], SAMPLE_TOKENS, eos_id=tok.stops)[0]
+    return tok.decode(ids + new).replace("\n", " ")
