@@ -13,7 +13,8 @@ The estimate counts the arrays the engine allocates (float32 unless the model is
                  N: per block and position the family's count (minisft.family: GPT-2's 16 d floats,
                  x, ln_1, qkv 3d, attention output, x2, ln_2, fc 4d, GELU 4d), +2 d with dropout masks;
                  with --grad-checkpoint only the block's input (d) plus one recomputed block at a time;
-                 LoRA adds each adapter's (N, r) down-projection and, with --lora-dropout, each adapted module's dropped input and mask
+                 LoRA adds each adapter's (N, r) down-projection and, with --lora-dropout, each adapted
+                 module's dropped input and mask
     scratch      the backward's transients (one block's activation gradients, GPT-2's about 12 N d),
                  the head's logit chunk and, when the head trains, its weight-gradient scratch (V x d)
     runtime      the interpreter, numpy/numba/BLAS and compiled kernels: a measured constant
