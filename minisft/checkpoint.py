@@ -235,7 +235,7 @@ def _check_config(f, path, cfg) -> None:
     if "params" not in f:
         raise MinisftError(f"{path}: group 'params' is missing")
     fam = family_of(cfg)
-    prefix = fam.layer.format("")
+    prefix = fam.layer.split("{}")[0]  # "h." or "layers."
     layers = {name.split(".")[1] for name in f["params"] if name.startswith(prefix)}  # bounded by the file
     if cfg.n_layers != len(layers):
         raise MinisftError(f"{path}: the config says {cfg.n_layers} layers, params/ holds tensors of {len(layers)}")
