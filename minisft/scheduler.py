@@ -4,7 +4,8 @@ per step, and admits waiting requests between steps.
 A request is a Job: prompt token ids, how to sample, when to stop. The scheduler keeps the running
 jobs in the rows of one KV cache, in order. Each step:
 
-    admit    waiting jobs join (up to max_batch running): their prompts are prefilled together
+    admit    waiting jobs join (up to max_batch running), one client at a time in turn (a bounded
+             queue, a bounded share of it per client): their prompts are prefilled together
              into new cache rows (GPT.kv_cache_extend); the running rows are left as they are
     sample   one token per job from its row of logits, with the job's own generator (so a job's
              tokens do not depend on what else is running)
@@ -20,7 +21,7 @@ prompt (the request layer checks that), so the cache never needs the uncached sl
 import logging
 import queue
 import threading
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 
@@ -31,23 +32,55 @@ from .tokenizer import EOT, TextPieces
 log = logging.getLogger("minisft.serve")
 
 
+class _StopString:
+    """One stop string's Knuth-Morris-Pratt matcher: state is the length of the longest prefix of the
+    stop string that the text fed so far ends with. Each character costs O(1) amortized, so a long
+    answer is never searched again from its start."""
+
+    def __init__(self, s):
+        self.s, self.state = s, 0
+        self.back = [0] * len(s)  # back[i]: the longest proper prefix of s[:i + 1] that is also its suffix
+        k = 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = self.back[k - 1]
+            k += s[i] == s[k]
+            self.back[i] = k
+
+    def feed(self, text, start, end) -> int:
+        """Feed text[start:end] -> the index just past the first match in it, or -1."""
+        s, k = self.s, self.state
+        for i in range(start, end):
+            while k and text[i] != s[k]:
+                k = self.back[k - 1]
+            k += text[i] == s[k]
+            if k == len(s):
+                self.state = k
+                return i + 1
+        self.state = k
+        return -1
+
+
 class _StopText:
     """Decoded text of the tokens so far, released as it becomes final: held back while it ends in
     part of a UTF-8 character (tokenizer.TextPieces) or in the start of a stop string, and cut
-    where a stop string begins."""
+    where a stop string begins. Each new character is looked at once per stop string."""
 
     def __init__(self, decode, stops):
-        self.pieces, self.stops, self.end = TextPieces(decode), stops, None  # end: where a stop string cut it
+        self.pieces, self.stops = TextPieces(decode), [_StopString(s) for s in stops]
+        self.fed = 0      # how much of the text the stop matchers have seen
+        self.end = None   # where a stop string cut the text
 
     def add(self, token) -> tuple:
         """-> (text newly final, whether a stop string ended the text)."""
         safe = self.pieces.add(token)
-        text, released = self.pieces.text, self.pieces.released
-        found = [i for i in (text.find(s, max(0, released - len(s) + 1)) for s in self.stops) if i >= 0]
-        if found:
-            self.end = min(found)
+        text = self.pieces.text
+        ends = [(end - len(m.s)) for m in self.stops if (end := m.feed(text, self.fed, safe)) >= 0]
+        self.fed = safe
+        if ends:  # several stop strings in one token's text: the text ends where the first begins
+            self.end = min(ends)
             return self.pieces.release(self.end), True
-        held = max((k for s in self.stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
+        held = max((m.state for m in self.stops), default=0)
         return self.pieces.release(safe - held), False
 
     def flush(self) -> str:
@@ -111,24 +144,64 @@ class Job:
         return False
 
 
+class QueueFull(Exception):
+    """Scheduler.submit: no room for another waiting job (in all, or for that client)."""
+
+
 class Scheduler:
     """Owns the model; step() runs one step, run() steps until stop() (in a daemon thread after
     start())."""
 
-    def __init__(self, model, max_batch=16):
+    def __init__(self, model, max_batch=16, max_waiting=256, max_waiting_per_client=32):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
-        self.waiting = queue.Queue()
+        self.max_waiting, self.max_waiting_per_client = max_waiting, max_waiting_per_client
+        # client -> its waiting jobs, oldest first. The dict's order is the clients' turn: a client
+        # whose job is admitted goes to the back, so admission goes round the clients, not down one
+        # queue of every request (where a client with 100 requests queued delays everyone by 100).
+        self._waiting: dict = {}
+        self._n_waiting = 0
+        self._lock = threading.Condition()
         self.finished = Counter()   # finish_reason -> jobs that ended so
         self.peak_batch = 0         # the most jobs decoded in one step
         self._reset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.run, name="minisft-scheduler", daemon=True)
 
-    def submit(self, job: Job) -> Job:
-        self.waiting.put(job)
+    def submit(self, job: Job, client="") -> Job:
+        """Queue the job for client (any hashable name) -> job; QueueFull when the queue, or that
+        client's share of it, is full."""
+        with self._lock:
+            mine = self._waiting.get(client, ())
+            if len(mine) >= self.max_waiting_per_client:
+                raise QueueFull(f"this client has {len(mine)} requests waiting already, its share of the queue")
+            if self._n_waiting >= self.max_waiting:
+                raise QueueFull(f"{self._n_waiting} requests are waiting already, as many as the queue holds")
+            self._waiting.setdefault(client, deque()).append(job)
+            self._n_waiting += 1
+            self._lock.notify()
         return job
+
+    @property
+    def n_waiting(self) -> int:
+        """Jobs submitted and not yet admitted."""
+        return self._n_waiting
+
+    def _next_waiting(self, wait) -> Job | None:
+        """The oldest waiting job of the client whose turn it is (None if none comes within wait seconds)."""
+        with self._lock:
+            if not self._waiting and wait:
+                self._lock.wait(wait)
+            if not self._waiting:
+                return None
+            client = next(iter(self._waiting))
+            jobs = self._waiting.pop(client)
+            job = jobs.popleft()
+            if jobs:
+                self._waiting[client] = jobs  # to the back of the turn
+            self._n_waiting -= 1
+            return job
 
     def start(self) -> "Scheduler":
         self._thread.start()
@@ -142,9 +215,8 @@ class Scheduler:
         """Waiting jobs that fit (blocks briefly while nothing runs)."""
         jobs = []
         while n_running + len(jobs) < self.max_batch:
-            try:
-                job = self.waiting.get(timeout=0.1) if n_running + len(jobs) == 0 else self.waiting.get_nowait()
-            except queue.Empty:
+            job = self._next_waiting(0.1 if n_running + len(jobs) == 0 else 0)
+            if job is None:
                 break
             if job.cancelled:  # gone before it started
                 job.finish("cancelled")

@@ -14,8 +14,22 @@ events in OpenAI's chunk format, ending with `data: [DONE]`.
 
 The HTTP layer is the standard library's ThreadingHTTPServer: one thread per connection, each
 waiting on its Job's events while the one scheduler thread (minisft.scheduler) decodes every
-running job together. A client that goes away is noticed when a write fails (streaming) or when
-its socket reads end-of-file (while waiting), and its job is cancelled, freeing its cache row.
+running job together. A client that goes away is noticed when a write fails, and its job is
+cancelled, freeing its cache row. A client whose socket reads end-of-file while it waits may have
+closed it or only half-closed it (shut down its sending side, still reading): the server then
+writes a probe no client shows (an interim `100 Continue`, or an event-stream comment) and a closed
+socket answers it with a reset, which the next check reads.
+
+What any client can make the server hold is bounded, with or without --api-key:
+    body      a Content-Length of digits up to MAX_BODY; no Transfer-Encoding (411: send a length);
+              JSON nesting to MAX_DEPTH; the whole body read within the read timeout
+    stops     at most MAX_STOPS stop strings of at most MAX_STOP_CHARS characters, each matched once
+              per new character (minisft.scheduler's KMP matcher, never a rescan of the answer)
+    waiting   at most max_waiting requests queued, max_waiting_per_client of them per client address
+              (429 past either), admitted in turn between clients
+    threads   at most max_connections connections at once (503 to the one past it)
+    time      a connection that sends nothing for read_timeout seconds is closed
+A client that resets its connection costs one log line, never a traceback.
 """
 import hmac
 import json
@@ -23,6 +37,7 @@ import logging
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -32,13 +47,19 @@ from importlib.resources import files
 import numpy as np
 
 from . import tokenizer
-from .scheduler import Job, Scheduler
+from .scheduler import Job, QueueFull, Scheduler
 
 log = logging.getLogger("minisft.serve")
 
 MAX_BODY = 4 << 20        # bytes: far more than any prompt that fits a GPT-2 context
+MAX_DEPTH = 16            # JSON nesting: a request needs 4 (messages[].content[].text)
 MAX_STOPS = 4             # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 256      # characters of one stop string: a few lines of text, far past any stop marker
+MAX_TEMPERATURE = 2       # OpenAI's range for temperature is [0, 2]
+MAX_TOP_K = tokenizer.EOT + 1  # the vocabulary
 WAIT = 0.2                # seconds between checks that a waiting client is still there
+READ_TIMEOUT = 30.0       # seconds a connection may send nothing (idle keep-alive, a stalled body)
+MAX_CONNECTIONS = 256     # connections (threads) at once
 
 # field -> its neutral value: accepted at that value only (or null), refused otherwise.
 NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "top_logprobs": 0,
@@ -103,6 +124,12 @@ def _messages(body) -> list:
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"{where} must be an object whose role is one of {', '.join(ROLES)}", param=where)
+        # name, tool_calls, ...: the prompt styles render a role and a text, nothing else would reach the
+        # model. Null is accepted: the official client's message objects carry their unset fields as null.
+        extra = next((k for k, v in m.items() if k not in ("role", "content") and v is not None), None)
+        if extra is not None:
+            raise ApiError(400, f"{where}.{extra} is not supported here: a prompt style renders only role and "
+                           "content", param=f"{where}.{extra}", code="unsupported_value")
         role = "system" if m["role"] == "developer" else m["role"]
         if role == "system" and i:
             raise ApiError(400, f"{where}: a system message may only come first (the prompt styles have one "
@@ -116,10 +143,21 @@ def _messages(body) -> list:
 def _stops(body) -> list:
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stops, list) and len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them",
-                       param="stop", code="invalid_value")
+    if not (isinstance(stops, list) and len(stops) <= MAX_STOPS
+            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise ApiError(400, f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most "
+                       f"{MAX_STOPS} of them", param="stop", code="invalid_value")
     return stops
+
+
+def _too_deep(obj) -> bool:
+    """Whether obj nests deeper than MAX_DEPTH (walked without recursion, so any depth is safe to ask)."""
+    level = [obj]
+    for _ in range(MAX_DEPTH):
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return False
+    return True
 
 
 def parse_request(body, kind, *, model_name, style, context_length, defaults) -> dict:
@@ -170,10 +208,11 @@ def parse_request(body, kind, *, model_name, style, context_length, defaults) ->
     return dict(
         kind=kind, prompt=prompt, echo=echo, stream=stream, include_usage=options.get("include_usage", False),
         max_tokens=max_tokens or min(defaults["max_tokens"], room), stop=_stops(body),
-        temperature=_in_range(body, "temperature", 0, 2, "a number in [0, 2]", defaults["temperature"]),
+        temperature=_in_range(body, "temperature", 0, MAX_TEMPERATURE, f"a number in [0, {MAX_TEMPERATURE}]",
+                              defaults["temperature"]),
         top_p=_in_range(body, "top_p", 0, 1, "a number in (0, 1]", defaults["top_p"], open_lo=True),
-        top_k=_in_range(body, "top_k", 1, tokenizer.EOT + 1, f"an integer in [1, {tokenizer.EOT + 1}]",
-                        defaults["top_k"], kinds=(int,)),
+        top_k=_in_range(body, "top_k", 1, MAX_TOP_K, f"an integer in [1, {MAX_TOP_K}]", defaults["top_k"],
+                        kinds=(int,)),
         seed=_in_range(body, "seed", 0, 2**64 - 1, "an integer in [0, 2**64)", None, kinds=(int,)))
 
 
@@ -219,6 +258,12 @@ class _Gone(Exception):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive; streams use chunked transfer encoding
     server_version = "minisft"
+    probe: bytes | None = None      # what _client_gone may write to tell a closed client from a half-closed one
+    probed = False                  # whether it did, in this request
+
+    def setup(self):
+        self.timeout = self.server.read_timeout  # StreamRequestHandler.setup sets it on the socket
+        super().setup()
 
     def log_message(self, fmt, *args):
         log.info("%s %s", self.address_string(), fmt % args)
@@ -237,9 +282,14 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status, obj, close=False):
         self._send(status, json.dumps(obj).encode(), close=close)
 
+    @staticmethod
+    def _framed(data: bytes) -> bytes:
+        """data as one chunk of a chunked transfer."""
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
     def _chunk(self, data: bytes):
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(self._framed(data))
             self.wfile.flush()
         except OSError as e:  # BrokenPipe, ConnectionReset: the client is gone
             raise _Gone from e
@@ -248,10 +298,22 @@ class Handler(BaseHTTPRequestHandler):
         self._chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
 
     def _client_gone(self) -> bool:
-        """A closed connection reads end-of-file; a live one has nothing to read while it waits."""
+        """A live client has nothing to send while it waits. End-of-file means it closed its socket or
+        only half-closed it: the first time, write the probe; a closed socket answers it with a reset,
+        which leaves an error on the socket (recv() reports only the end-of-file that came first). With
+        no probe to write, end-of-file is taken as gone."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if not readable or self.connection.recv(1, socket.MSG_PEEK) != b"":
+                return False
+            if self.probe is None:
+                return True
+            if not self.probed:  # once: end-of-file stays readable from now on
+                self.wfile.write(self.probe)
+                self.wfile.flush()
+                self.probed = self.close_connection = True  # no further request can come
+                return False
+            return self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
         except OSError:
             return True
 
@@ -263,19 +325,49 @@ class Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
     def _read_json(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", ""):
-            raise ApiError(411, "send the body with a Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise ApiError(400, "Content-Length is not a number") from None
-        if length > MAX_BODY:
+        """The body as parsed JSON; ApiError for a body whose size is not stated as one plain Content-Length
+        (rfile.read(-1) would read to end-of-file, unbounded), too big, slow, or not JSON of sane depth."""
+        if self.headers.get_all("Transfer-Encoding"):  # header names are matched in any case
+            raise ApiError(411, "send the body with a Content-Length, not a Transfer-Encoding")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise ApiError(411, "a request body needs a Content-Length")
+        if len(set(lengths)) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()):  # int() takes "-1", " +5"
+            raise ApiError(400, f"Content-Length must be one number of bytes, got {', '.join(lengths)[:40]!r}")
+        if len(lengths[0]) > len(str(MAX_BODY)) or int(lengths[0]) > MAX_BODY:
             raise ApiError(413, f"the request body exceeds {MAX_BODY} bytes")
-        raw = self.rfile.read(length)
+        raw = self._read_body(int(lengths[0]))
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(raw)
+        except json.JSONDecodeError as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except UnicodeDecodeError:
+            raise ApiError(400, "the request body is not UTF-8 text", code="invalid_json") from None
+        except ValueError:  # Python's limit on the digits of an integer it parses
+            raise ApiError(400, "the request body holds an integer of more than 4300 digits",
+                           code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
+        if _too_deep(body):
+            raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+        return body
+
+    def _read_body(self, length) -> bytes:
+        """length bytes of body, all within the read timeout (a client dripping a byte at a time would
+        keep each read short and the thread held)."""
+        deadline, parts, got = time.monotonic() + self.server.read_timeout, [], 0
+        while got < length:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the body took longer than {self.server.read_timeout:g} s")
+            self.connection.settimeout(left)
+            part = self.rfile.read1(length - got)
+            if not part:
+                raise ConnectionError("the client closed its connection mid-body")
+            parts.append(part)
+            got += len(part)
+        self.connection.settimeout(self.server.read_timeout)
+        return b"".join(parts)
 
     # -- routes --
     def do_GET(self):
@@ -313,8 +405,17 @@ class Handler(BaseHTTPRequestHandler):
         seed = req["seed"] if req["seed"] is not None else self.server.next_seed()
         job = Job(req["prompt"], req["max_tokens"], tokenizer.decode, temperature=req["temperature"],
                   top_k=req["top_k"], top_p=req["top_p"], stop=req["stop"], seed=seed)
-        self.server.scheduler.submit(job)
+        try:  # a client is its address: the key, where there is one, is the same for every client
+            self.server.scheduler.submit(job, client=self.client_address[0])
+        except QueueFull as e:
+            return self._json(429, ApiError(429, f"Too many requests: {e}; retry later", code="rate_limit_exceeded",
+                                            type_="requests").body())
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        # The probe for a half-closed client: an interim response before the answer, which HTTP/1.1
+        # clients skip (HTTP/1.0 ones know none, so for them end-of-file means gone); in a stream, a comment.
+        self.probe = (self._framed(b": probe\n\n") if req["stream"] else
+                      b"HTTP/1.1 100 Continue\r\n\r\n" if self.request_version == "HTTP/1.1" else None)
+        self.probed = False
         try:
             (self._stream if req["stream"] else self._complete)(req, job, rid, int(time.time()))
         except _Gone:
@@ -383,14 +484,17 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, model, style, *, host="127.0.0.1", port=8000, model_name="minisft", api_key=None,
-                 max_batch=16, defaults=None, seed=None):
+                 max_batch=16, defaults=None, seed=None, read_timeout=READ_TIMEOUT, max_connections=MAX_CONNECTIONS,
+                 max_waiting=256, max_waiting_per_client=32):
         self.model_name, self.api_key, self.created = model_name, api_key, int(time.time())
+        self.read_timeout, self.max_connections = read_timeout, max_connections
+        self._connections = threading.BoundedSemaphore(max_connections)  # a slot per handler thread
         self.request_settings = dict(model_name=model_name, style=style, context_length=model.cfg.context_length,
                                      defaults={"max_tokens": 256, "temperature": 0.0, "top_k": None,
                                                "top_p": None, **(defaults or {})})
         self.page = files("minisft").joinpath("chat.html").read_bytes()
         self._seeds, self._seed_lock = np.random.default_rng(seed), threading.Lock()
-        self.scheduler = Scheduler(model, max_batch)
+        self.scheduler = Scheduler(model, max_batch, max_waiting, max_waiting_per_client)
         super().__init__((host, port), Handler)
         self.scheduler.start()
 
@@ -398,6 +502,40 @@ class Server(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    def process_request(self, request, client_address):
+        """A thread for the connection if one is free; else a 503 from the listening thread, at once:
+        a connection past the limit is answered and closed, never queued behind the held ones."""
+        if not self._connections.acquire(blocking=False):
+            body = json.dumps(ApiError(503, f"the server holds {self.max_connections} connections already; retry "
+                                            "later", type_="server_error").body()).encode()
+            try:
+                request.setblocking(False)  # a client that reads nothing cannot hold the listener
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass  # it is being closed anyway
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: the slot is free again
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+    def handle_error(self, request, client_address):
+        """A client that resets, times out or hangs up mid-request: one line; anything else: the traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.info("%s dropped: %s: %s", client_address[0], type(error).__name__, error)
+        else:
+            log.exception("request from %s failed", client_address[0])
 
     def next_seed(self) -> int:
         """A seed for a request that brings none (reproducible from the server's --seed)."""

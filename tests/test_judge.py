@@ -130,6 +130,7 @@ def test_judge_scores_streamed_replies(server, tmp_path, capsys):
     assert "skipped 2 lines" in printed                        # the two junk lines of reply r1
     saved = json.loads(out.read_text())
     assert [r.pop("key") for r in saved] == [entry_key(e) for e in entries]
+    assert [r.pop("judge") for r in saved] == ["llama3"] * 6
     assert saved == [
         {"index": 0, "score": 85, "reply": "85"}, {"index": 1, "score": 40, "reply": "Score: 40"},
         {"index": 2, "score": 95, "reply": "I'd rate it 95 out of 100."},

@@ -17,7 +17,8 @@ from minisft.judge import entry_key
 class Fake(BaseHTTPRequestHandler):
     """POST /api/chat: the reply for the quoted model response, from server.script[response] (a list, one
     item per request, the last repeated): a str is a score reply; "DROP" hangs up; "HANG" says nothing
-    for 5 s; any other JSON value is sent as message.content. GET /api/tags: server.tags."""
+    for 5 s; "ENDLESS" streams lines that never say done; "DRIP" sends a reply a byte every 50 ms;
+    any other JSON value is sent as message.content. GET /api/tags: server.tags."""
     protocol_version = "HTTP/1.0"
 
     def log_message(self, *args):
@@ -47,6 +48,22 @@ class Fake(BaseHTTPRequestHandler):
             return
         lines = [{"message": {"role": "assistant", "content": reply}, "done": False},
                  {"message": {"role": "assistant", "content": ""}, "done": True}]
+        if reply in ("ENDLESS", "DRIP"):
+            self.send_response(200)
+            self.end_headers()   # no length: the reply runs until the connection closes
+            line = (json.dumps(lines[0]) + "\n").encode()
+            try:
+                for _ in range(100_000):
+                    if reply == "DRIP":
+                        for byte in line:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    else:
+                        self.wfile.write(line * 100)
+            except OSError:  # the judge hung up: what the test wants
+                pass
+            return
         self.send(200, "".join(json.dumps(m) + "\n" for m in lines).encode())
 
 
@@ -157,8 +174,58 @@ def test_a_bad_timeout_is_refused(fake, tmp_path, capsys, value):
 
 def test_the_scores_of_other_responses_are_refused_not_mixed(fake, tmp_path, capsys):
     entries = entries_file(tmp_path)
-    other = [{"index": 0, "key": entry_key({**entries[0], "model_response": "else"}), "score": 10, "reply": "10"}]
+    other = [{"index": 0, "key": entry_key({**entries[0], "model_response": "else"}), "judge": "llama3", "score": 10,
+              "reply": "10"}]
     (tmp_path / "scores.json").write_text(json.dumps(other))
     code, _, err = judge(fake, tmp_path, capsys)
     assert code == 2 and f"{tmp_path / 'scores.json'}: result 0 scores another entry 0" in err
     assert json.loads((tmp_path / "scores.json").read_text()) == other and not fake.asked
+
+
+def test_scores_of_another_judge_or_a_repeated_entry_are_refused_and_the_file_kept(fake, tmp_path, capsys):
+    entries_file(tmp_path)
+    fake.script = {"r0": ["80"], "r1": ["DROP"]}
+    assert judge(fake, tmp_path, capsys)[0] == 1  # entry 0 scored by llama3, then the server failed
+    fake.tags = {"models": [{"name": "llama3:latest"}, {"name": "mistral:latest"}]}
+    path, before = tmp_path / "scores.json", (tmp_path / "scores.json").read_bytes()
+    code, _, err = judge(fake, tmp_path, capsys, "--model", "mistral")
+    assert code == 2 and "result 0 was scored by judge 'llama3', not --model 'mistral'" in err
+    first = json.loads(before)[0]
+    for bad, said in [([first, first], "results 0 and 1 both score entry 0"),
+                      ([{k: v for k, v in first.items() if k != "judge"}], "result 0 was scored by judge None")]:
+        path.write_text(json.dumps(bad))
+        code, _, err = judge(fake, tmp_path, capsys)
+        assert code == 2 and said in err and err.count("\n") == 1
+        assert json.loads(path.read_text()) == bad
+    path.write_bytes(before)
+    fake.script = {"r1": ["70"], "r2": ["60"], "r3": ["50"]}
+    code, out, _ = judge(fake, tmp_path, capsys, "--model", "llama3:latest")  # the same judge by its full name
+    assert code == 0 and "Number of scores: 4 of 4" in out
+
+
+@pytest.mark.parametrize("reply, said", [
+    ("ENDLESS", "the reply passed 1048576 bytes without ending"),  # a stream that never says done
+    ("DRIP", "the reply took longer than --timeout (0.5 s)"),     # a byte every 50 ms: never a read timeout
+])
+def test_a_reply_is_bounded_in_size_and_in_total_time(fake, tmp_path, capsys, reply, said):
+    entries_file(tmp_path, 2)
+    fake.script = {"r0": [reply], "r1": ["80"]}
+    start = time.monotonic()
+    code, out, err = judge(fake, tmp_path, capsys, "--timeout", "0.5")
+    assert time.monotonic() - start < 5
+    assert said in out + err
+
+
+@pytest.mark.parametrize("url", ["htp://x", "localhost:11434", "http://", "ftp://host/"])
+def test_a_url_that_is_no_http_address_is_named(fake, tmp_path, capsys, url):
+    entries_file(tmp_path)
+    code, _, err = judge_at(url, tmp_path, capsys)
+    assert code == 2 and "--url must be an http:// or https:// address with a host" in err and repr(url) in err
+    assert "did not answer JSON" not in err and not (tmp_path / "scores.json").exists()
+
+
+def judge_at(url, tmp_path, capsys):
+    code = main(["judge", "--responses", str(tmp_path / "responses.json"), "--url", url,
+                 "--out", str(tmp_path / "scores.json")])
+    out, err = capsys.readouterr()
+    return code, out, err

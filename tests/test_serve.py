@@ -204,7 +204,8 @@ def test_the_readmes_serve_examples_run_as_written(model, tmp_path):
             proc.wait(DEADLINE)
 
 
-@pytest.mark.parametrize("flag,value", [("--port", "70000"), ("--max-batch", "0"), ("--api-key", "")])
+@pytest.mark.parametrize("flag,value", [("--port", "70000"), ("--max-batch", "0"), ("--api-key", ""),
+                                        ("--top-k", "999999"), ("--temperature", "2.5")])
 def test_cli_refuses_a_bad_setting_in_one_line_before_loading(flag, value, tmp_path):
     r = subprocess.run([sys.executable, "-m", "minisft", "serve", "--checkpoint", tmp_path / "absent.h5", flag, value],
                        cwd=ROOT, capture_output=True, text=True)
@@ -355,6 +356,18 @@ BAD = [
     ("stream_options without stream", "/v1/chat/completions", dict(GOOD, stream_options={"include_usage": True}),
      400, "invalid_value"),
     ("unknown route", "/v1/embeddings", dict(model=NAME, input="x"), 404, "not_found"),
+    ("a message with a name", "/v1/chat/completions",
+     dict(GOOD, messages=[{"role": "user", "content": "x", "name": "bob"}]), 400, "unsupported_value"),
+    ("a message with tool calls", "/v1/chat/completions",
+     dict(GOOD, messages=[{"role": "user", "content": "x", "tool_calls": []}]), 400, "unsupported_value"),
+    ("a stop string of 257 characters", "/v1/chat/completions", dict(GOOD, stop="x" * 257), 400, "invalid_value"),
+    ("a million-character stop string", "/v1/chat/completions", dict(GOOD, stop=["x" * 10**6]), 400,
+     "invalid_value"),
+    ("JSON nested 100000 deep", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    ("JSON nested 100 deep", "/v1/chat/completions",
+     json.dumps(GOOD)[:-1].encode() + b', "user": ' + b"[" * 100 + b"]" * 100 + b"}", 400, "invalid_json"),
+    ("a 5000-digit integer", "/v1/chat/completions", b'{"model": "tiny", "max_tokens": ' + b"7" * 5000 + b"}", 400,
+     "invalid_json"),
 ]
 
 

@@ -5,18 +5,18 @@ from functools import partial
 from pathlib import Path
 
 from ..files import write_json
-from ..judge import (DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_timeout, judge_responses, load_responses,
-                     load_scores)
+from ..judge import (DEFAULT_TIMEOUT, DEFAULT_URL, check_server, check_timeout, check_url, judge_responses,
+                     load_responses, load_scores)
 from .checks import output_file
 
 
 def run(args) -> int:
     timeout = check_timeout(args.timeout)
+    url = check_url(args.url)
     entries = load_responses(args.responses)
     out = Path(args.out) if args.out else Path(args.responses).with_name(Path(args.responses).stem + "-scores.json")
     output_file(out)
-    done = load_scores(out, entries)
-    url = args.url.rstrip("/")
+    done = load_scores(out, entries, args.model)
     check_server(url, args.model)
     if done:
         print(f"continuing {out}: {len(done)} of {len(entries)} entries are scored already")
@@ -60,5 +60,5 @@ def register(sub) -> None:
     p.add_argument("--model", default="llama3", help="the judging model")
     p.add_argument("--out", default=None, help="per-entry scores (JSON); default RESPONSES-scores.json beside it")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds to wait to connect and for each piece of a reply (default {DEFAULT_TIMEOUT:g})")
+                   help=f"seconds to wait to connect, and for the whole of each reply (default {DEFAULT_TIMEOUT:g})")
     p.set_defaults(func=run)

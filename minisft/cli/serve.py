@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import MinisftError
 from ..prompts import get_style
-from ..serve import Server, is_loopback, kv_cache_bytes
+from ..serve import MAX_TEMPERATURE, MAX_TOP_K, Server, is_loopback, kv_cache_bytes
 from .model_args import add_model_args, add_sampling_args, load_model, sampling
 
 
@@ -19,6 +19,12 @@ def run(args) -> int:
         raise MinisftError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.api_key == "":
         raise MinisftError("--api-key is empty")
+    # The defaults stand in for what a request leaves out, so they are held to a request's bounds:
+    # a default out of them would start a server that refuses every request.
+    if opts["temperature"] > MAX_TEMPERATURE:
+        raise MinisftError(f"--temperature must be at most {MAX_TEMPERATURE} (the API's bound), got {args.temperature}")
+    if opts["top_k"] is not None and opts["top_k"] > MAX_TOP_K:
+        raise MinisftError(f"--top-k must be at most {MAX_TOP_K} (the vocabulary), got {args.top_k}")
     style = get_style(args.prompt_style)
     model = load_model(args)
     name = args.name or Path(args.checkpoint or args.weights).name
