@@ -151,7 +151,7 @@ def test_hub_preset_downloads_resumes_and_equals_transformers(tmp_path, server, 
     assert read_generation_config(folder) == [5, 7]
 
     m = transformers.AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)  # bf16 widened, as ours
-    assert ours.cfg == replace(TINY[arch], context_length=TINY[arch].context_length)
+    assert ours.cfg == TINY[arch]  # the shape of the folder's config.json, not of the named preset
     ids = ids_for(ours.cfg)
     with torch.no_grad():
         hf_logits = m(input_ids=torch.tensor(ids)).logits.numpy()
