@@ -35,6 +35,15 @@ class _Retry(Exception):
     """A failure that another attempt may get past."""
 
 
+class HTTPStatusError(MinisftError):
+    """The server answered with a status that is no file (404, 401, ...): status says which, so a
+    caller can explain it (a gated repository)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 def cache_root(cache_dir=None) -> Path:
     """The cache folder: the argument, else $MINISFT_CACHE_DIR, else ~/.cache/minisft."""
     return Path(cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/minisft").expanduser()
@@ -77,8 +86,11 @@ def fetch(source, cache_dir=None, sha256=None, **options) -> Path:
 
 
 def download_file(url: str, dest, sha256: str | None = None, expected_size: int | None = None,
-                  retries: int = 3, timeout: float = 60.0, backoff: float = 1.0, progress: bool = True) -> Path:
+                  retries: int = 3, timeout: float = 60.0, backoff: float = 1.0, progress: bool = True,
+                  headers: dict | None = None) -> Path:
     """url -> dest, downloaded unless dest is there already (and matches sha256, when given).
+    headers: sent with every request (an Authorization token); requests drops Authorization when a
+    redirect leaves the host, so a token never reaches the storage a hub redirects to.
     Gives up after retries + 1 attempts in a row that add no bytes (waiting backoff, 2 * backoff, ...
     between them), keeping the .part for the next run."""
     dest, sha256 = Path(dest), sha256 and sha256.lower()
@@ -93,7 +105,7 @@ def download_file(url: str, dest, sha256: str | None = None, expected_size: int 
     while True:
         have = _size(part)
         try:
-            _fetch_into(url, part, timeout, progress)
+            _fetch_into(url, part, timeout, progress, headers or {})
             break
         except _Retry as e:
             error = str(e)
@@ -123,11 +135,11 @@ def download_file(url: str, dest, sha256: str | None = None, expected_size: int 
     return dest
 
 
-def _fetch_into(url, part: Path, timeout, progress) -> None:
+def _fetch_into(url, part: Path, timeout, progress, extra: dict) -> None:
     """One request appending to part from its current size on; raises _Retry when it ends short."""
     have = _size(part)
     # identity (no gzip): sizes and ranges then count the bytes as they land on disk
-    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    headers = {**extra, "Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
         if r.status_code >= 500 or r.status_code == 429:  # the server's trouble, which may pass
             raise _Retry(f"HTTP {r.status_code} {r.reason}")
@@ -141,9 +153,9 @@ def _fetch_into(url, part: Path, timeout, progress) -> None:
             # The .part is no prefix of the server's file (416: it is longer; 206: the server
             # resumes elsewhere): drop it and ask for the whole file.
             part.unlink()
-            return _fetch_into(url, part, timeout, progress)
+            return _fetch_into(url, part, timeout, progress, extra)
         else:
-            raise MinisftError(f"{url}: HTTP {r.status_code} {r.reason}")
+            raise HTTPStatusError(f"{url}: HTTP {r.status_code} {r.reason}", r.status_code)
         # A connection that drops early then ends the body instead of raising: urllib3 would
         # discard the bytes of the chunk in flight, which we keep and count against `total`.
         r.raw.enforce_content_length = False

@@ -14,6 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -101,17 +102,25 @@ def read_header(path) -> tuple[dict, int, dict]:
 def load(path) -> tuple[dict, dict]:
     """-> ({name: array}, metadata). F32 and F16 tensors are read-only views of a memory map (nothing
     is read until used); BF16 tensors are widened to float32 copies, which is exact."""
+    tensors, read, metadata = open_lazily(path)
+    return {name: read(name) for name in tensors}, metadata
+
+
+def open_lazily(path) -> tuple[dict, Callable[[str], np.ndarray], dict]:
+    """-> (read_header's {name: (dtype, shape, begin, end)}, read(name) -> array, metadata): load()
+    one tensor at a time, so a BF16 file is widened tensor by tensor, never all at once."""
     tensors, start, metadata = read_header(path)
     data_size = Path(path).stat().st_size - start
     # One map of the whole data section; np.memmap cannot map zero bytes.
     buf = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if data_size else np.empty(0, np.uint8)
-    out = {}
-    for name, (dtype, shape, begin, end) in tensors.items():
+
+    def read(name: str) -> np.ndarray:
+        dtype, shape, begin, end = tensors[name]
         a = buf[begin:end].view(DTYPES[dtype]).reshape(shape)
         if dtype == "BF16":  # bf16 is the top half of a float32: shift the 16 bits into place
             a = (a.astype(np.uint32) << 16).view(np.float32)
-        out[name] = a
-    return out, metadata
+        return a
+    return tensors, read, metadata
 
 
 def save(path, tensors: dict, metadata: dict | None = None) -> None:

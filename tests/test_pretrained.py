@@ -235,7 +235,7 @@ def test_local_folder_and_single_file(tmp_path):
     with pytest.raises(MinisftError, match="not a preset .*gpt2-small.* and no such file or folder"):
         GPT.from_pretrained(tmp_path / "nowhere")
     (folder / "config.json").unlink()
-    with pytest.raises(MinisftError, match="not a GPT-2 folder: config.json is missing"):
+    with pytest.raises(MinisftError, match="not a model folder: config.json is missing"):
         GPT.from_pretrained(folder)
 
 
