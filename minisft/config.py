@@ -119,13 +119,14 @@ def check_tensors(where: str, have: dict, want: dict) -> None:
     missing = [n for n in want if n not in have]
     unexpected = [n for n in have if n not in want]
     if missing or unexpected:
-        raise MinisftError(f"{where}: tensor names do not match the model: missing {_few(missing)}, "
-                           f"unexpected {_few(unexpected)}")
+        raise MinisftError(f"{where}: tensor names do not match the model: missing {few(missing)}, "
+                           f"unexpected {few(unexpected)}")
     for name, shape in want.items():
         if tuple(have[name]) != tuple(shape):
             raise MinisftError(f"{where}: tensor {name!r} has shape {tuple(have[name])}, the model needs "
                                f"{tuple(shape)}")
 
 
-def _few(names) -> str:
+def few(names) -> str:
+    """The first five names and how many more: error messages stay one line."""
     return "none" if not names else ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -5,15 +5,12 @@ minisft/llama.py); the record below names where its tensors live and which funct
 stages, shapes and initial values. The engine reads nothing else of the architecture, so a new
 family is a module, a record here and kernels for the ops it adds.
 """
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from . import block, llama
 from .block import Stage
-from .config import PRESETS as CONFIG_PRESETS, GPTConfig, init_params as gpt2_init, param_shapes as gpt2_shapes
-from .errors import MinisftError
+from .config import GPTConfig, init_params as gpt2_init, param_shapes as gpt2_shapes
 
 
 @dataclass(frozen=True)
@@ -72,31 +69,3 @@ def config_from_dict(d: dict):
     fields = {k: v for k, v in d.items() if k != "family"}
     return GPTConfig.from_dict(fields) if family == "gpt2" else llama.LlamaConfig.from_dict(fields)
 
-
-def preset(name: str, drop_rate: float = 0.0):
-    """A preset's shape: GPT-2's (minisft.config.PRESETS) or the Llama family's (minisft.llama.PRESETS;
-    an -instruct model has its base's shape)."""
-    base = name.removesuffix("-instruct")
-    if base in llama.PRESETS:
-        return llama.LlamaConfig(**llama.PRESETS[base])
-    return GPTConfig.preset(name, drop_rate=drop_rate)
-
-
-PRESET_NAMES = tuple(CONFIG_PRESETS) + tuple(llama.PRESETS)
-
-
-def read_config(path):
-    """A Hugging Face config.json -> the config of its family (GPT-2 or Llama), or one MinisftError
-    naming the file."""
-    from .pretrained import read_hf_config  # GPT-2's reader (pretrained imports this module's users)
-    path = Path(path)
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MinisftError(f"{path}: cannot read the model config: {e}") from None
-    if not isinstance(hf, dict) or hf.get("model_type", "gpt2") == "gpt2":
-        return read_hf_config(path)
-    try:
-        return llama.config_from_hf(hf)
-    except (ValueError, KeyError, TypeError) as e:
-        raise MinisftError(f"{path}: {e}") from None

@@ -29,7 +29,7 @@ from .download import HTTPStatusError, cache_root, download_file
 from .errors import MinisftError
 from .files import write_json
 from .backends.constants import LN_EPS
-from .config import PRESETS as GPT2_PRESETS, GPTConfig, _few, check_tensors, param_shapes
+from .config import PRESETS as GPT2_PRESETS, GPTConfig, few, check_tensors, param_shapes
 from .llama import LlamaConfig
 
 HF_BASE_URL = "https://huggingface.co"
@@ -81,6 +81,8 @@ SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads"
 # is the requested model's own setting (an untied model starts its head as a copy of embed_tokens).
 LLAMA_SHAPE_FIELDS = tuple(f.name for f in fields(LlamaConfig) if f.name not in ("tie_embeddings", "drop_rate"))
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# Every --model name: GPT-2's shapes, the hub's Llama-family models, the family's other shapes (llama-tiny).
+PRESETS = (*GPT2_PRESETS, *LLAMA_HUB, *(p for p in llama.PRESETS if p not in LLAMA_HUB))
 PRESET_NAMES = ", ".join([*HF_REPOS, *LLAMA_HUB])
 
 
@@ -159,6 +161,13 @@ def read_llama_config(path: Path, hf: dict) -> LlamaConfig:
         raise MinisftError(f"{path}: rope_scaling lacks the field {e.args[0]}") from None
     except (ValueError, TypeError) as e:
         raise MinisftError(f"{path}: {e}") from None
+
+
+def read_config(path) -> GPTConfig | LlamaConfig:
+    """A config.json of either family -> its config, refusals naming the file and field."""
+    path = Path(path)
+    hf = read_json(path, "the model config")
+    return read_hf_config(path) if family_of_config(path, hf) == "gpt2" else read_llama_config(path, hf)
 
 
 def read_hf_config(path) -> GPTConfig:
@@ -277,7 +286,7 @@ def read_llama_weights(files: dict, cfg: LlamaConfig, file_tied: bool, where: st
         if listed is not None and set(header) != set(listed):
             stray, absent = sorted(set(header) - set(listed)), sorted(set(listed) - set(header))
             raise MinisftError(f"{path}: the shard does not hold the tensors the index names for it: in the "
-                               f"shard only {_few(stray)}; in the index only {_few(absent)}")
+                               f"shard only {few(stray)}; in the index only {few(absent)}")
         # An index maps each name to one shard and each shard holds exactly its names: no name twice.
         found.update({name: (path, shape) for name, (_, shape, _, _) in header.items()})
     if not cfg.tie_embeddings and not file_tied and HEAD not in found:
@@ -324,8 +333,7 @@ def requested_config(model) -> GPTConfig | LlamaConfig | None:
     shape = LLAMA_HUB[model].shape if model in LLAMA_HUB else model
     if shape in llama.PRESETS:
         return LlamaConfig(**llama.PRESETS[shape])
-    raise MinisftError(f"unknown model preset {model!r}; choose one of "
-                       f"{', '.join([*GPT2_PRESETS, *LLAMA_HUB, *(p for p in llama.PRESETS if p not in LLAMA_HUB)])}")
+    raise MinisftError(f"unknown model preset {model!r}; choose one of {', '.join(PRESETS)}")
 
 
 def read_pretrained(name_or_path, cache_dir=None, model=None,

@@ -20,9 +20,8 @@ from .data import DEFAULT_DATA_URL as BOOK_DATA_URL
 from .distributed import world_size_from_env
 from .errors import MinisftError
 from .optim import DECAY_CHOICES, SCHEDULES
-from .family import PRESET_NAMES, preset, read_config
 from .llama import LlamaConfig
-from .pretrained import HF_REPOS
+from .pretrained import HF_REPOS, LLAMA_HUB, PRESETS, read_config, requested_config
 from .prompts import MASKS, STYLES
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -41,7 +40,7 @@ def _s(default, help, choices=None):
 class Settings:
     model: str | None = _s(None, f"model preset: its shape, and which OpenAI weights --init pretrained loads "
                                  f"(default: {DEFAULT_MODEL}, or the architecture in --weights DIR/config.json)",
-                           PRESET_NAMES)
+                           PRESETS)
     init: str = _s("pretrained", "start from OpenAI's weights or from a random GPT-2 init", ("pretrained", "random"))
     weights: str | None = _s(None, "local weights instead of the download: an HF folder or a .safetensors file")
     data: str = _s(BOOK_DATA_URL, "instruction data: a local file or a URL (JSON list, JSONL, ShareGPT, messages); "
@@ -195,7 +194,8 @@ def architecture(s: Settings) -> GPTConfig | LlamaConfig:
     if s.model is None:
         cfg = read_config(Path(s.weights) / "config.json")
         return dataclasses.replace(cfg, drop_rate=s.drop_rate) if isinstance(cfg, GPTConfig) else cfg
-    return preset(s.model, drop_rate=s.drop_rate)
+    cfg = requested_config(s.model)
+    return dataclasses.replace(cfg, drop_rate=s.drop_rate) if isinstance(cfg, GPTConfig) else cfg
 
 
 def validate(s: Settings) -> Settings:
@@ -254,9 +254,9 @@ def validate(s: Settings) -> Settings:
         bad("early_stop", f"must be at least 1, got {s.early_stop}")
     if s.model is None and not (s.weights is not None and Path(s.weights).is_dir()):
         s = dataclasses.replace(s, model=DEFAULT_MODEL)  # a folder's config.json names its architecture
-    if s.init == "pretrained" and s.weights is None and s.model not in HF_REPOS:
-        bad("model", f"no pretrained weights exist for {s.model} (OpenAI's are {', '.join(HF_REPOS)}); pass "
-                     "--init random to train it from a random init")
+    if s.init == "pretrained" and s.weights is None and s.model not in HF_REPOS and s.model not in LLAMA_HUB:
+        bad("model", f"no pretrained weights exist for {s.model} (the downloads are {', '.join(HF_REPOS)}, "
+                     f"{', '.join(LLAMA_HUB)}); pass --init random to train it from a random init")
     if "://" not in s.data and Path(s.data).is_dir():
         bad("data", f"{s.data} is a folder; give the data file in it")
     if "://" not in s.data and not Path(s.data).is_file():

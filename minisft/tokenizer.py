@@ -21,6 +21,7 @@ import tiktoken
 
 from .config import GPTConfig
 from .errors import MinisftError
+from .pretrained import read_generation_config
 
 EOT = 50256  # <|endoftext|>
 VOCAB_FILE = files("minisft") / "assets" / "encoder.json"
@@ -180,14 +181,7 @@ def for_model(cfg, folder) -> Tokenizer:
     if folder is None or not (Path(folder) / "tokenizer.json").is_file():
         raise MinisftError(f"{folder or 'the model'}: a {type(cfg).__name__} model needs its tokenizer.json "
                            "(give --weights a Hugging Face folder that has one)")
-    stops = []
-    gen = Path(folder) / "generation_config.json"
-    if gen.is_file():
-        try:
-            eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise MinisftError(f"{gen}: cannot read the generation config ({e})") from None
-        stops = [eos] if type(eos) is int else [t for t in eos or [] if type(t) is int]
+    stops = read_generation_config(folder)
     tok = HFTokenizer(folder, stops)
     if tok.vocab_size > cfg.vocab_size:
         raise MinisftError(f"{folder}/tokenizer.json has {tok.vocab_size} tokens, the model's vocabulary "

@@ -51,8 +51,11 @@ def test_a_preset_without_pretrained_weights_is_refused_suggesting_init_random(t
     from tests.helpers import run_cli
     r = run_cli("finetune", "--model", "gpt2-tiny", "--data", book_data, "--out", tmp_path / "run")
     assert r.returncode == 2 and r.stderr == (
-        "minisft: error: setting model: no pretrained weights exist for gpt2-tiny (OpenAI's are gpt2-small, "
-        "gpt2-medium, gpt2-large, gpt2-xl); pass --init random to train it from a random init\n")
+        "minisft: error: setting model: no pretrained weights exist for gpt2-tiny (the downloads are gpt2-small, "
+        "gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, smollm2-135m-instruct, smollm2-360m, "
+        "smollm2-360m-instruct, smollm2-1.7b, smollm2-1.7b-instruct, qwen2.5-0.5b, qwen2.5-0.5b-instruct, "
+        "qwen2.5-1.5b, qwen2.5-1.5b-instruct, qwen3-0.6b, llama-3.2-1b, llama-3.2-1b-instruct); pass --init "
+        "random to train it from a random init\n")
     assert not (tmp_path / "run").exists()
     assert parse("--model", "gpt2-tiny", "--init", "random").model == "gpt2-tiny"
 
