@@ -21,6 +21,7 @@ import tiktoken
 
 from .config import GPTConfig
 from .errors import MinisftError
+from .files import write_text
 from .pretrained import read_generation_config
 
 EOT = 50256  # <|endoftext|>
@@ -94,6 +95,10 @@ class Tokenizer:
     def byte_starts(self, tokens) -> np.ndarray:
         return byte_starts(tokens, self.token_bytes)
 
+    def save(self, folder) -> None:
+        """Write the files a Hugging Face folder carries for this tokenizer (GPT-2's: none, every GPT-2
+        reader knows its tokenizer)."""
+
 
 GPT2 = Tokenizer()
 
@@ -105,8 +110,11 @@ class HFTokenizer(Tokenizer):
     folder's eos_token (tokenizer_config.json), generation also stops at generation_config.json's
     eos ids."""
 
+    FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+             "chat_template.jinja")  # what an exported folder copies (those the source has)
+
     def __init__(self, folder, stops=()):
-        folder = Path(folder)
+        folder = self.folder = Path(folder)
         try:
             import tokenizers
         except ImportError:
@@ -136,6 +144,11 @@ class HFTokenizer(Tokenizer):
         if eos_id is None:
             raise MinisftError(f"{config}: eos_token {eos!r} is not a token of tokenizer.json")
         return eos_id
+
+    def save(self, folder) -> None:
+        for name in self.FILES:
+            if (self.folder / name).is_file():
+                write_text(Path(folder) / name, (self.folder / name).read_text(encoding="utf-8"))
 
     def encode(self, text: str) -> list:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -162,8 +162,8 @@ class FullRun:
         """A checkpoint into model (and opt) -> its train_state."""
         return load_checkpoint(path, model=model, optimizer=opt)[2]
 
-    def export(self, model: GPT, out: Path) -> None:
-        model.save_pretrained(out / "hf")
+    def export(self, model: GPT, out: Path, tok: tokenizer.Tokenizer) -> None:
+        tok.save(model.save_pretrained(out / "hf"))  # a folder transformers and minisft load whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +173,9 @@ class AdapterRun:
     adapters: lora.LoraConfig
 
     def attach(self, model: GPT, s: Settings) -> None:
+        if not isinstance(model.cfg, GPTConfig):
+            raise MinisftError("setting lora-rank: LoRA adapts GPT-2's modules (c_attn, c_fc, ...); adapters for "
+                               "the Llama family's q_proj ... down_proj are not built yet: fine-tune it fully")
         # An absolute path: generate, chat, eval and export find the base from any folder.
         base = str(Path(s.weights).resolve()) if s.weights else s.model
         lora.attach(model, self.adapters, seed=s.seed, base_path=base)
@@ -183,8 +186,8 @@ class AdapterRun:
     def load(self, path, model: GPT, opt: AdamW | None = None) -> dict:
         return lora.load_checkpoint(path, model, opt)
 
-    def export(self, model: GPT, out: Path) -> None:
-        lora.save_adapter(model, out / "adapter")
+    def export(self, model: GPT, out: Path, tok: tokenizer.Tokenizer) -> None:
+        lora.save_adapter(model, out / "adapter")  # the base's folder keeps the tokenizer
 
 
 def run_kind(s: Settings) -> FullRun | AdapterRun:
@@ -594,7 +597,7 @@ class Trainer:
         the summary (with run: world_size, the target tokens each rank trained on, the batches that had no
         trained target)."""
         s, out, st, data, model = self.s, self.out, self.state, self.data, self.model
-        self.kind.export(model, out)
+        self.kind.export(model, out, data.tok)
         n = len(data.split.test) if s.responses is None else min(s.responses, len(data.split.test))
         if n:
             prompts = [data.style.prompt(r["messages"]) for r in data.split.test[:n]]

@@ -10,18 +10,19 @@ from ..errors import MinisftError
 from ..evaluate import NoTargets, evaluate_loss
 from ..prompts import MASKS
 from .checks import at_least
-from .model_args import add_data_args, add_model_args, load_model, pick
+from .model_args import add_data_args, add_model_args, load_model, model_tokenizer, pick
 
 
 def run(args) -> int:
     at_least(args, "max_length", 1)
     at_least(args, "batch_size", 1)
     model = load_model(args)
+    tok = model_tokenizer(args, model)
     records = pick(load_splits(args.data, args.cache_dir)[1], args.split)
     max_len = min(args.max_length, model.cfg.context_length)
-    examples = encode_records(records, args.prompt_style, args.mask_prompt)
+    examples = encode_records(records, args.prompt_style, args.mask_prompt, tok)
     loader = Loader(examples, args.batch_size, shuffle=False, drop_last=False,
-                    collate=partial(collate_examples, packed=True, allowed_max_length=max_len))
+                    collate=partial(collate_examples, packed=True, allowed_max_length=max_len, eos=tok.eos))
     try:
         loss, ppl, n = evaluate_loss(model, tqdm(loader, desc="eval", unit="batch", disable=None, leave=False))
     except NoTargets:

@@ -1,12 +1,12 @@
 """`minisft generate`: a trained model answers a data split's prompts, written in the book's
 instruction-data-with-response.json format."""
-from .. import tokenizer
 from ..data import load_splits
 from ..files import write_json
 from ..generate import generate_responses
 from ..prompts import get_style
 from .checks import at_least, output_file
-from .model_args import add_data_args, add_model_args, add_sampling_args, check_top_k, load_model, pick, sampling
+from .model_args import (add_data_args, add_model_args, add_sampling_args, check_top_k, load_model, model_tokenizer,
+                         pick, sampling)
 
 
 def run(args) -> int:
@@ -15,14 +15,16 @@ def run(args) -> int:
     at_least(args, "limit", 0)
     output_file(args.out)
     model = load_model(args)
+    tok = model_tokenizer(args, model)
     check_top_k(args, model)
     raw, records = (pick(s, args.split) for s in load_splits(args.data, args.cache_dir))
     n = len(records) if args.limit is None else min(args.limit, len(records))
     style = get_style(args.prompt_style)
     render = style.format_input if args.book_prompt else style.prompt
     prompts = [render(r["messages"]) for r in records[:n]]
-    answers = generate_responses(model, prompts, tokenizer.encode, tokenizer.decode, args.max_new_tokens,
-                                 batch_size=args.batch_size, book_prompt=args.book_prompt, rng=args.seed, **opts)
+    answers = generate_responses(model, prompts, tok.encode, tok.decode, args.max_new_tokens,
+                                 batch_size=args.batch_size, book_prompt=args.book_prompt, eos_id=tok.stops,
+                                 rng=args.seed, **opts)
     write_json(args.out, [dict(entry, model_response=a) for entry, a in zip(raw[:n], answers)])
     print(f"wrote {n} response{'s' * (n != 1)} to {args.out}")
     return 0

@@ -1,15 +1,18 @@
 """Arguments shared by the commands that run a trained model (generate, chat, eval): where the model
 comes from, how to sample, which split; and loading the model they name."""
+import json
 import math
 import sys
+from pathlib import Path
 
-from .. import lora
+from .. import lora, tokenizer
 from ..backends import AUTO, BACKENDS, dtype_warning
 from ..checkpoint import load_checkpoint
-from ..config import PRESETS
+from ..config import GPTConfig
 from ..data import DEFAULT_DATA_URL
 from ..errors import MinisftError
 from ..model import GPT
+from ..pretrained import LLAMA_HUB, PRESETS, fetch_preset
 from ..prompts import STYLES
 
 SPLITS = ("train", "val", "test", "all")
@@ -17,9 +20,9 @@ SPLITS = ("train", "val", "test", "all")
 
 def add_model_args(p) -> None:
     p.add_argument("--checkpoint", help="a minisft training checkpoint (.h5)")
-    p.add_argument("--weights", help="a preset (downloads OpenAI's weights), an HF GPT-2 folder or a "
-                                     ".safetensors file; with a LoRA --checkpoint, its base (default: the one "
-                                     "it records; checked against its sha256)")
+    p.add_argument("--weights", help="a preset (downloads its weights), a Hugging Face folder (GPT-2, Llama, "
+                                     "Qwen2, Qwen3) or a .safetensors file; with a LoRA --checkpoint, its base "
+                                     "(default: the one it records; checked against its sha256)")
     p.add_argument("--model", choices=list(PRESETS), help="the shape of a bare .safetensors file")
     p.add_argument("--backend", default=AUTO, choices=(AUTO,) + BACKENDS,
                    help="engine backend (default auto: torch on a CUDA GPU, else numba)")
@@ -71,6 +74,23 @@ def load_model(args):
     if args.adapter:
         lora.load_adapter(model, args.adapter)
     return model
+
+
+def model_tokenizer(args, model) -> tokenizer.Tokenizer:
+    """The tokenizer of the model load_model built: GPT-2's, or a Llama-family model's tokenizer.json
+    from --weights DIR, or for a --checkpoint from the folder its run started from (settings.json)."""
+    folder = Path(args.weights) if args.weights and Path(args.weights).is_dir() else None
+    if folder is None and args.checkpoint and not isinstance(model.cfg, GPTConfig):
+        run = Path(args.checkpoint).resolve().parent.parent
+        try:
+            started = json.loads((run / "settings.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            started = {}
+        source = started.get("weights") if isinstance(started, dict) else None
+        folder = Path(source) if isinstance(source, str) else None
+        if folder is None and isinstance(started, dict) and started.get("model") in LLAMA_HUB:
+            folder = fetch_preset(started["model"], args.cache_dir)
+    return tokenizer.for_model(model.cfg, folder)
 
 
 def sampling(args) -> dict:
