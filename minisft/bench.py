@@ -45,8 +45,11 @@ from .backends import bf16
 from .batch import pack_padded
 from .config import GPTConfig
 from .config import init_params
+from .family import family_of, param_shapes
+from .llama import LlamaConfig, hf_config
 from .model import GPT
 from .optim import AdamW
+from .pretrained import requested_config
 
 # name -> (label in tables, the dtype its matmuls run in: which peak its MFU is against)
 CONTENDERS = {
@@ -78,24 +81,31 @@ def available(kind: str) -> str | None:
     return None
 
 
-def matmul_params(cfg: GPTConfig) -> int:
-    return cfg.n_layers * 12 * cfg.emb_dim ** 2 + cfg.vocab_size * cfg.emb_dim
+def block_linears(cfg) -> list:
+    """(name, in, out) of one block's linear weights: its 2-D tensors (Conv1D layout), either family."""
+    prefix = family_of(cfg).layer.format(0)
+    return [(n.removeprefix(prefix).removesuffix(".weight"), *s) for n, s in param_shapes(cfg).items()
+            if n.startswith(prefix) and len(s) == 2]
 
 
-def step_flops(cfg: GPTConfig, seqlens) -> float:
+def matmul_params(cfg) -> int:
+    """GPT-2: 12 d^2 per block; the Llama family: d W + H hd d + 3 d f per block; plus the V x d head."""
+    return cfg.n_layers * sum(k_in * k_out for _, k_in, k_out in block_linears(cfg)) + cfg.vocab_size * cfg.emb_dim
+
+
+def step_flops(cfg, seqlens) -> float:
     tokens = int(np.sum(seqlens))
-    attn = 12 * cfg.n_layers * cfg.emb_dim * float(np.sum(np.square(seqlens, dtype=np.float64)))
+    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * float(np.sum(np.square(seqlens, dtype=np.float64)))
     return 6.0 * matmul_params(cfg) * tokens + attn
 
 
-def gemm_shapes(cfg: GPTConfig, n: int):
+def gemm_shapes(cfg, n: int):
     """The matmuls of one train step on n positions: (what, M, K, N, a transposed, b transposed).
     Linear y = x @ W (n, in) @ (in, out); its backward dx = dy @ W^T and dW = x^T @ dy. The head
     logits = h @ Wh^T, dh = dlogits @ Wh, dWh = dlogits^T @ h."""
     d, V = cfg.emb_dim, cfg.vocab_size
     shapes = []
-    linears = (("c_attn", d, 3 * d), ("attn.c_proj", d, d), ("c_fc", d, 4 * d), ("mlp.c_proj", 4 * d, d))
-    for what, k_in, k_out in linears:
+    for what, k_in, k_out in block_linears(cfg):
         shapes += [(f"{what} fwd", n, k_in, k_out, False, False),
                    (f"{what} dx", n, k_out, k_in, False, True),
                    (f"{what} dW", k_in, n, k_out, True, False)]
@@ -153,6 +163,8 @@ def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: in
     rng = np.random.default_rng(seed)
     if kind == "matmuls":
         return matmuls_step(cfg, batch_size * seq_len, rng)
+    if kind.startswith("peer") and isinstance(cfg, LlamaConfig):
+        return transformers_step(kind, cfg, batch_size, seq_len, rng)
     if kind.startswith("peer"):
         import torch  # the peers only: minisft itself never needs torch
 
@@ -189,13 +201,42 @@ def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: in
     return step
 
 
+def transformers_step(kind: str, cfg: LlamaConfig, batch_size: int, seq_len: int, rng):
+    """The Llama family's PyTorch peers are transformers' own model of the architecture (random init):
+    eager attention and AdamW's defaults for `peer`, SDPA and AdamW(fused=True) for the others, under
+    autocast bfloat16 for peer-bf16. The loss is cross-entropy over every position, as minisft's step."""
+    import torch
+    import transformers
+
+    from .backends import heap
+    if kind != "peer":
+        heap.keep_freed_memory()
+    name = hf_config(cfg)["architectures"][0]
+    conf = transformers.AutoConfig.for_model(**hf_config(cfg))
+    torch.manual_seed(0)
+    model = getattr(transformers, name)._from_config(conf, attn_implementation="eager" if kind == "peer" else "sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
+                            **({} if kind == "peer" else {"fused": True}))
+
+    def step():
+        x, y = (torch.from_numpy(a) for a in random_batch(cfg, batch_size, seq_len, rng))
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "peer-bf16"):
+            logits = model(input_ids=x).logits                                      # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def sgemm_peak(model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64) -> dict:
     """The machine's float32 matmul rate on the step's own shapes: {kind, rates per shape, peak}."""
-    rates = sgemm_rates(GPTConfig.preset(model), batch_size * seq_len)
+    rates = sgemm_rates(requested_config(model), batch_size * seq_len)
     return dict(kind="sgemm", rates=rates, peak=max(rates.values()))
 
 
@@ -225,7 +266,7 @@ def bf16_peak(model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64)
     """The machine's bfloat16 matmul rate on the step's own shapes, the best of every bf16 GEMM
     installed: {kind, rates per library and shape, peak}; peak None when there is none."""
     from .backends.bf16 import problem
-    cfg, rates = GPTConfig.preset(model), {}
+    cfg, rates = requested_config(model), {}
     if problem() is None:
         rates["onednn"] = bf16_rates(cfg, batch_size * seq_len, "onednn")
     if importlib.util.find_spec("torch") is not None:
@@ -237,7 +278,7 @@ def bf16_peak(model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64)
 def measure(kind: str, model: str = "gpt2-small", batch_size: int = 8, seq_len: int = 64,
             steps: int = 5, warmup: int = 1, device=None) -> dict:
     """Median step time of `steps` timed steps after `warmup`; tokens/s and MFU use it."""
-    cfg = GPTConfig.preset(model)
+    cfg = requested_config(model)
     t0 = time.perf_counter()
     step = make_step(kind, cfg, batch_size, seq_len, device=device)
     build = time.perf_counter() - t0
@@ -342,4 +383,4 @@ def table(contenders, model="gpt2-small", batch_size=8, seq_len=64, rounds=1, st
 
 
 def step_gflop(model: str, batch_size: int, seq_len: int) -> float:
-    return step_flops(GPTConfig.preset(model), [seq_len] * batch_size) / 1e9
+    return step_flops(requested_config(model), [seq_len] * batch_size) / 1e9

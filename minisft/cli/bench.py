@@ -11,7 +11,7 @@ import json
 import sys
 
 from ..bench import CONTENDERS, KINDS, TABLE_DEFAULT, available, bf16_peak, measure, sgemm_peak, table
-from ..config import PRESETS, GPTConfig
+from ..pretrained import PRESETS, requested_config
 from ..errors import MinisftError
 from .checks import at_least
 
@@ -19,7 +19,7 @@ from .checks import at_least
 def run(args) -> int:
     for name, low in (("batch_size", 1), ("seq_len", 1), ("steps", 1), ("warmup", 0), ("rounds", 1)):
         at_least(args, name, low)
-    context = GPTConfig.preset(args.model).context_length
+    context = requested_config(args.model).context_length
     if args.seq_len > context:
         raise MinisftError(f"--seq-len {args.seq_len} is more than {args.model}'s context of {context} tokens")
     if args.backend is None:
