@@ -148,3 +148,24 @@ def test_lean_adamw_moments_train_a_llama_model_close_to_fp32(tmp_path, llama_fo
         runs[state] = [r["loss"] for r in read_metrics(s.out) if r["kind"] == "step"]
     for state in ("bf16", "8bit"):
         np.testing.assert_allclose(runs[state], runs["fp32"], rtol=1e-2)
+
+
+def test_eval_loss_equals_transformers_loss_on_the_same_split(llama_folder, book_data_module):
+    r = run_cli("eval", "--weights", llama_folder, "--data", book_data_module, "--split", "val", "--json",
+                "--backend", "numpy", "--dtype", "float64")
+    assert r.returncode == 0, r.stderr
+    ours = json.loads(r.stdout)
+    tok = HFTokenizer(llama_folder)
+    peer = transformers.LlamaForCausalLM.from_pretrained(llama_folder, attn_implementation="sdpa").double()
+    val = encode_records(split_dataset(load_records(book_data_module)).val, tok=tok)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(val), 8):
+            inputs, targets = collate_padded([e.tokens for e in val[start:start + 8]], tok.eos)
+            logits = peer(input_ids=torch.from_numpy(inputs)).logits
+            t = torch.from_numpy(targets).reshape(-1)
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t, ignore_index=-100,
+                                                       reduction="sum").item()
+            count += int((t != -100).sum())
+    assert ours["targets"] == count
+    assert abs(ours["loss"] - total / count) <= 1e-6 * total / count  # transformers' RMSNorm and angles: float32
