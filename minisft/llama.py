@@ -151,7 +151,7 @@ def stages(cfg: LlamaConfig) -> tuple:
 def param_shapes(cfg: LlamaConfig) -> dict:
     """minisft's parameter name -> shape, Hugging Face's order (names without the `model.` prefix)."""
     V, d, f, hd, W = cfg.vocab_size, cfg.emb_dim, cfg.ffn_dim, cfg.head_dim, cfg.qkv_dim
-    shapes = {"embed_tokens.weight": (V, d)}
+    shapes: dict[str, tuple] = {"embed_tokens.weight": (V, d)}
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         shapes[p + "input_layernorm.weight"] = (d,)
@@ -268,7 +268,7 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     """A Llama, Qwen2 or Qwen3 config.json (already parsed) -> LlamaConfig. Raises ValueError naming the
     field when the file asks for something these kernels do not compute."""
     archs = hf.get("architectures") or []
-    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(hf.get("model_type"))
+    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(str(hf.get("model_type")))
     if arch is None or any(a not in ARCHITECTURES for a in archs):
         raise ValueError(f"model_type {hf.get('model_type')!r} / architectures {archs}: minisft runs "
                          f"{', '.join(ARCHITECTURES)} (and GPT-2)")
