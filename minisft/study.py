@@ -241,11 +241,11 @@ def _attention_kernel(lengths, H, Hkv) -> Kernel:
     B, cu, L_max = nb.NumpyBackend("float64"), _cu(lengths), max(lengths)
 
     def f(v):
-        return B.attention_forward(v["qkv"], cu, H, L_max, n_kv_heads=Hkv)[0]
+        return B.attention_forward(v["qkv"], cu, H, L_max, Hkv)[0]
 
     def df(g, v):
-        y, ctx = B.attention_forward(v["qkv"], cu, H, L_max, n_kv_heads=Hkv)
-        return {"qkv": B.attention_backward(g, v["qkv"], y, ctx, cu, H, L_max, n_kv_heads=Hkv)}
+        y, ctx = B.attention_forward(v["qkv"], cu, H, L_max, Hkv)
+        return {"qkv": B.attention_backward(g, v["qkv"], y, ctx, cu, H, L_max, Hkv)}
     return Kernel("attention_forward/attention_backward", f, df)
 
 
@@ -538,8 +538,10 @@ def model_study(rng, lengths, H, hd, Hkv) -> Study:
 
 # ---- the Llama family's ops (minisft/llama.py) ------------------------------------------------------
 def _llama_config(lengths, H, hd, Hkv) -> llama.LlamaConfig:
-    """A one-block Llama of the study's shape, the width d = H hd, the MLP's f = LLAMA_FFN d."""
-    return llama.LlamaConfig(vocab_size=VOCAB, context_length=max(lengths), emb_dim=H * hd, n_layers=1, n_heads=H,
+    """A one-block Llama of the study's shape, the width d = H hd, the MLP's f = LLAMA_FFN d. Its context
+    (the rotation tables' length) is N, so that a kernel reading row numbers for positions gets angles,
+    not an IndexError, and the checks show it."""
+    return llama.LlamaConfig(vocab_size=VOCAB, context_length=sum(lengths), emb_dim=H * hd, n_layers=1, n_heads=H,
                              n_kv_heads=Hkv, head_dim=hd, ffn_dim=LLAMA_FFN * H * hd, rope_theta=ROPE_THETA)
 
 
@@ -570,7 +572,7 @@ def rmsnorm_study(rng, lengths, H, hd, Hkv) -> Study:
 def rope_study(rng, lengths, H, hd, Hkv) -> Study:
     B, N, half, nq = nb.NumpyBackend("float64"), sum(lengths), hd // 2, H + Hkv
     W = (H + 2 * Hkv) * hd
-    cos, sin = llama.rope_tables(hd, max(lengths), ROPE_THETA, None)                # (C, hd/2) each
+    cos, sin = llama.rope_tables(hd, N, ROPE_THETA, None)                           # (N, hd/2): see _llama_config
     pos = _positions(lengths)
     c, s = cos[pos][:, None, :], sin[pos][:, None, :]                               # (N, 1, hd/2) each row's angles
 
@@ -901,7 +903,7 @@ def torch_gradients(s: Study) -> dict:
 
     def rope(qkv):  # HF's apply_rotary_pos_emb on the query and key heads; the value heads as they were
         cos, sin = (torch.tensor(t)[positions].repeat(1, 2)[:, None, :]            # (N, 1, hd): [c | c]
-                    for t in llama.rope_tables(hd, max(lengths), ROPE_THETA, None))
+                    for t in llama.rope_tables(hd, sum(lengths), ROPE_THETA, None))
         heads = qkv.view(qkv.shape[0], H + 2 * Hkv, hd)
         qk = heads[:, :H + Hkv]
         return torch.cat([qk * cos + rotate_half(qk) * sin, heads[:, H + Hkv:]], dim=1).reshape(qkv.shape)
