@@ -1,4 +1,5 @@
-"""Backprop through the GPT, one stage at a time, on tiny float64 inputs (`minisft study OP`).
+"""Backprop through GPT-2 and the Llama family, one stage at a time, on tiny float64 inputs
+(`minisft study OP`).
 
 An op is a chain of stages, each one line of math: `out = f(inputs)` forward, and the backward that
 undoes it, `d(inputs) = g(dout)`. A study runs the forward stage by stage, draws a random gradient for
@@ -197,7 +198,7 @@ def _attention_stages(lengths, H, Hkv, hd) -> list:
         return Stage(name + "r", (name,), f"{name}r = {name} with each head repeated G = {G} times: query head h "
                      f"reads {name} head h // G", f"d{name}[j] = sum_g d{name}r[j G + g], g < G: the sum over "
                      f"head j's group of {G} query heads", f, df)
-    k, v = ("kr", "vr") if grouped else ("k", "v")
+    kn, vn = ("kr", "vr") if grouped else ("k", "v")  # what the scores and y read
 
     def scores_f(q, k):
         return [(qs @ ks.transpose(0, 2, 1)) * scale for qs, ks in zip(q, k)]   # (H, L, L)
@@ -227,11 +228,11 @@ def _attention_stages(lengths, H, Hkv, hd) -> list:
 
     return [
         head("q"), head("k"), head("v"), *([repeat("k"), repeat("v")] if grouped else []),
-        Stage("scores", ("q", k), f"scores = q @ {k}T / sqrt(hd)",
-              f"dq = dscores @ {k} / sqrt(hd);  d{k} = dscoresT @ q / sqrt(hd)", scores_f, scores_df),
+        Stage("scores", ("q", kn), f"scores = q @ {kn}T / sqrt(hd)",
+              f"dq = dscores @ {kn} / sqrt(hd);  d{kn} = dscoresT @ q / sqrt(hd)", scores_f, scores_df),
         Stage("p", ("scores",), "p = softmax(scores with key j > query i set to -inf), row by row",
               "dscores = p * (dp - sum_j(dp * p))   (masked entries: p = 0, no gradient)", p_f, p_df),
-        Stage("y", ("p", v), f"y = p @ {v}", f"dp = dy @ {v}T;  d{v} = pT @ dy", y_f, y_df),
+        Stage("y", ("p", vn), f"y = p @ {vn}", f"dp = dy @ {vn}T;  d{vn} = pT @ dy", y_f, y_df),
         Stage("out", ("y",), "out = y with the heads side by side, the sequences back to back",
               "dy = dout split into heads, per sequence", out_f, out_df),
     ]
