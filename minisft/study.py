@@ -1,4 +1,5 @@
-"""Backprop through the GPT, one stage at a time, on tiny float64 inputs (`minisft study OP`).
+"""Backprop through GPT-2 and the Llama family, one stage at a time, on tiny float64 inputs
+(`minisft study OP`).
 
 An op is a chain of stages, each one line of math: `out = f(inputs)` forward, and the backward that
 undoes it, `d(inputs) = g(dout)`. A study runs the forward stage by stage, draws a random gradient for
@@ -16,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import block, gradcheck
+from . import block, family, gradcheck, llama
 from .backends import numpy_backend as nb
 from .backends.constants import LN_EPS
 from .batch import IGNORE_INDEX, PackedBatch
@@ -30,6 +31,14 @@ PRINT_WHOLE = 48    # arrays of up to this many entries are printed whole, bigge
 VOCAB = 11          # the tiny vocabulary of the cross-entropy and model studies
 D_OUT = 4           # the tiny linear layer's output width
 MODEL_LAYERS = 2    # blocks in the model study: one block's output feeds another
+LLAMA_OPS = ("rmsnorm", "rope", "swiglu", "gqa", "qk_norm", "llama-block")  # their defaults: LLAMA_SHAPE
+GROUPED_OPS = ("rope", "gqa", "qk_norm", "llama-block")  # the ops with key/value heads apart from the query heads
+GPT2_SHAPE = (2, 3)         # heads, head_dim
+LLAMA_SHAPE = (4, 4)        # hd = 4: two pairs, split in halves (at 2 an interleaved split is the same)
+KV_HEADS = 2                # the grouped ops' default: two groups of two query heads
+LLAMA_FFN = 2       # the Llama block study's MLP width f, in units of d
+ROPE_THETA = 100.0  # small, so that both of a 4-wide head's pairs turn visibly within a few positions
+RMS_EPS = llama.LlamaConfig.rms_eps  # the family's default
 
 
 @dataclass
@@ -147,24 +156,49 @@ def _cu(lengths):
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (S+1,)
 
 
-def attention_study(rng, lengths, H, hd) -> Study:
-    B, d, cu = nb.NumpyBackend("float64"), H * hd, _cu(lengths)
+def _positions(lengths):
+    return np.concatenate([np.arange(L) for L in lengths])  # (N,) 0, 1, ... restarting at every sequence
+
+
+def _attention_stages(lengths, H, Hkv, hd) -> list:
+    """Packed causal attention of H query heads over Hkv key/value heads (H = Hkv: GPT-2's), as
+    stages. With groups (G = H / Hkv > 1), k and v are repeated G times before the scores, as the
+    kernel does: the repeat is a stage of its own, whose backward sums each group."""
+    cu, G = _cu(lengths), H // Hkv
     scale = 1.0 / math.sqrt(hd)
     spans = [(int(a), int(e)) for a, e in zip(cu[:-1], cu[1:])]
-    N, L_max = int(cu[-1]), max(lengths)
+    grouped = G > 1
+    # the q, k, v column blocks of qkv, in units of heads, and how the printed formulas name them
+    blocks = {"q": (0, H), "k": (H, H + Hkv), "v": (H + Hkv, H + 2 * Hkv)}
+    cols = ({"q": ":H hd", "k": "H hd:(H+Hkv) hd", "v": "(H+Hkv) hd:"} if grouped else
+            {"q": ":d", "k": "d:2d", "v": "2d:"})
 
-    def head(j, name):  # j = 0, 1, 2: q, k, v are column blocks j*d:(j+1)*d of qkv
+    def head(name):
+        a_h, e_h = blocks[name]
+        c0, c1, n = a_h * hd, e_h * hd, e_h - a_h
+
         def f(qkv):
-            return [block.split_heads(qkv[a:e], H)[j].copy() for a, e in spans]  # (H, L, hd) per sequence
+            return [qkv[a:e, c0:c1].reshape(e - a, n, hd).transpose(1, 0, 2).copy() for a, e in spans]  # (n, L, hd)
 
         def df(dh, out, qkv):
-            dqkv = np.zeros_like(qkv)                                             # (N, 3d)
+            dqkv = np.zeros_like(qkv)                                             # (N, W)
             for (a, e), g in zip(spans, dh):
-                dqkv[a:e, j * d:(j + 1) * d] = g.transpose(1, 0, 2).reshape(e - a, d)
+                dqkv[a:e, c0:c1] = g.transpose(1, 0, 2).reshape(e - a, n * hd)
             return (dqkv,)
-        cols = [":d", "d:2d", "2d:"][j]
-        return Stage(name, ("qkv",), f"{name} = qkv[:, {cols}] split into H heads, per sequence",
-                     f"dqkv[:, {cols}] = d{name} with the heads side by side again", f, df)
+        heads = "Hkv heads" if grouped and name != "q" else "H heads"
+        return Stage(name, ("qkv",), f"{name} = qkv[:, {cols[name]}] split into {heads}, per sequence",
+                     f"dqkv[:, {cols[name]}] = d{name} with the heads side by side again", f, df)
+
+    def repeat(name):  # kr, vr (H, L, hd): query head h reads key/value head h // G
+        def f(kv):
+            return [np.repeat(x, G, axis=0) for x in kv]
+
+        def df(dr, out, kv):  # each key/value head fed the G query heads of its group: their gradients add
+            return ([g.reshape(Hkv, G, *g.shape[1:]).sum(axis=1) for g in dr],)  # (Hkv, L, hd)
+        return Stage(name + "r", (name,), f"{name}r = {name} with each head repeated G = {G} times: query head h "
+                     f"reads {name} head h // G", f"d{name}[j] = sum_g d{name}r[j G + g], g < G: the sum over "
+                     f"head j's group of {G} query heads", f, df)
+    kn, vn = ("kr", "vr") if grouped else ("k", "v")  # what the scores and y read
 
     def scores_f(q, k):
         return [(qs @ ks.transpose(0, 2, 1)) * scale for qs, ks in zip(q, k)]   # (H, L, L)
@@ -187,32 +221,56 @@ def attention_study(rng, lengths, H, hd) -> Study:
                 [ps.transpose(0, 2, 1) @ g for ps, g in zip(p, dy)])              # dv (H, L, hd)
 
     def out_f(y):
-        return np.concatenate([ys.transpose(1, 0, 2).reshape(-1, d) for ys in y])  # (N, d)
+        return np.concatenate([ys.transpose(1, 0, 2).reshape(-1, H * hd) for ys in y])  # (N, H hd)
 
     def out_df(dout, out, y):
         return ([dout[a:e].reshape(e - a, H, hd).transpose(1, 0, 2) for a, e in spans],)
 
-    stages = [
-        head(0, "q"), head(1, "k"), head(2, "v"),
-        Stage("scores", ("q", "k"), "scores = q @ kT / sqrt(hd)",
-              "dq = dscores @ k / sqrt(hd);  dk = dscoresT @ q / sqrt(hd)", scores_f, scores_df),
+    return [
+        head("q"), head("k"), head("v"), *([repeat("k"), repeat("v")] if grouped else []),
+        Stage("scores", ("q", kn), f"scores = q @ {kn}T / sqrt(hd)",
+              f"dq = dscores @ {kn} / sqrt(hd);  d{kn} = dscoresT @ q / sqrt(hd)", scores_f, scores_df),
         Stage("p", ("scores",), "p = softmax(scores with key j > query i set to -inf), row by row",
               "dscores = p * (dp - sum_j(dp * p))   (masked entries: p = 0, no gradient)", p_f, p_df),
-        Stage("y", ("p", "v"), "y = p @ v", "dp = dy @ vT;  dv = pT @ dy", y_f, y_df),
+        Stage("y", ("p", vn), f"y = p @ {vn}", f"dp = dy @ {vn}T;  d{vn} = pT @ dy", y_f, y_df),
         Stage("out", ("y",), "out = y with the heads side by side, the sequences back to back",
               "dy = dout split into heads, per sequence", out_f, out_df),
     ]
-    kernel = Kernel("attention_forward/attention_backward",
-                    lambda v: B.attention_forward(v["qkv"], cu, H, L_max)[0],
-                    lambda g, v: {"qkv": B.attention_backward(g, v["qkv"], *B.attention_forward(v["qkv"], cu, H, L_max),
-                                                              cu, H, L_max)})
+
+
+def _attention_kernel(lengths, H, Hkv) -> Kernel:
+    B, cu, L_max = nb.NumpyBackend("float64"), _cu(lengths), max(lengths)
+
+    def f(v):
+        return B.attention_forward(v["qkv"], cu, H, L_max, Hkv)[0]
+
+    def df(g, v):
+        y, ctx = B.attention_forward(v["qkv"], cu, H, L_max, Hkv)
+        return {"qkv": B.attention_backward(g, v["qkv"], y, ctx, cu, H, L_max, Hkv)}
+    return Kernel("attention_forward/attention_backward", f, df)
+
+
+def attention_study(rng, lengths, H, hd, Hkv) -> Study:
+    d, N = H * hd, sum(lengths)
     qkv = rng.normal(size=(N, 3 * d))
     return Study("attention", f"causal attention over {len(lengths)} packed sequences of lengths "
                  f"{', '.join(map(str, lengths))}: N={N}, H={H}, hd={hd}, d={d}",
-                 {"qkv": qkv}, stages, kernel, rng.normal(size=(N, d)))
+                 {"qkv": qkv}, _attention_stages(lengths, H, H, hd), _attention_kernel(lengths, H, H),
+                 rng.normal(size=(N, d)))
 
 
-def softmax_study(rng, lengths, H, hd) -> Study:
+def gqa_study(rng, lengths, H, hd, Hkv) -> Study:
+    N, G = sum(lengths), H // Hkv
+    qkv = rng.normal(size=(N, (H + 2 * Hkv) * hd))
+    return Study("gqa", f"grouped-query attention: H={H} query heads share Hkv={Hkv} key/value heads, G={G} query "
+                 f"heads per group, hd={hd}; {len(lengths)} packed sequences of lengths "
+                 f"{', '.join(map(str, lengths))}: N={N}, qkv (N, (H + 2 Hkv) hd) = ({N}, {(H + 2 * Hkv) * hd}); "
+                 "kr and vr each feed G query heads, so dk and dv sum over the group",
+                 {"qkv": qkv}, _attention_stages(lengths, H, Hkv, hd), _attention_kernel(lengths, H, Hkv),
+                 rng.normal(size=(N, H * hd)))
+
+
+def softmax_study(rng, lengths, H, hd, Hkv) -> Study:
     L = lengths[0]
     stages = [
         Stage("e", ("s",), "e = exp(s)", "ds = de * e", lambda s: np.exp(s), lambda de, e, s: (de * e,)),
@@ -229,7 +287,7 @@ def softmax_study(rng, lengths, H, hd) -> Study:
                  {"s": s}, stages, kernel, rng.normal(size=s.shape))
 
 
-def layernorm_study(rng, lengths, H, hd) -> Study:
+def layernorm_study(rng, lengths, H, hd, Hkv) -> Study:
     B, N, d = nb.NumpyBackend("float64"), sum(lengths), H * hd
     stages = [
         Stage("mean", ("x",), "mean = sum_j x_j / d   (one per row)", "dx = dmean / d, for every j",
@@ -260,7 +318,7 @@ def layernorm_study(rng, lengths, H, hd) -> Study:
                  leaves, stages, kernel, rng.normal(size=(N, d)))
 
 
-def gelu_study(rng, lengths, H, hd) -> Study:
+def gelu_study(rng, lengths, H, hd, Hkv) -> Study:
     B, N, d = nb.NumpyBackend("float64"), sum(lengths), H * hd
     c, a = nb.GELU_C, 0.044715
     stages = [
@@ -276,7 +334,7 @@ def gelu_study(rng, lengths, H, hd) -> Study:
                  {"x": rng.normal(size=(N, d)) * 2}, stages, kernel, rng.normal(size=(N, d)))
 
 
-def linear_study(rng, lengths, H, hd) -> Study:
+def linear_study(rng, lengths, H, hd, Hkv) -> Study:
     B, N, d = nb.NumpyBackend("float64"), sum(lengths), H * hd
     stages = [
         Stage("xw", ("x", "w"), "xw = x @ w   (w is (in, out): Conv1D layout)", "dx = dxw @ wT;  dw = xT @ dxw",
@@ -300,7 +358,7 @@ def _targets(rng, lengths, V):
     return targets                                                                       # (N,)
 
 
-def cross_entropy_study(rng, lengths, H, hd) -> Study:
+def cross_entropy_study(rng, lengths, H, hd, Hkv) -> Study:
     B, N, d, V = nb.NumpyBackend("float64"), sum(lengths), H * hd, VOCAB
     targets = _targets(rng, lengths, V)
     rows = np.flatnonzero(targets != IGNORE_INDEX)                                       # (M,)
@@ -349,10 +407,18 @@ def cross_entropy_study(rng, lengths, H, hd) -> Study:
 
 
 # ---- block and model: stages are the backend's kernels ---------------------------------------------
-def _block_stages(B, p, x, cu, H, L_max):
-    """The stages of one GPT block, minisft.block's list, reading x and parameters named p + HF name,
-    each through the numpy backend's kernels as model._block runs them (no dropout).
-    Stage names are p + the names of minisft.block."""
+def _kernel_stages(block_stages, ops, p, x, names) -> list:
+    """A block's stages (minisft.block's or minisft.llama's list) as study stages, each through its op's
+    numpy kernels in ops ({op: (f(*ins), df(dout, out, *ins))}), reading x and the parameters named
+    p + HF name that names holds (a linear's absent bias is left out). Stage names are p + the block's."""
+    return [Stage(p + st.out, tuple(x if n == "x" else p + n for n in st.ins) +
+                  tuple(n for n in st.params(p) if n in names), st.forward, st.backward, *ops[st.op])
+            for st in block_stages]
+
+
+def _block_stages(B, p, x, cu, H, L_max, names):
+    """The stages of one GPT block, minisft.block's list, each through the numpy backend's kernels as
+    model._block runs them (no dropout)."""
     def layernorm_df(g, out, xx, ww, bb):
         _, mean, rstd = B.layernorm_forward(xx, ww, bb)
         return B.layernorm_backward(g, xx, ww, mean, rstd)
@@ -367,40 +433,19 @@ def _block_stages(B, p, x, cu, H, L_max):
         "gelu": (B.gelu_forward, lambda g, out, fch: (B.gelu_backward(g, fch),)),
         "residual": (B.residual_forward, lambda g, out, aa, bb: B.residual_backward(g)),
     }
-    return [Stage(p + st.out, tuple(x if n == "x" else p + n for n in st.ins) + block.params(st, p),
-                  st.forward, st.backward, *ops[st.op]) for st in block.stages()]
+    return _kernel_stages(block.stages(), ops, p, x, names)
 
 
-def _tiny_config(lengths, H, hd, n_layers) -> GPTConfig:
-    return GPTConfig(vocab_size=VOCAB, context_length=max(lengths), emb_dim=H * hd, n_layers=n_layers, n_heads=H)
-
-
-def _params(rng, cfg, prefix=""):
-    """The parameters named prefix... in model.param_shapes, drawn at the scale of ones (layernorm
-    gains near 1), not GPT-2's init, so that every gradient is well away from zero."""
-    from .model import param_shapes
-    out = {}
-    for name, shape in param_shapes(cfg).items():
-        if name.startswith(prefix):
-            gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            out[name] = (1.0 if gain else 0.0) + rng.normal(size=shape) * (0.3 if gain else 0.5)
-    return out
-
-
-def block_study(rng, lengths, H, hd) -> Study:
-    B, cfg, cu = nb.NumpyBackend("float64"), _tiny_config(lengths, H, hd, 1), _cu(lengths)
-    N, d = sum(lengths), H * hd
-    leaves = {"x": rng.normal(size=(N, d)), **_params(rng, cfg, "h.0.")}
-    stages = _block_stages(B, "h.0.", "x", cu, H, max(lengths))
-    names = list(leaves)
-
-    def chain(v):  # the whole block forward from the leaves, for its end-to-end check
+def _chain_kernel(name, stages, names) -> Kernel:
+    """The stages chained end to end from the leaves named names, forward and backward, as model._walk
+    and model._backward run a block: the check that the stages compose."""
+    def chain(v):
         vals = dict(v)
         for st in stages:
             vals[st.out] = st.f(*[vals[n] for n in st.ins])
         return vals[stages[-1].out]
 
-    def chain_grads(g, v):  # the block's backward, stage by stage, as model._backward walks it
+    def chain_grads(g, v):
         vals, grads = dict(v), {}
         for st in stages:
             vals[st.out] = st.f(*[vals[n] for n in st.ins])
@@ -409,19 +454,42 @@ def block_study(rng, lengths, H, hd) -> Study:
             for n, gi in zip(st.ins, st.df(grads[st.out], vals[st.out], *[vals[n] for n in st.ins])):
                 grads[n] = grads[n] + gi if n in grads else gi
         return {n: grads[n] for n in names}
-    kernel = Kernel("block (end to end)", chain, chain_grads, separate=False)
+    return Kernel(name, chain, chain_grads, separate=False)
+
+
+def _tiny_config(lengths, H, hd, n_layers) -> GPTConfig:
+    return GPTConfig(vocab_size=VOCAB, context_length=max(lengths), emb_dim=H * hd, n_layers=n_layers, n_heads=H)
+
+
+def _params(rng, cfg, prefix=""):
+    """The parameters named prefix... in the family's param_shapes, drawn at the scale of ones (norm
+    gains near 1), not the models' init, so that every gradient is well away from zero."""
+    out = {}
+    for name, shape in family.param_shapes(cfg).items():
+        if name.startswith(prefix):
+            gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "norm.weight"))
+            out[name] = (1.0 if gain else 0.0) + rng.normal(size=shape) * (0.3 if gain else 0.5)
+    return out
+
+
+def block_study(rng, lengths, H, hd, Hkv) -> Study:
+    B, cfg, cu = nb.NumpyBackend("float64"), _tiny_config(lengths, H, hd, 1), _cu(lengths)
+    N, d = sum(lengths), H * hd
+    leaves = {"x": rng.normal(size=(N, d)), **_params(rng, cfg, "h.0.")}
+    stages = _block_stages(B, "h.0.", "x", cu, H, max(lengths), leaves)
     return Study("block", f"one GPT block (pre-layernorm, no dropout): x (N, d) = ({N}, {d}), H={H}, hd={hd}, "
                  f"packed lengths {', '.join(map(str, lengths))}; x feeds ln_1 and the skip, x2 feeds ln_2 and "
-                 "the skip: their gradients add", leaves, stages, kernel, rng.normal(size=(N, d)))
+                 "the skip: their gradients add", leaves, stages, _chain_kernel("block (end to end)", stages, leaves),
+                 rng.normal(size=(N, d)))
 
 
-def model_study(rng, lengths, H, hd) -> Study:
+def model_study(rng, lengths, H, hd, Hkv) -> Study:
     from .model import GPT
     B, cfg, cu = nb.NumpyBackend("float64"), _tiny_config(lengths, H, hd, MODEL_LAYERS), _cu(lengths)
     N, V = sum(lengths), VOCAB
     tokens = rng.integers(0, V, N)                                                      # (N,)
     targets = _targets(rng, lengths, V)                                                 # (N,)
-    positions = np.concatenate([np.arange(L) for L in lengths])                         # (N,)
+    positions = _positions(lengths)                                                     # (N,)
     M = int(np.count_nonzero(targets != IGNORE_INDEX))
     leaves = _params(rng, cfg)
 
@@ -444,7 +512,7 @@ def model_study(rng, lengths, H, hd) -> Study:
                     lambda wte, wpe: B.embedding_forward(tokens, positions, wte, wpe), emb_df)]
     x = "x"
     for i in range(cfg.n_layers):
-        stages += _block_stages(B, f"h.{i}.", x, cu, H, max(lengths))
+        stages += _block_stages(B, f"h.{i}.", x, cu, H, max(lengths), leaves)
         x = f"h.{i}.out"
     stages += [
         Stage("lnf", (x, "ln_f.weight", "ln_f.bias"), "lnf = layernorm(x; ln_f)",
@@ -469,13 +537,220 @@ def model_study(rng, lengths, H, hd) -> Study:
                  np.array(1.0), meta={"targets": targets, "tokens": tokens, "cfg": cfg})
 
 
+# ---- the Llama family's ops (minisft/llama.py) ------------------------------------------------------
+def _llama_config(lengths, H, hd, Hkv) -> llama.LlamaConfig:
+    """A one-block Llama of the study's shape, the width d = H hd, the MLP's f = LLAMA_FFN d. Its context
+    (the rotation tables' length) is N, so that a kernel reading row numbers for positions gets angles,
+    not an IndexError, and the checks show it."""
+    return llama.LlamaConfig(vocab_size=VOCAB, context_length=sum(lengths), emb_dim=H * hd, n_layers=1, n_heads=H,
+                             n_kv_heads=Hkv, head_dim=hd, ffn_dim=LLAMA_FFN * H * hd, rope_theta=ROPE_THETA)
+
+
+def rmsnorm_study(rng, lengths, H, hd, Hkv) -> Study:
+    B, N, d = nb.NumpyBackend("float64"), sum(lengths), H * hd
+    stages = [
+        Stage("ms", ("x",), "ms = sum_j x_j^2 / d   (one per row; no mean is taken)", "dx = dms * 2 x / d",
+              lambda x: (x * x).mean(axis=-1, keepdims=True), lambda g, ms, x: (g * 2 * x / d,)),
+        Stage("rstd", ("ms",), f"rstd = 1 / sqrt(ms + {RMS_EPS:g})", "dms = -drstd * rstd^3 / 2",
+              lambda ms: 1.0 / np.sqrt(ms + RMS_EPS), lambda g, rstd, ms: (-0.5 * g * rstd ** 3,)),
+        Stage("xhat", ("x", "rstd"), "xhat = x * rstd", "dx = dxhat * rstd;  drstd = sum_j dxhat * x",
+              lambda x, r: x * r, lambda g, xh, x, r: (g * r, (g * x).sum(axis=-1, keepdims=True))),
+        Stage("out", ("xhat", "w"), "out = xhat * w   (no bias)", "dxhat = dout * w;  dw = sum_n dout * xhat",
+              lambda xh, w: xh * w, lambda g, out, xh, w: (g * w, (g * xh).sum(axis=0))),
+    ]
+
+    def kernel_df(g, v):
+        _, rstd = B.rmsnorm_forward(v["x"], v["w"], RMS_EPS)
+        return dict(zip(("x", "w"), B.rmsnorm_backward(g, v["x"], v["w"], rstd)))
+    kernel = Kernel("rmsnorm_forward/rmsnorm_backward", lambda v: B.rmsnorm_forward(v["x"], v["w"], RMS_EPS)[0],
+                    kernel_df)
+    leaves = {"x": rng.normal(size=(N, d)) * 2 + 0.5, "w": rng.normal(size=d)}
+    return Study("rmsnorm", f"RMSNorm of x (N, d) = ({N}, {d}) over each row; x feeds ms and xhat, so its two "
+                 "gradients add, and the kernel sums them in one line: dx = rstd * (dxhat - xhat * mean(dxhat * "
+                 "xhat)), layernorm's without the mean's term", leaves, stages, kernel, rng.normal(size=(N, d)))
+
+
+def rope_study(rng, lengths, H, hd, Hkv) -> Study:
+    B, N, half, nq = nb.NumpyBackend("float64"), sum(lengths), hd // 2, H + Hkv
+    W = (H + 2 * Hkv) * hd
+    cos, sin = llama.rope_tables(hd, N, ROPE_THETA, None)                           # (N, hd/2): see _llama_config
+    pos = _positions(lengths)
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]                               # (N, 1, hd/2) each row's angles
+
+    def half_of(j):  # x1, x2 (N, H + Hkv, hd/2): the first or second half of every query and key head
+        def f(qkv):
+            return qkv.reshape(N, -1, hd)[:, :nq, j * half:(j + 1) * half].copy()
+
+        def df(g, out, qkv):
+            dqkv = np.zeros_like(qkv).reshape(N, -1, hd)                           # (N, H + 2 Hkv, hd)
+            dqkv[:, :nq, j * half:(j + 1) * half] = g
+            return (dqkv.reshape(N, W),)
+        part = ":hd/2" if j == 0 else "hd/2:"
+        return Stage(f"x{j + 1}", ("qkv",), f"x{j + 1} = [{part}] of every query and key head",
+                     f"dqkv = dx{j + 1} at those entries, 0 elsewhere", f, df)
+
+    def out_f(qkv, o1, o2):
+        out = qkv.reshape(N, -1, hd).copy()                                        # (N, H + 2 Hkv, hd)
+        out[:, :nq] = np.concatenate([o1, o2], axis=-1)
+        return out.reshape(N, W)
+
+    def out_df(g, out, qkv, o1, o2):
+        dh = g.reshape(N, -1, hd)                                                  # (N, H + 2 Hkv, hd)
+        dqkv = dh.copy()
+        dqkv[:, :nq] = 0.0                                                         # rotated: not qkv's any more
+        return dqkv.reshape(N, W), dh[:, :nq, :half].copy(), dh[:, :nq, half:].copy()
+
+    stages = [
+        half_of(0), half_of(1),
+        Stage("out1", ("x1", "x2"), "out1 = x1 cos - x2 sin   (angle = position * inv_freq)",
+              "dx1 = dout1 cos;  dx2 = -dout1 sin", lambda x1, x2: x1 * c - x2 * s,
+              lambda g, o, x1, x2: (g * c, -g * s)),
+        Stage("out2", ("x1", "x2"), "out2 = x2 cos + x1 sin", "dx1 = dout2 sin;  dx2 = dout2 cos",
+              lambda x1, x2: x2 * c + x1 * s, lambda g, o, x1, x2: (g * s, g * c)),
+        Stage("out", ("qkv", "out1", "out2"), "out = qkv with each query and key head [out1 | out2], value heads "
+              "as they were", "dqkv = dout on the value heads;  dout1, dout2 = the halves of dout's q and k heads",
+              out_f, out_df),
+    ]
+    kernel = Kernel("rope_forward/rope_backward", lambda v: B.rope_forward(v["qkv"], cos, sin, pos, nq),
+                    lambda g, v: {"qkv": B.rope_backward(g, cos, sin, pos, nq)})
+    return Study("rope", f"rotary position embedding of qkv (N, (H + 2 Hkv) hd) = ({N}, {W}): H={H} query and "
+                 f"Hkv={Hkv} key heads of hd={hd} turn by position * theta^(-2i/hd), theta={ROPE_THETA:g}, "
+                 f"positions {pos.tolist()} (restarting at each sequence); x1 and x2 each feed out1 and out2, and "
+                 "their gradients add to the rotation by -angle: the kernel's backward is its forward with sin "
+                 "negated", {"qkv": rng.normal(size=(N, W))}, stages, kernel, rng.normal(size=(N, W)))
+
+
+def swiglu_study(rng, lengths, H, hd, Hkv) -> Study:
+    B, N, f = nb.NumpyBackend("float64"), sum(lengths), H * hd
+
+    def part(j, name):  # gate = gu[:, :f], up = gu[:, f:]
+        def df(g, out, gu):
+            dgu = np.zeros_like(gu)                                                # (N, 2f)
+            dgu[:, j * f:(j + 1) * f] = g
+            return (dgu,)
+        cols = ":f" if j == 0 else "f:"
+        return Stage(name, ("gu",), f"{name} = gu[:, {cols}]", f"dgu[:, {cols}] = d{name}",
+                     lambda gu: gu[:, j * f:(j + 1) * f].copy(), df)
+
+    stages = [
+        part(0, "gate"), part(1, "up"),
+        Stage("sig", ("gate",), "sig = 1 / (1 + exp(-gate))", "dgate = dsig * sig (1 - sig)",
+              lambda g: 1.0 / (1.0 + np.exp(-g)), lambda g, sig, gate: (g * sig * (1.0 - sig),)),
+        Stage("silu", ("gate", "sig"), "silu = gate * sig", "dgate = dsilu * sig;  dsig = dsilu * gate",
+              lambda g, sig: g * sig, lambda g, silu, gate, sig: (g * sig, g * gate)),
+        Stage("out", ("silu", "up"), "out = silu * up", "dsilu = dout * up;  dup = dout * silu",
+              lambda silu, up: silu * up, lambda g, out, silu, up: (g * up, g * silu)),
+    ]
+    kernel = Kernel("swiglu_forward/swiglu_backward", lambda v: B.swiglu_forward(v["gu"]),
+                    lambda g, v: {"gu": B.swiglu_backward(g, v["gu"])})
+    return Study("swiglu", f"SwiGLU of gu (N, 2f) = ({N}, {2 * f}) = [gate | up]: silu(gate) * up; gate feeds sig "
+                 "and silu, so its two gradients add to silu'(gate) = sig (1 + gate (1 - sig))",
+                 {"gu": rng.normal(size=(N, 2 * f)) * 2}, stages, kernel, rng.normal(size=(N, f)))
+
+
+def qk_norm_study(rng, lengths, H, hd, Hkv) -> Study:
+    B, N, nq = nb.NumpyBackend("float64"), sum(lengths), H + Hkv
+    W = (H + 2 * Hkv) * hd
+
+    def qk_df(g, qk, qkv):
+        dqkv = np.zeros_like(qkv)                                                  # (N, W)
+        dqkv[:, :nq * hd] = g.reshape(N, nq * hd)
+        return (dqkv,)
+
+    def out_f(qkv, qkn):
+        return np.concatenate([qkn.reshape(N, nq * hd), qkv[:, nq * hd:]], axis=1)  # (N, W)
+
+    def out_df(g, out, qkv, qkn):
+        dqkv = g.copy()
+        dqkv[:, :nq * hd] = 0.0                                                    # normalised: not qkv's any more
+        return dqkv, g[:, :nq * hd].reshape(N, nq, hd)
+
+    stages = [
+        Stage("qk", ("qkv",), "qk = qkv's H query and Hkv key heads, one row of hd each",
+              "dqkv = dqk on those columns, 0 on the value heads", lambda qkv: qkv[:, :nq * hd].reshape(N, nq, hd),
+              qk_df),
+        Stage("ms", ("qk",), "ms = sum_j qk_j^2 / hd   (one per head vector)", "dqk = dms * 2 qk / hd",
+              lambda qk: (qk * qk).mean(axis=-1, keepdims=True), lambda g, ms, qk: (g * 2 * qk / hd,)),
+        Stage("rstd", ("ms",), f"rstd = 1 / sqrt(ms + {RMS_EPS:g})", "dms = -drstd * rstd^3 / 2",
+              lambda ms: 1.0 / np.sqrt(ms + RMS_EPS), lambda g, rstd, ms: (-0.5 * g * rstd ** 3,)),
+        Stage("xhat", ("qk", "rstd"), "xhat = qk * rstd", "dqk = dxhat * rstd;  drstd = sum_j dxhat * qk",
+              lambda qk, r: qk * r, lambda g, xh, qk, r: (g * r, (g * qk).sum(axis=-1, keepdims=True))),
+        Stage("w", ("wq", "wk"), "w = wq for each of the H query heads, wk for each of the Hkv key heads",
+              "dwq = sum of dw over the query heads;  dwk = sum over the key heads   (one weight, shared)",
+              lambda wq, wk: np.stack([wq] * H + [wk] * Hkv),
+              lambda g, w, wq, wk: (g[:H].sum(axis=0), g[H:].sum(axis=0))),
+        Stage("qkn", ("xhat", "w"), "qkn = xhat * w", "dxhat = dqkn * w;  dw = sum_n dqkn * xhat",
+              lambda xh, w: xh * w, lambda g, qkn, xh, w: (g * w, (g * xh).sum(axis=0))),
+        Stage("out", ("qkv", "qkn"), "out = qkv with its q and k heads replaced by qkn, value heads as they were",
+              "dqkv = dout on the value heads;  dqkn = dout on the q and k heads", out_f, out_df),
+    ]
+
+    def kernel_df(g, v):
+        _, rstd = B.qk_norm_forward(v["qkv"], v["wq"], v["wk"], RMS_EPS, H, Hkv)
+        return dict(zip(("qkv", "wq", "wk"), B.qk_norm_backward(g, v["qkv"], v["wq"], v["wk"], rstd, H, Hkv)))
+    kernel = Kernel("qk_norm_forward/qk_norm_backward",
+                    lambda v: B.qk_norm_forward(v["qkv"], v["wq"], v["wk"], RMS_EPS, H, Hkv)[0], kernel_df)
+    leaves = {"qkv": rng.normal(size=(N, W)) * 1.5, "wq": 1.0 + 0.3 * rng.normal(size=hd),
+              "wk": 1.0 + 0.3 * rng.normal(size=hd)}
+    return Study("qk_norm", f"Qwen3's q/k norm: an RMSNorm of each of the H={H} query and Hkv={Hkv} key heads of "
+                 f"qkv (N, (H + 2 Hkv) hd) = ({N}, {W}), hd={hd}, wq shared by the query heads and wk by the key "
+                 "heads (their gradients sum over the heads); the value heads pass through, so qkv feeds qk and "
+                 "out and its gradients add", leaves, stages, kernel, rng.normal(size=(N, W)))
+
+
+def _llama_block_stages(B, cfg, p, x, lengths, names):
+    """The stages of one Llama-family block, minisft.llama's list, each through the numpy backend's kernels
+    as model._block runs them."""
+    H, Hkv, eps, L_max, nq = cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps, max(lengths), cfg.n_heads + cfg.n_kv_heads
+    cu, pos = _cu(lengths), _positions(lengths)
+    cos, sin = llama.rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
+
+    def rmsnorm_df(g, out, xx, ww):
+        return B.rmsnorm_backward(g, xx, ww, B.rmsnorm_forward(xx, ww, eps)[1])
+
+    def qk_norm_df(g, out, qkv, wq, wk):
+        return B.qk_norm_backward(g, qkv, wq, wk, B.qk_norm_forward(qkv, wq, wk, eps, H, Hkv)[1], H, Hkv)
+
+    def att_df(g, out, qkv):
+        y, ctx = B.attention_forward(qkv, cu, H, L_max, n_kv_heads=Hkv)
+        return (B.attention_backward(g, qkv, y, ctx, cu, H, L_max, n_kv_heads=Hkv),)
+    ops = {  # op -> (f(*ins), df(dout, out, *ins)); a linear without bias (all but Qwen2's qkv) has two ins
+        "rmsnorm": (lambda xx, ww: B.rmsnorm_forward(xx, ww, eps)[0], rmsnorm_df),
+        "linear": (lambda xx, ww, bb=None: B.linear_forward(xx, ww, bb),
+                   lambda g, out, xx, ww, *bb: B.linear_backward(g, xx, ww)[:2 + len(bb)]),
+        "qk_norm": (lambda qkv, wq, wk: B.qk_norm_forward(qkv, wq, wk, eps, H, Hkv)[0], qk_norm_df),
+        "rope": (lambda qkv: B.rope_forward(qkv, cos, sin, pos, nq),
+                 lambda g, out, qkv: (B.rope_backward(g, cos, sin, pos, nq),)),
+        "attention": (lambda qkv: B.attention_forward(qkv, cu, H, L_max, n_kv_heads=Hkv)[0], att_df),
+        "swiglu": (B.swiglu_forward, lambda g, out, gu: (B.swiglu_backward(g, gu),)),
+        "residual": (B.residual_forward, lambda g, out, aa, bb: B.residual_backward(g)),
+    }
+    return _kernel_stages(llama.stages(cfg), ops, p, x, names)
+
+
+def llama_block_study(rng, lengths, H, hd, Hkv) -> Study:
+    B, cfg, N = nb.NumpyBackend("float64"), _llama_config(lengths, H, hd, Hkv), sum(lengths)
+    d = cfg.emb_dim
+    leaves = {"x": rng.normal(size=(N, d)), **_params(rng, cfg, "layers.0.")}
+    stages = _llama_block_stages(B, cfg, "layers.0.", "x", lengths, leaves)
+    return Study("llama-block", f"one Llama block (RMSNorm, RoPE, grouped-query attention, SwiGLU): x (N, d) = "
+                 f"({N}, {d}), H={H} query heads over Hkv={Hkv} key/value heads of hd={hd}, f={cfg.ffn_dim}, "
+                 f"packed lengths {', '.join(map(str, lengths))}, positions {_positions(lengths).tolist()}; x feeds "
+                 "input_layernorm and the skip, x2 feeds post_attention_layernorm and the skip: their gradients add",
+                 leaves, stages, _chain_kernel("llama block (end to end)", stages, leaves), rng.normal(size=(N, d)),
+                 meta={"cfg": cfg})
+
+
+# op -> (rng, lengths, H, hd, Hkv) -> Study. Hkv = H for the ops without key/value heads of their own.
 STUDIES = {"attention": attention_study, "softmax": softmax_study, "layernorm": layernorm_study,
            "gelu": gelu_study, "linear": linear_study, "cross-entropy": cross_entropy_study,
-           "block": block_study, "model": model_study}
+           "block": block_study, "model": model_study,
+           "rmsnorm": rmsnorm_study, "rope": rope_study, "swiglu": swiglu_study, "gqa": gqa_study,
+           "qk_norm": qk_norm_study, "llama-block": llama_block_study}
 OPS = tuple(STUDIES)  # the ops `minisft study` takes, in the order its help lists them
 
 
-def validate(op, lengths, heads, head_dim) -> None:
+def validate(op, lengths, heads, head_dim, kv_heads) -> None:
     if op not in STUDIES:
         raise MinisftError(f"study: unknown op {op!r}; choose one of {', '.join(OPS)}")
     if not lengths or any(L < 1 for L in lengths):
@@ -489,15 +764,40 @@ def validate(op, lengths, heads, head_dim) -> None:
         raise MinisftError("study: a layernorm over d < 3 entries is constant: give --heads x --head-dim of 3 or more")
     if op == "softmax" and lengths[0] < 2:
         raise MinisftError("study: a softmax over 1 entry is constant: the first of --lengths must be 2 or more")
+    if op not in GROUPED_OPS:
+        if kv_heads is not None:
+            raise MinisftError(f"study: --kv-heads is for {', '.join(GROUPED_OPS)}; {op} has no key/value heads "
+                               "of its own")
+        return
+    if kv_heads < 1 or heads % kv_heads:
+        raise MinisftError(f"study: --kv-heads must divide --heads, got {kv_heads} and {heads}")
+    if op == "gqa" and heads == kv_heads:
+        # with one query head per key/value head, a backward that forgets the group's sum passes
+        raise MinisftError("study: gqa needs groups of 2 or more query heads: give --heads a multiple of --kv-heads "
+                           "(study attention is the ungrouped one)")
+    if op in ("rope", "llama-block") and head_dim % 2:
+        raise MinisftError(f"study: RoPE rotates pairs: --head-dim must be even, got {head_dim}")
+    if op == "rope" and (head_dim < 4 or max(lengths) < 2):
+        # at position 0 nothing turns, and at hd = 2 the half split and an interleaved one are the same pair
+        raise MinisftError("study: rope needs --head-dim of 4 or more and a sequence of 2 or more positions")
+    if op in ("rmsnorm", "llama-block", "qk_norm") and (head_dim if op == "qk_norm" else heads * head_dim) < 2:
+        raise MinisftError("study: an rmsnorm over 1 entry is sign(x) whatever x is: give it 2 or more")
 
 
-def study(op, seed=0, lengths=(4, 3), heads=2, head_dim=3) -> Study:
-    """Build and run the study of op on fresh random inputs drawn from seed."""
+def study(op, seed=0, lengths=(4, 3), heads=None, head_dim=None, kv_heads=None) -> Study:
+    """Build and run the study of op on fresh random inputs drawn from seed. heads and head_dim default
+    to GPT2_SHAPE for GPT-2's ops, LLAMA_SHAPE for the Llama family's; kv_heads to KV_HEADS for the
+    grouped ones (the others take none)."""
     lengths = [int(L) for L in lengths]
-    validate(op, lengths, heads, head_dim)
+    dh, dhd = LLAMA_SHAPE if op in LLAMA_OPS else GPT2_SHAPE
+    heads = dh if heads is None else heads
+    head_dim = dhd if head_dim is None else head_dim
+    if kv_heads is None and op in GROUPED_OPS:
+        kv_heads = KV_HEADS
+    validate(op, lengths, heads, head_dim, kv_heads)
     rng = np.random.default_rng(seed)
-    s = STUDIES[op](rng, lengths, heads, head_dim)
-    s.meta = {**(s.meta or {}), "lengths": lengths, "heads": heads, "head_dim": head_dim}
+    s = STUDIES[op](rng, lengths, heads, head_dim, heads if kv_heads is None else kv_heads)
+    s.meta = {**(s.meta or {}), "lengths": lengths, "heads": heads, "head_dim": head_dim, "kv_heads": kv_heads}
     return run_study(s, rng)
 
 
@@ -573,14 +873,18 @@ def format_study(s: Study, torch_grads=None, values=True) -> list:
 # ---- PyTorch autograd, side by side ---------------------------------------------------------------
 def torch_gradients(s: Study) -> dict:
     """PyTorch autograd's gradients of dot(dout, output), computed with PyTorch's own ops (F.layer_norm,
-    F.gelu, F.cross_entropy, scaled_dot_product_attention, ...) from the same inputs: {name: gradient}
-    for every input, and for attention also its per-head q, k, v, scores and p; each is added to the
-    study's checks against our gradient. Imports torch."""
+    F.gelu, F.silu, F.cross_entropy, scaled_dot_product_attention, ...; RMSNorm and RoPE as Hugging
+    Face's Llama writes them, rotate_half included) from the same inputs: {name: gradient} for every
+    input, and for attention also its per-head q, k, v, scores and p (gqa: also kr, vr); each is added
+    to the study's checks against our gradient. Imports torch."""
     import torch
     import torch.nn.functional as F
     m = s.meta
-    lengths, H = m["lengths"], m["heads"]
+    lengths, H, hd = m["lengths"], m["heads"], m["head_dim"]
+    Hkv = m["kv_heads"] or H
+    G = H // Hkv
     T = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True) for n, v in s.leaves.items()}
+    positions = torch.tensor(_positions(lengths))
     kept = {}
 
     def keep(name, t):
@@ -591,32 +895,76 @@ def torch_gradients(s: Study) -> dict:
     def layernorm(x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, eps=LN_EPS)
 
+    def rmsnorm(x, w):  # LlamaRMSNorm
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS) * w
+
+    def rotate_half(x):
+        x1, x2 = x[..., :x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    def rope(qkv):  # HF's apply_rotary_pos_emb on the query and key heads; the value heads as they were
+        cos, sin = (torch.tensor(t)[positions].repeat(1, 2)[:, None, :]            # (N, 1, hd): [c | c]
+                    for t in llama.rope_tables(hd, sum(lengths), ROPE_THETA, None))
+        heads = qkv.view(qkv.shape[0], H + 2 * Hkv, hd)
+        qk = heads[:, :H + Hkv]
+        return torch.cat([qk * cos + rotate_half(qk) * sin, heads[:, H + Hkv:]], dim=1).reshape(qkv.shape)
+
+    def qk_norm(qkv, wq, wk):  # Qwen3's q_norm, k_norm: an RMSNorm of each head vector
+        heads = qkv.view(qkv.shape[0], H + 2 * Hkv, hd)
+        return torch.cat([rmsnorm(heads[:, :H], wq), rmsnorm(heads[:, H:H + Hkv], wk), heads[:, H + Hkv:]],
+                         dim=1).reshape(qkv.shape)
+
+    def swiglu(gu):
+        gate, up = gu.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def attention(qkv, record):
-        d = qkv.shape[1] // 3
         outs, a = [], 0
         for L in lengths:
-            q, k, v = qkv[a:a + L].view(L, 3, H, d // H).permute(1, 2, 0, 3)      # (H, L, hd) each
+            q, k, v = (qkv[a:a + L, c0 * hd:c1 * hd].view(L, c1 - c0, hd).transpose(0, 1)  # (heads, L, hd)
+                       for c0, c1 in ((0, H), (H, H + Hkv), (H + Hkv, H + 2 * Hkv)))
             if record:
                 q, k, v = keep("q", q), keep("k", k), keep("v", v)
-                scores = keep("scores", (q @ k.transpose(1, 2)) / math.sqrt(d // H))
+            # query head h reads key/value head h // G
+            k, v = (k, v) if G == 1 else (t.repeat_interleave(G, dim=0) for t in (k, v))
+            if record:
+                if G > 1:
+                    k, v = keep("kr", k), keep("vr", v)
+                scores = keep("scores", (q @ k.transpose(1, 2)) / math.sqrt(hd))
                 causal = torch.ones(L, L, dtype=torch.bool).tril()
                 y = keep("p", scores.masked_fill(~causal, float("-inf")).softmax(-1)) @ v
             else:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            outs.append(y.transpose(0, 1).reshape(L, d))
+            outs.append(y.transpose(0, 1).reshape(L, H * hd))
             a += L
-        return torch.cat(outs)                                                     # (N, d)
+        return torch.cat(outs)                                                     # (N, H hd)
 
-    def torch_block(x, p):  # minisft.block's stages, each through PyTorch's own op
+    def walk(stages, ops, x):  # a block's stages, each through PyTorch's ops
+        values = {"x": x}
+        for st in stages:
+            values[st.out] = ops[st.op](st, *[values[n] for n in st.ins])
+        return values[stages[-1].out]
+
+    def torch_block(x, p):  # minisft.block's stages
         ops = {"layernorm": lambda st, xx: layernorm(xx, *(T[n] for n in block.params(st, p))),
                "linear": lambda st, xx: xx @ T[p + st.module + ".weight"] + T[p + st.module + ".bias"],
                "attention": lambda st, qkv: attention(qkv, False),
                "gelu": lambda st, xx: F.gelu(xx, approximate="tanh"),
                "residual": lambda st, a, b: a + b}
-        return block.run(ops, x)
+        return walk(block.stages(), ops, x)
+
+    def torch_llama_block(x, p):  # minisft.llama's stages
+        def linear(st, xx):
+            b = T.get(p + st.module + ".bias")
+            return xx @ T[p + st.module + ".weight"] + (0 if b is None else b)
+        ops = {"rmsnorm": lambda st, xx: rmsnorm(xx, *(T[n] for n in st.params(p))),
+               "linear": linear, "qk_norm": lambda st, qkv: qk_norm(qkv, *(T[n] for n in st.params(p))),
+               "rope": lambda st, qkv: rope(qkv), "attention": lambda st, qkv: attention(qkv, False),
+               "swiglu": lambda st, gu: swiglu(gu), "residual": lambda st, a, b: a + b}
+        return walk(llama.stages(m["cfg"]), ops, x)
 
     op = s.op
-    if op == "attention":
+    if op in ("attention", "gqa"):
         out = attention(T["qkv"], True)
     elif op == "softmax":
         out = torch.softmax(T["s"], dim=-1)
@@ -630,8 +978,17 @@ def torch_gradients(s: Study) -> dict:
         out = F.cross_entropy(T["h"] @ T["w"].T, torch.tensor(m["targets"]), ignore_index=IGNORE_INDEX)
     elif op == "block":
         out = torch_block(T["x"], "h.0.")
+    elif op == "rmsnorm":
+        out = rmsnorm(T["x"], T["w"])
+    elif op == "rope":
+        out = rope(T["qkv"])
+    elif op == "swiglu":
+        out = swiglu(T["gu"])
+    elif op == "qk_norm":
+        out = qk_norm(T["qkv"], T["wq"], T["wk"])
+    elif op == "llama-block":
+        out = torch_llama_block(T["x"], "layers.0.")
     else:  # model
-        positions = torch.tensor(np.concatenate([np.arange(L) for L in lengths]))
         x = T["wte.weight"][torch.tensor(m["tokens"])] + T["wpe.weight"][positions]
         for i in range(m["cfg"].n_layers):
             x = torch_block(x, f"h.{i}.")

@@ -1,11 +1,12 @@
-"""`minisft study OP`: backprop through one op of the GPT (or a whole block, or the model), stage by
-stage, on tiny float64 inputs: every intermediate with its shape, each stage's forward and the backward
-that undoes it, and a finite-difference check of every gradient (see minisft.study). Exit status 1
-when a check fails."""
+"""`minisft study OP`: backprop through one op of GPT-2 or the Llama family (or a whole block, or the
+GPT-2 model), stage by stage, on tiny float64 inputs: every intermediate with its shape, each stage's
+forward and the backward that undoes it, and a finite-difference check of every gradient (see
+minisft.study). Exit status 1 when a check fails."""
 import importlib.util
 
 from ..errors import MinisftError
-from ..study import OPS, format_study, study, torch_gradients
+from ..study import (GPT2_SHAPE, GROUPED_OPS, KV_HEADS, LLAMA_OPS, LLAMA_SHAPE, OPS, format_study, study,
+                     torch_gradients)
 
 
 def _lengths(text: str) -> list:
@@ -18,7 +19,8 @@ def _lengths(text: str) -> list:
 def run(args) -> int:
     if args.torch and importlib.util.find_spec("torch") is None:
         raise MinisftError("study: --torch needs PyTorch: pip install 'minisft[torch]'")
-    s = study(args.op, seed=args.seed, lengths=_lengths(args.lengths), heads=args.heads, head_dim=args.head_dim)
+    s = study(args.op, seed=args.seed, lengths=_lengths(args.lengths), heads=args.heads, head_dim=args.head_dim,
+              kv_heads=args.kv_heads)
     print("\n".join(format_study(s, torch_gradients(s) if args.torch else None, values=not args.no_values)))
     return 0 if all(c.ok for c in s.checks) else 1
 
@@ -29,8 +31,12 @@ def register(sub) -> None:
     p.add_argument("op", choices=OPS, help="the op to walk through")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and output gradient")
     p.add_argument("--lengths", default="4,3", help="packed sequence lengths, comma-separated")
-    p.add_argument("--heads", type=int, default=2, help="attention heads H")
-    p.add_argument("--head-dim", type=int, default=3, help="width of one head hd (d = H * hd)")
+    p.add_argument("--heads", type=int, help=f"attention heads H (default {GPT2_SHAPE[0]}; {LLAMA_SHAPE[0]} for "
+                   f"{', '.join(LLAMA_OPS)})")
+    p.add_argument("--head-dim", type=int, help=f"width of one head hd, d = H * hd (default {GPT2_SHAPE[1]}; "
+                   f"{LLAMA_SHAPE[1]} for the Llama ops)")
+    p.add_argument("--kv-heads", type=int, help=f"key/value heads Hkv of {', '.join(GROUPED_OPS)}, dividing H "
+                   f"(default {KV_HEADS})")
     p.add_argument("--torch", action="store_true", help="add PyTorch autograd's gradients side by side")
     p.add_argument("--no-values", action="store_true", help="shapes, formulas and errors only, no arrays")
     p.set_defaults(func=run)
