@@ -34,6 +34,26 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+# Parity with the numpy reference, by the reference's dtype (a bfloat16 backend's kernels that run in
+# float32 are held to float32's tolerance).
+PARITY_TOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+def check_parity(R, B, ref, got, what):
+    """ref: the numpy reference R's output, got: backend B's; arrays or tuples of them, each of B's
+    store dtype and within PARITY_TOL of ref."""
+    if isinstance(ref, (tuple, list)):
+        assert len(ref) == len(got), what
+        for i, (r, g) in enumerate(zip(ref, got)):
+            check_parity(R, B, r, g, f"{what}[{i}]")
+        return
+    r, g = R.to_numpy(ref), B.to_numpy(got)
+    assert g.shape == r.shape, f"{what}: shape {g.shape} != {r.shape}"
+    assert g.dtype == R.np_dtype, f"{what}: {B.name} returned {g.dtype}, not {R.np_dtype}"
+    err = rel_err(g, r)
+    assert err <= PARITY_TOL[R.dtype], f"{what}: relative error {err:.2e} > {PARITY_TOL[R.dtype]}"
+
+
 def book_like_batch(rng, V, lengths, pad=None):
     """Right-padded (B, T) inputs/targets built like the book's collate: each sequence gets one
     end-of-text appended, is padded with it to the longest + 1, shifted by one; targets keep the
@@ -60,6 +80,26 @@ def book_training_text(entry):
 
 
 # ---- finite differences -------------------------------------------------------------------------
+def same_on_one_thread(run) -> None:
+    """run() -> arrays: equal bit for bit on one numba thread and on all (no race, no order that
+    depends on the thread count)."""
+    import numba
+    n = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+    finally:
+        numba.set_num_threads(n)
+    for a, b in zip(one, run(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def contract(B, out, G) -> float:
+    """sum(G * out): a scalar whose gradient with respect to out is G (the finite-difference checks'
+    upstream gradient)."""
+    return float(np.sum(B.to_numpy(out) * G))
+
+
 def fd_check(f, inputs: dict, analytic: dict, rng):
     """f(**inputs) -> float. Checks each named input's analytic gradient against finite differences
     (minisft.gradcheck), perturbing sampled entries of the input in place."""

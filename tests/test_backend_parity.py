@@ -11,11 +11,10 @@ import pytest
 
 from minisft import GPT, AdamW, GPTConfig, pack_padded
 from minisft.batch import IGNORE_INDEX
-from tests.helpers import ALL_BACKENDS, backend_or_skip, rel_err
+from tests.helpers import ALL_BACKENDS, PARITY_TOL, backend_or_skip, check_parity, rel_err, same_on_one_thread
 from tests.helpers import book_like_batch
 
 OTHER_BACKENDS = [b for b in ALL_BACKENDS if b != "numpy"]
-TOL = {"float32": 1e-5, "float64": 1e-10}
 
 
 @pytest.fixture(params=OTHER_BACKENDS)
@@ -39,18 +38,6 @@ def rng():
     return np.random.default_rng(20261121)
 
 
-def check(R, B, ref, got, what):
-    """ref: the numpy backend's output, got: the tested backend's; arrays or tuples of them."""
-    if isinstance(ref, (tuple, list)):
-        assert len(ref) == len(got), what
-        for i, (r, g) in enumerate(zip(ref, got)):
-            check(R, B, r, g, f"{what}[{i}]")
-        return
-    r, g = R.to_numpy(ref), B.to_numpy(got)
-    assert g.shape == r.shape, f"{what}: shape {g.shape} != {r.shape}"
-    assert g.dtype == np.dtype(B.dtype), f"{what}: {B.name} returned {g.dtype}, not {B.dtype}"
-    err = rel_err(g, r)
-    assert err <= TOL[B.dtype], f"{what}: relative error {err:.2e} > {TOL[B.dtype]}"
 
 
 def run_both(R, B, kernel, *args, arrays=()):
@@ -74,7 +61,7 @@ def test_embedding_matches_numpy(pair, rng):
     wte, wpe = rng.normal(size=(V, D)), rng.normal(size=(C, D))
     outs = [X.embedding_forward(X.index(tokens), X.index(positions), X.from_numpy(wte), X.from_numpy(wpe))
             for X in (R, B)]
-    check(R, B, *outs, "embedding_forward")
+    check_parity(R, B, *outs, "embedding_forward")
 
     dx = rng.normal(size=(N, D))
     dwte0, dwpe0 = rng.normal(size=(V, D)), rng.normal(size=(C, D))  # the kernel adds into these
@@ -83,7 +70,7 @@ def test_embedding_matches_numpy(pair, rng):
         dwte, dwpe = X.from_numpy(dwte0), X.from_numpy(dwpe0)
         X.embedding_backward(dwte, dwpe, X.from_numpy(dx), X.index(tokens), X.index(positions))
         bufs.append((dwte, dwpe))
-    check(R, B, *bufs, "embedding_backward")
+    check_parity(R, B, *bufs, "embedding_backward")
 
 
 def test_layernorm_forward_and_backward_match_numpy(pair, rng):
@@ -91,16 +78,16 @@ def test_layernorm_forward_and_backward_match_numpy(pair, rng):
     x = rng.normal(size=(200, D)) * 2.5 + 0.7
     w, b = rng.normal(size=D), rng.normal(size=D)
     fwd = run_both(R, B, "layernorm_forward", x, w, b, arrays=(0, 1, 2))
-    check(R, B, *fwd, "layernorm_forward")
+    check_parity(R, B, *fwd, "layernorm_forward")
     dout, dskip = rng.normal(size=x.shape), rng.normal(size=x.shape)
     # Each backend's backward gets its own forward's saved statistics.
     bwd = [X.layernorm_backward(X.from_numpy(dout), X.from_numpy(x), X.from_numpy(w), f[1], f[2])
            for X, f in zip((R, B), fwd)]
-    check(R, B, *bwd, "layernorm_backward")
+    check_parity(R, B, *bwd, "layernorm_backward")
     # The skip path's gradient, added in the same pass: dx grows by exactly dskip.
     with_skip = [X.layernorm_backward(X.from_numpy(dout), X.from_numpy(x), X.from_numpy(w), f[1], f[2],
                                       dskip=X.from_numpy(dskip)) for X, f in zip((R, B), fwd)]
-    check(R, B, *with_skip, "layernorm_backward with dskip")
+    check_parity(R, B, *with_skip, "layernorm_backward with dskip")
     np.testing.assert_array_equal(R.to_numpy(with_skip[0][0]), R.to_numpy(bwd[0][0]) + R.to_numpy(R.from_numpy(dskip)))
 
 
@@ -112,12 +99,12 @@ def test_linear_forward_and_backward_match_numpy(pair, rng, bias, need_dw):
     b = rng.normal(size=3 * D) if bias else None
     ref, got = (X.linear_forward(X.from_numpy(x), X.from_numpy(w), None if b is None else X.from_numpy(b))
                 for X in (R, B))
-    check(R, B, ref, got, "linear_forward")
+    check_parity(R, B, ref, got, "linear_forward")
     dy = rng.normal(size=(200, 3 * D))
     ref, got = run_both(R, B, "linear_backward", dy, x, w, need_dw, arrays=(0, 1, 2))
     assert (got[1] is None) == (not need_dw)
     keep = [0, 1, 2] if need_dw else [0, 2]
-    check(R, B, [ref[i] for i in keep], [got[i] for i in keep], "linear_backward")
+    check_parity(R, B, [ref[i] for i in keep], [got[i] for i in keep], "linear_backward")
 
 
 @pytest.mark.parametrize("lengths", [LENGTHS, [64] * 3])
@@ -127,26 +114,26 @@ def test_attention_forward_and_backward_match_numpy_on_unequal_sequences(pair, r
     N = int(cu[-1])
     qkv = rng.normal(size=(N, 3 * D))
     fwd = [X.attention_forward(X.from_numpy(qkv), X.index(cu), H, max(lengths)) for X in (R, B)]
-    check(R, B, fwd[0][0], fwd[1][0], "attention_forward")
+    check_parity(R, B, fwd[0][0], fwd[1][0], "attention_forward")
     dout = rng.normal(size=(N, D))
     bwd = [X.attention_backward(X.from_numpy(dout), X.from_numpy(qkv), f[0], f[1], X.index(cu), H, max(lengths))
            for X, f in zip((R, B), fwd)]
-    check(R, B, *bwd, "attention_backward")
+    check_parity(R, B, *bwd, "attention_backward")
 
 
 def test_gelu_forward_and_backward_match_numpy(pair, rng):
     R, B = pair
     x = rng.normal(size=(200, 4 * D)) * 3   # reaches the tails, where tanh saturates
-    check(R, B, *run_both(R, B, "gelu_forward", x, arrays=(0,)), "gelu_forward")
+    check_parity(R, B, *run_both(R, B, "gelu_forward", x, arrays=(0,)), "gelu_forward")
     dy = rng.normal(size=x.shape)
-    check(R, B, *run_both(R, B, "gelu_backward", dy, x, arrays=(0, 1)), "gelu_backward")
+    check_parity(R, B, *run_both(R, B, "gelu_backward", dy, x, arrays=(0, 1)), "gelu_backward")
 
 
 def test_residual_forward_and_backward_match_numpy(pair, rng):
     R, B = pair
     a, b = rng.normal(size=(200, D)), rng.normal(size=(200, D))
-    check(R, B, *run_both(R, B, "residual_forward", a, b, arrays=(0, 1)), "residual_forward")
-    check(R, B, *run_both(R, B, "residual_backward", a, arrays=(0,)), "residual_backward")
+    check_parity(R, B, *run_both(R, B, "residual_forward", a, b, arrays=(0, 1)), "residual_forward")
+    check_parity(R, B, *run_both(R, B, "residual_backward", a, arrays=(0,)), "residual_backward")
 
 
 def test_dropout_masks_and_backward_match_numpy(pair, rng):
@@ -156,8 +143,8 @@ def test_dropout_masks_and_backward_match_numpy(pair, rng):
     m = B.to_numpy(mask)
     assert set(np.unique(m)) == {0.0, np.dtype(B.dtype).type(1.0 / (1.0 - p))}
     # The mask's draw is the backend's own; given the mask, both sides must agree exactly.
-    check(R, B, R.from_numpy(x * m), y, "dropout_forward")
-    check(R, B, R.dropout_backward(R.from_numpy(dy), R.from_numpy(m)),
+    check_parity(R, B, R.from_numpy(x * m), y, "dropout_forward")
+    check_parity(R, B, R.dropout_backward(R.from_numpy(dy), R.from_numpy(m)),
           B.dropout_backward(B.from_numpy(dy), mask), "dropout_backward")
 
 
@@ -176,15 +163,15 @@ def test_fused_head_loss_and_logits_match_numpy_with_ignored_targets(pair, rng, 
         outs.append((float(X.item(loss)), n, dh, X.to_numpy(dw).astype(np.float64) - dw0))
     (l_r, n_r, dh_r, dw_r), (l_b, n_b, dh_b, dw_b) = outs
     assert n_b == n_r
-    assert abs(l_b - l_r) <= TOL[B.dtype] * abs(l_r)
-    check(R, B, dh_r, dh_b, "head_loss dh")
+    assert abs(l_b - l_r) <= PARITY_TOL[B.dtype] * abs(l_r)
+    check_parity(R, B, dh_r, dh_b, "head_loss dh")
     # dw's increment (the start, random and of the increment's size, cast the same way on both sides)
-    assert rel_err(dw_b, dw_r) <= TOL[B.dtype], "head_loss dw"
+    assert rel_err(dw_b, dw_r) <= PARITY_TOL[B.dtype], "head_loss dw"
     # Evaluation: no gradient, the same loss.
     ev = [X.head_loss(X.from_numpy(h), X.from_numpy(w), X.index(targets)) for X in (R, B)]
     assert ev[1][2] is None and ev[1][1] == n_r
-    assert abs(float(B.item(ev[1][0])) - l_r) <= TOL[B.dtype] * abs(l_r)
-    check(R, B, *run_both(R, B, "head_logits", h, w, arrays=(0, 1)), "head_logits")
+    assert abs(float(B.item(ev[1][0])) - l_r) <= PARITY_TOL[B.dtype] * abs(l_r)
+    check_parity(R, B, *run_both(R, B, "head_logits", h, w, arrays=(0, 1)), "head_logits")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -225,17 +212,17 @@ def test_adamw_global_norm_and_scale_match_numpy(pair, rng):
         arrs = [X.from_numpy(a) for a in (p, g, m, v)]
         X.adamw_step(*arrs, lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=4)
         states.append([arrs[0], arrs[2], arrs[3]])  # p, m, v after the update
-    check(R, B, *states, "adamw_step")
+    check_parity(R, B, *states, "adamw_step")
 
     gs = [rng.normal(size=(50, 7)), rng.normal(size=300), rng.normal(size=(3, 4, 5))]
     norms = [X.global_norm([X.from_numpy(a) for a in gs]) for X in (R, B)]
-    assert abs(norms[1] - norms[0]) <= TOL[B.dtype] * norms[0]
+    assert abs(norms[1] - norms[0]) <= PARITY_TOL[B.dtype] * norms[0]
     scaled = []
     for X in (R, B):
         arrs = [X.from_numpy(a) for a in gs]
         X.scale_(arrs, 0.3)
         scaled.append(arrs)
-    check(R, B, *scaled, "scale_")
+    check_parity(R, B, *scaled, "scale_")
 
 
 # ---- the whole model ---------------------------------------------------------------------------------
@@ -256,7 +243,7 @@ def test_whole_model_and_three_adamw_steps_match_numpy(name, dtype, tie):
     model = GPT(cfg, backend=name, dtype=dtype, seed=1)
     model.load_state_dict(sd)
     opts = [AdamW(m, lr=1e-3, weight_decay=0.1) for m in (ref, model)]
-    tol = TOL[dtype]
+    tol = PARITY_TOL[dtype]
 
     inputs, _ = book_like_batch(rng, cfg.vocab_size, [30, 12, 25])
     assert rel_err(model.logits(inputs), ref.logits(inputs)) <= tol
@@ -298,9 +285,9 @@ def test_numba_head_loss_across_row_chunks(monkeypatch, dtype, rng):
             dw = X.from_numpy(dw0)
             loss, n, dh = X.head_loss(X.from_numpy(h), X.from_numpy(w), X.index(targets), dw=dw, grad_scale=0.5)
             outs.append((float(loss), dh, X.to_numpy(dw).astype(np.float64) - dw0))
-        assert abs(outs[1][0] - outs[0][0]) <= TOL[dtype] * abs(outs[0][0])
-        check(R, B, outs[0][1], outs[1][1], "dh")
-        assert rel_err(outs[1][2], outs[0][2]) <= TOL[dtype], "dw"
+        assert abs(outs[1][0] - outs[0][0]) <= PARITY_TOL[dtype] * abs(outs[0][0])
+        check_parity(R, B, outs[0][1], outs[1][1], "dh")
+        assert rel_err(outs[1][2], outs[0][2]) <= PARITY_TOL[dtype], "dw"
         results.append((outs[1][1].copy(), outs[1][1]))
     np.testing.assert_array_equal(results[0][1], results[0][0])  # the first dh survived the second call
 
@@ -308,7 +295,7 @@ def test_numba_head_loss_across_row_chunks(monkeypatch, dtype, rng):
 def test_numba_reductions_do_not_depend_on_the_thread_count(dtype, rng):
     """Column sums (layernorm dw/db, bias gradients) and the embedding scatter are split into fixed
     chunks, not one per thread: one thread and all threads give bit-identical results."""
-    numba = pytest.importorskip("numba")
+    pytest.importorskip("numba")
     B = backend_or_skip("numba", dtype)
     x, dout = rng.normal(size=(200, D)), rng.normal(size=(200, D))
     w, b = rng.normal(size=D), rng.normal(size=D)
@@ -323,11 +310,4 @@ def test_numba_reductions_do_not_depend_on_the_thread_count(dtype, rng):
         B.embedding_backward(dwte, dwpe, f(dout), B.index(tokens), B.index(positions))
         return [*ln, lin[2], dwte, dwpe]
 
-    n = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = run()
-    finally:
-        numba.set_num_threads(n)
-    for a, b_ in zip(one, run()):
-        np.testing.assert_array_equal(a, b_)
+    same_on_one_thread(run)

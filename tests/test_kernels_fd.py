@@ -9,7 +9,7 @@ import pytest
 
 from minisft.batch import IGNORE_INDEX
 from tests.helpers import ALL_BACKENDS, backend_or_skip
-from tests.helpers import fd_check
+from tests.helpers import contract, fd_check
 
 @pytest.fixture(params=ALL_BACKENDS)
 def B(request):
@@ -20,9 +20,6 @@ def B(request):
 def rng():
     return np.random.default_rng(1234)
 
-
-def contract(B, out, G) -> float:
-    return float(np.sum(B.to_numpy(out) * G))
 
 
 def test_embedding_backward_scatter_adds_repeated_tokens_like_finite_differences(B, rng):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minisft.llama import rope_tables, RopeScaling
-from tests.helpers import ALL_BACKENDS, backend_or_skip, fd_check
+from tests.helpers import ALL_BACKENDS, backend_or_skip, contract, fd_check
 
 
 @pytest.fixture(params=ALL_BACKENDS)
@@ -19,9 +19,6 @@ def B(request):
 def rng():
     return np.random.default_rng(4321)
 
-
-def contract(B, out, G) -> float:
-    return float(np.sum(B.to_numpy(out) * G))
 
 
 def test_token_embedding_backward_scatter_adds_repeated_tokens_like_finite_differences(B, rng):

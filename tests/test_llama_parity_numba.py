@@ -10,9 +10,8 @@ import pytest
 
 from minisft.backends import bf16
 from minisft.llama import RopeScaling, rope_tables
-from tests.helpers import backend_or_skip, rel_err
+from tests.helpers import backend_or_skip, check_parity, same_on_one_thread
 
-TOL = {"float32": 1e-5, "float64": 1e-10}
 STORE = {"float32": "float32", "float64": "float64", "bfloat16": "float32"}
 LENGTHS = [37, 1, 64, 20, 45, 33]    # 200 positions, 6 sequences of unequal length
 N, H, HD = sum(LENGTHS), 6, 12
@@ -32,18 +31,6 @@ def rng():
     return np.random.default_rng(20261204)
 
 
-def check(R, B, ref, got, what):
-    """ref: numpy's output, got: numba's; arrays or tuples of them."""
-    if isinstance(ref, (tuple, list)):
-        assert len(ref) == len(got), what
-        for i, (r, g) in enumerate(zip(ref, got)):
-            check(R, B, r, g, f"{what}[{i}]")
-        return
-    r, g = R.to_numpy(ref), B.to_numpy(got)
-    assert g.shape == r.shape, f"{what}: shape {g.shape} != {r.shape}"
-    assert g.dtype == R.np_dtype, f"{what}: numba returned {g.dtype}, not {R.np_dtype}"
-    err = rel_err(g, r)
-    assert err <= TOL[R.dtype], f"{what}: relative error {err:.2e} > {TOL[R.dtype]}"
 
 
 def packed_positions():
@@ -54,7 +41,7 @@ def test_token_embedding_matches_numpy_with_repeated_tokens(pair, rng):
     R, B = pair
     V = 50
     tokens, wte = rng.integers(0, V, N), rng.normal(size=(V, D))  # 200 draws of 50 ids: many repeats
-    check(R, B, *(X.token_embedding_forward(X.index(tokens), X.from_numpy(wte)) for X in (R, B)),
+    check_parity(R, B, *(X.token_embedding_forward(X.index(tokens), X.from_numpy(wte)) for X in (R, B)),
           "token_embedding_forward")
     dx, dwte0 = rng.normal(size=(N, D)), rng.normal(size=(V, D))  # the kernel adds into dwte0
     bufs = []
@@ -62,19 +49,19 @@ def test_token_embedding_matches_numpy_with_repeated_tokens(pair, rng):
         dwte = X.from_numpy(dwte0)
         X.token_embedding_backward(dwte, X.from_numpy(dx), X.index(tokens))
         bufs.append(dwte)
-    check(R, B, *bufs, "token_embedding_backward")
+    check_parity(R, B, *bufs, "token_embedding_backward")
 
 
 def test_rmsnorm_forward_and_backward_match_numpy(pair, rng):
     R, B = pair
     x, w = rng.normal(size=(N, D)) * 2.5 + 0.7, rng.normal(size=D)
     fwd = [X.rmsnorm_forward(X.from_numpy(x), X.from_numpy(w), 1e-5) for X in (R, B)]
-    check(R, B, *fwd, "rmsnorm_forward")
+    check_parity(R, B, *fwd, "rmsnorm_forward")
     dout, dskip = rng.normal(size=x.shape), rng.normal(size=x.shape)
     for skip in (None, dskip):  # each backend's backward gets its own forward's rstd
         bwd = [X.rmsnorm_backward(X.from_numpy(dout), X.from_numpy(x), X.from_numpy(w), f[1],
                                   dskip=None if skip is None else X.from_numpy(skip)) for X, f in zip((R, B), fwd)]
-        check(R, B, *bwd, f"rmsnorm_backward (dskip {skip is not None})")
+        check_parity(R, B, *bwd, f"rmsnorm_backward (dskip {skip is not None})")
 
 
 @pytest.mark.parametrize("Hkv", [2, 6])
@@ -83,10 +70,10 @@ def test_qk_norm_forward_and_backward_match_numpy(pair, rng, Hkv):
     qkv = rng.normal(size=(N, (H + 2 * Hkv) * HD)) * 1.5
     wq, wk, dout = rng.normal(size=HD), rng.normal(size=HD), rng.normal(size=qkv.shape)
     fwd = [X.qk_norm_forward(X.from_numpy(qkv), X.from_numpy(wq), X.from_numpy(wk), 1e-6, H, Hkv) for X in (R, B)]
-    check(R, B, *fwd, "qk_norm_forward")
+    check_parity(R, B, *fwd, "qk_norm_forward")
     bwd = [X.qk_norm_backward(X.from_numpy(dout), X.from_numpy(qkv), X.from_numpy(wq), X.from_numpy(wk), f[1], H, Hkv)
            for X, f in zip((R, B), fwd)]
-    check(R, B, *bwd, "qk_norm_backward")
+    check_parity(R, B, *bwd, "qk_norm_backward")
 
 
 @pytest.mark.parametrize("scaling", [None, RopeScaling(8.0, 1.0, 4.0, 16)], ids=["plain", "llama3"])
@@ -99,15 +86,15 @@ def test_rope_forward_and_backward_match_numpy(pair, rng, scaling):
     for kernel, x in (("rope_forward", qkv), ("rope_backward", dout)):
         outs = [getattr(X, kernel)(X.from_numpy(x), X.from_numpy(cos), X.from_numpy(sin), X.index(pos), H + Hkv)
                 for X in (R, B)]
-        check(R, B, *outs, kernel)
+        check_parity(R, B, *outs, kernel)
 
 
 def test_swiglu_forward_and_backward_match_numpy(pair, rng):
     R, B = pair
     f = 75
     gu, dy = rng.normal(size=(N, 2 * f)) * 3, rng.normal(size=(N, f))   # reaches sigmoid's tails
-    check(R, B, *(X.swiglu_forward(X.from_numpy(gu)) for X in (R, B)), "swiglu_forward")
-    check(R, B, *(X.swiglu_backward(X.from_numpy(dy), X.from_numpy(gu)) for X in (R, B)), "swiglu_backward")
+    check_parity(R, B, *(X.swiglu_forward(X.from_numpy(gu)) for X in (R, B)), "swiglu_forward")
+    check_parity(R, B, *(X.swiglu_backward(X.from_numpy(dy), X.from_numpy(gu)) for X in (R, B)), "swiglu_backward")
 
 
 @pytest.mark.parametrize("Hkv", [2, 3, 1, 6], ids=["gqa2", "gqa3", "mqa", "mha"])
@@ -116,10 +103,10 @@ def test_grouped_query_attention_matches_numpy_on_unequal_sequences(pair, rng, H
     cu = np.concatenate([[0], np.cumsum(LENGTHS)])
     qkv, dout = rng.normal(size=(N, (H + 2 * Hkv) * HD)), rng.normal(size=(N, H * HD))
     fwd = [X.attention_forward(X.from_numpy(qkv), X.index(cu), H, max(LENGTHS), n_kv_heads=Hkv) for X in (R, B)]
-    check(R, B, fwd[0][0], fwd[1][0], "attention_forward")
+    check_parity(R, B, fwd[0][0], fwd[1][0], "attention_forward")
     bwd = [X.attention_backward(X.from_numpy(dout), X.from_numpy(qkv), f[0], f[1], X.index(cu), H, max(LENGTHS),
                                 n_kv_heads=Hkv) for X, f in zip((R, B), fwd)]
-    check(R, B, *bwd, "attention_backward")
+    check_parity(R, B, *bwd, "attention_backward")
 
 
 def test_grouped_kv_cache_write_and_decode_match_numpy(pair, rng):
@@ -134,13 +121,13 @@ def test_grouped_kv_cache_write_and_decode_match_numpy(pair, rng):
         k, v = X.kv_cache_alloc(len(LENGTHS), Hkv, T, HD)
         X.kv_cache_write(k, v, X.from_numpy(qkv), X.index(seq_ids), X.index(pos))
         outs.append((k, v, X.attention_decode(X.from_numpy(q_dec), k, v, X.index(lens), H, int(lens.max()))))
-    check(R, B, *outs, "kv_cache_write, attention_decode")
+    check_parity(R, B, *outs, "kv_cache_write, attention_decode")
 
 
 def test_llama_reductions_do_not_depend_on_the_thread_count(pair, rng):
     """RMSNorm's and the q/k norm's weight gradients and the token scatter sum fixed chunks, not one
     per thread: one thread and all threads give bit-identical results."""
-    numba = pytest.importorskip("numba")
+    pytest.importorskip("numba")
     _, B = pair
     Hkv = 2
     x, dout, w = rng.normal(size=(N, D)), rng.normal(size=(N, D)), rng.normal(size=D)
@@ -157,11 +144,4 @@ def test_llama_reductions_do_not_depend_on_the_thread_count(pair, rng):
         B.token_embedding_backward(dwte, f(dout), B.index(tokens))
         return [*rms, *qk, dwte]
 
-    n = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = run()
-    finally:
-        numba.set_num_threads(n)
-    for a, b in zip(one, run()):
-        np.testing.assert_array_equal(a, b)
+    same_on_one_thread(run)
