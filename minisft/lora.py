@@ -155,6 +155,18 @@ def scheme_of(cfg) -> Scheme:
     return SCHEMES[family_of(cfg).name]
 
 
+def head_slot(cfg) -> Slot:
+    """The output head's adapter (both families): the head (V, d) as a linear d -> V."""
+    return Slot("lm_head", "lm_head", 0, cfg.emb_dim, cfg.vocab_size)
+
+
+def _in_block(name: str) -> tuple[int, str]:
+    """'layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'): every family names block i's tensors
+    <word>.<i>.<name in the block> (Family.layer)."""
+    _, i, rest = name.split(".", 2)
+    return int(i), rest
+
+
 def _peft_target(scheme: Scheme, slots: dict, module: str, col: int) -> str:
     """The `every` target (one PEFT module) holding column col of the block's module."""
     return next(t for t in scheme.every[:-1] if slots[t].module == module
@@ -167,7 +179,7 @@ def parse_targets(text: str, scheme: Scheme = SCHEMES["gpt2"], setting="lora-tar
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if names == ("all",):
         return scheme.every
-    check_targets(names or (text,), scheme, setting)
+    check_targets(names or (text,), scheme, setting)  # naming nothing: refused as the text given
     return tuple(dict.fromkeys(names))
 
 
@@ -224,15 +236,13 @@ def plan(cfg, lc: LoraConfig) -> list:
     scheme, fam = scheme_of(cfg), family_of(cfg)
     check_targets(lc.targets, scheme)
     slots = scheme.slots(cfg)
-    layers = []  # (prefix, module, col, n_in, n_out)
+    layers = []  # Slots named in the model (h.3.attn.c_attn.q)
     for i in range(cfg.n_layers):
         h = fam.layer.format(i)
-        for t in lc.targets:
-            if t != "lm_head":
-                sl = slots[t]
-                layers.append((h + sl.name, h + sl.module, sl.col, sl.n_in, sl.n_out))
+        layers += [slots[t]._replace(name=h + slots[t].name, module=h + slots[t].module)
+                   for t in lc.targets if t != "lm_head"]
     if "lm_head" in lc.targets:
-        layers.append(("lm_head", "lm_head", 0, cfg.emb_dim, cfg.vocab_size))
+        layers.append(head_slot(cfg))
     for prefix, _, _, n_in, n_out in layers:
         if not 1 <= lc.rank <= min(n_in, n_out):
             raise MinisftError(f"setting lora-rank: {lc.rank} must lie in [1, {min(n_in, n_out)}] for "
@@ -401,16 +411,16 @@ def peft_groups(model: GPT) -> dict:
     """{PEFT module, in minisft's names: (its width, [(part, its first column in the module)])}, in the
     parts' order. A GPT-2 PEFT module is a whole Conv1D (c_attn's parts share it), a Llama-family one
     an HF nn.Linear (one part each)."""
-    scheme = scheme_of(model.cfg)
+    scheme, fam = scheme_of(model.cfg), family_of(model.cfg)
     slots = scheme.slots(model.cfg)
     groups: dict = {}
     for p in model.lora.parts:
         if p.module == "lm_head":
             name, col, width = "lm_head", 0, p.n_out
         else:
-            h = re.match(r"[^.]+\.\d+\.", p.module).group()                            # h.3. / layers.3.
-            sl = slots[_peft_target(scheme, slots, p.module[len(h):], p.col)]
-            name, col, width = h + sl.name, p.col - sl.col, sl.n_out
+            i, module = _in_block(p.module)
+            sl = slots[_peft_target(scheme, slots, module, p.col)]
+            name, col, width = fam.layer.format(i) + sl.name, p.col - sl.col, sl.n_out
         groups.setdefault(name, (width, []))[1].append((p, col))
     return groups
 
@@ -536,10 +546,10 @@ def load_adapter(model: GPT, adapter_dir) -> Lora:
         if set(ab) != {"A", "B"}:
             raise MinisftError(f"{w_path}: {module} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
         if module == "lm_head":
-            sl, h = Slot("lm_head", "lm_head", 0, model.cfg.emb_dim, model.cfg.vocab_size), ""
+            sl, h = head_slot(model.cfg), ""
         else:
-            i, name = module.split(".", 2)[1:]
-            if int(i) >= model.cfg.n_layers:
+            i, name = _in_block(module)
+            if i >= model.cfg.n_layers:
                 raise MinisftError(f"{w_path}: {module}: the base model has only {model.cfg.n_layers} layers")
             sl, h = slots[name], family_of(model.cfg).layer.format(i)
         n_in, n_out = sl.n_in, sl.n_out
