@@ -21,12 +21,13 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft", reason="peft is not installed (the hf extra: pip install 'minisft[hf]')")
 
 from minisft import lora, memory  # noqa: E402
+from minisft.errors import MinisftError  # noqa: E402
 from minisft.llama import PRESETS, LlamaConfig, hf_array, hf_config, hf_layout  # noqa: E402
 from minisft.model import GPT  # noqa: E402
 from minisft.settings import Settings, validate  # noqa: E402
 from minisft.train import checkpoints, finetune  # noqa: E402
-from tests.helpers import (book_like_batch, interrupted_run, llama_settings, quiet, read_metrics, rel_err,  # noqa: E402
-                           run_cli)
+from tests.helpers import (book_like_batch, interrupted_run, llama_settings, quiet, random_model,  # noqa: E402
+                           read_metrics, rel_err, run_cli)
 from tests.test_llama_model import hf_model, ours_from, same_angles_in_float64  # noqa: E402
 
 ALL = lora.SCHEMES["llama"].every   # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head
@@ -155,12 +156,18 @@ def test_our_merge_and_export_merge_equal_peft_merge_and_unload(tmp_path, base):
     assert rel_err(hf_logits(hf_base(tmp_path / "merged"), x), hf_logits(merged, x)) <= 1e-5
 
 
-def test_an_adapter_for_another_llama_shape_is_refused_in_one_line(tmp_path, base):
+def test_an_adapter_of_another_shape_or_family_is_refused_and_the_model_left_alone(tmp_path, base):
     peft_adapter(base, tmp_path / "peft", ["q_proj", "down_proj"])
     other = GPT(LlamaConfig(**{**PRESETS["llama-tiny"], "vocab_size": 96}))
-    with pytest.raises(lora.MinisftError, match="do not fit the base layer"):
+    with pytest.raises(MinisftError, match="do not fit the base layer"):
         lora.load_adapter(other, tmp_path / "peft")
-    assert other.lora is None
+    gpt2 = random_model()
+    lora.attach(gpt2, lora.LoraConfig(rank=2, alpha=2.0, targets=("c_attn", "c_fc")))
+    lora.save_adapter(gpt2, tmp_path / "gpt2")
+    (tmp_path / "gpt2" / lora.MINISFT_FILE).unlink()  # as PEFT writes it: only the tensor names tell
+    with pytest.raises(MinisftError, match="is not a LoRA weight of a Llama-family linear layer"):
+        lora.load_adapter(other, tmp_path / "gpt2")
+    assert other.lora is None and not other.frozen
 
 
 # ---- settings and memory -------------------------------------------------------------------------------
