@@ -1,4 +1,5 @@
-"""LoRA: low-rank adapters beside frozen GPT-2 weights (Hu et al. 2021; Hugging Face PEFT's conventions).
+"""LoRA: low-rank adapters beside frozen base weights (Hu et al. 2021; Hugging Face PEFT's conventions),
+for GPT-2 and the Llama family.
 
 For each targeted linear with Conv1D weight W (in, out), the model computes
 
@@ -8,19 +9,25 @@ and trains only A and B: every base weight is frozen, so its dW matmul, gradient
 moments never exist. A starts Kaiming-uniform as PEFT draws it (bound 1/sqrt(in)), B at zero, so step
 0 is the base model exactly. The fused c_attn (N, 3d) = [q | k | v] takes one adapter for the whole
 matrix (`c_attn`) or one per part (`c_attn.q`, `c_attn.k`, `c_attn.v`: the LoRA paper's q and v);
-each part updates only its column slice. `lm_head` adapts the output head (V, d); its up-projection
-runs inside the fused head + cross-entropy (backend head_loss), so no (N, V) matrix appears.
+each part updates only its column slice. The Llama family takes PEFT's names (q_proj, k_proj, v_proj,
+o_proj, gate_proj, up_proj, down_proj): Hugging Face keeps each as its own nn.Linear, minisft's q/k/v
+and gate/up as column slices of the fused qkv_proj / gate_up_proj, so each is a part as c_attn.q is.
+A Scheme per family (SCHEMES) holds these names and where each adapts. `lm_head` adapts the output
+head (V, d); its up-projection runs inside the fused head + cross-entropy (backend head_loss), so no
+(N, V) matrix appears.
 
-The adapters live in `model.params` under `<module>[.q|.k|.v].lora_A / .lora_B` and train through the
+The adapters live in `model.params` under `<adapter>.lora_A / .lora_B` (h.0.attn.c_attn[.q|.k|.v],
+layers.0.self_attn.q_proj, lm_head) and train through the
 ordinary AdamW and gradient clipping; the forward and backward are the backend kernels
 `lora_forward` / `lora_backward` (and `lora_down_*` for the head), called by the block's linear op
 (minisft/model.py) through `model.lora`.
 
 Files: `save_adapter` writes PEFT's layout (adapter_config.json + adapter_model.safetensors, PEFT
-tensor names, lora_A.weight (r, in), lora_B.weight (out, r), fan_in_fan_out true) plus
-minisft_adapter.json, the base model's path and checksum. Per-part c_attn adapters are written as one
-PEFT adapter of rank k·r whose B is block-structured (exact, with rank_pattern/alpha_pattern keeping
-the scale). `load_adapter` reads ours and PEFT's. `merge` folds the adapters into the weights.
+tensor names, lora_A.weight (r, in), lora_B.weight (out, r), fan_in_fan_out true for GPT-2's Conv1D,
+false for the Llama family's nn.Linear) plus minisft_adapter.json, the base model's path and checksum.
+Per-part c_attn adapters are written as one PEFT adapter of rank k·r whose B is block-structured
+(exact, with rank_pattern/alpha_pattern keeping the scale); a Llama part is a PEFT module of its own.
+`load_adapter` reads ours and PEFT's. `merge` folds the adapters into the weights.
 Training checkpoints (`save_checkpoint`) hold the adapters and their AdamW state only.
 """
 import hashlib
@@ -29,22 +36,23 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import h5py
 import numpy as np
 
-from . import __version__, safetensors
+from . import __version__, llama, safetensors
 from .checkpoint import (SHAPE_FIELDS, atomic_h5, check_layout, json_default, read_array, read_json, rng_from_state,
                          rng_state, write_arrays)
 from .config import GPTConfig
 from .errors import MinisftError
+from .family import config_from_dict, config_to_dict, family_of
 from .files import write_json
 from .model import GPT, param_shapes
 from .pretrained import HF_REPOS
 from .settings import architecture
 
 MODULES = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head")   # every linear layer of GPT-2
-MODULE_NAMES = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
 PARTS = {"c_attn.q": 0, "c_attn.k": 1, "c_attn.v": 2}                  # column block of the fused qkv
 TARGETS = MODULES[:1] + tuple(PARTS) + MODULES[1:]
 DEFAULT_TARGETS = ("c_attn",)                                          # PEFT's default for GPT-2
@@ -89,20 +97,102 @@ class Part:
         return self.prefix + ".lora_B"
 
 
+class Slot(NamedTuple):
+    """Where a target adapts within one block: columns [col, col + n_out) of module's output."""
+    name: str        # the adapter's name in the block: attn.c_attn.q, self_attn.q_proj
+    module: str      # the block's linear it updates: attn.c_attn, self_attn.qkv_proj
+    col: int
+    n_in: int
+    n_out: int
+
+
+def _gpt2_slots(cfg) -> dict:
+    """GPT-2's targets -> Slot: each module whole, and c_attn's q, k, v column blocks."""
+    d = cfg.emb_dim
+    slots = {t: Slot(m, m, 0, n_in, n_out) for t, m, n_in, n_out in (
+        ("c_attn", "attn.c_attn", d, 3 * d), ("attn.c_proj", "attn.c_proj", d, d), ("c_fc", "mlp.c_fc", d, 4 * d),
+        ("mlp.c_proj", "mlp.c_proj", 4 * d, d))}
+    return slots | {t: Slot(f"attn.c_attn.{t[-1]}", "attn.c_attn", k * d, d, d) for t, k in PARTS.items()}
+
+
+def _llama_slots(cfg) -> dict:
+    """The Llama family's targets -> Slot, from its Hugging Face layout (llama.hf_layout): each HF
+    nn.Linear of block 0 is a target named as PEFT names it, at its columns of minisft's tensor."""
+    shapes, block, slots = llama.param_shapes(cfg), "model.layers.0.", {}
+    for hf, piece in llama.hf_layout(cfg).items():
+        if piece.linear and hf.startswith(block) and hf.endswith(".weight"):
+            name = hf[len(block):-len(".weight")]                                       # self_attn.q_proj
+            n_in, width = shapes[piece.ours]                                            # (in, out) fused
+            module = piece.ours[len("layers.0."):-len(".weight")]                       # self_attn.qkv_proj
+            slots[name.rsplit(".", 1)[1]] = Slot(name, module, piece.start, n_in, (piece.stop or width) - piece.start)
+    return slots
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One family's LoRA targets: their names, where each adapts, and how PEFT names them."""
+    label: str          # the family, in messages
+    every: tuple        # `all`: one target per Hugging Face linear (a PEFT module each), the head last
+    names: tuple        # every target accepted: `every` and the column parts of a fused module
+    default: tuple      # PEFT's default targets for the family
+    fused: dict         # a whole fused module -> its parts: a run names one or the other
+    body: str           # PEFT's prefix of the body's modules (base_model.model.<body>h.0.attn.c_attn)
+    conv1d: bool        # Hugging Face's weights are Conv1D (in, out): PEFT's fan_in_fan_out
+    shape_fields: tuple  # the base config fields minisft_adapter.json records
+    slots: Callable     # cfg -> {target: Slot} (lm_head aside)
+
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+SCHEMES = {
+    "gpt2": Scheme("GPT-2", MODULES, TARGETS, DEFAULT_TARGETS, {"c_attn": tuple(PARTS)}, "transformer.", True,
+                   SHAPE_FIELDS, _gpt2_slots),
+    "llama": Scheme("Llama-family", LLAMA_TARGETS, LLAMA_TARGETS, ("q_proj", "v_proj"), {}, "model.", False,
+                    SHAPE_FIELDS + ("n_kv_heads", "head_dim", "ffn_dim"), _llama_slots),
+}
+
+
+def scheme_of(cfg) -> Scheme:
+    return SCHEMES[family_of(cfg).name]
+
+
+def head_slot(cfg) -> Slot:
+    """The output head's adapter (both families): the head (V, d) as a linear d -> V."""
+    return Slot("lm_head", "lm_head", 0, cfg.emb_dim, cfg.vocab_size)
+
+
+def _in_block(name: str) -> tuple[int, str]:
+    """'layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'): every family names block i's tensors
+    <word>.<i>.<name in the block> (Family.layer)."""
+    _, i, rest = name.split(".", 2)
+    return int(i), rest
+
+
+def _peft_target(scheme: Scheme, slots: dict, module: str, col: int) -> str:
+    """The `every` target (one PEFT module) holding column col of the block's module."""
+    return next(t for t in scheme.every[:-1] if slots[t].module == module
+                and slots[t].col <= col < slots[t].col + slots[t].n_out)
+
+
 # ---- settings ---------------------------------------------------------------------------------------
-def parse_targets(text: str, setting="lora-targets") -> tuple:
+def parse_targets(text: str, scheme: Scheme = SCHEMES["gpt2"], setting="lora-targets") -> tuple:
     """'c_attn.q,c_attn.v' -> ('c_attn.q', 'c_attn.v'); 'all' -> every linear layer incl. the head."""
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if names == ("all",):
-        return MODULES
-    unknown = [t for t in names if t not in TARGETS]
-    if unknown or not names:
-        raise MinisftError(f"setting {setting}: unknown target {unknown[0] if unknown else text!r}; choose from "
-                           f"{', '.join(TARGETS)} or all")
-    if "c_attn" in names and any(t in PARTS for t in names):
-        raise MinisftError(f"setting {setting}: c_attn adapts the whole fused q|k|v matrix; name it or its "
-                           "parts c_attn.q/.k/.v, not both")
+        return scheme.every
+    check_targets(names or (text,), scheme, setting)  # naming nothing: refused as the text given
     return tuple(dict.fromkeys(names))
+
+
+def check_targets(names: tuple, scheme: Scheme, setting="lora-targets") -> None:
+    """Refuse a target the family lacks, or a fused module named with its parts."""
+    unknown = [t for t in names if t not in scheme.names]
+    if unknown:
+        raise MinisftError(f"setting {setting}: unknown target {unknown[0]!r} for a {scheme.label} model; choose "
+                           f"from {', '.join(scheme.names)} or all")
+    for whole, parts in scheme.fused.items():
+        if whole in names and any(t in parts for t in names):
+            raise MinisftError(f"setting {setting}: {whole} adapts the whole fused matrix; name it or its parts "
+                               f"{', '.join(parts)}, not both")
 
 
 def check_settings(s):
@@ -130,29 +220,29 @@ def check_settings(s):
 
 
 def lora_config(s) -> LoraConfig:
-    """The LoraConfig of validated Settings (alpha defaults to the rank: scale 1)."""
-    cfg = LoraConfig(rank=s.lora_rank, alpha=float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank),
-                     dropout=s.lora_dropout or 0.0, rslora=bool(s.lora_rslora),
-                     targets=parse_targets(s.lora_targets) if s.lora_targets else DEFAULT_TARGETS)
-    plan(architecture(s), cfg)
-    return cfg
+    """The LoraConfig of validated Settings (alpha defaults to the rank: scale 1; targets to the
+    family's PEFT default)."""
+    cfg = architecture(s)
+    scheme = scheme_of(cfg)
+    lc = LoraConfig(rank=s.lora_rank, alpha=float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank),
+                    dropout=s.lora_dropout or 0.0, rslora=bool(s.lora_rslora),
+                    targets=parse_targets(s.lora_targets, scheme) if s.lora_targets else scheme.default)
+    plan(cfg, lc)
+    return lc
 
 
-def plan(cfg: GPTConfig, lc: LoraConfig) -> list:
+def plan(cfg, lc: LoraConfig) -> list:
     """Every Part the targets name, in layer order; rank checked against each layer (setting lora-rank)."""
-    d, V = cfg.emb_dim, cfg.vocab_size
-    shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
-    layers = []  # (prefix, module, col, n_in, n_out)
+    scheme, fam = scheme_of(cfg), family_of(cfg)
+    check_targets(lc.targets, scheme)
+    slots = scheme.slots(cfg)
+    layers = []  # Slots named in the model (h.3.attn.c_attn.q)
     for i in range(cfg.n_layers):
-        for t in lc.targets:
-            if t in PARTS:
-                mod = f"h.{i}.attn.c_attn"
-                layers.append((f"{mod}.{t[-1]}", mod, PARTS[t] * d, d, d))
-            elif t != "lm_head":
-                mod = f"h.{i}.{MODULE_NAMES[t]}"
-                layers.append((mod, mod, 0, *shapes[MODULE_NAMES[t]]))
+        h = fam.layer.format(i)
+        layers += [slots[t]._replace(name=h + slots[t].name, module=h + slots[t].module)
+                   for t in lc.targets if t != "lm_head"]
     if "lm_head" in lc.targets:
-        layers.append(("lm_head", "lm_head", 0, d, V))
+        layers.append(head_slot(cfg))
     for prefix, _, _, n_in, n_out in layers:
         if not 1 <= lc.rank <= min(n_in, n_out):
             raise MinisftError(f"setting lora-rank: {lc.rank} must lie in [1, {min(n_in, n_out)}] for "
@@ -286,9 +376,10 @@ def trainable_parameters(model: GPT) -> str:
 
 
 # ---- merging ---------------------------------------------------------------------------------------------
-def merged_state_dict(model: GPT) -> tuple[GPTConfig, dict]:
-    """-> (config, {HF name: float32 array}) with every adapter folded in: W[:, cols] += scale A B. A head
-    adapter on a tied head unties it (lm_head = wte + delta), so the embeddings stay the base's."""
+def merged_state_dict(model: GPT) -> tuple[GPTConfig | llama.LlamaConfig, dict]:
+    """-> (config, {parameter name: float32 array}) with every adapter folded in: W[:, cols] += scale A B.
+    A head adapter on a tied head unties it (lm_head = the embedding + delta), so the embeddings stay
+    the base's."""
     lora, cfg = model.lora, model.cfg
     sd = {n: model.B.to_numpy(model.params[n]).astype(np.float32) for n in param_shapes(cfg)}
     for p in lora.parts:
@@ -298,7 +389,7 @@ def merged_state_dict(model: GPT) -> tuple[GPTConfig, dict]:
         if p.module == "lm_head":
             if cfg.tie_embeddings:
                 cfg = replace(cfg, tie_embeddings=False)
-                sd["lm_head.weight"] = sd["wte.weight"].copy()
+                sd["lm_head.weight"] = sd[model.family.embed].copy()
             sd["lm_head.weight"] += delta.T.astype(np.float32)                          # (V, d)
         else:
             sd[p.module + ".weight"][:, p.col:p.col + p.n_out] += delta.astype(np.float32)
@@ -312,28 +403,44 @@ def merge(model: GPT) -> GPT:
 
 
 # ---- PEFT files ------------------------------------------------------------------------------------------
-def _peft_module(module: str) -> str:
-    return PEFT_PREFIX + ("lm_head" if module == "lm_head" else "transformer." + module)
+def _peft_module(scheme: Scheme, module: str) -> str:
+    return PEFT_PREFIX + ("lm_head" if module == "lm_head" else scheme.body + module)
+
+
+def peft_groups(model: GPT) -> dict:
+    """{PEFT module, in minisft's names: (its width, [(part, its first column in the module)])}, in the
+    parts' order. A GPT-2 PEFT module is a whole Conv1D (c_attn's parts share it), a Llama-family one
+    an HF nn.Linear (one part each)."""
+    scheme, fam = scheme_of(model.cfg), family_of(model.cfg)
+    slots = scheme.slots(model.cfg)
+    groups: dict = {}
+    for p in model.lora.parts:
+        if p.module == "lm_head":
+            name, col, width = "lm_head", 0, p.n_out
+        else:
+            i, module = _in_block(p.module)
+            sl = slots[_peft_target(scheme, slots, module, p.col)]
+            name, col, width = fam.layer.format(i) + sl.name, p.col - sl.col, sl.n_out
+        groups.setdefault(name, (width, []))[1].append((p, col))
+    return groups
 
 
 def peft_tensors(model: GPT) -> tuple[dict, dict]:
-    """-> ({PEFT tensor name: array}, {module: (rank, n_parts)}). A module's parts stack into one PEFT
-    adapter: lora_A rows [A_q^T; A_v^T], lora_B columns holding each B^T in its column block."""
+    """-> ({PEFT tensor name: array}, {PEFT module (peft_groups): (rank, n_parts)}). A module's parts stack into one
+    PEFT adapter: lora_A rows [A_q^T; A_v^T], lora_B columns holding each B^T in its column block."""
     tensors, ranks = {}, {}
-    for module, parts in list(model.lora.by_module.items()) + [("lm_head", [model.lora.head])]:
-        if parts == [None]:
-            continue
-        n_out = 3 * model.cfg.emb_dim if module.endswith("c_attn") else parts[0].n_out  # the module's width
-        r = sum(p.rank for p in parts)
-        a_peft = np.zeros((r, parts[0].n_in), np.float32)                               # (k r, in)
+    scheme = scheme_of(model.cfg)
+    for module, (n_out, parts) in peft_groups(model).items():
+        r = sum(p.rank for p, _ in parts)
+        a_peft = np.zeros((r, parts[0][0].n_in), np.float32)                            # (k r, in)
         b_peft = np.zeros((n_out, r), np.float32)                                       # (out, k r)
         j = 0
-        for p in parts:
+        for p, col in parts:
             a_peft[j:j + p.rank] = model.B.to_numpy(model.params[p.a]).T
-            b_peft[p.col:p.col + p.n_out, j:j + p.rank] = model.B.to_numpy(model.params[p.b]).T
+            b_peft[col:col + p.n_out, j:j + p.rank] = model.B.to_numpy(model.params[p.b]).T
             j += p.rank
-        tensors[_peft_module(module) + ".lora_A.weight"] = a_peft
-        tensors[_peft_module(module) + ".lora_B.weight"] = b_peft
+        tensors[_peft_module(scheme, module) + ".lora_A.weight"] = a_peft
+        tensors[_peft_module(scheme, module) + ".lora_B.weight"] = b_peft
         ranks[module] = (r, len(parts))
     return tensors, ranks
 
@@ -355,18 +462,21 @@ def save_adapter(model: GPT, out_dir) -> Path:
             key = module.split(".", 2)[2]                                               # attn.c_attn
             rank_pattern[key] = r
             alpha_pattern[key] = lc.alpha * (math.sqrt(k) if lc.rslora else k)
-    targets = sorted({t.split(".")[0] if t in PARTS else t for t in lc.targets})
+    scheme = scheme_of(model.cfg)
+    slots = scheme.slots(model.cfg)
+    targets = sorted({t if t == "lm_head" else _peft_target(scheme, slots, slots[t].module, slots[t].col)
+                      for t in lc.targets})                                         # c_attn.q -> c_attn
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": lora.base["path"],
         "r": lc.rank, "lora_alpha": lc.alpha, "lora_dropout": lc.dropout, "use_rslora": lc.rslora,
-        "target_modules": targets, "fan_in_fan_out": True, "bias": "none", "modules_to_save": None,
+        "target_modules": targets, "fan_in_fan_out": scheme.conv1d, "bias": "none", "modules_to_save": None,
         "init_lora_weights": True, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "inference_mode": True, "use_dora": False,
     }
     safetensors.save(out / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
     write_json(out / CONFIG_FILE, config, indent=2)
     write_json(out / MINISFT_FILE, {"minisft_version": __version__, "lora": _config_dict(lc), "base": lora.base,
-                                    "base_config": {k: getattr(model.cfg, k) for k in SHAPE_FIELDS}}, indent=2)
+                                    "base_config": {k: getattr(model.cfg, k) for k in scheme.shape_fields}}, indent=2)
     return out
 
 
@@ -374,13 +484,19 @@ def _config_dict(lc: LoraConfig) -> dict:
     return {**asdict(lc), "targets": list(lc.targets)}
 
 
-_PEFT_NAME = re.compile(r"base_model\.model\.(?:transformer\.)?(h\.\d+\.(?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|"
-                        r"mlp\.c_proj)|lm_head)\.lora_([AB])\.weight")
+def _peft_names(scheme: Scheme, cfg) -> re.Pattern:
+    """PEFT's adapter tensor names for a model of cfg -> (its module in minisft's names, A or B)."""
+    slots = scheme.slots(cfg)
+    layer = re.escape(family_of(cfg).layer).replace(re.escape("{}"), r"\d+")          # h\.\d+\.
+    modules = "|".join(re.escape(slots[t].name) for t in scheme.every[:-1])
+    return re.compile(rf"{re.escape(PEFT_PREFIX)}(?:{re.escape(scheme.body)})?({layer}(?:{modules})|lm_head)"
+                      r"\.lora_([AB])\.weight")
 
 
 def load_adapter(model: GPT, adapter_dir) -> Lora:
-    """Attach an adapter folder in PEFT's layout (written by minisft or by PEFT for GPT-2) to model,
-    for inference or merging. Everything is checked before the model changes."""
+    """Attach an adapter folder in PEFT's layout (written by minisft or by PEFT, for the model's family)
+    to model, for inference or merging. Everything is checked before the model changes."""
+    scheme = scheme_of(model.cfg)
     d = Path(adapter_dir)
     cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
     for p in (cfg_path, w_path):
@@ -409,7 +525,7 @@ def load_adapter(model: GPT, adapter_dir) -> Lora:
             raise MinisftError(f"{d / MINISFT_FILE}: the adapter's base model does not match: {', '.join(differ)}")
         base_sha = ours.get("base", {}).get("sha256")
     tensors, _ = safetensors.load(w_path)
-    found = {}
+    found, names = {}, _peft_names(scheme, model.cfg)
     for name, a in tensors.items():
         if name == PEFT_PREFIX + "lm_head.base_layer.weight":
             # PEFT saves the output head's own weight beside its adapter (save_embedding_layers): it
@@ -418,20 +534,25 @@ def load_adapter(model: GPT, adapter_dir) -> Lora:
             if a.shape != tuple(head.shape) or not np.array_equal(a, model.B.to_numpy(head).astype(np.float32)):
                 raise MinisftError(f"{w_path}: {name} differs from this base model's output head")
             continue
-        m = _PEFT_NAME.fullmatch(name)
+        m = names.fullmatch(name)
         if m is None:
-            raise MinisftError(f"{w_path}: tensor {name!r} is not a LoRA weight of a GPT-2 linear layer")
+            raise MinisftError(f"{w_path}: tensor {name!r} is not a LoRA weight of a {scheme.label} linear layer")
         found.setdefault(m.group(1), {})[m.group(2)] = np.asarray(a, np.float32)
     if not found:
         raise MinisftError(f"{w_path}: holds no LoRA tensors")
-    shapes, d_model = param_shapes(model.cfg), model.cfg.emb_dim
+    slots = {sl.name: sl for sl in scheme.slots(model.cfg).values()}
     parts, arrays = [], {}
     for module, ab in found.items():
         if set(ab) != {"A", "B"}:
             raise MinisftError(f"{w_path}: {module} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
-        if module.startswith("h.") and int(module.split(".")[1]) >= model.cfg.n_layers:
-            raise MinisftError(f"{w_path}: {module}: the base model has only {model.cfg.n_layers} layers")
-        n_in, n_out = (d_model, model.cfg.vocab_size) if module == "lm_head" else shapes[module + ".weight"]
+        if module == "lm_head":
+            sl, h = head_slot(model.cfg), ""
+        else:
+            i, name = _in_block(module)
+            if i >= model.cfg.n_layers:
+                raise MinisftError(f"{w_path}: {module}: the base model has only {model.cfg.n_layers} layers")
+            sl, h = slots[name], family_of(model.cfg).layer.format(i)
+        n_in, n_out = sl.n_in, sl.n_out
         a, b = ab["A"], ab["B"]
         r = a.shape[0]
         if a.shape != (r, n_in) or b.shape != (n_out, r):
@@ -443,8 +564,9 @@ def load_adapter(model: GPT, adapter_dir) -> Lora:
         if rank != r:
             raise MinisftError(f"{cfg_path}: {module} has rank {r} in the weights, {rank} in the config")
         scale = alpha / (math.sqrt(r) if rslora else r)
-        parts.append(Part(module, module, 0, n_in, n_out, r, scale))
-        arrays[module + ".lora_A"], arrays[module + ".lora_B"] = a.T, b.T             # (in, r), (r, out)
+        part = Part(h + sl.name, h + sl.module, sl.col, n_in, n_out, r, scale)
+        parts.append(part)
+        arrays[part.a], arrays[part.b] = a.T, b.T                                       # (in, r), (r, out)
     if model.lora is not None:
         raise MinisftError("the model already has LoRA adapters")
     lora = _attach(model, None, parts, arrays, conf.get("base_model_name_or_path"))
@@ -479,7 +601,7 @@ def save_checkpoint(path, model: GPT, optimizer, train_state: dict | None = None
     with atomic_h5(path) as f:
         f.attrs.update(format=CKPT_FORMAT, format_version=CKPT_VERSION, minisft_version=__version__,
                        dtype=model.dtype)
-        f["config"] = json.dumps(model.cfg.to_dict())
+        f["config"] = json.dumps(config_to_dict(model.cfg))
         f["lora"] = json.dumps({"config": _config_dict(lora.config), "base": lora.base})
         f.create_group("model").attrs["rng"] = json.dumps(rng_state(model.rng))
         write_arrays(f.create_group("params"), {n: model.params[n] for n in names}, model)
@@ -500,11 +622,11 @@ def is_checkpoint(path) -> bool:
         return False
 
 
-def read_checkpoint_header(path) -> tuple[GPTConfig, LoraConfig, dict]:
+def read_checkpoint_header(path) -> tuple[GPTConfig | llama.LlamaConfig, LoraConfig, dict]:
     """-> (model config, LoraConfig, base {path, sha256}) of a LoRA checkpoint, without loading arrays."""
     with h5py.File(path, "r") as f:
         meta = read_json(f, path, "lora")
-        cfg = GPTConfig.from_dict(read_json(f, path, "config"))
+        cfg = config_from_dict(read_json(f, path, "config"))
     c = meta["config"]
     return cfg, LoraConfig(**{**c, "targets": tuple(c["targets"])}), meta["base"]
 

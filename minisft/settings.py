@@ -97,9 +97,10 @@ class Settings:
     lora_alpha: float | None = _s(None, "LoRA scale numerator: updates are scaled by alpha / rank (default: "
                                         "alpha = rank, scale 1)")
     lora_dropout: float | None = _s(None, "dropout on the adapters' input (default: 0)")
-    lora_targets: str | None = _s(None, "comma-separated layers to adapt: c_attn (whole q|k|v), c_attn.q, c_attn.k, "
-                                        "c_attn.v, attn.c_proj, c_fc, mlp.c_proj, lm_head, or all (default: "
-                                        "c_attn, PEFT's for GPT-2)")
+    lora_targets: str | None = _s(None, "comma-separated layers to adapt: GPT-2's c_attn (whole q|k|v), c_attn.q, "
+                                        "c_attn.k, c_attn.v, attn.c_proj, c_fc, mlp.c_proj; the Llama family's "
+                                        "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; lm_head; "
+                                        "or all (default: PEFT's: c_attn for GPT-2, q_proj,v_proj for Llama)")
     lora_rslora: bool | None = _s(None, "rank-stabilised LoRA: scale alpha / sqrt(rank)")
     lora_preset: str | None = _s(None, "book-7.4: the book's exercise 7.4 (appendix E's LoRA): rank 16, alpha 16, "
                                        "every linear layer including the head; flags given override it")

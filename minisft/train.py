@@ -173,9 +173,6 @@ class AdapterRun:
     adapters: lora.LoraConfig
 
     def attach(self, model: GPT, s: Settings) -> None:
-        if not isinstance(model.cfg, GPTConfig):
-            raise MinisftError("setting lora-rank: LoRA adapts GPT-2's modules (c_attn, c_fc, ...); adapters for "
-                               "the Llama family's q_proj ... down_proj are not built yet: fine-tune it fully")
         # An absolute path: generate, chat, eval and export find the base from any folder.
         base = str(Path(s.weights).resolve()) if s.weights else s.model
         lora.attach(model, self.adapters, seed=s.seed, base_path=base)

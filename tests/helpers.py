@@ -116,6 +116,12 @@ def settings(tmp_path, data_file, **kw):
     return validate(Settings(**{**base, **kw}))
 
 
+def llama_settings(tmp_path, folder, data_file, **kw):
+    """Settings of a run fine-tuning the Llama-family folder (--weights DIR, e.g. the llama_folder fixture)."""
+    return settings(tmp_path, data_file, **{"model": None, "init": "pretrained", "weights": str(folder),
+                                            "lr": 1e-3, **kw})
+
+
 # What a step record measures about the process (peak memory), not the run: a resumed run's
 # differ, so comparisons of runs leave them out.
 MEASURED = ("peak_rss_mb", "cuda_peak_mb")
