@@ -128,3 +128,17 @@ def test_eval_loss_equals_transformers_loss_on_the_same_split(llama_folder, book
             count += int((t != -100).sum())
     assert ours["targets"] == count
     assert abs(ours["loss"] - total / count) <= 1e-6 * total / count  # transformers' RMSNorm and angles: float32
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-merged"])
+def test_export_of_a_llama_checkpoint_carries_the_tokenizer_and_generates(tmp_path, llama_folder, book_data, lora):
+    kw = dict(lora_rank=4, lora_targets="all") if lora else {}
+    s = llama_settings(tmp_path, llama_folder, book_data, max_steps=2, batch_size=4, **kw)
+    finetune(s, log=quiet)
+    out = tmp_path / "exported"
+    r = run_cli("export", checkpoints(tmp_path / "run")[-1], out, *(["--merge"] if lora else []))
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer.json").read_bytes() == (llama_folder / "tokenizer.json").read_bytes()
+    r = run_cli("generate", "--weights", out, "--data", book_data, "--split", "test", "--limit", "1",
+                "--max-new-tokens", "3", "--backend", "numpy", "--out", tmp_path / "answers.json")
+    assert r.returncode == 0, r.stderr

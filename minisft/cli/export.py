@@ -1,22 +1,25 @@
-"""`minisft export SOURCE DIR`: a training checkpoint -> a Hugging Face GPT-2 folder that
-transformers.GPT2LMHeadModel.from_pretrained(DIR) loads (the tokenizer is GPT-2's own).
+"""`minisft export SOURCE DIR`: a training checkpoint -> a Hugging Face folder that
+transformers.AutoModelForCausalLM.from_pretrained(DIR) loads: GPT-2's (the tokenizer is GPT-2's own)
+or a Llama-family model's, with the tokenizer files of the folder its run started from.
 
 A LoRA run's checkpoint (or an adapter folder) exports its adapter in PEFT's layout
 (adapter_config.json + adapter_model.safetensors, for peft.PeftModel.from_pretrained); with --merge
-the adapter is folded into the base weights and DIR is an ordinary HF GPT-2 folder."""
+the adapter is folded into the base weights and DIR is an ordinary HF folder."""
 from pathlib import Path
 
-from .. import lora
+from .. import lora, tokenizer
 from ..checkpoint import load_checkpoint
 from ..errors import MinisftError
 from ..model import GPT
 from ..pretrained import save_pretrained
 from .checks import output_dir
+from .model_args import model_tokenizer
 
 
 def run(args) -> int:
     output_dir(args.dir, "DIR")
     src = Path(args.checkpoint)
+    base = None  # an adapter folder's base: where its tokenizer is
     if src.is_dir() or lora.is_checkpoint(src):
         if src.is_dir():
             base = args.weights or lora.recorded_base(src, lora.base_of_adapter(src))
@@ -36,14 +39,16 @@ def run(args) -> int:
         # Hugging Face GPT-2 weights are float32: a float64 checkpoint is rounded once, here.
         model, _, _ = load_checkpoint(src, dtype="float32", load_optimizer=False)
     out = save_pretrained(model, args.dir)
-    head = "tied to wte" if model.cfg.tie_embeddings else "untied (lm_head.weight)"
+    folder = Path(base) if base is not None and Path(base).is_dir() else None
+    (tokenizer.for_model(model.cfg, folder) if folder else model_tokenizer(args, model)).save(out)
+    head = f"tied to {model.family.embed}" if model.cfg.tie_embeddings else "untied (lm_head.weight)"
     print(f"exported {src}{' merged' if args.merge else ''} -> {out}/config.json + model.safetensors "
           f"({model.num_params():,} parameters, float32, head {head})")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder "
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder "
                                       "(config.json + model.safetensors), or a LoRA adapter in PEFT's layout",
                        description=__doc__)
     p.add_argument("checkpoint", metavar="SOURCE", help="a minisft training checkpoint (.h5) or a LoRA adapter folder")

@@ -89,7 +89,7 @@ def model_tokenizer(args, model) -> tokenizer.Tokenizer:
         source = started.get("weights") if isinstance(started, dict) else None
         folder = Path(source) if isinstance(source, str) else None
         if folder is None and isinstance(started, dict) and started.get("model") in LLAMA_HUB:
-            folder = fetch_preset(started["model"], args.cache_dir)
+            folder = fetch_preset(started["model"], getattr(args, "cache_dir", None))
     return tokenizer.for_model(model.cfg, folder)
 
 
