@@ -94,10 +94,10 @@ class Job:
     or a stop string), "length" (max_tokens), "cancelled" (cancel() was called)."""
 
     def __init__(self, prompt, max_tokens, decode, *, temperature=0.0, top_k=None, top_p=None, stop=(),
-                 seed=None, eos_id=EOT):
+                 seed=None, stops=(EOT,)):
         self.prompt, self.max_tokens = list(prompt), max_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.rng, self.eos_id = np.random.default_rng(seed), eos_id
+        self.rng, self.stops = np.random.default_rng(seed), tuple(stops)  # the ids that end the answer
         self.text = _StopText(decode, list(stop))
         self.tokens = []                 # generated ids, end-of-text excluded
         self.completion_tokens = 0       # every sampled token, end-of-text included
@@ -118,7 +118,7 @@ class Job:
         if self.cancelled:
             return self.finish("cancelled")
         self.completion_tokens += 1
-        if token == self.eos_id:
+        if token in self.stops:
             return self.finish("stop")
         self.tokens.append(token)
         text, stopped = self.text.add(token)

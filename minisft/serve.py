@@ -56,7 +56,6 @@ MAX_DEPTH = 16            # JSON nesting: a request needs 4 (messages[].content[
 MAX_STOPS = 4             # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 256      # characters of one stop string: a few lines of text, far past any stop marker
 MAX_TEMPERATURE = 2       # OpenAI's range for temperature is [0, 2]
-MAX_TOP_K = tokenizer.EOT + 1  # the vocabulary
 WAIT = 0.2                # seconds between checks that a waiting client is still there
 READ_TIMEOUT = 30.0       # seconds a connection may send nothing (idle keep-alive, a stalled body)
 MAX_CONNECTIONS = 256     # connections (threads) at once
@@ -160,11 +159,12 @@ def _too_deep(obj) -> bool:
     return True
 
 
-def parse_request(body, kind, *, model_name, style, context_length, defaults) -> dict:
+def parse_request(body, kind, *, model_name, style, context_length, defaults, tok=tokenizer.GPT2,
+                  vocab_size=tokenizer.GPT2.vocab_size) -> dict:
     """A request body (parsed JSON) -> what the scheduler and the response need; ApiError if bad.
 
     kind: "chat" or "completion". defaults: the command line's max_tokens, temperature, top_k, top_p
-    for requests that leave them out."""
+    for requests that leave them out. tok: the model's tokenizer; vocab_size: its logits' width."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     known = CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS
@@ -184,10 +184,10 @@ def parse_request(body, kind, *, model_name, style, context_length, defaults) ->
                        param="model", code="model_not_found")
     _typed(body, "user", (str,), "a string")
     if kind == "chat":
-        prompt = tokenizer.encode(style.prompt(_messages(body)))
+        prompt = tok.encode(style.prompt(_messages(body)))
         echo = False
     else:
-        prompt, echo = _prompt_ids(body), _typed(body, "echo", (bool,), "a boolean", False)
+        prompt, echo = _prompt_ids(body, tok, vocab_size), _typed(body, "echo", (bool,), "a boolean", False)
     if len(prompt) >= context_length:
         raise ApiError(400, f"This model's maximum context length is {context_length} tokens; the prompt has "
                        f"{len(prompt)}, leaving no room for a completion", param="messages" if kind == "chat"
@@ -211,22 +211,23 @@ def parse_request(body, kind, *, model_name, style, context_length, defaults) ->
         temperature=_in_range(body, "temperature", 0, MAX_TEMPERATURE, f"a number in [0, {MAX_TEMPERATURE}]",
                               defaults["temperature"]),
         top_p=_in_range(body, "top_p", 0, 1, "a number in (0, 1]", defaults["top_p"], open_lo=True),
-        top_k=_in_range(body, "top_k", 1, MAX_TOP_K, f"an integer in [1, {MAX_TOP_K}]", defaults["top_k"],
+        top_k=_in_range(body, "top_k", 1, vocab_size, f"an integer in [1, {vocab_size}]", defaults["top_k"],
                         kinds=(int,)),
         seed=_in_range(body, "seed", 0, 2**64 - 1, "an integer in [0, 2**64)", None, kinds=(int,)))
 
 
-def _prompt_ids(body) -> list:
+def _prompt_ids(body, tok, vocab_size) -> list:
     """A completion prompt: a string, token ids, or a list holding one of those."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-        return tokenizer.encode(prompt)
+        return tok.encode(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                   and 0 <= t <= tokenizer.EOT for t in prompt):
+                                                   and 0 <= t < vocab_size for t in prompt):
         return prompt
-    raise ApiError(400, "prompt must be a non-empty string or token ids in [0, 50256] (one prompt per request)",
+    raise ApiError(400, f"prompt must be a non-empty string or token ids in [0, {vocab_size - 1}] (one prompt per "
+                   "request)",
                    param="prompt", code="invalid_value" if prompt is not None else "missing_required_parameter")
 
 
@@ -403,8 +404,9 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:  # an unread body would be misread as the next request: close instead
             return self._json(e.status, e.body(), close=not body_read)
         seed = req["seed"] if req["seed"] is not None else self.server.next_seed()
-        job = Job(req["prompt"], req["max_tokens"], tokenizer.decode, temperature=req["temperature"],
-                  top_k=req["top_k"], top_p=req["top_p"], stop=req["stop"], seed=seed)
+        tok = self.server.request_settings["tok"]
+        job = Job(req["prompt"], req["max_tokens"], tok.decode, temperature=req["temperature"],
+                  top_k=req["top_k"], top_p=req["top_p"], stop=req["stop"], seed=seed, stops=tok.stops)
         try:  # a client is its address: the key, where there is one, is the same for every client
             self.server.scheduler.submit(job, client=self.client_address[0])
         except QueueFull as e:
@@ -439,7 +441,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
 
     def _complete(self, req, job, rid, created):
-        text = tokenizer.decode(req["prompt"]) if req["echo"] else ""
+        text = self.server.request_settings["tok"].decode(req["prompt"]) if req["echo"] else ""
         for kind, value in self._events(job):
             if kind == "text":
                 text += value
@@ -463,7 +465,8 @@ class Handler(BaseHTTPRequestHandler):
             self._event(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                "finish_reason": None}))
         elif req["echo"]:
-            self._event(chunk(_choice(req, tokenizer.decode(req["prompt"]), None, delta=True)))
+            self._event(chunk(_choice(req, self.server.request_settings["tok"].decode(req["prompt"]), None,
+                                      delta=True)))
         for kind, value in self._events(job):
             if kind == "text":
                 self._event(chunk(_choice(req, value, None, delta=True)))
@@ -483,15 +486,17 @@ class Server(ThreadingHTTPServer):
     """The HTTP server and its scheduler: serve_forever() answers requests, close() stops both."""
     daemon_threads = True
 
-    def __init__(self, model, style, *, host="127.0.0.1", port=8000, model_name="minisft", api_key=None,
+    def __init__(self, model, style, *, tok=tokenizer.GPT2, host="127.0.0.1", port=8000, model_name="minisft",
+                 api_key=None,
                  max_batch=16, defaults=None, seed=None, read_timeout=READ_TIMEOUT, max_connections=MAX_CONNECTIONS,
                  max_waiting=256, max_waiting_per_client=32):
         self.model_name, self.api_key, self.created = model_name, api_key, int(time.time())
         self.read_timeout, self.max_connections = read_timeout, max_connections
         self._connections = threading.BoundedSemaphore(max_connections)  # a slot per handler thread
         self.request_settings = dict(model_name=model_name, style=style, context_length=model.cfg.context_length,
-                                     defaults={"max_tokens": 256, "temperature": 0.0, "top_k": None,
-                                               "top_p": None, **(defaults or {})})
+                                     tok=tok, vocab_size=model.cfg.vocab_size,
+                                     defaults={"max_tokens": 256, "temperature": 0.0, "top_k": None, "top_p": None,
+                                               **(defaults or {})})
         self.page = files("minisft").joinpath("chat.html").read_bytes()
         self._seeds, self._seed_lock = np.random.default_rng(seed), threading.Lock()
         self.scheduler = Scheduler(model, max_batch, max_waiting, max_waiting_per_client)

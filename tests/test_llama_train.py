@@ -142,3 +142,31 @@ def test_export_of_a_llama_checkpoint_carries_the_tokenizer_and_generates(tmp_pa
     r = run_cli("generate", "--weights", out, "--data", book_data, "--split", "test", "--limit", "1",
                 "--max-new-tokens", "3", "--backend", "numpy", "--out", tmp_path / "answers.json")
     assert r.returncode == 0, r.stderr
+
+
+def test_serve_answers_the_openai_client_with_a_llama_model_as_its_own_generate(llama_folder):
+    """The server encodes with the model's tokenizer and stops at its end-of-text: the official client's
+    answers equal minisft's greedy generate on the same prompt."""
+    import threading
+
+    import openai
+
+    from minisft.generate import generate
+    from minisft.model import GPT
+    from minisft.prompts import get_style
+    from minisft.serve import Server
+    tok, style = HFTokenizer(llama_folder), get_style("chatml")
+    model = GPT.from_pretrained(llama_folder, dtype="float64")
+    server = Server(model, style, tok=tok, port=0, model_name="tiny-llama")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for text in ("Name a color.", "Rewrite: the cat sat."):
+            messages = [{"role": "user", "content": text}]
+            reply = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6,
+                                                   temperature=0)
+            ids = tok.encode(style.prompt(messages))
+            assert reply.choices[0].message.content == tok.decode(generate(model, [ids], 6, eos_id=tok.stops)[0])
+            assert reply.usage.prompt_tokens == len(ids)
+    finally:
+        server.close()

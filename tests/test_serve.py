@@ -205,11 +205,20 @@ def test_the_readmes_serve_examples_run_as_written(model, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--port", "70000"), ("--max-batch", "0"), ("--api-key", ""),
-                                        ("--top-k", "999999"), ("--temperature", "2.5")])
+                                        ("--temperature", "2.5")])
 def test_cli_refuses_a_bad_setting_in_one_line_before_loading(flag, value, tmp_path):
     r = subprocess.run([sys.executable, "-m", "minisft", "serve", "--checkpoint", tmp_path / "absent.h5", flag, value],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and flag in r.stderr
+
+
+def test_cli_refuses_a_top_k_past_the_models_vocabulary_before_listening(model, tmp_path):
+    """The vocabulary is the loaded model's (GPT-2's 50257, a Llama-family model's own)."""
+    model.save_pretrained(tmp_path / "m")
+    r = subprocess.run([sys.executable, "-m", "minisft", "serve", "--weights", tmp_path / "m", "--top-k",
+                        str(model.cfg.vocab_size + 1), "--port", "0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--top-k" in r.stderr and "serving" not in r.stdout
 
 
 # ---- the API ------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..errors import MinisftError
 from ..prompts import get_style
-from ..serve import MAX_TEMPERATURE, MAX_TOP_K, Server, is_loopback, kv_cache_bytes
-from .model_args import add_model_args, add_sampling_args, load_model, sampling
+from ..serve import MAX_TEMPERATURE, Server, is_loopback, kv_cache_bytes
+from .model_args import add_model_args, add_sampling_args, check_top_k, load_model, model_tokenizer, sampling
 
 
 def run(args) -> int:
@@ -23,13 +23,13 @@ def run(args) -> int:
     # a default out of them would start a server that refuses every request.
     if opts["temperature"] > MAX_TEMPERATURE:
         raise MinisftError(f"--temperature must be at most {MAX_TEMPERATURE} (the API's bound), got {args.temperature}")
-    if opts["top_k"] is not None and opts["top_k"] > MAX_TOP_K:
-        raise MinisftError(f"--top-k must be at most {MAX_TOP_K} (the vocabulary), got {args.top_k}")
     style = get_style(args.prompt_style)
     model = load_model(args)
+    check_top_k(args, model)  # before listening: a default past the vocabulary would refuse every request
+    tok = model_tokenizer(args, model)
     name = args.name or Path(args.checkpoint or args.weights).name
     try:
-        server = Server(model, style, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
+        server = Server(model, style, tok=tok, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
                         max_batch=args.max_batch, defaults=dict(opts, max_tokens=args.max_new_tokens),
                         seed=args.seed)
     except OSError as e:
