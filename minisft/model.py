@@ -63,13 +63,14 @@ class GPT:
     @classmethod
     def from_pretrained(cls, name_or_path, backend="numpy", dtype="float32", cache_dir=None, device=None,
                         model=None, seed=0, base_url=None) -> "GPT":
-        """OpenAI GPT-2 weights by preset name (downloaded once), or an HF GPT-2 folder or
-        .safetensors file; see minisft.pretrained.read_pretrained. seed seeds the dropout RNG."""
+        """Pretrained weights by preset name (OpenAI's GPT-2, or a Llama-family model from the hub;
+        downloaded once), or a Hugging Face folder of either family, or a .safetensors file; see
+        minisft.pretrained.read_pretrained. seed seeds the dropout RNG."""
         cfg, sd = read_pretrained(name_or_path, cache_dir=cache_dir, model=model, base_url=base_url)
         return cls(cfg, backend=backend, dtype=dtype, seed=seed, device=device, params=sd)
 
     def save_pretrained(self, out_dir):
-        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors); see
+        """Write a Hugging Face folder of the model's architecture (config.json + model.safetensors); see
         minisft.pretrained.save_pretrained."""
         return save_pretrained(self, out_dir)
 

@@ -49,11 +49,11 @@ def one(model: str, mode: str, backend: str, batch_size: int, seq_len: int, step
     from minisft import lora
     from minisft.batch import pack_padded
     from minisft.bench import LR, WEIGHT_DECAY, peak_rss_mb, random_batch
-    from minisft.config import GPTConfig
+    from minisft.pretrained import requested_config
     from minisft.model import GPT, param_shapes
     from minisft.optim import AdamW
 
-    cfg = GPTConfig.preset(model)
+    cfg = requested_config(model)
     t0 = time.perf_counter()
     gpt = GPT(cfg, backend=backend, dtype="float32", params=LazyWeights(param_shapes(cfg)))
     if MODES[mode] is not None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from minisft.batch import pack_padded
 from minisft.bench import LR, WEIGHT_DECAY, random_batch
-from minisft.config import GPTConfig
+from minisft.pretrained import requested_config
 from minisft.memory import estimate, peak_rss_bytes
 from minisft.model import GPT
 from minisft.optim import OPTIM_STATES, AdamW
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--fused-update", action="store_true")
     a = p.parse_args()
 
-    cfg = GPTConfig.preset(a.model)
+    cfg = requested_config(a.model)
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     model = GPT(cfg, backend=a.backend, dtype=a.dtype, seed=0)

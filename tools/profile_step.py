@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minisft import GPT, AdamW, GPTConfig, pack_padded  # noqa: E402
+from minisft import GPT, AdamW, pack_padded  # noqa: E402
+from minisft.pretrained import requested_config  # noqa: E402
 from minisft.backends import bf16  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def main():
     args = ap.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
-    cfg = GPTConfig.preset(args.model)
+    cfg = requested_config(args.model)
     model = GPT(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     opt = AdamW(model)
     rng = np.random.default_rng(0)
