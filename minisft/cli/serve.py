@@ -25,7 +25,9 @@ def run(args) -> int:
         raise MinisftError(f"--temperature must be at most {MAX_TEMPERATURE} (the API's bound), got {args.temperature}")
     if opts["top_k"] is not None and opts["top_k"] > MAX_TOP_K:
         raise MinisftError(f"--top-k must be at most {MAX_TOP_K} (the vocabulary), got {args.top_k}")
-    style = get_style(args.prompt_style)
+    if args.chat_template is not None:  # its GPT-2 text path would render the template but mis-encode it
+        raise MinisftError("--chat-template: serve does not take chat templates yet; use chat or generate")
+    style = get_style(args.prompt_style or "alpaca")
     model = load_model(args)
     name = args.name or Path(args.checkpoint or args.weights).name
     try:
