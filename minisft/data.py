@@ -373,8 +373,13 @@ def long_records(examples, records, style, max_len, tok: Tokenizer = GPT2) -> tu
 def encode_records(records, style="alpaca", mask="none", tok: Tokenizer = GPT2) -> list:
     """Tokenize validated records (with a progress bar on a terminal)."""
     style = get_style(style)
-    return [encode_record(r, style, mask, tok) for r in tqdm(records, desc="tokenizing", unit="rec", disable=None,
-                                                        leave=False)]
+    examples = []
+    for i, r in enumerate(tqdm(records, desc="tokenizing", unit="rec", disable=None, leave=False)):
+        try:
+            examples.append(encode_record(r, style, mask, tok))
+        except MinisftError as e:  # a chat template refusing a record's text: say which record
+            raise MinisftError(f"record {i}: {e}") from None
+    return examples
 
 
 # ---- batches ----------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ Masking (which tokens the loss sees) is decided per segment kind:
     "input"   prompt tokens are masked; header and response are trained (the book's exercise 7.2,
               which masks len(tokenize(format_input(entry))) tokens and so trains the header)
     "header"  prompt and header are masked; only responses are trained (TRL/Axolotl's convention)
+    "assistant"  the same as "header": only assistant turns (the default for a chat template, whose
+              segments are only prompt and response, see minisft.chat_template)
 
 In a multi-turn conversation every user turn is prompt, so with "input" or "header" only the
 assistant turns are trained.
@@ -31,6 +33,7 @@ TRAINED_KINDS = {
     "none": {"prompt", "header", "response"},
     "input": {"header", "response"},
     "header": {"response"},
+    "assistant": {"response"},
 }
 MASKS = tuple(TRAINED_KINDS)
 
@@ -106,8 +109,9 @@ STYLES = {
 }
 
 
-def get_style(style) -> PromptStyle:
-    if isinstance(style, PromptStyle):
+def get_style(style):
+    """A style name -> its PromptStyle; a PromptStyle or a ChatTemplate (minisft.chat_template) as is."""
+    if not isinstance(style, str):
         return style
     if style not in STYLES:
         raise MinisftError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")

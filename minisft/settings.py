@@ -22,6 +22,7 @@ from .errors import MinisftError
 from .optim import DECAY_CHOICES, SCHEDULES
 from .llama import LlamaConfig
 from .pretrained import HF_REPOS, LLAMA_HUB, PRESETS, read_config, requested_config
+from .chat_template import BUILTIN, CHAT_TEMPLATE_HELP, MODEL, folder_template
 from .prompts import MASKS, STYLES
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -46,9 +47,21 @@ class Settings:
     data: str = _s(BOOK_DATA_URL, "instruction data: a local file or a URL (JSON list, JSONL, ShareGPT, messages); "
                                   "the book's URL is read from the copy bundled with minisft, no download")
     cache_dir: str | None = _s(None, "download cache (default: $MINISFT_CACHE_DIR or ~/.cache/minisft)")
-    prompt_style: str = _s("alpaca", "prompt template: alpaca (the book), phi3 (exercise 7.1), chatml", tuple(STYLES))
-    mask_prompt: str = _s("none", "which prompt tokens get no loss: none (book), input (book ex. 7.2: up to the "
-                                  "end of the input), header (through the response header, as TRL)", MASKS)
+    prompt_style: str | None = _s(None, "prompt template: alpaca (the book), phi3 (exercise 7.1), chatml (default: "
+                                        "alpaca, or the --weights folder's own chat template when it has one)",
+                                  tuple(STYLES))
+    chat_template: str | None = _s(None, CHAT_TEMPLATE_HELP)
+    mask_prompt: str | None = _s(None, "which prompt tokens get no loss: none (book), input (book ex. 7.2: up to the "
+                                       "end of the input), header (through the response header, as TRL), assistant "
+                                       "(only assistant turns; default: none for a prompt style, assistant for a "
+                                       "chat template)", MASKS)
+    # The mask checks of a chat template's data (minisft.chat_template.check_masks): each refuses a kind of
+    # silently wrong mask unless allowed here.
+    allow_untrained_records: bool = _s(False, "train although some records train no token")
+    allow_empty_turns: bool = _s(False, "train although some assistant turns train no token")
+    allow_untrained_end: bool = _s(False, "train although some assistant turns' end token is not trained")
+    allow_unstable_template: bool = _s(False, "train with a template that renders a conversation's prefix "
+                                              "differently from the whole")
     backend: str = _s(AUTO, "engine backend: auto (torch on a CUDA GPU, else numba), numpy (the readable "
                             "reference), numba (fast on CPUs), torch", (AUTO,) + BACKENDS)
     device: str | None = _s(None, "torch device: cpu, cuda, mps")
@@ -253,6 +266,16 @@ def validate(s: Settings) -> Settings:
         bad("weights", f"{s.weights} does not exist")
     if s.early_stop is not None and s.early_stop < 1:
         bad("early_stop", f"must be at least 1, got {s.early_stop}")
+    if s.chat_template is not None and s.prompt_style is not None:
+        bad("chat_template", "--chat-template and --prompt-style both name how prompts are rendered: pass one")
+    if s.chat_template not in (None, MODEL, *BUILTIN) and not Path(s.chat_template).is_file():
+        bad("chat_template", f"{s.chat_template!r} is neither a built-in ({', '.join(BUILTIN)}, {MODEL}) nor a file")
+    if s.chat_template is None and s.prompt_style is None:  # a model is tuned in the format it was made with
+        folder = s.weights if s.weights is not None and Path(s.weights).is_dir() else None
+        s = dataclasses.replace(s, **({"chat_template": MODEL} if folder_template(folder) else
+                                      {"prompt_style": "alpaca"}))
+    if s.mask_prompt is None:
+        s = dataclasses.replace(s, mask_prompt="assistant" if s.chat_template else "none")
     if s.model is None and not (s.weights is not None and Path(s.weights).is_dir()):
         s = dataclasses.replace(s, model=DEFAULT_MODEL)  # a folder's config.json names its architecture
     if s.init == "pretrained" and s.weights is None and s.model not in HF_REPOS and s.model not in LLAMA_HUB:

@@ -9,6 +9,7 @@ on it.) Text without special-token strings encodes exactly as `tiktoken.get_enco
 The encoding is built from the vocabulary bundled with the package (minisft/assets/encoder.json),
 so tokenizing never downloads and never writes tiktoken's cache.
 """
+import copy
 import functools
 import hashlib
 import json
@@ -82,9 +83,26 @@ class Tokenizer:
     eos = EOT
     stops: tuple = (EOT,)
     vocab_size = EOT + 1
+    # A chat template's rendering is the one text whose control-token strings are those tokens (what
+    # transformers' apply_chat_template encodes); for_template gives the tokenizer that encodes it so.
+    parse_specials = False
+    bos_token: str | None = "<|endoftext|>"  # what a chat template sees as bos_token / eos_token
+    eos_token = "<|endoftext|>"
 
     def encode(self, text: str) -> list:
-        return encode(text)
+        return gpt2().encode(text, allowed_special="all") if self.parse_specials else encode(text)
+
+    def specials(self) -> tuple:
+        """The strings that are control tokens when parse_specials is on."""
+        return ("<|endoftext|>",)
+
+    def for_template(self, stops=()) -> "Tokenizer":
+        """This tokenizer for a chat template's text: control-token strings become their tokens, and
+        generation also stops at `stops` (the template's end-of-turn token)."""
+        tok = copy.copy(self)
+        tok.parse_specials = True
+        tok.stops = tuple(dict.fromkeys((*self.stops, *stops)))
+        return tok
 
     def decode(self, tokens) -> str:
         return decode(tokens)
@@ -128,22 +146,35 @@ class HFTokenizer(Tokenizer):
         self.tok.encode_special_tokens = True
         self.name = str(folder)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.eos = self._eos(folder / "tokenizer_config.json")
+        self.eos, self.bos_token = self._eos(folder / "tokenizer_config.json")
+        self.eos_token = self.tok.id_to_token(self.eos)
         self.stops = tuple(dict.fromkeys((self.eos, *stops)))
         decoder = json.loads(path.read_text(encoding="utf-8")).get("decoder") or {}
         self.byte_level = decoder.get("type") == "ByteLevel"
         self.byte_of = _byte_of_char()
 
-    def _eos(self, config) -> int:
+    def _eos(self, config) -> tuple[int, str | None]:
+        """(the eos id, the bos_token string or None) of tokenizer_config.json."""
         try:
-            eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+            eos, bos = cfg.get("eos_token"), cfg.get("bos_token")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             raise MinisftError(f"{config}: cannot read the tokenizer config ({e})") from None
-        eos = eos.get("content") if isinstance(eos, dict) else eos
+        eos, bos = (t.get("content") if isinstance(t, dict) else t for t in (eos, bos))
         eos_id = self.tok.token_to_id(eos) if isinstance(eos, str) else None
         if eos_id is None:
             raise MinisftError(f"{config}: eos_token {eos!r} is not a token of tokenizer.json")
-        return eos_id
+        return eos_id, bos if isinstance(bos, str) else None
+
+    def specials(self) -> tuple:
+        return tuple(t.content for t in self.tok.get_added_tokens_decoder().values() if t.content)
+
+    def for_template(self, stops=()) -> "HFTokenizer":
+        tok = super().for_template(stops)
+        assert isinstance(tok, HFTokenizer)
+        tok.tok = type(self.tok).from_str(self.tok.to_str())  # its own copy: the flag is the library object's
+        tok.tok.encode_special_tokens = False
+        return tok
 
     def save(self, folder) -> None:
         for name in self.FILES:

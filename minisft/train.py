@@ -52,7 +52,8 @@ from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
 from .pretrained import LLAMA_HUB, fetch_preset, read_pretrained
 from .progress import progress
-from .prompts import PromptStyle, get_style
+from .chat_template import ChatTemplate, check_masks, prompt_format
+from .prompts import PromptStyle
 from .rundir import Plan, RunLock, checkpoints, plan_run, removed_if_refused, start
 from .settings import Settings, architecture
 
@@ -256,7 +257,7 @@ class Data:
     prompt style, the train and val examples encoded (and cut or dropped at max_len)."""
     raw: Split
     split: Split
-    style: PromptStyle
+    style: PromptStyle | ChatTemplate
     max_len: int  # the effective max_length: at most the model's context
     train: list
     val: list
@@ -343,9 +344,11 @@ def model_folder(s: Settings) -> Path | None:
 def load_data(s: Settings, max_len: int, log, tok: tokenizer.Tokenizer) -> Data:
     raw_split, split = load_splits(s.data, s.cache_dir)
     log(f"data: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test records")
-    style = get_style(s.prompt_style)
+    style, tok = prompt_format(s.prompt_style, s.chat_template, tok)
     train_ex = encode_records(split.train, style, s.mask_prompt, tok)
     val_ex = encode_records(split.val, style, s.mask_prompt, tok)
+    if isinstance(style, ChatTemplate):
+        check_masks(style, [("train", split.train, train_ex), ("val", split.val, val_ex)], tok, s, log)
     train_ex, val_ex = (report_long(name, ex, recs, style, max_len, s, log, tok)
                         for name, ex, recs in (("train", train_ex, split.train), ("val", val_ex, split.val)))
     return Data(raw_split, split, style, max_len, train_ex, val_ex, tok)
@@ -655,8 +658,8 @@ def dry_run(s: Settings, log=print) -> dict:
     check_dtype(s, log)
     _, split = load_splits(s.data, s.cache_dir)
     cfg = architecture(s)
-    tok = tokenizer.for_model(cfg, model_folder(s))
-    return memory_plan(s, cfg, encode_records(split.train, get_style(s.prompt_style), s.mask_prompt, tok), log)
+    style, tok = prompt_format(s.prompt_style, s.chat_template, tokenizer.for_model(cfg, model_folder(s)))
+    return memory_plan(s, cfg, encode_records(split.train, style, s.mask_prompt, tok), log)
 
 
 def measured_memory(model: GPT) -> dict:

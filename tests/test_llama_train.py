@@ -144,18 +144,19 @@ def test_export_of_a_llama_checkpoint_carries_the_tokenizer_and_generates(tmp_pa
     assert r.returncode == 0, r.stderr
 
 
-def test_serve_answers_the_openai_client_with_a_llama_model_as_its_own_generate(llama_folder):
-    """The server encodes with the model's tokenizer and stops at its end-of-text: the official client's
-    answers equal minisft's greedy generate on the same prompt."""
+@pytest.mark.parametrize("template", [None, "chatml"], ids=["prompt-style", "chat-template"])
+def test_serve_answers_the_openai_client_with_a_llama_model_as_its_own_generate(llama_folder, template):
+    """The server encodes with the model's tokenizer (a chat template's control tokens as tokens) and
+    stops at its end ids: the official client's answers equal minisft's greedy generate on the prompt."""
     import threading
 
     import openai
 
+    from minisft.chat_template import prompt_format
     from minisft.generate import generate
     from minisft.model import GPT
-    from minisft.prompts import get_style
     from minisft.serve import Server
-    tok, style = HFTokenizer(llama_folder), get_style("chatml")
+    style, tok = prompt_format("chatml" if template is None else None, template, HFTokenizer(llama_folder))
     model = GPT.from_pretrained(llama_folder, dtype="float64")
     server = Server(model, style, tok=tok, port=0, model_name="tiny-llama")
     threading.Thread(target=server.serve_forever, daemon=True).start()

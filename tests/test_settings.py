@@ -110,7 +110,7 @@ def test_every_setting_has_a_flag_whose_help_states_its_default_and_choices():
         assert a.help and "default" in a.help, name
         if isinstance(default, (int, float, str)) and not isinstance(default, bool) and name != "model":
             assert f"default: {default}" in a.help, name
-    assert actions["mask_prompt"].choices == ("none", "input", "header")
+    assert actions["mask_prompt"].choices == ("none", "input", "header", "assistant")
     assert actions["backend"].choices == ("auto", "numpy", "numba", "torch")
     help_text = p.format_help()
     assert "--lr LR" in help_text and "(default: 5e-05)" in help_text

@@ -18,6 +18,9 @@ MODES = {  # name -> LoRA settings (None: full fine-tuning)
     "full": None,
     "c_attn-r8": dict(rank=8, alpha=16.0, targets=("c_attn",)),
     "book-7.4": dict(rank=16, alpha=16.0, targets=("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head")),
+    # the Llama family: rank 16 on every linear of the blocks (PEFT's names), the head left frozen
+    "llama-all-r16": dict(rank=16, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj")),
 }
 
 
@@ -26,7 +29,10 @@ class LazyWeights(dict):
     a second copy of it (the values only need to be finite and GPT-2-sized for timing)."""
 
     def __init__(self, shapes):
-        super().__init__((n, None) for n in shapes)
+        import numpy as np
+        # each value a zero-stride view of one float: it has the tensor's shape (the model's name and shape
+        # check reads it) and holds no memory
+        super().__init__((n, np.broadcast_to(np.float32(0), s)) for n, s in shapes.items())
         self.shapes = shapes
 
     def __getitem__(self, name):

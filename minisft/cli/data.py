@@ -1,17 +1,22 @@
-"""`minisft data stats FILE` and `minisft data inspect FILE --index I`: look at a dataset before
+"""`minisft data stats FILE` and `minisft data inspect FILE --index I` (with --chat-template and
+--weights DIR: a model's template and tokenizer; the trained tokens marked): look at a dataset before
 training on it. `minisft data clean IN --out OUT` filters, decontaminates and deduplicates it;
 `minisft data convert IN --to FORMAT --out OUT` changes its record format. Every one reads its data
 as `finetune --data` does: a local path or a URL (downloaded into the cache), by default the book's
 instruction-data.json (its URL, read from the copy bundled with minisft)."""
+import sys
+
 from .. import curate
+from ..chat_template import ChatTemplate
 from ..config import PRESETS, GPTConfig
 from ..data import DEFAULT_DATA_URL, FORMATS, LAYOUTS, convert_file, encode_record, load_records
 from ..datastats import data_stats, histogram
 from ..errors import MinisftError
 from ..prompts import MASKS, STYLES, get_style
-from ..tokenizer import EOT, token_bytes
+from ..tokenizer import GPT2, HFTokenizer
 from . import SUBPARSER, RawDefaultsHelpFormatter
 from .checks import at_least
+from .model_args import add_prompt_args, mask_of, prompt_format
 
 
 def stats(args) -> int:
@@ -43,22 +48,42 @@ def inspect(args) -> int:
     if not 0 <= args.index < len(records):
         raise MinisftError(f"{args.file}: --index {args.index} is out of range: the file has {len(records)} "
                            f"records (0 to {len(records) - 1})")
-    style = get_style(args.prompt_style)
+    tok = HFTokenizer(args.weights) if args.weights else GPT2
+    style, tok = prompt_format(args, tok)
+    mask = mask_of(args, style)
     messages = records[args.index]["messages"]
-    ex = encode_record(records[args.index], style, args.mask_prompt)
-    print(f"== record {args.index} of {len(records)}: {style.name} style, mask={args.mask_prompt} ==")
+    ex = encode_record(records[args.index], style, mask, tok)
+    kind = "chat template" if isinstance(style, ChatTemplate) else "style"
+    print(f"== record {args.index} of {len(records)}: {style.name} {kind}, mask={mask} ==")
     print("-- training text --")
     print(style.training_text(messages))
+    print("-- trained tokens marked (" + ("in colour" if sys.stdout.isatty() else "[[between double brackets]]")
+          + ") --")
+    print(marked_text(ex, tok, sys.stdout.isatty()))
     print("-- inference prompt (ends with the response header) --")
     print(style.prompt(messages), end="")
     print("-- tokens: 'train' = the loss is taken on predicting this token, 'mask' = not --")
-    for i, (tok, trained) in enumerate(zip(ex.tokens, ex.trained)):
+    for i, (token, trained) in enumerate(zip(ex.tokens, ex.trained)):
         label = "-" if i == 0 else ("train" if trained else "mask")  # nothing predicts the first token
-        text = token_bytes(tok).decode("utf-8", errors="backslashreplace")
-        print(f"{i:6d} {tok:6d}  {label:5s}  {text!r}")
-    print(f"{len(ex.tokens):6d} {EOT:6d}  train  '<|endoftext|>' (appended end-of-text)")
+        text = tok.token_bytes(token).decode("utf-8", errors="backslashreplace")
+        print(f"{i:6d} {token:6d}  {label:5s}  {text!r}")
+    eos = tok.token_bytes(tok.eos).decode("utf-8", errors="backslashreplace")
+    print(f"{len(ex.tokens):6d} {tok.eos:6d}  train  {eos!r} (appended end-of-text)")
     print(f"{int(ex.trained[1:].sum()) + 1} of {len(ex.tokens)} targets trained")
     return 0
+
+
+def marked_text(ex, tok, colour: bool) -> str:
+    """The example's text with each run of trained tokens in green (colour) or between [[ and ]]."""
+    opening, closing = ("\x1b[32m", "\x1b[0m") if colour else ("[[", "]]")
+    out, inside = [], False
+    for token, trained in zip(ex.tokens, ex.trained):
+        if trained != inside:
+            out.append(opening if trained else closing)
+            inside = bool(trained)
+        out.append(tok.token_bytes(token))
+    joined = b"".join(o if isinstance(o, bytes) else o.encode() for o in out)  # a character may span tokens
+    return joined.decode("utf-8", errors="backslashreplace") + (closing if inside else "")
 
 
 def clean(args) -> int:
@@ -97,7 +122,7 @@ def add_source(q, metavar="FILE") -> None:  # every data command reads its data 
     q.add_argument("--sha256", default=None, help="expected sha256 of the file")
 
 
-def add_common(q) -> None:  # what stats and inspect both take
+def add_stats_source(q) -> None:  # what stats reads
     add_source(q)
     q.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt style")
 
@@ -107,7 +132,7 @@ def add_stats(dsub) -> None:
         "A dataset before training on it: records and turns, the book's 85/10/5 split, a histogram of tokens "
         "per record, records longer than the model's context or --max-length, exact duplicates, and val and "
         "test records whose prompt is also in train."))
-    add_common(q)
+    add_stats_source(q)
     q.add_argument("--max-length", type=int, default=1024, help="report records longer than this (clamped to "
                    "the model's context)")
     q.add_argument("--model", default="gpt2-medium", choices=list(PRESETS), help="the model whose context counts")
@@ -119,11 +144,15 @@ def add_inspect(dsub) -> None:
     q = dsub.add_parser("inspect", help="one record rendered, token by token, with its loss mask", description=(
         "One record as training sees it: its training text, its inference prompt, and every token with "
         "whether the loss is taken on predicting it (--mask-prompt)."))
-    add_common(q)
+    add_source(q)
+    add_prompt_args(q)
+    q.add_argument("--weights", default=None, help="a Hugging Face model folder: its tokenizer.json (and its chat "
+                                                   "template) instead of GPT-2's")
     q.add_argument("--index", type=int, required=True, help="record index (0-based)")
-    q.add_argument("--mask-prompt", default="none", choices=list(MASKS),
+    q.add_argument("--mask-prompt", default=None, choices=list(MASKS),
                    help="none: train every token (the book); input: mask the prompt (exercise 7.2); "
-                        "header: also mask the response header (TRL)")
+                        "header: also mask the response header (TRL); assistant: only assistant turns "
+                        "(default: none for a prompt style, assistant for a chat template)")
     q.set_defaults(func=inspect)
 
 

@@ -3,10 +3,9 @@ instruction-data-with-response.json format."""
 from ..data import load_splits
 from ..files import write_json
 from ..generate import generate_responses
-from ..prompts import get_style
 from .checks import at_least, output_file
 from .model_args import (add_data_args, add_model_args, add_sampling_args, check_top_k, load_model, model_tokenizer,
-                         pick, sampling)
+                         pick, prompt_format, sampling)
 
 
 def run(args) -> int:
@@ -19,7 +18,7 @@ def run(args) -> int:
     check_top_k(args, model)
     raw, records = (pick(s, args.split) for s in load_splits(args.data, args.cache_dir))
     n = len(records) if args.limit is None else min(args.limit, len(records))
-    style = get_style(args.prompt_style)
+    style, tok = prompt_format(args, tok)
     render = style.format_input if args.book_prompt else style.prompt
     prompts = [render(r["messages"]) for r in records[:n]]
     answers = generate_responses(model, prompts, tok.encode, tok.decode, args.max_new_tokens,

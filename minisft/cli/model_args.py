@@ -5,8 +5,9 @@ import math
 import sys
 from pathlib import Path
 
-from .. import lora, tokenizer
+from .. import chat_template, lora, tokenizer
 from ..backends import AUTO, BACKENDS, dtype_warning
+from ..chat_template import CHAT_TEMPLATE_HELP, MODEL, folder_template
 from ..checkpoint import load_checkpoint
 from ..config import GPTConfig
 from ..data import DEFAULT_DATA_URL
@@ -30,9 +31,37 @@ def add_model_args(p) -> None:
     p.add_argument("--dtype", default=None, choices=("float32", "float64", "bfloat16"),
                    help="compute dtype (default: the checkpoint's, or float32)")
     p.add_argument("--cache-dir", default=None, help="download cache (default: $MINISFT_CACHE_DIR or ~/.cache/minisft)")
-    p.add_argument("--prompt-style", default="alpaca", choices=list(STYLES), help="prompt template")
+    add_prompt_args(p)
     p.add_argument("--adapter", help="a LoRA adapter folder (PEFT's layout, minisft's or PEFT's) applied on "
                                      "top of the weights, without merging")
+
+
+def add_prompt_args(p) -> None:
+    """How prompts are rendered: a prompt style or a chat template (see prompt_format)."""
+    p.add_argument("--prompt-style", default=None, choices=list(STYLES),
+                   help="prompt style (default: a --checkpoint's run's, the model folder's own chat template, "
+                        "or alpaca)")
+    p.add_argument("--chat-template", default=None, help=CHAT_TEMPLATE_HELP)
+
+
+def prompt_format(args, tok) -> tuple:
+    """(the PromptStyle or ChatTemplate named by --prompt-style / --chat-template, the tokenizer for its
+    text). Neither given: the one a --checkpoint's run trained with, else the model folder's own
+    template, else alpaca (what finetune's defaults pick)."""
+    if args.chat_template is not None and args.prompt_style is not None:
+        raise MinisftError("--chat-template and --prompt-style both name how prompts are rendered: pass one")
+    style, template = args.prompt_style, args.chat_template
+    if style is None and template is None:
+        run = _run_settings(args)
+        style, template = run.get("prompt_style"), run.get("chat_template")
+        if style is None and template is None and folder_template(getattr(tok, "folder", None)) is not None:
+            template = MODEL
+    return chat_template.prompt_format(style, template, tok)
+
+
+def mask_of(args, style) -> str:
+    """--mask-prompt, by default: assistant turns only for a chat template, every token for a style."""
+    return args.mask_prompt or ("assistant" if isinstance(style, chat_template.ChatTemplate) else "none")
 
 
 def add_data_args(p, split: str) -> None:
@@ -81,16 +110,24 @@ def model_tokenizer(args, model) -> tokenizer.Tokenizer:
     from --weights DIR, or for a --checkpoint from the folder its run started from (settings.json)."""
     folder = Path(args.weights) if args.weights and Path(args.weights).is_dir() else None
     if folder is None and args.checkpoint and not isinstance(model.cfg, GPTConfig):
-        run = Path(args.checkpoint).resolve().parent.parent
-        try:
-            started = json.loads((run / "settings.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            started = {}
-        source = started.get("weights") if isinstance(started, dict) else None
+        started = _run_settings(args)
+        source = started.get("weights")
         folder = Path(source) if isinstance(source, str) else None
-        if folder is None and isinstance(started, dict) and started.get("model") in LLAMA_HUB:
+        if folder is None and started.get("model") in LLAMA_HUB:
             folder = fetch_preset(started["model"], getattr(args, "cache_dir", None))
     return tokenizer.for_model(model.cfg, folder)
+
+
+def _run_settings(args) -> dict:
+    """The settings.json of the run a --checkpoint belongs to ({} without one; data inspect has none)."""
+    if not getattr(args, "checkpoint", None):
+        return {}
+    run = Path(args.checkpoint).resolve().parent.parent
+    try:
+        started = json.loads((run / "settings.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return started if isinstance(started, dict) else {}
 
 
 def sampling(args) -> dict:

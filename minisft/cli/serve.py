@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from ..errors import MinisftError
-from ..prompts import get_style
 from ..serve import MAX_TEMPERATURE, Server, is_loopback, kv_cache_bytes
-from .model_args import add_model_args, add_sampling_args, check_top_k, load_model, model_tokenizer, sampling
+from .model_args import (add_model_args, add_sampling_args, check_top_k, load_model, model_tokenizer, prompt_format,
+                         sampling)
 
 
 def run(args) -> int:
@@ -23,10 +23,10 @@ def run(args) -> int:
     # a default out of them would start a server that refuses every request.
     if opts["temperature"] > MAX_TEMPERATURE:
         raise MinisftError(f"--temperature must be at most {MAX_TEMPERATURE} (the API's bound), got {args.temperature}")
-    style = get_style(args.prompt_style)
     model = load_model(args)
     check_top_k(args, model)  # before listening: a default past the vocabulary would refuse every request
-    tok = model_tokenizer(args, model)
+    # the prompt style or chat template (with its tokenizer, which reads the template's control tokens)
+    style, tok = prompt_format(args, model_tokenizer(args, model))
     name = args.name or Path(args.checkpoint or args.weights).name
     try:
         server = Server(model, style, tok=tok, host=args.host, port=args.port, model_name=name, api_key=args.api_key,

@@ -1,0 +1,153 @@
+"""Chat templates (minisft.chat_template): our rendering equals transformers' apply_chat_template (text and
+ids) for every built-in; masks from prefix renderings train exactly the assistant spans and their end
+tokens; each silently wrong mask is refused with its line; a tiny Llama folder fine-tunes on multi-turn
+OpenAI-messages data with a template."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("jinja2")
+pytest.importorskip("torch")
+
+from minisft.chat_template import BUILTIN, CHATML, check_masks, prompt_format  # noqa: E402
+from minisft.data import encode_records  # noqa: E402
+from minisft.errors import MinisftError  # noqa: E402
+from minisft.settings import Settings  # noqa: E402
+from minisft.tokenizer import HFTokenizer  # noqa: E402
+from minisft.train import finetune  # noqa: E402
+from tests.helpers import quiet, read_metrics  # noqa: E402
+from tests.test_llama_train import book_data_module, llama_folder, llama_settings  # noqa: E402, F401
+
+CONVERSATION = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Grüße! What is 世界?"},
+                {"role": "assistant", "content": "It means “world” — naïve café."},
+                {"role": "user", "content": "And again?"},
+                {"role": "assistant", "content": "World, again."}]
+
+
+@pytest.fixture(scope="module")
+def tok(llama_folder):  # noqa: F811
+    return HFTokenizer(llama_folder)
+
+
+def hf_tokenizer(folder, template):
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                                eos_token="<|endoftext|>", chat_template=template)
+
+
+def hf_ids(hf, messages, **kw):
+    ids = hf.apply_chat_template(messages, tokenize=True, **kw)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:], CONVERSATION[:4]])
+def test_rendering_equals_apply_chat_template(name, messages, tok, llama_folder):  # noqa: F811
+    template, ttok = prompt_format(None, name, tok)
+    hf = hf_tokenizer(llama_folder, BUILTIN[name])
+    gen = messages[-1]["role"] == "user"
+    ours = template.render(messages, add_generation_prompt=gen)
+    assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    assert ttok.encode(ours) == hf_ids(hf, messages, add_generation_prompt=gen)
+    if gen:
+        assert ttok.encode(template.prompt(messages)) == hf_ids(hf, messages, add_generation_prompt=True)
+    else:  # training encodes the same ids, and generation stops at <|im_end|>
+        ex = encode_records([{"messages": messages}], template, "assistant", ttok)[0]
+        assert list(ex.tokens) == hf_ids(hf, messages)
+        assert tok.tok.token_to_id("<|im_end|>") in ttok.stops
+
+
+def test_generation_markers_give_transformers_assistant_mask(tok, llama_folder):  # noqa: F811
+    marked = CHATML.replace("{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
+                            "{{'<|im_start|>' + message['role'] + '\n'}}{% if message['role'] == 'assistant' %}"
+                            "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+                            "{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}")
+    path = llama_folder.parent / "marked.jinja"
+    path.write_text(marked)
+    template, ttok = prompt_format(None, str(path), tok)
+    ex = encode_records([{"messages": CONVERSATION}], template, "assistant", ttok)[0]
+    out = hf_tokenizer(llama_folder, marked).apply_chat_template(
+        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert list(ex.tokens) == list(out["input_ids"])
+    assert list(ex.trained[1:]) == [bool(m) for m in out["assistant_masks"][1:]]
+
+
+def test_three_turns_without_markers_train_exactly_the_assistant_spans(tok):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"},
+                {"role": "user", "content": "more"}, {"role": "assistant", "content": "two"},
+                {"role": "user", "content": "last"}, {"role": "assistant", "content": "three"}]
+    template, ttok = prompt_format(None, "chatml", tok)
+    ex = encode_records([{"messages": messages}], template, "assistant", ttok)[0]
+    expected = []  # by hand: the turn's text untrained, its content and <|im_end|> trained, "\n" not
+    for m in messages:
+        head = ttok.encode(f"<|im_start|>{m['role']}\n")
+        body = ttok.encode(m["content"] + "<|im_end|>")
+        expected += [(t, False) for t in head] + [(t, m["role"] == "assistant") for t in body]
+        expected += [(t, False) for t in ttok.encode("\n")]
+    assert [(int(t), bool(k)) for t, k in zip(ex.tokens, ex.trained)] == expected
+    end = tok.tok.token_to_id("<|im_end|>")
+    assert sum(int(t) == end and bool(k) for t, k in zip(ex.tokens, ex.trained)) == 3
+
+
+REFUSALS = {  # template -> (the line's words, the flag that allows it)
+    "untrained": ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                  "{% for m in messages if m['role'] == 'zzz' %}{% generation %}{% endgeneration %}{% endfor %}",
+                  "train no token at all", "allow_untrained_records"),
+    "empty_turn": ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.index0 == 1 %}"
+                   "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}"
+                   "<|im_end|>{% endif %}{% endfor %}",
+                   "have an assistant turn that trains no token", "allow_empty_turns"),
+    "end": ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}",
+            "end token", "allow_untrained_end"),
+    "unstable": ("{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}{{ m['content'] }}"
+                 "<|im_end|>{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+                 "not prefix-stable", "allow_unstable_template"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSALS))
+def test_each_silent_failure_is_refused_with_its_line(kind, tok, llama_folder):  # noqa: F811
+    source, words, flag = REFUSALS[kind]
+    path = llama_folder.parent / f"{kind}.jinja"
+    path.write_text(source)
+    template, ttok = prompt_format(None, str(path), tok)
+    records = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:]}]
+    examples = encode_records(records, template, "assistant", ttok)
+    lines = []
+    with pytest.raises(MinisftError, match="--" + flag.replace("_", "-")):
+        check_masks(template, [("train", records, examples)], ttok, Settings(), lines.append)
+    line = next(x for x in lines if words in x)
+    assert line.startswith("error: 2 of 2 train records") and "(first: train record 0)" in line
+    every_flag = {f: True for _, _, f in REFUSALS.values()}  # allowed, the lines are warnings and it trains
+    check_masks(template, [("train", records, examples)], ttok, Settings(**every_flag), quiet)
+
+
+def test_a_control_token_inside_a_message_is_refused(tok):
+    template, ttok = prompt_format(None, "chatml", tok)
+    bad = [{"role": "user", "content": "hi <|im_end|>"}, {"role": "assistant", "content": "x"}]
+    with pytest.raises(MinisftError, match=r"record 0: message 0 holds '<\|im_end\|>'"):
+        encode_records([{"messages": bad}], template, "assistant", ttok)
+
+
+def test_twenty_steps_on_multi_turn_messages_with_the_folders_template(tmp_path, llama_folder):  # noqa: F811
+    folder = tmp_path / "with-template"
+    shutil.copytree(llama_folder, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": BUILTIN["smollm2"]}))
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "what", "is", "this", "café"]
+    data = [{"messages": [{"role": "user" if j % 2 == 0 else "assistant",
+                           "content": " ".join(rng.choice(words, 5))} for j in range(4)]} for _ in range(40)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    s = llama_settings(tmp_path, folder, str(path), max_steps=20, epochs=3, batch_size=4, eval_freq=10,
+                       responses=0)
+    assert s.chat_template == "model" and s.mask_prompt == "assistant" and s.prompt_style is None
+    finetune(s, log=quiet)
+    losses = [r["loss"] for r in read_metrics(s.out) if r["kind"] == "step"]
+    assert len(losses) == 20 and all(np.isfinite(losses)) and losses[-1] < losses[0]
