@@ -19,7 +19,7 @@ from minisft.settings import Settings  # noqa: E402
 from minisft.tokenizer import HFTokenizer  # noqa: E402
 from minisft.train import finetune  # noqa: E402
 from tests.helpers import quiet, read_metrics  # noqa: E402
-from tests.test_llama_train import book_data_module, llama_folder, llama_settings  # noqa: E402, F401
+from tests.helpers import llama_settings  # noqa: E402
 
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": "Grüße! What is 世界?"},
@@ -29,7 +29,7 @@ CONVERSATION = [{"role": "system", "content": "Answer briefly."},
 
 
 @pytest.fixture(scope="module")
-def tok(llama_folder):  # noqa: F811
+def tok(llama_folder):
     return HFTokenizer(llama_folder)
 
 
@@ -45,7 +45,7 @@ def hf_ids(hf, messages, **kw):
 
 @pytest.mark.parametrize("name", list(BUILTIN))
 @pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:], CONVERSATION[:4]])
-def test_rendering_equals_apply_chat_template(name, messages, tok, llama_folder):  # noqa: F811
+def test_rendering_equals_apply_chat_template(name, messages, tok, llama_folder):
     template, ttok = prompt_format(None, name, tok)
     hf = hf_tokenizer(llama_folder, BUILTIN[name])
     gen = messages[-1]["role"] == "user"
@@ -60,7 +60,7 @@ def test_rendering_equals_apply_chat_template(name, messages, tok, llama_folder)
         assert tok.tok.token_to_id("<|im_end|>") in ttok.stops
 
 
-def test_generation_markers_give_transformers_assistant_mask(tok, llama_folder):  # noqa: F811
+def test_generation_markers_give_transformers_assistant_mask(tok, llama_folder):
     marked = CHATML.replace("{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
                             "{{'<|im_start|>' + message['role'] + '\n'}}{% if message['role'] == 'assistant' %}"
                             "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
@@ -111,7 +111,7 @@ REFUSALS = {  # template -> (the line's words, the flag that allows it)
 
 
 @pytest.mark.parametrize("kind", list(REFUSALS))
-def test_each_silent_failure_is_refused_with_its_line(kind, tok, llama_folder):  # noqa: F811
+def test_each_silent_failure_is_refused_with_its_line(kind, tok, llama_folder):
     source, words, flag = REFUSALS[kind]
     path = llama_folder.parent / f"{kind}.jinja"
     path.write_text(source)
@@ -134,7 +134,7 @@ def test_a_control_token_inside_a_message_is_refused(tok):
         encode_records([{"messages": bad}], template, "assistant", ttok)
 
 
-def test_twenty_steps_on_multi_turn_messages_with_the_folders_template(tmp_path, llama_folder):  # noqa: F811
+def test_twenty_steps_on_multi_turn_messages_with_the_folders_template(tmp_path, llama_folder):
     folder = tmp_path / "with-template"
     shutil.copytree(llama_folder, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
