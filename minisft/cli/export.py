@@ -9,11 +9,12 @@ from pathlib import Path
 
 from .. import lora, tokenizer
 from ..checkpoint import load_checkpoint
+from ..config import GPTConfig
 from ..errors import MinisftError
 from ..model import GPT
 from ..pretrained import save_pretrained
 from .checks import output_dir
-from .model_args import model_tokenizer
+from .model_args import model_folder
 
 
 def run(args) -> int:
@@ -39,8 +40,13 @@ def run(args) -> int:
         # Hugging Face GPT-2 weights are float32: a float64 checkpoint is rounded once, here.
         model, _, _ = load_checkpoint(src, dtype="float32", load_optimizer=False)
     out = save_pretrained(model, args.dir)
-    folder = Path(base) if base is not None and Path(base).is_dir() else None
-    (tokenizer.for_model(model.cfg, folder) if folder else model_tokenizer(args, model)).save(out)
+    folder = Path(base) if base is not None and Path(base).is_dir() else model_folder(args, model)
+    if not isinstance(model.cfg, GPTConfig):  # GPT-2's tokenizer is every reader's own
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            tokenizer.for_model(model.cfg, folder).save(out)
+        else:
+            print(f"note: {folder or 'the source'} has no tokenizer.json to copy; add the model's tokenizer files "
+                  f"to {out} before generating from it")
     head = f"tied to {model.family.embed}" if model.cfg.tie_embeddings else "untied (lm_head.weight)"
     print(f"exported {src}{' merged' if args.merge else ''} -> {out}/config.json + model.safetensors "
           f"({model.num_params():,} parameters, float32, head {head})")

@@ -108,6 +108,11 @@ def load_model(args):
 def model_tokenizer(args, model) -> tokenizer.Tokenizer:
     """The tokenizer of the model load_model built: GPT-2's, or a Llama-family model's tokenizer.json
     from --weights DIR, or for a --checkpoint from the folder its run started from (settings.json)."""
+    return tokenizer.for_model(model.cfg, model_folder(args, model))
+
+
+def model_folder(args, model) -> Path | None:
+    """The Hugging Face folder a Llama-family model's tokenizer files are in (see model_tokenizer)."""
     folder = Path(args.weights) if args.weights and Path(args.weights).is_dir() else None
     if folder is None and args.checkpoint and not isinstance(model.cfg, GPTConfig):
         started = _run_settings(args)
@@ -115,7 +120,7 @@ def model_tokenizer(args, model) -> tokenizer.Tokenizer:
         folder = Path(source) if isinstance(source, str) else None
         if folder is None and started.get("model") in LLAMA_HUB:
             folder = fetch_preset(started["model"], getattr(args, "cache_dir", None))
-    return tokenizer.for_model(model.cfg, folder)
+    return folder
 
 
 def _run_settings(args) -> dict:
