@@ -160,3 +160,23 @@ def test_settings_that_cannot_hold_are_refused_on_every_rank_before_any_work(tmp
     assert codes == [2, 2]
     assert all(message in e for e in errs), errs
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_ranks_train_a_llama_folder_exactly_as_one_process(tmp_path, book_data, llama_folder, lora):
+    """The Llama family through the same data-parallel path (its tokenizer on every rank), float64."""
+    settings = base(book_data, model=None, init="pretrained", weights=str(llama_folder), backend="numpy",
+                    dtype="float64", **(dict(lora_rank=4, lora_targets="all") if lora else {}))
+    del settings["model"]
+    want = one_process(tmp_path, settings)
+    procs = launch([dict(settings, out=tmp_path / "two")] * 2, tmp_path)
+    codes, errs = wait_all(procs, tmp_path)
+    assert codes == [0, 0], errs
+    if not lora:
+        return assert_same_run(tmp_path / "two", want, rtol=1e-12, atol=1e-12)
+    from minisft import safetensors  # a LoRA run's trained tensors: the exported adapter's
+    for a, b in zip(steps(tmp_path / "two"), steps(want)):
+        assert a.keys() == b.keys() and all(np.isclose(a[k], b[k], rtol=1e-12) for k in ("loss", "val_loss") if k in b)
+    got, ref = (safetensors.load(Path(o) / "adapter" / "adapter_model.safetensors")[0]
+                for o in (tmp_path / "two", want))
+    assert got.keys() == ref.keys() and all(np.allclose(got[n], ref[n], rtol=0, atol=1e-12) for n in ref)
