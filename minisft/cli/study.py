@@ -3,10 +3,11 @@ GPT-2 model), stage by stage, on tiny float64 inputs: every intermediate with it
 forward and the backward that undoes it, and a finite-difference check of every gradient (see
 minisft.study). Exit status 1 when a check fails."""
 import importlib.util
+import sys
 
 from ..errors import MinisftError
-from ..study import (GPT2_SHAPE, GROUPED_OPS, KV_HEADS, LLAMA_OPS, LLAMA_SHAPE, OPS, format_study, study,
-                     torch_gradients)
+from ..study import (GPT2_SHAPE, GROUPED_OPS, KV_HEADS, LLAMA_OPS, LLAMA_SHAPE, OPS, KernelFailed, format_study,
+                     load_kernel, study, torch_gradients)
 
 
 def _lengths(text: str) -> list:
@@ -19,8 +20,13 @@ def _lengths(text: str) -> list:
 def run(args) -> int:
     if args.torch and importlib.util.find_spec("torch") is None:
         raise MinisftError("study: --torch needs PyTorch: pip install 'minisft[torch]'")
-    s = study(args.op, seed=args.seed, lengths=_lengths(args.lengths), heads=args.heads, head_dim=args.head_dim,
-              kv_heads=args.kv_heads)
+    kernel = load_kernel(args.kernel) if args.kernel else None
+    try:
+        s = study(args.op, seed=args.seed, lengths=_lengths(args.lengths), heads=args.heads,
+                  head_dim=args.head_dim, kv_heads=args.kv_heads, kernel=kernel)
+    except KernelFailed as e:  # the learner's kernel broke: a failed check (exit 1), not bad input
+        print(f"minisft: {e}", file=sys.stderr)
+        return 1
     print("\n".join(format_study(s, torch_gradients(s) if args.torch else None, values=not args.no_values)))
     return 0 if all(c.ok for c in s.checks) else 1
 
@@ -38,5 +44,8 @@ def register(sub) -> None:
     p.add_argument("--kv-heads", type=int, help=f"key/value heads Hkv of {', '.join(GROUPED_OPS)}, dividing H "
                    f"(default {KV_HEADS})")
     p.add_argument("--torch", action="store_true", help="add PyTorch autograd's gradients side by side")
+    p.add_argument("--kernel", metavar="FILE:FUNCTION",
+                   help="check your own backward in place of the numpy backend's FUNCTION (same arguments, "
+                   "no self), e.g. docs/exercises/2_layernorm.py:layernorm_backward")
     p.add_argument("--no-values", action="store_true", help="shapes, formulas and errors only, no arrays")
     p.set_defaults(func=run)
