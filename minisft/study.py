@@ -957,7 +957,7 @@ def _checked(name, fn, path):
         try:
             got = fn(*args, **kw)
         except Exception as e:  # the learner's code: where in their file, in one line
-            line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == Path(path)]
+            line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == Path(path).resolve()]
             raise KernelFailed(f"study: {name} in {path} raised {type(e).__name__}: {e}"
                                + (f" (line {line[-1]})" if line else "")) from None
         same(got, ref, "its output")
