@@ -207,7 +207,8 @@ def localise(s: Study) -> list:
             err = rel_error(got, ref)
             c = _ratio(got, ref) if err > FD_TOL else None
             scale = f"  ({c:.6g} times the right one: a wrong scale)" if c is not None else ""
-            lines.append(f"  {label:<14} kernel vs stages: error {err:.1e} {'ok' if err <= FD_TOL else 'FAILED'}{scale}")
+            mark = "ok" if err <= FD_TOL else "FAILED"
+            lines.append(f"  {label:<14} kernel vs stages: error {err:.1e} {mark}{scale}")
     for st in reversed(s.stages):
         for i, n in enumerate(st.ins):
             cut = _backprop(s.stages, s.values, s.dout, cut=(st.out, i))[0]
@@ -957,7 +958,8 @@ def _checked(name, fn, path):
         try:
             got = fn(*args, **kw)
         except Exception as e:  # the learner's code: where in their file, in one line
-            line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == Path(path).resolve()]
+            mine = Path(path).resolve()
+            line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == mine]
             raise KernelFailed(f"study: {name} in {path} raised {type(e).__name__}: {e}"
                                + (f" (line {line[-1]})" if line else "")) from None
         same(got, ref, "its output")
@@ -1194,3 +1196,136 @@ def torch_gradients(s: Study) -> dict:
     for n, g in grads.items():
         s.checks.append(Check(f"autograd: d{n}", rel_error(s.grads[n], g), TORCH_TOL))
     return grads
+
+
+# ---- the update, and the whole training step, against PyTorch (`study adamw`, `study step`) -----------
+PEER_OPS = ("adamw", "step")   # walks beside PyTorch: they import torch
+ADAMW = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}  # torch.optim.AdamW's, larger lr
+ADAMW_STEPS = 3     # step 1 alone hides the bias correction of m (m / (1 - b1) = g exactly)
+TRAIN_STEPS = 2     # study step: the second step starts from the first's moments and weights
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise MinisftError("study: adamw and step run beside PyTorch: pip install 'minisft[torch]'") from None
+    return torch
+
+
+def adamw_walk(seed=0) -> tuple:
+    """AdamW on one (3, 4) tensor for ADAMW_STEPS steps of random gradients, each step's lines printed
+    with its values; checked against minisft's adamw_step kernel and torch.optim.AdamW. -> (lines, checks)."""
+    torch = _torch()
+    rng = np.random.default_rng(seed)
+    lr, (b1, b2), eps, wd = ADAMW["lr"], ADAMW["betas"], ADAMW["eps"], ADAMW["weight_decay"]
+    p0 = rng.normal(size=(3, 4))
+    grads = [rng.normal(size=p0.shape) for _ in range(ADAMW_STEPS)]
+    p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    kp, km, kv = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)   # minisft's kernel, in place
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    topt = torch.optim.AdamW([tp], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    lp = torch.nn.Parameter(torch.tensor(p0))  # Adam with L2: wd p added to the gradient, decayed by the moments
+    lopt = torch.optim.Adam([lp], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    lines = [f"minisft study adamw: AdamW on p (3, 4), lr={lr:g}, betas=({b1:g}, {b2:g}), eps={eps:g}, "
+             f"weight_decay={wd:g}, {ADAMW_STEPS} steps of random gradients g, in PyTorch's order of operations",
+             "", "p", *_array_lines(p0, "    ")]
+    checks = []
+    for t, g in enumerate(grads, 1):
+        stages = []
+        p = p * (1 - lr * wd)
+        stages.append(("p", "p = p (1 - lr wd)   decoupled weight decay: before, and apart from, the moments", p))
+        m = b1 * m + (1 - b1) * g
+        stages.append(("m", "m = b1 m + (1 - b1) g", m))
+        v = b2 * v + (1 - b2) * g * g
+        stages.append(("v", "v = b2 v + (1 - b2) g^2", v))
+        mhat = m / (1 - b1 ** t)
+        stages.append(("mhat", f"mhat = m / (1 - b1^{t})   bias correction: m started at 0", mhat))
+        denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + eps
+        stages.append(("denom", f"denom = sqrt(v) / sqrt(1 - b2^{t}) + eps   (eps after the correction)", denom))
+        p = p - lr * mhat / denom
+        stages.append(("p", "p = p - lr mhat / denom", p))
+        nb.NumpyBackend("float64").adamw_step(kp, g, km, kv, lr, b1, b2, eps, wd, t)
+        tp.grad, lp.grad = torch.tensor(g), torch.tensor(g)
+        topt.step()
+        lopt.step()
+        lines += ["", f"step {t}", "  g", *_array_lines(g, "      ")]
+        for i, (name, text, value) in enumerate(stages, 1):
+            lines += [f"  [{i}] {name:<6} {text}", *_array_lines(value, "      ")]
+        step_checks = [Check(f"step {t}: p = minisft's adamw_step", rel_error(kp, p), SAME_TOL),
+                       Check(f"step {t}: p = torch.optim.AdamW", rel_error(tp.detach().numpy(), p), TORCH_TOL)]
+        lines += [f"  {c.what:<40} error {c.err:.1e} (<= {c.tol:g}) {'ok' if c.ok else 'FAILED'}" for c in step_checks]
+        lines.append(f"  (Adam with L2, torch.optim.Adam(weight_decay={wd:g}), is another optimizer: its p differs "
+                     f"by {rel_error(lp.detach().numpy(), p):.1e})")
+        checks += step_checks
+    return lines + _summary(checks), checks
+
+
+def _summary(checks) -> list:
+    failed = [c for c in checks if not c.ok]
+    return ["", f"{len(checks) - len(failed)} of {len(checks)} checks passed" +
+            ("" if not failed else "; FAILED: " + ", ".join(c.what for c in failed))]
+
+
+def step_walk(seed=0, lengths=(4, 3), heads=GPT2_SHAPE[0], head_dim=GPT2_SHAPE[1]) -> tuple:
+    """TRAIN_STEPS training steps of the model study's tiny GPT, minisft's (GPT.forward_backward, AdamW)
+    beside PyTorch's (peer.TorchGPT on the sequences padded, autograd, torch.optim.AdamW), in float64:
+    the loss, every gradient and every updated weight compared. -> (lines, checks)."""
+    torch = _torch()
+    from .model import GPT
+    from .optim import AdamW
+    from .peer import TorchGPT
+    lengths = [int(L) for L in lengths]
+    validate("model", lengths, heads, head_dim, None)
+    rng = np.random.default_rng(seed)
+    cfg, N, V = _tiny_config(lengths, heads, head_dim, MODEL_LAYERS), sum(lengths), VOCAB
+    params = _params(rng, cfg)
+    tokens, targets, positions, cu = _tokens(rng, N, V), _targets(rng, lengths, V), _positions(lengths), _cu(lengths)
+    ours = GPT(cfg, backend=nb.NumpyBackend("float64"), params={n: a.copy() for n, a in params.items()})
+    opt = AdamW(ours, lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+    peer = TorchGPT(cfg, dtype=torch.float64)
+    peer.load_numpy(params)
+    topt = torch.optim.AdamW(peer.parameters(), **ADAMW)
+    # the peer's (S, L_max) rows: each sequence padded after its end, the pads' targets ignored; causal
+    # attention never lets a real position read a later pad, so the loss and gradients are the packed ones'
+    idx = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    tgt = np.full(idx.shape, IGNORE_INDEX)
+    for i, (a, e) in enumerate(zip(cu[:-1], cu[1:])):
+        idx[i, :e - a], tgt[i, :e - a] = tokens[a:e], targets[a:e]
+    batch = PackedBatch(tokens, targets, positions, cu)
+    names = sorted(params)
+
+    def worst(a, b):  # the tensor where ours and PyTorch's differ most
+        return max(names, key=lambda n: rel_error(a[n], b[n]))
+    lines = [f"minisft study step: {TRAIN_STEPS} training steps of the model study's GPT ({cfg.n_layers} blocks, "
+             f"d={cfg.emb_dim}, H={heads}, V={V}, {len(params)} tensors), packed lengths "
+             f"{', '.join(map(str, lengths))}, "
+             f"tokens {tokens.tolist()}, targets {targets.tolist()}; AdamW lr={ADAMW['lr']:g}, weight_decay="
+             f"{ADAMW['weight_decay']:g} on every tensor; beside PyTorch: peer.TorchGPT on the sequences padded to "
+             f"(S, L) = {idx.shape}, autograd and torch.optim.AdamW, float64"]
+    checks = []
+    for t in range(1, TRAIN_STEPS + 1):
+        ours.zero_grad()
+        loss_sum, M = ours.forward_backward(batch)
+        grads = {n: ours.B.to_numpy(g) for n, g in ours.grads.items()}
+        opt.step()
+        topt.zero_grad()
+        loss = peer.loss(torch.tensor(idx), torch.tensor(tgt))
+        loss.backward()
+        tgrads = peer.grads_numpy()
+        topt.step()
+        tparams = {n: peer.P(n).detach().numpy() for n in params}
+        step_checks = [
+            (Check(f"step {t}: forward, the loss", rel_error(loss_sum / M, loss.item()), TORCH_TOL),
+             f"loss = mean cross-entropy over the {M} targets = {loss_sum / M:.6f}"),
+            (Check(f"step {t}: backward, every gradient", rel_error([grads[n] for n in names],
+                                                                    [tgrads[n] for n in names]), TORCH_TOL),
+             f"all {len(names)} gradients (worst tensor: {worst(grads, tgrads)})"),
+            (Check(f"step {t}: update, every weight", rel_error([ours.params[n] for n in names],
+                                                                [tparams[n] for n in names]), TORCH_TOL),
+             f"all {len(names)} weights after AdamW (worst tensor: {worst(ours.params, tparams)})")]
+        lines += ["", f"step {t}"]
+        lines += [f"  {c.what.split(': ')[1]:<24} {text}: ours vs PyTorch error {c.err:.1e} (<= {c.tol:g}) "
+                  f"{'ok' if c.ok else 'FAILED'}" for c, text in step_checks]
+        checks += [c for c, _ in step_checks]
+    return lines + _summary(checks), checks

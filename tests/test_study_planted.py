@@ -32,7 +32,7 @@ def embedding_scattered(self, dwte, dwpe, dx, tokens, positions):
 def attention_with(bug):
     """attention_backward (GPT-2's, H = Hkv) with one classic mistake."""
     def backward(self, dout, qkv, out, ctx, cu_seqlens, n_heads, max_seqlen, n_kv_heads=None):
-        H, N, W = n_heads, *qkv.shape
+        H, W = n_heads, qkv.shape[1]
         hd = W // (3 * H)
         scale = 1.0 / math.sqrt(hd)
         dqkv = np.empty_like(qkv)

@@ -1,3 +1,4 @@
+# ruff: noqa: F401, F841, B007  (until its blanks are filled, some names are read by no line)
 """Exercise 1: the backward of GPT-2's tanh-GELU (docs/backprop.md, "[8] fch_gelu = gelu(fch)").
 
 Fill every `...` marked TODO, then check it stage by stage against finite differences:

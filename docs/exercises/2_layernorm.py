@@ -1,3 +1,4 @@
+# ruff: noqa: F401, F841, B007  (until its blanks are filled, some names are read by no line)
 """Exercise 2: the backward of layernorm (docs/backprop.md, "[6] ln2 = layernorm(x2)").
 
 Fill every `...` marked TODO, then check it:

@@ -1,3 +1,4 @@
+# ruff: noqa: F401, F841, B007  (until its blanks are filled, some names are read by no line)
 """Exercise 3: the backward of causal self-attention over packed sequences (docs/backprop.md,
 "[3] atty = attention(qkv)").
 
