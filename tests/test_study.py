@@ -150,6 +150,20 @@ def test_backprop_md_names_only_functions_the_numpy_backend_defines():
         assert re.search(rf"^\s*def {name}\(", source, re.M), f"backprop.md names {name}, not in numpy_backend.py"
 
 
+def test_every_code_reference_of_backprop_md_resolves():
+    """tests/FILE.py::NAME names a test that FILE defines; every repository path it quotes or links exists."""
+    root, text = BACKPROP_MD.parents[1], BACKPROP_MD.read_text(encoding="utf-8")
+    tests = re.findall(r"`(tests/\w+\.py)::(\w+)`", text)
+    assert len(tests) >= 2
+    for path, name in tests:
+        assert re.search(rf"^def {name}\(", (root / path).read_text(encoding="utf-8"), re.M), f"{path}::{name}"
+    quoted = re.findall(r"`((?:minisft|tests|backends|docs)/[\w/.]+\.\w+)", text)
+    linked = [str((BACKPROP_MD.parent / p).resolve().relative_to(root)) for p in re.findall(r"\]\(([^)#:]+)", text)]
+    assert len(quoted) >= 5 and len(linked) >= 10
+    for path in quoted + linked:
+        assert (root / path).exists(), path
+
+
 def test_backprop_md_gradient_check_example_runs_and_passes(capsys):
     example = re.search(r"```python\n(.*?)```", BACKPROP_MD.read_text(encoding="utf-8"), re.S).group(1)
     exec(example, {})
