@@ -11,8 +11,13 @@ differences. Every check is norm-relative, in float64.
 Values are numpy arrays, or lists of arrays, one per packed sequence (attention works on each
 sequence alone, so its per-head intermediates have a different length L per sequence).
 """
+import copy
+import importlib.util
+import inspect
 import math
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,10 +28,12 @@ from .backends.constants import LN_EPS
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import GPTConfig
 from .errors import MinisftError
-from .gradcheck import FD_EPS, FD_TOL, rel_error
+from .gradcheck import FD_EPS, FD_SAMPLES, FD_TOL, rel_error
 
 SAME_TOL = 1e-12    # the kernel against the stages: the same math in float64, only reordered
 TORCH_TOL = 1e-10   # ours against PyTorch autograd (its own ops, its own order of operations)
+DIAGNOSE_TOL = 1e-9  # a kernel gradient this close to a stage-built candidate (scaled, a term cut) is that one
+EVERY_ENTRY = 1 << 30  # fd_error's samples: every entry of a stage's inputs (a study's arrays are tiny)
 PRINT_WHOLE = 48    # arrays of up to this many entries are printed whole, bigger ones summarised
 VOCAB = 11          # the tiny vocabulary of the cross-entropy and model studies
 D_OUT = 4           # the tiny linear layer's output width
@@ -58,6 +65,7 @@ class Kernel:
     f: Callable
     df: Callable
     separate: bool = True   # separate code from the stages (False: the stages chained, end to end)
+    parts: Callable = None  # parts(got, ref) -> {label: (got part, ref part)}: a fused gradient, piece by piece
 
 
 @dataclass
@@ -88,15 +96,19 @@ def _add(a, b):
     return [x + y for x, y in zip(a, b)] if isinstance(a, list) else a + b
 
 
+def _scale(v, c):
+    return [x * c for x in v] if isinstance(v, list) else v * c
+
+
 def _copy(v):
     return [np.array(p) for p in v] if isinstance(v, list) else np.array(v)
 
 
-def fd_error(f, args, i, grad, dout, rng) -> float:
+def fd_error(f, args, i, grad, dout, rng, samples=FD_SAMPLES) -> float:
     """Norm-relative error of grad, the analytic gradient of dot(dout, f(*args)) with respect to args[i],
-    against central differences (gradcheck.fd_error) at sampled entries of each part of args[i]."""
+    against central differences (gradcheck.fd_error) at up to samples entries of each part of args[i]."""
     args = [_copy(a) for a in args]
-    return gradcheck.fd_error(lambda: _dot(dout, f(*args)), args[i], grad, rng)
+    return gradcheck.fd_error(lambda: _dot(dout, f(*args)), args[i], grad, rng, samples=samples)
 
 
 # ---- running a chain ------------------------------------------------------------------------------
@@ -112,43 +124,104 @@ class Study:
     grads: dict = None      # every value's gradient, backward
     local: dict = None      # stage out -> the gradients its backward returned, one per input
     adds: set = None        # (stage out, input) where the input already had a gradient: the two add
+    kgrads: dict = None     # the kernel's gradient of every leaf
     checks: list = None
     meta: dict = None       # what the PyTorch side needs: cu_seqlens, heads, targets, ...
 
 
-def run_study(s: Study, rng) -> Study:
-    s.values = dict(s.leaves)
-    for st in s.stages:
-        s.values[st.out] = st.f(*[s.values[n] for n in st.ins])
-    final = s.stages[-1].out
-    s.grads, s.local, s.checks, s.adds = {final: s.dout}, {}, [], set()
-    for st in reversed(s.stages):
-        ins = [s.values[n] for n in st.ins]
-        gs = st.df(s.grads[st.out], s.values[st.out], *ins)
-        s.local[st.out] = gs
-        for n, g in zip(st.ins, gs):
-            if n in s.grads:  # a value read by two stages: its gradients add
-                s.adds.add((st.out, n))
-                s.grads[n] = _add(s.grads[n], g)
+def _backprop(stages, values, dout, cut=None):
+    """The stages' backward from dout: (grads, local, adds). grads: every value's gradient; local: stage
+    out -> the gradients its backward returned, one per input; adds: (stage out, input) where the input
+    already had a gradient, so the two add. cut = (stage out, input index): that term is left out (the
+    backward a learner gets by forgetting it)."""
+    grads, local, adds = {stages[-1].out: dout}, {}, set()
+    for st in reversed(stages):
+        gs = st.df(grads[st.out], values[st.out], *[values[n] for n in st.ins])
+        local[st.out] = gs
+        for i, (n, g) in enumerate(zip(st.ins, gs)):
+            if cut == (st.out, i):
+                g = _scale(g, 0.0)
+            if n in grads:  # a value read by two stages: its gradients add
+                adds.add((st.out, n))
+                grads[n] = _add(grads[n], g)
             else:
-                s.grads[n] = g
+                grads[n] = g
+    return grads, local, adds
+
+
+def _forward(stages, leaves) -> dict:
+    values = dict(leaves)
+    for st in stages:
+        values[st.out] = st.f(*[values[n] for n in st.ins])
+    return values
+
+
+def run_study(s: Study, rng) -> Study:
+    s.values = _forward(s.stages, s.leaves)
+    s.grads, s.local, s.adds = _backprop(s.stages, s.values, s.dout)
+    s.checks = []
+    for st in reversed(s.stages):  # backward order: the first failing check is where a wrong gradient starts
+        ins = [s.values[n] for n in st.ins]
         for i, n in enumerate(st.ins):
-            s.checks.append(Check(f"{st.out}: d{n}", fd_error(st.f, ins, i, gs[i], s.grads[st.out], rng), FD_TOL))
+            # every entry: a wrong row (a repeated token's, a masked position's) cannot hide between samples
+            s.checks.append(Check(f"{st.out}: d{n}", fd_error(st.f, ins, i, s.local[st.out][i], s.grads[st.out],
+                                                               rng, EVERY_ENTRY), FD_TOL))
     k = s.kernel
-    kgrads = k.df(s.dout, s.leaves)
+    s.kgrads = k.df(s.dout, s.leaves)
     names = list(s.leaves)
     if k.separate:
-        s.checks.append(Check(f"{k.name} forward = stages", rel_error(k.f(s.leaves), s.values[final]), SAME_TOL))
+        s.checks.append(Check(f"{k.name} forward = stages", rel_error(k.f(s.leaves), s.values[s.stages[-1].out]),
+                              SAME_TOL))
         for n in names:
-            s.checks.append(Check(f"{k.name} backward = stages: d{n}", rel_error(kgrads[n], s.grads[n]), SAME_TOL))
+            s.checks.append(Check(f"{k.name} backward = stages: d{n}", rel_error(s.kgrads[n], s.grads[n]), SAME_TOL))
     leaf_args = [s.leaves[n] for n in names]
 
     def kernel_f(*args):
         return k.f(dict(zip(names, args)))
     for i, n in enumerate(names):
         s.checks.append(Check(f"{k.name} backward vs finite differences: d{n}",
-                              fd_error(kernel_f, leaf_args, i, kgrads[n], s.dout, rng), FD_TOL))
+                              fd_error(kernel_f, leaf_args, i, s.kgrads[n], s.dout, rng), FD_TOL))
     return s
+
+
+# ---- where a wrong kernel gradient sits -------------------------------------------------------------
+def _ratio(got, ref):
+    """c with got = c * ref when got is a multiple of ref (to 1e-9), else None."""
+    rr = _dot(ref, ref)
+    c = _dot(got, ref) / rr if rr > 0 else 0.0
+    return c if rr > 0 and rel_error(got, _scale(ref, c)) <= DIAGNOSE_TOL else None
+
+
+def localise(s: Study) -> list:
+    """Lines saying where the kernel's gradient departs from the stages': per part (attention: each head
+    of q, k and v), a scale when it is a multiple of the right one, and the stage terms whose omission
+    gives exactly the kernel's gradient. Empty when the kernel agrees with the stages."""
+    wrong = [n for n in s.leaves if rel_error(s.kgrads[n], s.grads[n]) > FD_TOL]
+    if not s.kernel.separate or not wrong:
+        return []
+    lines = []
+    parts = s.kernel.parts
+    for n in wrong:
+        pieces = parts(s.kgrads[n], s.grads[n]) if parts else {f"d{n}": (s.kgrads[n], s.grads[n])}
+        for label, (got, ref) in pieces.items():
+            err = rel_error(got, ref)
+            c = _ratio(got, ref) if err > FD_TOL else None
+            scale = f"  ({c:.6g} times the right one: a wrong scale)" if c is not None else ""
+            mark = "ok" if err <= FD_TOL else "FAILED"
+            lines.append(f"  {label:<14} kernel vs stages: error {err:.1e} {mark}{scale}")
+    for st in reversed(s.stages):
+        for i, n in enumerate(st.ins):
+            cut = _backprop(s.stages, s.values, s.dout, cut=(st.out, i))[0]
+            if all(rel_error(s.kgrads[m], cut[m]) <= DIAGNOSE_TOL for m in s.leaves):
+                lines.append(f"  the kernel's gradient is the stages' without stage {st.out}'s term into d{n}: "
+                             f"{st.backward}")
+    return lines
+
+
+def first_failure(s: Study):
+    """The first failing check in backward order (stages from the output down, then the kernel, then
+    autograd), or None."""
+    return next((c for c in s.checks if not c.ok), None)
 
 
 # ---- the studies ----------------------------------------------------------------------------------
@@ -238,8 +311,8 @@ def _attention_stages(lengths, H, Hkv, hd) -> list:
     ]
 
 
-def _attention_kernel(lengths, H, Hkv) -> Kernel:
-    B, cu, L_max = nb.NumpyBackend("float64"), _cu(lengths), max(lengths)
+def _attention_kernel(B, lengths, H, Hkv) -> Kernel:
+    cu, L_max = _cu(lengths), max(lengths)
 
     def f(v):
         return B.attention_forward(v["qkv"], cu, H, L_max, Hkv)[0]
@@ -247,30 +320,36 @@ def _attention_kernel(lengths, H, Hkv) -> Kernel:
     def df(g, v):
         y, ctx = B.attention_forward(v["qkv"], cu, H, L_max, Hkv)
         return {"qkv": B.attention_backward(g, v["qkv"], y, ctx, cu, H, L_max, Hkv)}
-    return Kernel("attention_forward/attention_backward", f, df)
+
+    def parts(got, ref):  # dqkv (N, (H + 2 Hkv) hd): each head of dq, dk and dv on its own
+        hd = got.shape[1] // (H + 2 * Hkv)
+        heads = [("q", h) for h in range(H)] + [(x, h) for x in "kv" for h in range(Hkv)]
+        return {f"d{x} head {h}": (got[:, i * hd:(i + 1) * hd], ref[:, i * hd:(i + 1) * hd])
+                for i, (x, h) in enumerate(heads)}
+    return Kernel("attention_forward/attention_backward", f, df, parts=parts)
 
 
-def attention_study(rng, lengths, H, hd, Hkv) -> Study:
+def attention_study(B, rng, lengths, H, hd, Hkv) -> Study:
     d, N = H * hd, sum(lengths)
     qkv = rng.normal(size=(N, 3 * d))
     return Study("attention", f"causal attention over {len(lengths)} packed sequences of lengths "
                  f"{', '.join(map(str, lengths))}: N={N}, H={H}, hd={hd}, d={d}",
-                 {"qkv": qkv}, _attention_stages(lengths, H, H, hd), _attention_kernel(lengths, H, H),
+                 {"qkv": qkv}, _attention_stages(lengths, H, H, hd), _attention_kernel(B, lengths, H, H),
                  rng.normal(size=(N, d)))
 
 
-def gqa_study(rng, lengths, H, hd, Hkv) -> Study:
+def gqa_study(B, rng, lengths, H, hd, Hkv) -> Study:
     N, G = sum(lengths), H // Hkv
     qkv = rng.normal(size=(N, (H + 2 * Hkv) * hd))
     return Study("gqa", f"grouped-query attention: H={H} query heads share Hkv={Hkv} key/value heads, G={G} query "
                  f"heads per group, hd={hd}; {len(lengths)} packed sequences of lengths "
                  f"{', '.join(map(str, lengths))}: N={N}, qkv (N, (H + 2 Hkv) hd) = ({N}, {(H + 2 * Hkv) * hd}); "
                  "kr and vr each feed G query heads, so dk and dv sum over the group",
-                 {"qkv": qkv}, _attention_stages(lengths, H, Hkv, hd), _attention_kernel(lengths, H, Hkv),
+                 {"qkv": qkv}, _attention_stages(lengths, H, Hkv, hd), _attention_kernel(B, lengths, H, Hkv),
                  rng.normal(size=(N, H * hd)))
 
 
-def softmax_study(rng, lengths, H, hd, Hkv) -> Study:
+def softmax_study(B, rng, lengths, H, hd, Hkv) -> Study:
     L = lengths[0]
     stages = [
         Stage("e", ("s",), "e = exp(s)", "ds = de * e", lambda s: np.exp(s), lambda de, e, s: (de * e,)),
@@ -287,8 +366,8 @@ def softmax_study(rng, lengths, H, hd, Hkv) -> Study:
                  {"s": s}, stages, kernel, rng.normal(size=s.shape))
 
 
-def layernorm_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, N, d = nb.NumpyBackend("float64"), sum(lengths), H * hd
+def layernorm_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, d = sum(lengths), H * hd
     stages = [
         Stage("mean", ("x",), "mean = sum_j x_j / d   (one per row)", "dx = dmean / d, for every j",
               lambda x: x.mean(axis=-1, keepdims=True),
@@ -318,8 +397,8 @@ def layernorm_study(rng, lengths, H, hd, Hkv) -> Study:
                  leaves, stages, kernel, rng.normal(size=(N, d)))
 
 
-def gelu_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, N, d = nb.NumpyBackend("float64"), sum(lengths), H * hd
+def gelu_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, d = sum(lengths), H * hd
     c, a = nb.GELU_C, 0.044715
     stages = [
         Stage("u", ("x",), f"u = c (x + {a} x^3),  c = sqrt(2/pi)", f"dx = du * c (1 + 3 * {a} x^2)",
@@ -334,8 +413,8 @@ def gelu_study(rng, lengths, H, hd, Hkv) -> Study:
                  {"x": rng.normal(size=(N, d)) * 2}, stages, kernel, rng.normal(size=(N, d)))
 
 
-def linear_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, N, d = nb.NumpyBackend("float64"), sum(lengths), H * hd
+def linear_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, d = sum(lengths), H * hd
     stages = [
         Stage("xw", ("x", "w"), "xw = x @ w   (w is (in, out): Conv1D layout)", "dx = dxw @ wT;  dw = xT @ dxw",
               lambda x, w: x @ w, lambda g, xw, x, w: (g @ w.T, x.T @ g)),
@@ -351,6 +430,44 @@ def linear_study(rng, lengths, H, hd, Hkv) -> Study:
                  leaves, stages, kernel, rng.normal(size=(N, D_OUT)))
 
 
+def _tokens(rng, N, V):
+    """Token ids (N,) with one token at two positions at least: a scatter in place of the embedding's
+    scatter-add keeps one of the two gradients, and only a repeat shows it."""
+    tokens = rng.integers(0, V, N)
+    i, j = rng.choice(N, 2, replace=False)
+    tokens[j] = tokens[i]
+    return tokens                                                                        # (N,)
+
+
+def embedding_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, d, V = sum(lengths), H * hd, VOCAB
+    tokens, positions = _tokens(rng, N, V), _positions(lengths)                          # (N,) each
+
+    def lookup(ids, name):
+        def df(g, out, table):
+            dtable = np.zeros_like(table)
+            np.add.at(dtable, ids, g)  # a row read at k positions gets the sum of their k gradients
+            return (dtable,)
+        return Stage(name[1:], (name,), f"{name[1:]} = {name}[{'tokens' if name == 'wte' else 'positions'}]",
+                     f"d{name}[ids] += d{name[1:]}   (a scatter-ADD: ids repeat)", lambda t: t[ids], df)
+
+    stages = [lookup(tokens, "wte"), lookup(positions, "wpe"),
+              Stage("x", ("te", "pe"), "x = te + pe", "dte = dx;  dpe = dx", lambda te, pe: te + pe,
+                    lambda g, x, te, pe: (g, g))]
+
+    def kernel_df(g, v):
+        dwte, dwpe = np.zeros_like(v["wte"]), np.zeros_like(v["wpe"])
+        B.embedding_backward(dwte, dwpe, g, tokens, positions)
+        return {"wte": dwte, "wpe": dwpe}
+    kernel = Kernel("embedding_forward/embedding_backward",
+                    lambda v: B.embedding_forward(tokens, positions, v["wte"], v["wpe"]), kernel_df)
+    leaves = {"wte": rng.normal(size=(V, d)), "wpe": rng.normal(size=(max(lengths), d))}
+    return Study("embedding", f"token and position embedding: wte (V, d) = ({V}, {d}), wpe (C, d) = "
+                 f"({max(lengths)}, {d}), tokens {tokens.tolist()} (one repeats, by construction), positions "
+                 f"{positions.tolist()} (each restarts per sequence, so they repeat too)", leaves, stages, kernel,
+                 rng.normal(size=(N, d)))
+
+
 def _targets(rng, lengths, V):
     """Next-token targets, -100 on each sequence's first position (as a masked prompt would be)."""
     targets = rng.integers(0, V, sum(lengths))
@@ -358,8 +475,8 @@ def _targets(rng, lengths, V):
     return targets                                                                       # (N,)
 
 
-def cross_entropy_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, N, d, V = nb.NumpyBackend("float64"), sum(lengths), H * hd, VOCAB
+def cross_entropy_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, d, V = sum(lengths), H * hd, VOCAB
     targets = _targets(rng, lengths, V)
     rows = np.flatnonzero(targets != IGNORE_INDEX)                                       # (M,)
     M, t = len(rows), targets[rows]
@@ -440,19 +557,10 @@ def _chain_kernel(name, stages, names) -> Kernel:
     """The stages chained end to end from the leaves named names, forward and backward, as model._walk
     and model._backward run a block: the check that the stages compose."""
     def chain(v):
-        vals = dict(v)
-        for st in stages:
-            vals[st.out] = st.f(*[vals[n] for n in st.ins])
-        return vals[stages[-1].out]
+        return _forward(stages, v)[stages[-1].out]
 
     def chain_grads(g, v):
-        vals, grads = dict(v), {}
-        for st in stages:
-            vals[st.out] = st.f(*[vals[n] for n in st.ins])
-        grads[stages[-1].out] = g
-        for st in reversed(stages):
-            for n, gi in zip(st.ins, st.df(grads[st.out], vals[st.out], *[vals[n] for n in st.ins])):
-                grads[n] = grads[n] + gi if n in grads else gi
+        grads = _backprop(stages, _forward(stages, v), g)[0]
         return {n: grads[n] for n in names}
     return Kernel(name, chain, chain_grads, separate=False)
 
@@ -472,8 +580,8 @@ def _params(rng, cfg, prefix=""):
     return out
 
 
-def block_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, cfg, cu = nb.NumpyBackend("float64"), _tiny_config(lengths, H, hd, 1), _cu(lengths)
+def block_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    cfg, cu = _tiny_config(lengths, H, hd, 1), _cu(lengths)
     N, d = sum(lengths), H * hd
     leaves = {"x": rng.normal(size=(N, d)), **_params(rng, cfg, "h.0.")}
     stages = _block_stages(B, "h.0.", "x", cu, H, max(lengths), leaves)
@@ -483,11 +591,11 @@ def block_study(rng, lengths, H, hd, Hkv) -> Study:
                  rng.normal(size=(N, d)))
 
 
-def model_study(rng, lengths, H, hd, Hkv) -> Study:
+def model_study(B, rng, lengths, H, hd, Hkv) -> Study:
     from .model import GPT
-    B, cfg, cu = nb.NumpyBackend("float64"), _tiny_config(lengths, H, hd, MODEL_LAYERS), _cu(lengths)
+    cfg, cu = _tiny_config(lengths, H, hd, MODEL_LAYERS), _cu(lengths)
     N, V = sum(lengths), VOCAB
-    tokens = rng.integers(0, V, N)                                                      # (N,)
+    tokens = _tokens(rng, N, V)                                                         # (N,)
     targets = _targets(rng, lengths, V)                                                 # (N,)
     positions = _positions(lengths)                                                     # (N,)
     M = int(np.count_nonzero(targets != IGNORE_INDEX))
@@ -546,8 +654,8 @@ def _llama_config(lengths, H, hd, Hkv) -> llama.LlamaConfig:
                              n_kv_heads=Hkv, head_dim=hd, ffn_dim=LLAMA_FFN * H * hd, rope_theta=ROPE_THETA)
 
 
-def rmsnorm_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, N, d = nb.NumpyBackend("float64"), sum(lengths), H * hd
+def rmsnorm_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, d = sum(lengths), H * hd
     stages = [
         Stage("ms", ("x",), "ms = sum_j x_j^2 / d   (one per row; no mean is taken)", "dx = dms * 2 x / d",
               lambda x: (x * x).mean(axis=-1, keepdims=True), lambda g, ms, x: (g * 2 * x / d,)),
@@ -570,8 +678,8 @@ def rmsnorm_study(rng, lengths, H, hd, Hkv) -> Study:
                  "xhat)), layernorm's without the mean's term", leaves, stages, kernel, rng.normal(size=(N, d)))
 
 
-def rope_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, N, half, nq = nb.NumpyBackend("float64"), sum(lengths), hd // 2, H + Hkv
+def rope_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, half, nq = sum(lengths), hd // 2, H + Hkv
     W = (H + 2 * Hkv) * hd
     cos, sin = llama.rope_tables(hd, N, ROPE_THETA, None)                           # (N, hd/2): see _llama_config
     pos = _positions(lengths)
@@ -620,8 +728,8 @@ def rope_study(rng, lengths, H, hd, Hkv) -> Study:
                  "negated", {"qkv": rng.normal(size=(N, W))}, stages, kernel, rng.normal(size=(N, W)))
 
 
-def swiglu_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, N, f = nb.NumpyBackend("float64"), sum(lengths), H * hd
+def swiglu_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, f = sum(lengths), H * hd
 
     def part(j, name):  # gate = gu[:, :f], up = gu[:, f:]
         def df(g, out, gu):
@@ -648,8 +756,8 @@ def swiglu_study(rng, lengths, H, hd, Hkv) -> Study:
                  {"gu": rng.normal(size=(N, 2 * f)) * 2}, stages, kernel, rng.normal(size=(N, f)))
 
 
-def qk_norm_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, N, nq = nb.NumpyBackend("float64"), sum(lengths), H + Hkv
+def qk_norm_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    N, nq = sum(lengths), H + Hkv
     W = (H + 2 * Hkv) * hd
 
     def qk_df(g, qk, qkv):
@@ -728,8 +836,8 @@ def _llama_block_stages(B, cfg, p, x, lengths, names):
     return _kernel_stages(llama.stages(cfg), ops, p, x, names)
 
 
-def llama_block_study(rng, lengths, H, hd, Hkv) -> Study:
-    B, cfg, N = nb.NumpyBackend("float64"), _llama_config(lengths, H, hd, Hkv), sum(lengths)
+def llama_block_study(B, rng, lengths, H, hd, Hkv) -> Study:
+    cfg, N = _llama_config(lengths, H, hd, Hkv), sum(lengths)
     d = cfg.emb_dim
     leaves = {"x": rng.normal(size=(N, d)), **_params(rng, cfg, "layers.0.")}
     stages = _llama_block_stages(B, cfg, "layers.0.", "x", lengths, leaves)
@@ -744,7 +852,7 @@ def llama_block_study(rng, lengths, H, hd, Hkv) -> Study:
 # op -> (rng, lengths, H, hd, Hkv) -> Study. Hkv = H for the ops without key/value heads of their own.
 STUDIES = {"attention": attention_study, "softmax": softmax_study, "layernorm": layernorm_study,
            "gelu": gelu_study, "linear": linear_study, "cross-entropy": cross_entropy_study,
-           "block": block_study, "model": model_study,
+           "embedding": embedding_study, "block": block_study, "model": model_study,
            "rmsnorm": rmsnorm_study, "rope": rope_study, "swiglu": swiglu_study, "gqa": gqa_study,
            "qk_norm": qk_norm_study, "llama-block": llama_block_study}
 OPS = tuple(STUDIES)  # the ops `minisft study` takes, in the order its help lists them
@@ -755,6 +863,11 @@ def validate(op, lengths, heads, head_dim, kv_heads) -> None:
         raise MinisftError(f"study: unknown op {op!r}; choose one of {', '.join(OPS)}")
     if not lengths or any(L < 1 for L in lengths):
         raise MinisftError(f"study: --lengths must be positive sequence lengths, got {lengths}")
+    if op in ("embedding", "model") and len(lengths) < 2:
+        raise MinisftError(f"study: {op} needs 2 or more --lengths: positions repeat only across sequences, and "
+                           "without a repeat a scatter in place of wpe's scatter-add passes")
+    if op in ("attention", "gqa", "block", "model", "llama-block") and max(lengths) < 2:
+        raise MinisftError("study: attention over sequences of 1 masks nothing: give a length of 2 or more")
     if op in ("cross-entropy", "model") and all(L < 2 for L in lengths):
         raise MinisftError("study: --lengths needs a sequence of 2 or more: the first position of each has no target")
     if heads < 1 or head_dim < 1:
@@ -784,10 +897,82 @@ def validate(op, lengths, heads, head_dim, kv_heads) -> None:
         raise MinisftError("study: an rmsnorm over 1 entry is sign(x) whatever x is: give it 2 or more")
 
 
-def study(op, seed=0, lengths=(4, 3), heads=None, head_dim=None, kv_heads=None) -> Study:
+# ---- a learner's kernel in place of the reference (`--kernel FILE:FUNCTION`) --------------------------
+BACKWARDS = tuple(sorted(n for n in vars(nb.NumpyBackend) if n.endswith("_backward"))) + ("head_loss",)
+
+
+class KernelFailed(Exception):
+    """A learner's kernel raised, or returned something of another kind or shape than the reference."""
+
+
+def load_kernel(spec: str) -> tuple:
+    """FILE:FUNCTION -> (FUNCTION, the function), loaded from FILE's path with importlib (no import path,
+    nothing in the repository touched). FUNCTION names the numpy backend's backward it stands in for,
+    and takes the same arguments but self."""
+    path, sep, name = spec.rpartition(":")
+    if not (sep and path and name):
+        raise MinisftError(f"study: --kernel takes FILE:FUNCTION, like docs/exercises/2_layernorm.py:"
+                           f"layernorm_backward, not {spec!r}")
+    if name not in BACKWARDS:
+        raise MinisftError(f"study: --kernel {name!r} is not a backward of the numpy backend; "
+                           f"one of {', '.join(BACKWARDS)}")
+    if not Path(path).is_file():
+        raise MinisftError(f"study: --kernel: no file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"minisft_study_kernel_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the learner's file: any error in it is theirs to read, in one line
+        raise MinisftError(f"study: --kernel: {path} does not load: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise MinisftError(f"study: --kernel: {path} defines no function {name}")
+    want = list(inspect.signature(getattr(nb.NumpyBackend, name)).parameters)[1:]  # without self
+    got = list(inspect.signature(fn).parameters)
+    if got != want:
+        raise MinisftError(f"study: --kernel: {path} has {name}({', '.join(got)}); the reference takes "
+                           f"({', '.join(want)})")
+    return name, _checked(name, fn, path)
+
+
+def _checked(name, fn, path):
+    """fn, raising KernelFailed (one line) where it raises or returns another structure than the reference
+    on the same arguments (a `...` left in an exercise, a transposed shape)."""
+    reference = getattr(nb.NumpyBackend("float64"), name)
+
+    def same(got, ref, what):
+        if isinstance(ref, tuple):
+            if not isinstance(got, (tuple, list)) or len(got) != len(ref):
+                raise KernelFailed(f"study: {name} returned {type(got).__name__} where the reference returns "
+                                   f"a tuple of {len(ref)}")
+            for i, (g, r) in enumerate(zip(got, ref)):
+                same(g, r, f"output {i}")
+        elif isinstance(ref, np.ndarray) and (not isinstance(got, np.ndarray) or got.shape != ref.shape):
+            kind = f"shape {got.shape}" if isinstance(got, np.ndarray) else repr(got)
+            raise KernelFailed(f"study: {name} returned {what} = {kind} where the reference returns shape "
+                               f"{ref.shape}" + (" (a blank left to fill?)" if got is Ellipsis else ""))
+
+    def run(*args, **kw):
+        run.calls += 1
+        ref = reference(*copy.deepcopy(args), **copy.deepcopy(kw))  # the reference adds into dw: a copy
+        try:
+            got = fn(*args, **kw)
+        except Exception as e:  # the learner's code: where in their file, in one line
+            mine = Path(path).resolve()
+            line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == mine]
+            raise KernelFailed(f"study: {name} in {path} raised {type(e).__name__}: {e}"
+                               + (f" (line {line[-1]})" if line else "")) from None
+        same(got, ref, "its output")
+        return got
+    run.calls = 0
+    return run
+
+
+def study(op, seed=0, lengths=(4, 3), heads=None, head_dim=None, kv_heads=None, kernel=None) -> Study:
     """Build and run the study of op on fresh random inputs drawn from seed. heads and head_dim default
     to GPT2_SHAPE for GPT-2's ops, LLAMA_SHAPE for the Llama family's; kv_heads to KV_HEADS for the
-    grouped ones (the others take none)."""
+    grouped ones (the others take none). kernel: (name, function), load_kernel's, run wherever the
+    study runs the numpy backend's name."""
     lengths = [int(L) for L in lengths]
     dh, dhd = LLAMA_SHAPE if op in LLAMA_OPS else GPT2_SHAPE
     heads = dh if heads is None else heads
@@ -796,9 +981,16 @@ def study(op, seed=0, lengths=(4, 3), heads=None, head_dim=None, kv_heads=None) 
         kv_heads = KV_HEADS
     validate(op, lengths, heads, head_dim, kv_heads)
     rng = np.random.default_rng(seed)
-    s = STUDIES[op](rng, lengths, heads, head_dim, heads if kv_heads is None else kv_heads)
+    B = nb.NumpyBackend("float64")
+    if kernel is not None:
+        setattr(B, *kernel)  # on this instance only: the class, and every other study, keep the reference
+    s = STUDIES[op](B, rng, lengths, heads, head_dim, heads if kv_heads is None else kv_heads)
     s.meta = {**(s.meta or {}), "lengths": lengths, "heads": heads, "head_dim": head_dim, "kv_heads": kv_heads}
-    return run_study(s, rng)
+    s = run_study(s, rng)
+    if kernel is not None and not kernel[1].calls:
+        raise MinisftError(f"study: {op} never runs {kernel[0]}; the kernel line of its printout names the "
+                           "kernel it checks")
+    return s
 
 
 # ---- printing -----------------------------------------------------------------------------------
@@ -867,6 +1059,10 @@ def format_study(s: Study, torch_grads=None, values=True) -> list:
     failed = [c for c in s.checks if not c.ok]
     lines += ["", f"{len(s.checks) - len(failed)} of {len(s.checks)} checks passed" +
               ("" if not failed else "; FAILED: " + ", ".join(c.what for c in failed))]
+    first = first_failure(s)
+    if first is not None:
+        lines.append(f"first failure in backward order: {first.what} (error {first.err:.1e})")
+        lines += localise(s)
     return lines
 
 
@@ -1000,3 +1196,136 @@ def torch_gradients(s: Study) -> dict:
     for n, g in grads.items():
         s.checks.append(Check(f"autograd: d{n}", rel_error(s.grads[n], g), TORCH_TOL))
     return grads
+
+
+# ---- the update, and the whole training step, against PyTorch (`study adamw`, `study step`) -----------
+PEER_OPS = ("adamw", "step")   # walks beside PyTorch: they import torch
+ADAMW = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}  # torch.optim.AdamW's, larger lr
+ADAMW_STEPS = 3     # step 1 alone hides the bias correction of m (m / (1 - b1) = g exactly)
+TRAIN_STEPS = 2     # study step: the second step starts from the first's moments and weights
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise MinisftError("study: adamw and step run beside PyTorch: pip install 'minisft[torch]'") from None
+    return torch
+
+
+def adamw_walk(seed=0) -> tuple:
+    """AdamW on one (3, 4) tensor for ADAMW_STEPS steps of random gradients, each step's lines printed
+    with its values; checked against minisft's adamw_step kernel and torch.optim.AdamW. -> (lines, checks)."""
+    torch = _torch()
+    rng = np.random.default_rng(seed)
+    lr, (b1, b2), eps, wd = ADAMW["lr"], ADAMW["betas"], ADAMW["eps"], ADAMW["weight_decay"]
+    p0 = rng.normal(size=(3, 4))
+    grads = [rng.normal(size=p0.shape) for _ in range(ADAMW_STEPS)]
+    p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    kp, km, kv = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)   # minisft's kernel, in place
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    topt = torch.optim.AdamW([tp], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    lp = torch.nn.Parameter(torch.tensor(p0))  # Adam with L2: wd p added to the gradient, decayed by the moments
+    lopt = torch.optim.Adam([lp], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    lines = [f"minisft study adamw: AdamW on p (3, 4), lr={lr:g}, betas=({b1:g}, {b2:g}), eps={eps:g}, "
+             f"weight_decay={wd:g}, {ADAMW_STEPS} steps of random gradients g, in PyTorch's order of operations",
+             "", "p", *_array_lines(p0, "    ")]
+    checks = []
+    for t, g in enumerate(grads, 1):
+        stages = []
+        p = p * (1 - lr * wd)
+        stages.append(("p", "p = p (1 - lr wd)   decoupled weight decay: before, and apart from, the moments", p))
+        m = b1 * m + (1 - b1) * g
+        stages.append(("m", "m = b1 m + (1 - b1) g", m))
+        v = b2 * v + (1 - b2) * g * g
+        stages.append(("v", "v = b2 v + (1 - b2) g^2", v))
+        mhat = m / (1 - b1 ** t)
+        stages.append(("mhat", f"mhat = m / (1 - b1^{t})   bias correction: m started at 0", mhat))
+        denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + eps
+        stages.append(("denom", f"denom = sqrt(v) / sqrt(1 - b2^{t}) + eps   (eps after the correction)", denom))
+        p = p - lr * mhat / denom
+        stages.append(("p", "p = p - lr mhat / denom", p))
+        nb.NumpyBackend("float64").adamw_step(kp, g, km, kv, lr, b1, b2, eps, wd, t)
+        tp.grad, lp.grad = torch.tensor(g), torch.tensor(g)
+        topt.step()
+        lopt.step()
+        lines += ["", f"step {t}", "  g", *_array_lines(g, "      ")]
+        for i, (name, text, value) in enumerate(stages, 1):
+            lines += [f"  [{i}] {name:<6} {text}", *_array_lines(value, "      ")]
+        step_checks = [Check(f"step {t}: p = minisft's adamw_step", rel_error(kp, p), SAME_TOL),
+                       Check(f"step {t}: p = torch.optim.AdamW", rel_error(tp.detach().numpy(), p), TORCH_TOL)]
+        lines += [f"  {c.what:<40} error {c.err:.1e} (<= {c.tol:g}) {'ok' if c.ok else 'FAILED'}" for c in step_checks]
+        lines.append(f"  (Adam with L2, torch.optim.Adam(weight_decay={wd:g}), is another optimizer: its p differs "
+                     f"by {rel_error(lp.detach().numpy(), p):.1e})")
+        checks += step_checks
+    return lines + _summary(checks), checks
+
+
+def _summary(checks) -> list:
+    failed = [c for c in checks if not c.ok]
+    return ["", f"{len(checks) - len(failed)} of {len(checks)} checks passed" +
+            ("" if not failed else "; FAILED: " + ", ".join(c.what for c in failed))]
+
+
+def step_walk(seed=0, lengths=(4, 3), heads=GPT2_SHAPE[0], head_dim=GPT2_SHAPE[1]) -> tuple:
+    """TRAIN_STEPS training steps of the model study's tiny GPT, minisft's (GPT.forward_backward, AdamW)
+    beside PyTorch's (peer.TorchGPT on the sequences padded, autograd, torch.optim.AdamW), in float64:
+    the loss, every gradient and every updated weight compared. -> (lines, checks)."""
+    torch = _torch()
+    from .model import GPT
+    from .optim import AdamW
+    from .peer import TorchGPT
+    lengths = [int(L) for L in lengths]
+    validate("model", lengths, heads, head_dim, None)
+    rng = np.random.default_rng(seed)
+    cfg, N, V = _tiny_config(lengths, heads, head_dim, MODEL_LAYERS), sum(lengths), VOCAB
+    params = _params(rng, cfg)
+    tokens, targets, positions, cu = _tokens(rng, N, V), _targets(rng, lengths, V), _positions(lengths), _cu(lengths)
+    ours = GPT(cfg, backend=nb.NumpyBackend("float64"), params={n: a.copy() for n, a in params.items()})
+    opt = AdamW(ours, lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+    peer = TorchGPT(cfg, dtype=torch.float64)
+    peer.load_numpy(params)
+    topt = torch.optim.AdamW(peer.parameters(), **ADAMW)
+    # the peer's (S, L_max) rows: each sequence padded after its end, the pads' targets ignored; causal
+    # attention never lets a real position read a later pad, so the loss and gradients are the packed ones'
+    idx = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    tgt = np.full(idx.shape, IGNORE_INDEX)
+    for i, (a, e) in enumerate(zip(cu[:-1], cu[1:])):
+        idx[i, :e - a], tgt[i, :e - a] = tokens[a:e], targets[a:e]
+    batch = PackedBatch(tokens, targets, positions, cu)
+    names = sorted(params)
+
+    def worst(a, b):  # the tensor where ours and PyTorch's differ most
+        return max(names, key=lambda n: rel_error(a[n], b[n]))
+    lines = [f"minisft study step: {TRAIN_STEPS} training steps of the model study's GPT ({cfg.n_layers} blocks, "
+             f"d={cfg.emb_dim}, H={heads}, V={V}, {len(params)} tensors), packed lengths "
+             f"{', '.join(map(str, lengths))}, "
+             f"tokens {tokens.tolist()}, targets {targets.tolist()}; AdamW lr={ADAMW['lr']:g}, weight_decay="
+             f"{ADAMW['weight_decay']:g} on every tensor; beside PyTorch: peer.TorchGPT on the sequences padded to "
+             f"(S, L) = {idx.shape}, autograd and torch.optim.AdamW, float64"]
+    checks = []
+    for t in range(1, TRAIN_STEPS + 1):
+        ours.zero_grad()
+        loss_sum, M = ours.forward_backward(batch)
+        grads = {n: ours.B.to_numpy(g) for n, g in ours.grads.items()}
+        opt.step()
+        topt.zero_grad()
+        loss = peer.loss(torch.tensor(idx), torch.tensor(tgt))
+        loss.backward()
+        tgrads = peer.grads_numpy()
+        topt.step()
+        tparams = {n: peer.P(n).detach().numpy() for n in params}
+        step_checks = [
+            (Check(f"step {t}: forward, the loss", rel_error(loss_sum / M, loss.item()), TORCH_TOL),
+             f"loss = mean cross-entropy over the {M} targets = {loss_sum / M:.6f}"),
+            (Check(f"step {t}: backward, every gradient", rel_error([grads[n] for n in names],
+                                                                    [tgrads[n] for n in names]), TORCH_TOL),
+             f"all {len(names)} gradients (worst tensor: {worst(grads, tgrads)})"),
+            (Check(f"step {t}: update, every weight", rel_error([ours.params[n] for n in names],
+                                                                [tparams[n] for n in names]), TORCH_TOL),
+             f"all {len(names)} weights after AdamW (worst tensor: {worst(ours.params, tparams)})")]
+        lines += ["", f"step {t}"]
+        lines += [f"  {c.what.split(': ')[1]:<24} {text}: ours vs PyTorch error {c.err:.1e} (<= {c.tol:g}) "
+                  f"{'ok' if c.ok else 'FAILED'}" for c, text in step_checks]
+        checks += [c for c, _ in step_checks]
+    return lines + _summary(checks), checks

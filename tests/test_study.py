@@ -70,8 +70,10 @@ def test_a_broken_kernel_backward_is_reported_with_a_nonzero_exit(capsys, monkey
     assert rc == 1
     assert re.search(r"backward = stages: dqkv +error [0-9.e+-]+ \(<= 1e-12\) FAILED", out)
     assert re.search(r"backward vs finite differences: dqkv +error [0-9.e+-]+ \(<= 1e-07\) FAILED", out)
-    assert out.rstrip().endswith("FAILED: attention_forward/attention_backward backward = stages: dqkv, "
-                                 "attention_forward/attention_backward backward vs finite differences: dqkv")
+    assert ("FAILED: attention_forward/attention_backward backward = stages: dqkv, "
+            "attention_forward/attention_backward backward vs finite differences: dqkv\n") in out
+    assert "\nfirst failure in backward order: attention_forward/attention_backward backward = stages: dqkv " in out
+    assert re.search(r"\n  dk head 1 +kernel vs stages: error \S+ FAILED  \(1\.01 times the right one", out)
 
 
 def test_a_broken_stage_backward_is_caught_at_that_stage(capsys, monkeypatch):
@@ -148,6 +150,20 @@ def test_backprop_md_names_only_functions_the_numpy_backend_defines():
         assert re.search(rf"^\s*def {name}\(", source, re.M), f"backprop.md names {name}, not in numpy_backend.py"
 
 
+def test_every_code_reference_of_backprop_md_resolves():
+    """tests/FILE.py::NAME names a test that FILE defines; every repository path it quotes or links exists."""
+    root, text = BACKPROP_MD.parents[1], BACKPROP_MD.read_text(encoding="utf-8")
+    tests = re.findall(r"`(tests/\w+\.py)::(\w+)`", text)
+    assert len(tests) >= 2
+    for path, name in tests:
+        assert re.search(rf"^def {name}\(", (root / path).read_text(encoding="utf-8"), re.M), f"{path}::{name}"
+    quoted = re.findall(r"`((?:minisft|tests|backends|docs)/[\w/.]+\.\w+)", text)
+    linked = [str((BACKPROP_MD.parent / p).resolve().relative_to(root)) for p in re.findall(r"\]\(([^)#:]+)", text)]
+    assert len(quoted) >= 5 and len(linked) >= 10
+    for path in quoted + linked:
+        assert (root / path).exists(), path
+
+
 def test_backprop_md_gradient_check_example_runs_and_passes(capsys):
     example = re.search(r"```python\n(.*?)```", BACKPROP_MD.read_text(encoding="utf-8"), re.S).group(1)
     exec(example, {})
@@ -166,3 +182,38 @@ def test_readme_shows_real_output_of_the_study(capsys):
     assert len(lines) >= 8 and all(line in stable(out) for line in lines)
     assert all(float(e) <= 1e-7 for e in ERROR_DIGITS.findall(shown))  # what the README promises, ...
     assert all(float(e) <= 1e-7 for e in ERROR_DIGITS.findall(out))  # ... and what the run measured
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+@pytest.mark.parametrize("seed", range(3))
+def test_adamw_agrees_with_torch_optim_adamw_to_1e10_in_float64_at_every_step(capsys, seed):
+    rc, out = run_study(capsys, "adamw", "--seed", str(seed))
+    assert rc == 0, out
+    errors = [float(e) for e in re.findall(r"p = torch\.optim\.AdamW +error (\S+) \(<= 1e-10\) ok", out)]
+    assert len(errors) == S.ADAMW_STEPS and max(errors) <= 1e-10
+    assert "bias correction" in out and "decoupled weight decay" in out
+    l2 = [float(e) for e in re.findall(r"its p differs by (\S+)\)", out)]
+    assert min(l2) > 1e-6  # Adam with L2 is measurably another optimizer: the check can tell them apart
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+@pytest.mark.parametrize("args", [[], ["--seed", "1", "--lengths", "2,5,3"]])
+def test_a_training_step_agrees_with_pytorch_end_to_end_to_1e10_in_float64(capsys, args):
+    rc, out = run_study(capsys, "step", *args)
+    assert rc == 0, out
+    for t in range(1, S.TRAIN_STEPS + 1):
+        part = out.split(f"\nstep {t}\n")[1]
+        for what in ("forward, the loss", "backward, every gradient", "update, every weight"):
+            assert re.search(rf"  {what} .*ours vs PyTorch error \S+ \(<= 1e-10\) ok", part), (t, what)
+    assert f"{3 * S.TRAIN_STEPS} of {3 * S.TRAIN_STEPS} checks passed" in out
+
+
+def test_a_planted_adamw_mistake_fails_study_step(capsys, monkeypatch):
+    good = nb.NumpyBackend.adamw_step
+
+    def l2_not_decoupled(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        good(self, p, g + weight_decay * p, m, v, lr, beta1, beta2, eps, 0.0, step)  # Adam with L2
+    monkeypatch.setattr(nb.NumpyBackend, "adamw_step", l2_not_decoupled)
+    rc, out = run_study(capsys, "step")
+    assert rc == 1 and re.search(r"update, every weight .* FAILED", out)
+    assert re.search(r"step 1\n  forward, the loss .* ok", out)  # the forward and backward of step 1 are right
