@@ -10,6 +10,11 @@ differences. Every check is norm-relative, in float64.
 
 Values are numpy arrays, or lists of arrays, one per packed sequence (attention works on each
 sequence alone, so its per-head intermediates have a different length L per sequence).
+
+`--kernel FILE:FUNCTION` runs the learner's own backward wherever the study runs the numpy kernel of
+that name (the exercises in docs/exercises/ hand them out with lines blanked). `adamw` walks the
+update itself against torch.optim.AdamW; `step` a whole training step (forward, backward, AdamW)
+against the PyTorch-autograd peer.
 """
 import copy
 import importlib.util
