@@ -23,7 +23,27 @@ content after a blank line.
 
 Licences of the built-ins: chatml is the generic ChatML template of transformers' chat-templating
 documentation (Apache-2.0); smollm2 is HuggingFaceTB/SmolLM2-*-Instruct's tokenizer_config.json
-(Apache-2.0); qwen2.5 is Qwen/Qwen2.5-*-Instruct's tokenizer_config.json (Apache-2.0), verbatim.
+(Apache-2.0); qwen2.5 is Qwen/Qwen2.5-*-Instruct's tokenizer_config.json (Apache-2.0), verbatim. Also
+verbatim:
+  - llama3: Meta's Llama 3.2 Instruct template (its date / tools preamble included; strftime_now gives
+    today's date), as llama.cpp's models/templates/meta-llama-Llama-3.2-3B-Instruct.jinja holds it (the
+    1B and 3B Instruct models ship one template); the Llama 3.2 Community License (Meta's), the licence
+    of the model repositories the template comes from.
+  - mistral: mistralai/Mistral-7B-Instruct-v0.2's tokenizer_config.json chat_template (the v0.1/v0.2
+    "[INST]" template with its optional system message prepended to the first user turn; it refuses
+    roles that do not alternate), as guidance-ai/guidance's guidance/chat.py copies it from the hub
+    ("[05/08/24] .../Mistral-7B-Instruct-v0.2/blob/main/tokenizer_config.json#L42"); Apache-2.0.
+  - phi3: microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json chat_template, as guidance's
+    guidance/chat.py copies it ("[05/08/24] .../Phi-3-mini-4k-instruct/blob/main/tokenizer_config.json
+    #L119"; llama.cpp's microsoft-Phi-3.5-mini-instruct.jinja is the same but for skipping an empty
+    system message); MIT. It closes every conversation rendered without the generation prompt with
+    eos_token; masks and the end marker take that closing as the conversation's, not a turn's
+    (ChatTemplate.closing).
+  - gemma: Gemma 2 instruct's template (role "model", no system role: raise_exception), as llama.cpp's
+    models/templates/google-gemma-2-2b-it.jinja holds it; the Gemma Terms of Use (Google's), the terms
+    of the model repositories it comes from.
+The template files and copies themselves carry no licence text; the licences named are those of the
+models' repositories.
 """
 import json
 import re
@@ -102,7 +122,141 @@ and not message.tool_calls) %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
-BUILTIN = {"chatml": CHATML, "smollm2": SMOLLM2, "qwen2.5": QWEN25}
+LLAMA3 = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message #}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function\
+ call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim +\
+ '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+MISTRAL = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate\
+ user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional\
+ system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] +"
+        " '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{%"
+        " elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif"
+        " %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported')"
+         " }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
+         " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif"
+         " %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role ="
+         " message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim +"
+         " '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+BUILTIN = {"chatml": CHATML, "smollm2": SMOLLM2, "qwen2.5": QWEN25, "llama3": LLAMA3, "mistral": MISTRAL,
+           "phi3": PHI3, "gemma": GEMMA}
 CHAT_TEMPLATE_HELP = (f"a Jinja chat template, rendered as transformers' apply_chat_template does: a built-in "
                       f"({', '.join(BUILTIN)}), a file, or {MODEL} (the model folder's own; the default for a folder "
                       "that has one and no --prompt-style)")
@@ -183,6 +337,7 @@ class ChatTemplate:
         self.markers = GENERATION_TAG.search(source) is not None
         self.bos_token, self.eos_token = tok.bos_token, tok.eos_token
         self.specials = tuple(s for s in tok.specials() if s)
+        self.closing = self._closing()
         self.end = self._end_marker()
 
     def _render(self, messages, add_generation_prompt=False) -> str:
@@ -209,10 +364,21 @@ class ChatTemplate:
     def render(self, messages, add_generation_prompt=False) -> str:
         return _unmark(self._render(self._messages(messages), add_generation_prompt))[0]
 
+    def _closing(self) -> str:
+        """The control token a template appends to a conversation rendered without the generation prompt
+        and not to one that goes on (Phi-3's eos_token), or "": the rendering of the probe's first turn
+        ends with it, and the generation prompt's rendering goes on from what comes before it."""
+        plain, prompt = self.render(PROBE[:1]), self.render(PROBE[:1], add_generation_prompt=True)
+        if prompt.startswith(plain):
+            return ""
+        return next((s for s in (self.eos_token, *self.specials)
+                     if s and plain.endswith(s) and prompt.startswith(plain[:-len(s)])), "")
+
     def _end_marker(self) -> str:
         """What closes an assistant turn ('<|im_end|>'), from rendering a probe conversation."""
         before = self.render(PROBE[:1], add_generation_prompt=True)
         turn = self.render(PROBE)[len(before):]
+        turn = turn[:-len(self.closing)] if self.closing and turn.endswith(self.closing) else turn
         content = PROBE[1]["content"]
         return turn.split(content, 1)[1].strip() if content in turn else ""
 
@@ -226,6 +392,8 @@ class ChatTemplate:
                 continue
             before = _unmark(self._render(msgs[:k], add_generation_prompt=True))[0]
             after = _unmark(self._render(msgs[:k + 1]))[0]
+            if self.closing and after.endswith(self.closing) and text.endswith(self.closing):
+                after = after[:-len(self.closing)]  # the conversation's closing, not the turn's
             start, end = len(before), len(after.rstrip())
             aligned = text.startswith(before) and text.startswith(after)
             stable &= aligned

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("jinja2")
+jinja2 = pytest.importorskip("jinja2")
 pytest.importorskip("torch")
 
 from minisft.chat_template import BUILTIN, CHATML, check_masks, prompt_format  # noqa: E402
@@ -33,9 +33,42 @@ def tok(llama_folder):
     return HFTokenizer(llama_folder)
 
 
+# template -> (its control tokens the fixture's tokenizer lacks, bos_token, eos_token), as the model's tokenizer
+# has them: Mistral v0.2's "[INST]" is text, not a token; Phi-3's eos is "<|endoftext|>"
+CONTROL = {"chatml": ([], None, "<|endoftext|>"), "smollm2": ([], None, "<|endoftext|>"),
+           "qwen2.5": ([], None, "<|endoftext|>"),
+           "llama3": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                      "<|begin_of_text|>", "<|eot_id|>"),
+           "mistral": (["<s>", "</s>"], "<s>", "</s>"),
+           "phi3": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|endoftext|>"),
+           "gemma": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>")}
+# what each template trains of an assistant turn with content {c}: its text up to and with its end token
+TRAINED = {"chatml": "{c}<|im_end|>", "smollm2": "{c}<|im_end|>", "qwen2.5": "{c}<|im_end|>",
+           "llama3": "{c}<|eot_id|>", "mistral": " {c}</s>", "phi3": "{c}<|end|>", "gemma": "{c}<end_of_turn>"}
+
+
+@pytest.fixture(scope="module")
+def template_folders(llama_folder, tmp_path_factory):
+    """template -> a copy of the fixture's tokenizer with that template's control tokens added as special
+    tokens (so its ids compare meaningfully with transformers'), and its bos / eos in tokenizer_config.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folders = {}
+    for name, (added, bos, eos) in CONTROL.items():
+        folder = tmp_path_factory.mktemp(f"tok-{name}")
+        t = tokenizers.Tokenizer.from_file(str(llama_folder / "tokenizer.json"))
+        t.add_special_tokens([tokenizers.AddedToken(a, special=True, normalized=False) for a in added])
+        t.save(str(folder / "tokenizer.json"))
+        config = {"eos_token": eos, "tokenizer_class": "PreTrainedTokenizerFast", **({"bos_token": bos} if bos else {})}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        folders[name] = folder
+    return folders
+
+
 def hf_tokenizer(folder, template):
+    config = json.loads((folder / "tokenizer_config.json").read_text())
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
-                                                eos_token="<|endoftext|>", chat_template=template)
+                                                eos_token=config["eos_token"], bos_token=config.get("bos_token"),
+                                                chat_template=template)
 
 
 def hf_ids(hf, messages, **kw):
@@ -43,21 +76,64 @@ def hf_ids(hf, messages, **kw):
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+UNALTERNATING = [{"role": "user", "content": "One?"}, {"role": "user", "content": "Two?"},
+                 {"role": "assistant", "content": "Both."}]
+
+
 @pytest.mark.parametrize("name", list(BUILTIN))
-@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:], CONVERSATION[:4]])
-def test_rendering_equals_apply_chat_template(name, messages, tok, llama_folder):
-    template, ttok = prompt_format(None, name, tok)
-    hf = hf_tokenizer(llama_folder, BUILTIN[name])
+@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:], CONVERSATION[:4], UNALTERNATING],
+                         ids=["system", "no-system", "ends-with-user", "user-user"])
+def test_rendering_equals_apply_chat_template(name, messages, template_folders):
+    folder = template_folders[name]
+    template, ttok = prompt_format(None, name, HFTokenizer(folder))
+    hf = hf_tokenizer(folder, BUILTIN[name])
     gen = messages[-1]["role"] == "user"
+    try:
+        expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    except jinja2.exceptions.TemplateError as e:  # a conversation the template refuses (Gemma's system role)
+        with pytest.raises(MinisftError) as refused:
+            encode_records([{"messages": messages}], template, "assistant", ttok)
+        assert str(refused.value) == f"record 0: chat template {name}: {e}"
+        with pytest.raises(MinisftError, match=f"^chat template {name}: ") as refused:
+            template.render(messages, add_generation_prompt=gen)
+        assert str(refused.value) == f"chat template {name}: {e}" and "\n" not in str(refused.value)
+        return
     ours = template.render(messages, add_generation_prompt=gen)
-    assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    assert ours == expected
     assert ttok.encode(ours) == hf_ids(hf, messages, add_generation_prompt=gen)
+    end = ttok.tok.token_to_id(template.end)
+    assert template.end == TRAINED[name].format(c="").strip() and end is not None  # one token
     if gen:
         assert ttok.encode(template.prompt(messages)) == hf_ids(hf, messages, add_generation_prompt=True)
-    else:  # training encodes the same ids, and generation stops at <|im_end|>
+    else:  # training encodes the same ids, and generation stops at the template's one end token
         ex = encode_records([{"messages": messages}], template, "assistant", ttok)[0]
         assert list(ex.tokens) == hf_ids(hf, messages)
-        assert tok.tok.token_to_id("<|im_end|>") in ttok.stops
+        assert end in ttok.stops
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_three_turns_train_each_templates_assistant_spans_and_end_tokens(name, template_folders):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"},
+                {"role": "user", "content": "more"}, {"role": "assistant", "content": "two"},
+                {"role": "user", "content": "last"}, {"role": "assistant", "content": "three"}]
+    folder = template_folders[name]
+    template, ttok = prompt_format(None, name, HFTokenizer(folder))
+    ex = encode_records([{"messages": messages}], template, "assistant", ttok)[0]
+    assert list(ex.tokens) == hf_ids(hf_tokenizer(folder, BUILTIN[name]), messages)
+    runs, run = [], []  # the trained tokens, as runs of consecutive ones
+    for t, k in zip(ex.tokens, ex.trained):
+        if k:
+            run.append(int(t))
+        elif run:
+            runs, run = runs + [run], []
+    runs += [run] if run else []
+    spans = [TRAINED[name].format(c=m["content"]) for m in messages if m["role"] == "assistant"]
+    assert runs == [ttok.encode(s) for s in spans]  # token by token: each turn's text and end token, nothing else
+    end = ttok.tok.token_to_id(template.end)
+    assert sum(int(t) == end and bool(k) for t, k in zip(ex.tokens, ex.trained)) == 3
+    lines = []
+    check_masks(template, [("train", [{"messages": messages}], [ex])], ttok, Settings(), lines.append)
+    assert lines == []
 
 
 def test_generation_markers_give_transformers_assistant_mask(tok, llama_folder):
