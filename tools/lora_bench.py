@@ -7,6 +7,7 @@ peak is printed too.
 
     flock /tmp/minisft-bench.lock python tools/lora_bench.py --models gpt2-small gpt2-medium
     flock /tmp/minisft-bench.lock python tools/lora_bench.py --models gpt2-xl --modes book-7.4
+    python tools/lora_bench.py --models smollm2-135m --modes llama-all-r16 --backend peft-bf16 --seq-len 256
 """
 import argparse
 import json
@@ -49,7 +50,37 @@ def vm(key: str) -> float:
     raise KeyError(key)
 
 
-def one(model: str, mode: str, backend: str, batch_size: int, seq_len: int, steps: int) -> dict:
+def peft_step(cfg, mode: str, backend: str, batch_size: int, seq_len: int, rng):
+    """PEFT's LoRA on transformers' own model of the architecture (SDPA, AdamW(fused=True) over the
+    adapters; backend peft-bf16: under autocast bfloat16): the peer of a LoRA step."""
+    import peft
+    import torch
+    import transformers
+
+    from minisft.backends import heap
+    from minisft.bench import LR, WEIGHT_DECAY, random_batch
+    from minisft.llama import hf_config
+    heap.keep_freed_memory()
+    conf = transformers.AutoConfig.for_model(**hf_config(cfg))
+    base = getattr(transformers, hf_config(cfg)["architectures"][0])._from_config(conf, attn_implementation="sdpa")
+    m = MODES[mode]
+    model = peft.get_peft_model(base, peft.LoraConfig(r=m["rank"], lora_alpha=m["alpha"], target_modules=list(
+        m["targets"]), lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY,
+                            fused=True)
+
+    def step():
+        x, y = (torch.from_numpy(a) for a in random_batch(cfg, batch_size, seq_len, rng))
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backend == "peft-bf16"):
+            logits = model(input_ids=x).logits                                      # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), y.reshape(-1))
+        loss.backward()
+        opt.step()
+    return step, model.get_nb_trainable_parameters()
+
+
+def one(model: str, mode: str, backend: str, batch_size: int, seq_len: int, steps: int, dtype="float32") -> dict:
     import numpy as np
 
     from minisft import lora
@@ -60,25 +91,31 @@ def one(model: str, mode: str, backend: str, batch_size: int, seq_len: int, step
     from minisft.optim import AdamW
 
     cfg = requested_config(model)
+    rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    gpt = GPT(cfg, backend=backend, dtype="float32", params=LazyWeights(param_shapes(cfg)))
-    if MODES[mode] is not None:
-        lora.attach(gpt, lora.LoraConfig(**MODES[mode]), seed=0)
-    counts = lora.trainable_parameters(gpt)
-    opt = AdamW(gpt, lr=LR, weight_decay=WEIGHT_DECAY)
+    if backend.startswith("peft"):
+        step, counts = peft_step(cfg, mode, backend, batch_size, seq_len, rng)
+    else:
+        gpt = GPT(cfg, backend=backend, dtype=dtype, params=LazyWeights(param_shapes(cfg)))
+        if MODES[mode] is not None:
+            lora.attach(gpt, lora.LoraConfig(**MODES[mode]), seed=0)
+        counts = lora.trainable_parameters(gpt)
+        opt = AdamW(gpt, lr=LR, weight_decay=WEIGHT_DECAY)
+
+        def step():
+            batch = pack_padded(*random_batch(cfg, batch_size, seq_len, rng), strip=False)
+            gpt.zero_grad()
+            gpt.forward_backward(batch)
+            opt.step()
     build = time.perf_counter() - t0
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM: from here on it is the training peak
-    rng = np.random.default_rng(0)
     times = []
     for _ in range(steps + 1):  # the first step loads numba's cache and warms the allocator
-        batch = pack_padded(*random_batch(cfg, batch_size, seq_len, rng), strip=False)
         t = time.perf_counter()
-        gpt.zero_grad()
-        gpt.forward_backward(batch)
-        opt.step()
+        step()
         times.append(time.perf_counter() - t)
-    return dict(model=model, mode=mode, backend=backend, batch_size=batch_size, seq_len=seq_len,
+    return dict(model=model, mode=mode, backend=backend, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                 sec_per_step=float(np.median(times[1:])), step_times=times[1:], first_step_s=times[0],
                 train_peak_rss_mb=vm("VmHWM"), process_peak_rss_mb=peak_rss_mb(), build_s=build,
                 trainable=counts)
@@ -88,20 +125,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gpt2-small", "gpt2-medium"])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--backend", default="numba")
+    p.add_argument("--backend", default="numba", help="a minisft backend, or peft / peft-bf16: PEFT on transformers")
+    p.add_argument("--dtype", default="float32", help="the minisft backend's dtype")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(one(a.models[0], a.modes[0], a.backend, a.batch_size, a.seq_len, a.steps)))
+        print(json.dumps(one(a.models[0], a.modes[0], a.backend, a.batch_size, a.seq_len, a.steps, a.dtype)))
         return
     rows = []
     for model in a.models:
         for mode in a.modes:
             out = subprocess.run([sys.executable, __file__, "--one", "--models", model, "--modes", mode,
-                                  "--backend", a.backend, "--batch-size", str(a.batch_size), "--seq-len",
+                                  "--backend", a.backend, "--dtype", a.dtype, "--batch-size", str(a.batch_size),
+                                  "--seq-len",
                                   str(a.seq_len), "--steps", str(a.steps)], capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{model} {mode} failed:\n{out.stderr[-2000:]}")
