@@ -880,8 +880,50 @@ class NumbaBackend(NumpyBackend):
         dw = x.T @ dy if need_dw else None                    # (in, out)
         return dx, dw, self._colsum(dy)
 
-    # LoRA (lora_forward, lora_backward, lora_down_*): numpy's, inherited. Both halves are matmuls
-    # of rank r that BLAS runs either way; there is nothing left around them to fuse.
+    # LoRA: in float32 and float64 numpy's, inherited (both halves are matmuls of rank r that BLAS runs
+    # either way; nothing is left around them to fuse). Under bfloat16 they run through oneDNN like
+    # every other matmul of the step, bf16 operands and float32 accumulation, on the GEMM threads' own
+    # pool: an OpenBLAS call between those GEMMs leaves OpenBLAS's threads spinning on the cores the
+    # pool needs (2.5 s of a 6.2 s SmolLM2-135M LoRA step on 2 cores, BENCHMARKS.md).
+    def lora_down_forward(self, x, a, scale):
+        if not self.bf16:
+            return super().lora_down_forward(x, a, scale)
+        u = self._empty((x.shape[0], a.shape[1]))             # (N, r)
+        bf16.gemm(bf16.to_bf16(x), self._bf16_weight(a), u)   # u = x @ a
+        u *= self.np_dtype.type(scale)                        # u = scale * (x @ a)
+        return u
+
+    def lora_down_backward(self, du, x, a, scale):
+        if not self.bf16:
+            return super().lora_down_backward(du, x, a, scale)
+        # undoes u = scale * (x @ a)
+        dxa16 = bf16.to_bf16(du * self.np_dtype.type(scale))  # (N, r) bits
+        dx = self._empty((du.shape[0], a.shape[0]))           # (N, in)
+        bf16.gemm(dxa16, self._bf16_weight(a).T, dx)          # dx = dxa @ a.T
+        da = self._empty(a.shape)                             # (in, r)
+        bf16.gemm(bf16.to_bf16(x).T, dxa16, da)               # da = x.T @ dxa
+        return dx, da
+
+    def lora_forward(self, y, x, a, b, scale, col=0):
+        if not self.bf16:
+            return super().lora_forward(y, x, a, b, scale, col)
+        u = self.lora_down_forward(x, a, scale)               # (N, r)
+        up = self._empty((x.shape[0], b.shape[1]))            # (N, out)
+        bf16.gemm(bf16.to_bf16(u), self._bf16_weight(b), up)  # up = u @ b
+        y[:, col:col + b.shape[1]] += up                      # a column slice of y, in place
+        return u
+
+    def lora_backward(self, dy, x, u, a, b, scale, col=0):
+        if not self.bf16:
+            return super().lora_backward(dy, x, u, a, b, scale, col)
+        # undoes y[:, col:col+out] += u @ b
+        dys16 = bf16.to_bf16(np.ascontiguousarray(dy[:, col:col + b.shape[1]]))  # (N, out) bits
+        db = self._empty(b.shape)                             # (r, out)
+        bf16.gemm(bf16.to_bf16(u).T, dys16, db)               # db = u.T @ dys
+        du = self._empty((dy.shape[0], b.shape[0]))           # (N, r)
+        bf16.gemm(dys16, self._bf16_weight(b).T, du)          # du = dys @ b.T
+        dx, da = self.lora_down_backward(du, x, a, scale)
+        return dx, da, db
 
     # ---- attention ---------------------------------------------------------------------------
     def attention_forward(self, qkv, cu_seqlens, n_heads, max_seqlen, n_kv_heads=None):
