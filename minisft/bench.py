@@ -204,24 +204,34 @@ def make_step(kind: str, cfg: GPTConfig, batch_size: int, seq_len: int, seed: in
 def transformers_step(kind: str, cfg: LlamaConfig, batch_size: int, seq_len: int, rng):
     """The Llama family's PyTorch peers are transformers' own model of the architecture (random init):
     eager attention and AdamW's defaults for `peer`, SDPA and AdamW(fused=True) for the others, under
-    autocast bfloat16 for peer-bf16. The loss is cross-entropy over every position, as minisft's step."""
-    import torch
-    import transformers
-
+    autocast bfloat16 for peer-bf16."""
     from .backends import heap
     if kind != "peer":
         heap.keep_freed_memory()
-    name = hf_config(cfg)["architectures"][0]
+    model = transformers_model(cfg, "eager" if kind == "peer" else "sdpa")
+    return transformers_train_step(model, model.parameters(), cfg, batch_size, seq_len, rng,
+                                   autocast=kind == "peer-bf16", fused=kind != "peer")
+
+
+def transformers_model(cfg: LlamaConfig, attention: str):
+    """transformers' own model of a Llama-family shape (its HF class), random init, torch seeded 0."""
+    import torch
+    import transformers
     conf = transformers.AutoConfig.for_model(**hf_config(cfg))
     torch.manual_seed(0)
-    model = getattr(transformers, name)._from_config(conf, attn_implementation="eager" if kind == "peer" else "sdpa")
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
-                            **({} if kind == "peer" else {"fused": True}))
+    return getattr(transformers, hf_config(cfg)["architectures"][0])._from_config(conf, attn_implementation=attention)
+
+
+def transformers_train_step(model, trained, cfg, batch_size: int, seq_len: int, rng, autocast: bool, fused: bool):
+    """A callable running one step of a torch model on a fresh random batch: cross-entropy over every
+    position (as minisft's step), backward, torch.optim.AdamW over `trained`."""
+    import torch
+    opt = torch.optim.AdamW(trained, lr=LR, weight_decay=WEIGHT_DECAY, **({"fused": True} if fused else {}))
 
     def step():
         x, y = (torch.from_numpy(a) for a in random_batch(cfg, batch_size, seq_len, rng))
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "peer-bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=x).logits                                      # (B, T, V)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), y.reshape(-1))
         loss.backward()

@@ -54,29 +54,16 @@ def peft_step(cfg, mode: str, backend: str, batch_size: int, seq_len: int, rng):
     """PEFT's LoRA on transformers' own model of the architecture (SDPA, AdamW(fused=True) over the
     adapters; backend peft-bf16: under autocast bfloat16): the peer of a LoRA step."""
     import peft
-    import torch
-    import transformers
 
     from minisft.backends import heap
-    from minisft.bench import LR, WEIGHT_DECAY, random_batch
-    from minisft.llama import hf_config
+    from minisft.bench import transformers_model, transformers_train_step
     heap.keep_freed_memory()
-    conf = transformers.AutoConfig.for_model(**hf_config(cfg))
-    base = getattr(transformers, hf_config(cfg)["architectures"][0])._from_config(conf, attn_implementation="sdpa")
     m = MODES[mode]
-    model = peft.get_peft_model(base, peft.LoraConfig(r=m["rank"], lora_alpha=m["alpha"], target_modules=list(
-        m["targets"]), lora_dropout=0.0))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY,
-                            fused=True)
-
-    def step():
-        x, y = (torch.from_numpy(a) for a in random_batch(cfg, batch_size, seq_len, rng))
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backend == "peft-bf16"):
-            logits = model(input_ids=x).logits                                      # (B, T, V)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), y.reshape(-1))
-        loss.backward()
-        opt.step()
+    model = peft.get_peft_model(transformers_model(cfg, "sdpa"), peft.LoraConfig(
+        r=m["rank"], lora_alpha=m["alpha"], target_modules=list(m["targets"]), lora_dropout=0.0))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    step = transformers_train_step(model, trained, cfg, batch_size, seq_len, rng, autocast=backend == "peft-bf16",
+                                   fused=True)
     return step, model.get_nb_trainable_parameters()
 
 
