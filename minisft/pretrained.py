@@ -83,7 +83,7 @@ LLAMA_SHAPE_FIELDS = tuple(f.name for f in fields(LlamaConfig) if f.name not in 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 # Every --model name: GPT-2's shapes, the hub's Llama-family models, the family's other shapes (llama-tiny).
 PRESETS = (*GPT2_PRESETS, *LLAMA_HUB, *(p for p in llama.PRESETS if p not in LLAMA_HUB))
-PRESET_NAMES = ", ".join([*HF_REPOS, *LLAMA_HUB])
+DOWNLOADS = ", ".join([*HF_REPOS, *LLAMA_HUB])  # the presets with weights to download, for messages
 
 
 # ---- download ---------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def read_pretrained(name_or_path, cache_dir=None, model=None,
     elif Path(source).is_file():
         folder = None
     else:
-        raise MinisftError(f"pretrained weights {source!r}: not a preset ({PRESET_NAMES}) and no such file or folder")
+        raise MinisftError(f"pretrained weights {source!r}: not a preset ({DOWNLOADS}) and no such file or folder")
     try:
         return _read_source(folder, Path(source), want)
     except MinisftError as e:
@@ -365,7 +365,7 @@ def _read_source(folder: Path | None, source: Path, want) -> tuple[GPTConfig | L
     if folder is None:
         if want is None:
             raise MinisftError(f"{source}: a bare .safetensors file carries no shape; name the model "
-                               f"preset it belongs to (model=/--model, one of {PRESET_NAMES})")
+                               f"preset it belongs to (model=/--model, one of {DOWNLOADS})")
         if isinstance(want, LlamaConfig):
             return want, read_llama_weights({source: None}, want, want.tie_embeddings, str(source))
         return want, read_gpt2_weights(source, want)

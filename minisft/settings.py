@@ -21,7 +21,7 @@ from .distributed import world_size_from_env
 from .errors import MinisftError
 from .optim import DECAY_CHOICES, SCHEDULES
 from .llama import LlamaConfig
-from .pretrained import HF_REPOS, LLAMA_HUB, PRESETS, read_config, requested_config
+from .pretrained import DOWNLOADS, HF_REPOS, LLAMA_HUB, PRESETS, read_config, requested_config
 from .chat_template import BUILTIN, CHAT_TEMPLATE_HELP, MODEL, folder_template
 from .prompts import MASKS, STYLES
 
@@ -279,8 +279,8 @@ def validate(s: Settings) -> Settings:
     if s.model is None and not (s.weights is not None and Path(s.weights).is_dir()):
         s = dataclasses.replace(s, model=DEFAULT_MODEL)  # a folder's config.json names its architecture
     if s.init == "pretrained" and s.weights is None and s.model not in HF_REPOS and s.model not in LLAMA_HUB:
-        bad("model", f"no pretrained weights exist for {s.model} (the downloads are {', '.join(HF_REPOS)}, "
-                     f"{', '.join(LLAMA_HUB)}); pass --init random to train it from a random init")
+        bad("model", f"no pretrained weights exist for {s.model} (the downloads are {DOWNLOADS}); pass --init "
+                     "random to train it from a random init")
     if "://" not in s.data and Path(s.data).is_dir():
         bad("data", f"{s.data} is a folder; give the data file in it")
     if "://" not in s.data and not Path(s.data).is_file():
