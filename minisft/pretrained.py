@@ -413,6 +413,15 @@ def _agree(config: Path, cfg, want, names) -> None:
         raise MinisftError(f"{config} does not describe the requested model: " + ", ".join(differ))
 
 
+def source_folder(weights, model, cache_dir=None) -> Path | None:
+    """The Hugging Face folder a model comes from (where its tokenizer files are): `weights` when it is
+    a folder, else a Llama-family preset's download (fetched once), else None (GPT-2's presets and
+    bare files carry no tokenizer: GPT-2's is built in)."""
+    if isinstance(weights, str) and weights:
+        return Path(weights) if Path(weights).is_dir() else None
+    return fetch_preset(model, cache_dir) if isinstance(model, str) and model in LLAMA_HUB else None
+
+
 def read_generation_config(folder) -> list[int]:
     """The end-of-sequence token ids of an HF folder: generation_config.json's eos_token_id (an id or
     a list of them), else config.json's, else []."""

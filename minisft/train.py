@@ -50,7 +50,7 @@ from .generate import generate, generate_responses
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_at
 from .plot import plot_losses
-from .pretrained import LLAMA_HUB, fetch_preset, read_pretrained
+from .pretrained import read_pretrained, source_folder
 from .progress import progress
 from .chat_template import ChatTemplate, check_masks, prompt_format
 from .prompts import PromptStyle
@@ -332,13 +332,8 @@ def _finetune(s: Settings, out: Path, plan: Plan, log, dist) -> dict:
 
 
 def model_folder(s: Settings) -> Path | None:
-    """The Hugging Face folder the model comes from (its tokenizer files), if there is one: --weights
-    DIR, or a Llama-family preset's download (model_source fetched it already)."""
-    if s.weights:
-        return Path(s.weights) if Path(s.weights).is_dir() else None
-    if s.model in LLAMA_HUB and s.init == "pretrained":
-        return fetch_preset(s.model, s.cache_dir)
-    return None
+    """The Hugging Face folder the run's model comes from (model_source fetched a preset already)."""
+    return source_folder(s.weights, s.model if s.init == "pretrained" else None, s.cache_dir)
 
 
 def load_data(s: Settings, max_len: int, log, tok: tokenizer.Tokenizer) -> Data:

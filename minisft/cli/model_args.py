@@ -13,7 +13,7 @@ from ..config import GPTConfig
 from ..data import DEFAULT_DATA_URL
 from ..errors import MinisftError
 from ..model import GPT
-from ..pretrained import LLAMA_HUB, PRESETS, fetch_preset
+from ..pretrained import PRESETS, source_folder
 from ..prompts import STYLES
 
 SPLITS = ("train", "val", "test", "all")
@@ -113,13 +113,10 @@ def model_tokenizer(args, model) -> tokenizer.Tokenizer:
 
 def model_folder(args, model) -> Path | None:
     """The Hugging Face folder a Llama-family model's tokenizer files are in (see model_tokenizer)."""
-    folder = Path(args.weights) if args.weights and Path(args.weights).is_dir() else None
+    folder = source_folder(args.weights, None)
     if folder is None and args.checkpoint and not isinstance(model.cfg, GPTConfig):
         started = _run_settings(args)
-        source = started.get("weights")
-        folder = Path(source) if isinstance(source, str) else None
-        if folder is None and started.get("model") in LLAMA_HUB:
-            folder = fetch_preset(started["model"], getattr(args, "cache_dir", None))
+        folder = source_folder(started.get("weights"), started.get("model"), getattr(args, "cache_dir", None))
     return folder
 
 
